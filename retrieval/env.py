@@ -1,0 +1,92 @@
+"""Where a number came from: device choice, seeding, and the environment record stored next to results."""
+import os
+import platform
+import random
+import socket
+import sys
+
+import numpy as np
+
+from retrieval.io import code_version
+
+# macOS ships torch and faiss with two OpenMP runtimes; loading both aborts the process unless this
+# is set. Harmless elsewhere, so every script that imports the package gets it.
+os.environ.setdefault("KMP_DUPLICATE_LIB_OK", "TRUE")
+# Ops missing on Apple MPS fall back to the CPU instead of raising.
+os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+
+_announced = set()
+
+
+def pick_device(requested=""):
+    """'' or 'auto' → cuda, then mps, then cpu; anything else is passed to torch.device. Printed once."""
+    import torch
+    if requested in ("", "auto", None):
+        if torch.cuda.is_available():
+            requested = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            requested = "mps"
+        else:
+            requested = "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {requested}: CUDA is not available on this machine")
+    if str(device) not in _announced:
+        _announced.add(str(device))
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        print(f"device: {device} ({name})", flush=True)
+    return device
+
+
+def seed_everything(seed):
+    """Seed python, numpy and torch (if installed) from one --seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module_name):
+    try:
+        module = __import__(module_name)
+        return getattr(module, "__version__", "unknown")
+    except Exception:
+        return None
+
+
+def environment(threads=None):
+    """Versions, hardware and code commit, for storing next to every number we produce."""
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "git_commit": code_version(),
+        "numpy": np.__version__,
+    }
+    for name in ("faiss", "torch", "transformers"):
+        if name in sys.modules or name == "faiss":
+            env[name] = _version(name)
+    if "torch" in sys.modules:
+        import torch
+        env["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+        env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return env

@@ -1,0 +1,306 @@
+"""The hand-off file every stage reads, plus atomic writers for everything a later stage reads.
+
+Schema (HDF5 by default, .npz when the path ends in .npz):
+
+    image_embeddings  float32 [N_img, D]  L2-normalised rows
+    text_embeddings   float32 [N_txt, D]  L2-normalised rows
+    text_to_image     int64   [N_txt]     row of the caption's image in image_embeddings
+    image_ids         str     [N_img]     file name (relative to attrs["image_root"]) or dataset id
+    captions          str     [N_txt]
+    attrs             dataset, split, model, dim, normalised, created, code_version, skipped
+                      (JSON list), plus any extra JSON-able keys (image_root, seed, split_source, ...)
+
+In .npz the attributes live in one JSON string under the key "attrs". Files from older tools
+(e.g. the seed's coco_embeddings.npz) that lack "attrs" or "text_to_image" are still read: see
+read_embeddings for the documented fallbacks.
+"""
+import contextlib
+import datetime
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+NORM_TOLERANCE = 1e-3  # fp16 autocast then fp32 normalisation stays far inside this
+
+
+class HandoffError(ValueError):
+    """A hand-off file is missing, malformed or violates the schema. str() names the file."""
+
+
+@dataclass
+class Embeddings:
+    image_embeddings: np.ndarray
+    text_embeddings: np.ndarray
+    text_to_image: np.ndarray
+    image_ids: list
+    captions: list
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def dim(self):
+        return int(self.image_embeddings.shape[1])
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path next to `path`; rename it onto `path` only if the block succeeds.
+
+    A reader never sees a half-written file, and a crash leaves the old file (if any) untouched.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    base = os.path.basename(path)
+    # Keep the extension last so libraries that dispatch on it (h5py, numpy, matplotlib) still work.
+    stem, ext = os.path.splitext(base)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def write_json(path, obj):
+    """Atomically write JSON (numpy scalars/arrays converted)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default, allow_nan=True)
+            f.write("\n")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise HandoffError(f"{path}: not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------- hand-off file
+
+def l2_normalize(x):
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def validate_embeddings(emb, path="<memory>"):
+    """Check the schema; raise HandoffError naming `path` and the first fault found."""
+    def fail(msg):
+        raise HandoffError(f"{path}: {msg}")
+
+    img, txt, t2i = emb.image_embeddings, emb.text_embeddings, emb.text_to_image
+    for name, arr in (("image_embeddings", img), ("text_embeddings", txt)):
+        if not isinstance(arr, np.ndarray) or arr.ndim != 2:
+            fail(f"{name} must be a 2-D array, got shape {getattr(arr, 'shape', None)}")
+        if arr.dtype != np.float32:
+            fail(f"{name} must be float32, got {arr.dtype}")
+        if arr.shape[0] == 0:
+            fail(f"{name} is empty (empty split?)")
+        if not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr).all(axis=1)).sum())
+            fail(f"{name} has {bad} rows with NaN or inf")
+    if img.shape[1] != txt.shape[1]:
+        fail(f"image dim {img.shape[1]} != text dim {txt.shape[1]}")
+    if t2i.ndim != 1 or t2i.shape[0] != txt.shape[0]:
+        fail(f"text_to_image must have shape [{txt.shape[0]}], got {t2i.shape}")
+    if not np.issubdtype(t2i.dtype, np.integer):
+        fail(f"text_to_image must be integer, got {t2i.dtype}")
+    if t2i.size and (t2i.min() < 0 or t2i.max() >= img.shape[0]):
+        fail(f"text_to_image has indices outside [0, {img.shape[0]})")
+    no_caption = np.setdiff1d(np.arange(img.shape[0]), t2i)
+    if no_caption.size:
+        fail(f"{no_caption.size} images have no caption (first: row {int(no_caption[0])})")
+    if len(emb.image_ids) != img.shape[0]:
+        fail(f"image_ids has {len(emb.image_ids)} entries for {img.shape[0]} images")
+    if len(emb.captions) != txt.shape[0]:
+        fail(f"captions has {len(emb.captions)} entries for {txt.shape[0]} texts")
+    for name, arr in (("image_embeddings", img), ("text_embeddings", txt)):
+        norms = np.linalg.norm(arr, axis=1)
+        worst = float(np.abs(norms - 1).max())
+        if worst > NORM_TOLERANCE:
+            fail(f"{name} rows are not L2-normalised (worst |norm-1| = {worst:.3g})")
+    return emb
+
+
+def code_version():
+    """Short git commit of this checkout (with '+dirty'), or 'unknown' outside git."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
+def make_attrs(dataset, split, model, dim, skipped=(), **extra):
+    """The standard attribute block; `extra` adds JSON-able keys (image_root, seed, ...)."""
+    attrs = {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": dataset,
+        "split": split,
+        "model": model,
+        "dim": int(dim),
+        "normalised": True,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "skipped": list(skipped),
+    }
+    attrs.update(extra)
+    return attrs
+
+
+def write_embeddings(path, emb):
+    """Validate, then atomically write an Embeddings to .h5 (default) or .npz."""
+    path = os.fspath(path)
+    validate_embeddings(emb, path)
+    attrs = dict(emb.attrs)
+    attrs.setdefault("dim", emb.dim)
+    attrs.setdefault("normalised", True)
+    with atomic_path(path) as tmp:
+        if path.endswith(".npz"):
+            with open(tmp, "wb") as f:
+                np.savez(f, image_embeddings=emb.image_embeddings, text_embeddings=emb.text_embeddings,
+                         text_to_image=emb.text_to_image.astype(np.int64),
+                         image_ids=np.array([str(s) for s in emb.image_ids], dtype=np.str_),
+                         captions=np.array([str(s) for s in emb.captions], dtype=np.str_),
+                         attrs=np.array(json.dumps(attrs, default=_json_default)))
+        else:
+            import h5py
+            strings = h5py.string_dtype("utf-8")
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("image_embeddings", data=emb.image_embeddings)
+                f.create_dataset("text_embeddings", data=emb.text_embeddings)
+                f.create_dataset("text_to_image", data=emb.text_to_image.astype(np.int64))
+                f.create_dataset("image_ids", data=[str(s) for s in emb.image_ids], dtype=strings)
+                f.create_dataset("captions", data=[str(s) for s in emb.captions], dtype=strings)
+                for key, value in attrs.items():
+                    # Lists/dicts go in as JSON text: HDF5 attributes can't hold ragged objects.
+                    f.attrs[key] = json.dumps(value, default=_json_default) if isinstance(value, (list, dict)) \
+                        else ("" if value is None else value)
+    return path
+
+
+def _decode_attr(value):
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _text_to_image_fallback(data, n_img, n_txt, path):
+    """For files without text_to_image (the seed's npz): documented, recorded fallbacks."""
+    for key in ("caption_to_image", "text_image_index", "text_to_image_index"):
+        if key in data:
+            return np.asarray(data[key], dtype=np.int64), f"read from '{key}'"
+    for key in ("caption_image_ids", "text_image_ids"):
+        if key in data and "image_ids" in data:
+            lookup = {str(v): i for i, v in enumerate(np.asarray(data["image_ids"]).tolist())}
+            try:
+                return (np.array([lookup[str(v)] for v in np.asarray(data[key]).tolist()], dtype=np.int64),
+                        f"mapped '{key}' through image_ids")
+            except KeyError as e:
+                raise HandoffError(f"{path}: {key} names image {e} that is not in image_ids") from None
+    if n_txt == n_img:
+        return np.arange(n_txt, dtype=np.int64), "assumed one caption per image, same order"
+    if n_img and n_txt % n_img == 0:
+        per = n_txt // n_img
+        return np.repeat(np.arange(n_img, dtype=np.int64), per), f"assumed {per} consecutive captions per image"
+    raise HandoffError(f"{path}: no text_to_image and {n_txt} texts cannot be matched to {n_img} images")
+
+
+def read_embeddings(path, validate=True):
+    """Read and validate a hand-off file (.h5/.hdf5 or .npz). Raises HandoffError naming the file.
+
+    Legacy .npz files without "attrs" are accepted: missing text_to_image is rebuilt by the rules in
+    _text_to_image_fallback, float16/float64 arrays are cast to float32 and unnormalised rows are
+    L2-normalised; each such step is recorded in attrs["load_notes"].
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise HandoffError(f"{path}: file not found")
+    notes = []
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+            attrs = json.loads(str(data.pop("attrs"))) if "attrs" in data else {}
+        else:
+            import h5py
+            with h5py.File(path, "r") as f:
+                data = {k: f[k][()] for k in f.keys()}
+                attrs = {k: _decode_attr(v) for k, v in f.attrs.items()}
+    except HandoffError:
+        raise
+    except Exception as e:  # h5py/numpy raise many types for a corrupt file
+        raise HandoffError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    legacy = "schema_version" not in attrs
+    for key in ("image_embeddings", "text_embeddings"):
+        if key not in data:
+            raise HandoffError(f"{path}: missing dataset '{key}' (found {sorted(data)})")
+    img, txt = np.asarray(data["image_embeddings"]), np.asarray(data["text_embeddings"])
+    if legacy and img.ndim == 2 and txt.ndim == 2:
+        if img.dtype != np.float32 or txt.dtype != np.float32:
+            notes.append(f"cast {img.dtype}/{txt.dtype} to float32")
+            img, txt = img.astype(np.float32), txt.astype(np.float32)
+        if not (np.allclose(np.linalg.norm(img, axis=1), 1, atol=NORM_TOLERANCE)
+                and np.allclose(np.linalg.norm(txt, axis=1), 1, atol=NORM_TOLERANCE)):
+            notes.append("L2-normalised rows on load")
+            img, txt = l2_normalize(img), l2_normalize(txt)
+    if "text_to_image" in data:
+        t2i = np.asarray(data["text_to_image"])
+    elif legacy:
+        t2i, how = _text_to_image_fallback(data, img.shape[0], txt.shape[0], path)
+        notes.append(f"text_to_image {how}")
+    else:
+        raise HandoffError(f"{path}: missing dataset 'text_to_image'")
+
+    def strings(key, n, prefix):
+        if key not in data:
+            return [f"{prefix}{i}" for i in range(n)]
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.asarray(data[key]).tolist()]
+
+    emb = Embeddings(img, txt, t2i.astype(np.int64) if np.issubdtype(t2i.dtype, np.integer) else t2i,
+                     strings("image_ids", img.shape[0], "image_"), strings("captions", txt.shape[0], "caption_"),
+                     attrs)
+    if legacy:
+        attrs.setdefault("dataset", os.path.splitext(os.path.basename(path))[0])
+        attrs.setdefault("split", "unknown")
+        attrs.setdefault("model", "unknown")
+        attrs.setdefault("dim", int(img.shape[1]) if img.ndim == 2 else None)
+        attrs.setdefault("normalised", True)
+        attrs["load_notes"] = notes
+    if validate:
+        validate_embeddings(emb, path)
+    return emb

@@ -1,0 +1,125 @@
+"""The evaluation protocol: the one place that decides what counts as a hit.
+
+    t2i (text -> image): every caption queries the split's images; exactly one image is relevant,
+        the one the caption describes.
+    i2t (image -> text): every image queries the split's captions; ALL of the image's captions are
+        relevant, and the query's rank is the rank of its BEST-ranked relevant caption. So i2t R@K
+        is a hit if ANY of the image's captions is in the top K (the CLIP_benchmark /
+        Karpathy convention).
+
+    Ties: an exact tie in score is broken by the lower gallery index first (what a stable sort of
+    -score gives). exact_ranks implements this by counting, so it never depends on a sort order.
+    Candidate lists: when only C candidates are returned (two-stage search), a relevant item that
+    is not in the list is a miss: rank = inf, it scores 0 in R@K and MRR, and mean/median rank are
+    reported as None because they are not defined without the full ranking.
+
+Metrics (summarize): R@K in percent, MRR (mean of 1/rank, misses 0), mean and median rank
+(1-based), and RSUM = sum of R@K over the given K values and both directions (with K = 1, 5, 10
+this is the usual RSUM out of 600).
+"""
+import numpy as np
+
+DIRECTIONS = ("t2i", "i2t")
+
+
+def relevant_pairs(text_to_image, direction):
+    """(query index, relevant gallery index) pairs and the number of queries for a direction."""
+    text_to_image = np.asarray(text_to_image, dtype=np.int64)
+    captions = np.arange(text_to_image.size, dtype=np.int64)
+    if direction == "t2i":
+        return captions, text_to_image, text_to_image.size
+    if direction == "i2t":
+        return text_to_image, captions, int(text_to_image.max()) + 1 if text_to_image.size else 0
+    raise ValueError(f"direction must be 't2i' or 'i2t', got {direction!r}")
+
+
+def _best_per_query(pair_query, pair_rank, num_queries):
+    best = np.full(num_queries, np.inf)
+    np.minimum.at(best, pair_query, pair_rank)
+    return best
+
+
+def exact_ranks(queries, gallery, text_to_image, direction, chunk_size=1024):
+    """Exact 1-based rank of each query's best relevant item under dot-product scores.
+
+    queries: [Q, D] (captions for t2i, images for i2t); gallery: [N, D]. Scores are computed in
+    chunks of queries so memory stays bounded for large galleries (extra distractor rows may follow
+    the real gallery: they are never relevant). Ties go to the lower gallery index.
+    """
+    pair_query, pair_item, num_queries = relevant_pairs(text_to_image, direction)
+    queries = np.asarray(queries, dtype=np.float32)
+    gallery = np.asarray(gallery, dtype=np.float32)
+    if queries.shape[0] != num_queries:
+        raise ValueError(f"{direction}: expected {num_queries} queries, got {queries.shape[0]}")
+    order = np.argsort(pair_query, kind="stable")
+    pair_query, pair_item = pair_query[order], pair_item[order]
+    bounds = np.searchsorted(pair_query, np.arange(0, num_queries + chunk_size, chunk_size))
+    pair_rank = np.empty(pair_query.size, dtype=np.float64)
+    gallery_index = np.arange(gallery.shape[0])
+    for start_q, (lo, hi) in zip(range(0, num_queries, chunk_size), zip(bounds[:-1], bounds[1:])):
+        scores = queries[start_q:start_q + chunk_size] @ gallery.T
+        rows = pair_query[lo:hi] - start_q
+        relevant_score = scores[rows, pair_item[lo:hi]][:, None]
+        row_scores = scores[rows]
+        higher = (row_scores > relevant_score).sum(axis=1)
+        tied_before = ((row_scores == relevant_score) & (gallery_index[None, :] < pair_item[lo:hi, None])).sum(axis=1)
+        pair_rank[lo:hi] = 1 + higher + tied_before
+    return _best_per_query(pair_query, pair_rank, num_queries)
+
+
+def candidate_ranks(candidates, text_to_image, direction):
+    """1-based rank of each query's best relevant item inside a returned candidate list.
+
+    candidates: [Q, C] gallery indices in ranked order (-1 = empty slot, as FAISS pads). A relevant
+    item that is not in the list gives inf (a miss).
+    """
+    candidates = np.asarray(candidates)
+    pair_query, pair_item, num_queries = relevant_pairs(text_to_image, direction)
+    if candidates.shape[0] != num_queries:
+        raise ValueError(f"{direction}: expected {num_queries} candidate rows, got {candidates.shape[0]}")
+    match = candidates[pair_query] == pair_item[:, None]
+    found = match.any(axis=1)
+    pair_rank = np.where(found, match.argmax(axis=1) + 1, np.inf).astype(np.float64)
+    return _best_per_query(pair_query, pair_rank, num_queries)
+
+
+def summarize(ranks, k_values=(1, 5, 10)):
+    """R@K (%), MRR, mean and median rank from 1-based ranks (inf = miss)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out = {f"R@{k}": float(100.0 * np.mean(ranks <= k)) for k in k_values}
+    out["MRR"] = float(np.mean(1.0 / ranks))  # 1/inf = 0: a miss adds nothing
+    complete = bool(np.isfinite(ranks).all())
+    out["mean_rank"] = float(np.mean(ranks)) if complete else None
+    out["median_rank"] = float(np.median(ranks)) if complete else None
+    return out
+
+
+def rsum(metrics, k_values=(1, 5, 10), directions=DIRECTIONS):
+    """Sum of R@K over k_values and directions from a flat metrics dict ('t2i_R@1', ...)."""
+    return float(sum(metrics[f"{d}_R@{k}"] for d in directions for k in k_values))
+
+
+def evaluate(image_embeddings, text_embeddings, text_to_image, k_values=(1, 5, 10), directions=DIRECTIONS):
+    """Exact full-ranking evaluation of one split → flat dict: t2i_R@1 ... i2t_median_rank, RSUM."""
+    metrics = {}
+    for direction in directions:
+        if direction == "t2i":
+            ranks = exact_ranks(text_embeddings, image_embeddings, text_to_image, "t2i")
+        else:
+            ranks = exact_ranks(image_embeddings, text_embeddings, text_to_image, "i2t")
+        metrics.update({f"{direction}_{k}": v for k, v in summarize(ranks, k_values).items()})
+    metrics["RSUM"] = rsum(metrics, k_values, directions)
+    return metrics
+
+
+def format_metrics(metrics, k_values=(1, 5, 10), directions=DIRECTIONS):
+    """One human line: 't2i R@1 30.1 R@5 ... | i2t ... | RSUM ...'."""
+    parts = []
+    for d in directions:
+        items = " ".join(f"R@{k} {metrics[f'{d}_R@{k}']:.1f}" for k in k_values)
+        mean_rank = metrics.get(f"{d}_mean_rank")
+        tail = f" MRR {metrics[f'{d}_MRR']:.3f}"
+        if mean_rank is not None:
+            tail += f" medR {metrics[f'{d}_median_rank']:.0f} meanR {mean_rank:.1f}"
+        parts.append(f"{d} {items}{tail}")
+    return " | ".join(parts) + (f" | RSUM {metrics['RSUM']:.1f}" if "RSUM" in metrics else "")
