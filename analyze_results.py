@@ -1,0 +1,80 @@
+"""Summarise a sweep: tables, Pareto frontiers, memory budgets, plots and a written report.
+
+Reads:  <results_dir>/runs/*.json (one per configuration, written by run_experiments.py)
+Writes: --output_path (default <results_dir>/experiment_summary.json), summary.csv and REPORT.md next
+        to it, PNG plots under --plots_dir (default <results_dir>/plots/<dataset>_<split>_<model>/)
+
+Example:
+    python analyze_results.py --results_dir ./result --output_path ./result/experiment_summary.json
+"""
+import argparse
+import os
+
+from retrieval import analysis
+from retrieval.io import atomic_path, write_json
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results_dir", default="./result",
+                        help="folder given to run_experiments.py --output_dir (holds runs/*.json)")
+    parser.add_argument("--output_path", default=None,
+                        help="summary JSON to write (default <results_dir>/experiment_summary.json); "
+                             "summary.csv and REPORT.md go next to it")
+    parser.add_argument("--plots_dir", default=None, help="folder for the PNG plots (default <results_dir>/plots)")
+    parser.add_argument("--metric", default="RSUM",
+                        help="metric that picks the best configuration per memory budget (e.g. RSUM, t2i_R@1)")
+    parser.add_argument("--recall_k", type=int, default=None,
+                        help="K of the R@K shown in the plots (default: the smallest K in the runs)")
+    parser.add_argument("--no_plots", action="store_true", help="write the summary and report without plots")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    output_path = args.output_path or os.path.join(args.results_dir, "experiment_summary.json")
+    out_dir = os.path.dirname(os.path.abspath(output_path))
+    plots_dir = args.plots_dir or os.path.join(args.results_dir, "plots")
+    try:
+        runs = analysis.load_runs(args.results_dir)
+        frame = analysis.runs_frame(runs)
+        known = analysis.metric_columns(frame)
+        if known and args.metric not in known:
+            raise analysis.AnalysisError(f"--metric {args.metric}: not a metric of these runs "
+                                         f"(have: {', '.join(known)})")
+        frame, summary = analysis.analyse(frame, runs, primary_metric=args.metric)
+    except analysis.AnalysisError as e:
+        raise SystemExit(f"error: {e}") from None
+    summary["results_dir"] = args.results_dir
+    summary["args"] = vars(args)
+
+    plots = {}
+    if not args.no_plots:
+        from retrieval import plots as plotting
+        for group in summary["groups"]:
+            written = plotting.group_plots(group, frame[frame["group"] == group["group"]], plots_dir,
+                                           args.recall_k)
+            plots[group["group"]] = written
+            group["plots"] = [os.path.relpath(path, out_dir).replace(os.sep, "/") for _, path in written]
+
+    csv_path = os.path.join(out_dir, "summary.csv")
+    with atomic_path(csv_path) as tmp:
+        frame.to_csv(tmp, index=False)
+    report_path = os.path.join(out_dir, "REPORT.md")
+    with atomic_path(report_path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(analysis.report_markdown(summary, frame, plots, out_dir))
+    write_json(output_path, summary)
+
+    for group in summary["groups"]:
+        print(f"{group['dataset']}/{group['split']}/{group['model']}: {group['runs_completed']} runs, "
+              f"{group['runs_skipped']} skipped")
+        for sentence in group["findings"][:6]:
+            print(f"  - {sentence}")
+    print(f"wrote {output_path}, {csv_path}, {report_path}"
+          + (f" and {sum(len(v) for v in plots.values())} plots under {plots_dir}" if plots else ""))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Benchmark train_dual_encoder.py on Flickr8k: train on train, select on dev, report TEST recall + wall time.
+
+Reads:  ../shared/datasets/flickr8k (official layout; read in place, never copied)
+Writes: checkpoints/bench/ (runs + feature cache), coco_data/flickr8k/dual-<run>-d<dim>_{dev,test}.h5,
+        result/bench/bench_train.json (numbers, command, environment)
+
+Example:
+    python bench/bench_train.py --epochs 30 --embedding_dim 256 512 1024
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train_dual_encoder  # noqa: E402  (bench scripts drive the real CLI)
+from retrieval import data, env, io  # noqa: E402
+
+
+def flickr8k_fallback(dataset, data_dir, split, seed):
+    """Official Flickr8k split files, used only while retrieval.data has no load_split."""
+    text = os.path.join(data_dir, "Flickr8k_text")
+    names_file = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
+                  "test": "Flickr_8k.testImages.txt"}[split]
+    with open(os.path.join(text, names_file)) as f:
+        names = sorted(line.strip() for line in f if line.strip())
+    root = os.path.join(data_dir, "Flicker8k_Dataset")
+    pairs = []
+    with open(os.path.join(text, "Flickr8k.token.txt")) as f:
+        for line in f:
+            key, _, caption = line.rstrip("\n").partition("\t")
+            pairs.append((key.rsplit("#", 1)[0], caption.strip()))
+    files, captions, text_to_image, dropped = data.group_captions(
+        [n for n in names if os.path.exists(os.path.join(root, n))], pairs)
+    return data.DatasetSplit("flickr8k", split, root, files, captions, text_to_image,
+                             skipped=[f"{n}: no caption" for n in dropped], info={"split_source": "official"})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "datasets", "flickr8k"),
+                   help="Flickr8k in the official layout")
+    p.add_argument("--model_dir", default=os.path.join(ROOT, "checkpoints", "bench"), help="runs + feature cache")
+    p.add_argument("--export_dir", default=os.path.join(ROOT, "coco_data", "flickr8k"), help="hand-off files")
+    p.add_argument("--output", default=os.path.join(ROOT, "result", "bench", "bench_train.json"), help="result JSON")
+    p.add_argument("--run_name", default="flickr8k-efflite0-minilm", help="run folder / model tag")
+    p.add_argument("--embedding_dim", type=int, nargs="+", default=[512], help="dims to train")
+    p.add_argument("--epochs", type=int, default=30, help="epochs of head training")
+    p.add_argument("--image_pool", default="multi", choices=("last", "multi"), help="image feature pooling")
+    p.add_argument("--cache_views", type=int, default=2, help="cached views per train image")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train_dual_encoder.py flags")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.data_dir):
+        raise SystemExit(f"error: {args.data_dir}: Flickr8k not found")
+    if not hasattr(data, "load_split"):
+        data.load_split = flickr8k_fallback
+    train_argv = ["--dataset", "flickr8k", "--data_dir", args.data_dir, "--model_dir", args.model_dir,
+                  "--export_dir", args.export_dir, "--run_name", args.run_name,
+                  "--image_encoder", "efficientnet_lite0", "--image_pool", args.image_pool,
+                  "--text_encoder", "minilm", "--freeze_image", "--freeze_text", "--cache_views", str(args.cache_views),
+                  "--captions_per_image", "5", "--batch_size", "128", "--lr", "1e-3", "--weight_decay", "0.5",
+                  "--head", "mlp", "--head_hidden", "2048", "--head_dropout", "0.2", "--temperature", "0.05",
+                  "--epochs", str(args.epochs), "--save_every", "1000", "--num_workers", "2", "--device", "cpu",
+                  "--embedding_dim", *map(str, args.embedding_dim), "--overwrite", *args.extra]
+    start = time.time()
+    results = train_dual_encoder.main(train_argv)
+    wall = time.time() - start
+    rows = []
+    for dim, run in results.items():
+        for path, split_metrics in run.get("exports", []):
+            rows.append({"dim": dim, "file": os.path.relpath(path, ROOT),
+                         "split": "test" if path.endswith("_test.h5") else "dev", "metrics": split_metrics})
+    command = "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    io.write_json(args.output, {"command": command, "train_argv": train_argv, "wall_seconds": wall, "rows": rows,
+                                "environment": env.environment(),
+                                "note": "2-core CPU shared with other jobs while measured: wall times are inflated"})
+    print(f"wall {wall / 60:.1f} min")
+    for row in rows:
+        m = row["metrics"]
+        print(f"d{row['dim']} {row['split']}: t2i {m['t2i_R@1']:.1f}/{m['t2i_R@5']:.1f}/{m['t2i_R@10']:.1f} "
+              f"i2t {m['i2t_R@1']:.1f}/{m['i2t_R@5']:.1f}/{m['i2t_R@10']:.1f} RSUM {m['RSUM']:.1f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

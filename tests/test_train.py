@@ -1,0 +1,196 @@
+"""train_dual_encoder.py on tiny random towers: loss goes down, resume is exact, DDP gradients match
+single-process gradients, checkpoints turn into valid hand-off files."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+import train_dual_encoder
+from retrieval import dual_encoder as de
+from retrieval import io, metrics
+
+def make_tiny_bert(path):
+    """Random 2-layer BERT (hidden 32) + a word-level WordPiece tokenizer covering the synthetic captions."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from retrieval.data import COLOURS, SHAPES, SIZES
+    os.makedirs(path, exist_ok=True)
+    words = sorted(set(SHAPES) | set(COLOURS) | set(SIZES) |
+                   set("a an and another shape next to left right of above below on white grey background".split()))
+    with open(os.path.join(path, "vocab.txt"), "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    tokenizer = BertTokenizerFast(os.path.join(path, "vocab.txt"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(words) + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    return make_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))
+
+
+def base_args(synthetic_dir, tiny_bert_dir, model_dir, *extra):
+    return ["--dataset", "synthetic", "--data_dir", synthetic_dir, "--model_dir", str(model_dir),
+            "--image_encoder", "mobilenet_v3_small", "--image_weights", "none", "--text_encoder", tiny_bert_dir,
+            "--embedding_dim", "16", "--batch_size", "8", "--num_workers", "0", "--device", "cpu",
+            "--head_hidden", "32", "--head_dropout", "0", "--batch_size_eval", "32", "--export_dir", "none",
+            "--run_name", "tiny", *extra]
+
+
+TOWERS = dict(image_encoder="mobilenet_v3_small", image_weights="none", image_pool="last", text_weights="pretrained",
+              temperature=0.07, head="mlp", head_hidden=32, head_dropout=0.0)
+
+
+def fixed_batch_loss(model, split):
+    """InfoNCE of ALL of the split's images with all their captions (eval transform, BatchNorm in
+    training mode as during a step, no dropout): one fixed batch, a deterministic function of the weights."""
+    dataset = train_dual_encoder.ImageDataset(split, eval_transform=de.image_transforms(False))
+    pixels = torch.stack([dataset[r] for r in range(len(split.image_files))])
+    tokens = model.text_tower.tokenize(split.captions)
+    model.train()
+    with torch.no_grad():
+        images = model.embed_images(pixels)
+        texts = model.embed_texts(tokens["input_ids"], tokens["attention_mask"])
+        return float(de.contrastive_loss(images, texts, torch.as_tensor(split.text_to_image), model.logit_scale()))
+
+
+@pytest.fixture(scope="module")
+def one_batch_dir(tmp_path_factory):
+    """12 synthetic images: the train split (9 images x 5 captions) is exactly one batch of 16."""
+    from retrieval.data import make_synthetic
+    return make_synthetic(str(tmp_path_factory.mktemp("one_batch") / "synthetic"), num_images=12, seed=1)
+
+
+def test_two_steps_lower_the_loss_on_a_fixed_batch(one_batch_dir, tiny_bert_dir, tmp_path):
+    from retrieval.data import load_synthetic
+    from retrieval.env import seed_everything
+    split = load_synthetic(one_batch_dir, "train")
+    seed_everything(0)   # what main() does before building the model
+    before = fixed_batch_loss(de.build_model(dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=16)), split)
+    results = train_dual_encoder.main(base_args(one_batch_dir, tiny_bert_dir, tmp_path, "--batch_size", "16",
+                                                "--captions_per_image", "5", "--epochs", "2", "--lr", "1e-5", "--head_lr", "1e-4",
+                                                "--warmup", "0"))
+    run = results[16]
+    assert len(run["losses"]) == 2          # one batch per epoch, two epochs = two optimizer steps
+    model, checkpoint = de.build_from_checkpoint(run["last"])
+    assert checkpoint["step"] == 2 and checkpoint["epoch"] == 2
+    after = fixed_batch_loss(model, split)
+    assert after < before - 0.03, (before, after)
+    log = [json.loads(line) for line in open(tmp_path / "tiny" / "log.jsonl")]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert {"loss", "temperature", "samples_per_s", "dev"} <= set(log[0]) and "RSUM" in log[0]["dev"]
+
+
+def test_resume_reproduces_the_next_step_loss(synthetic_dir, tiny_bert_dir, tmp_path):
+    straight = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "3",
+                                                 "--run_name", "straight", "--lr", "1e-3"))[16]["losses"]
+    first = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "2",
+                                              "--run_name", "split", "--lr", "1e-3"))[16]["losses"]
+    with pytest.raises(SystemExit, match="--resume"):   # an existing run is never silently overwritten
+        train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--run_name", "split"))
+    resumed = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "3",
+                                                "--run_name", "split", "--lr", "1e-3", "--resume"))[16]["losses"]
+    assert first == straight[:2]
+    assert resumed == [straight[2]]     # bit-for-bit on CPU, mid-epoch, with random crops
+
+
+def _global_batch_grads(bert_dir, rank, world_size):
+    """Gradients of one global batch (8 images, 2 captions each) with this rank's slice embedded locally."""
+    torch.manual_seed(0)
+    model = de.build_model(dict(TOWERS, text_encoder=bert_dir, embedding_dim=8)).eval()  # eval: BN per sample
+    step = train_dual_encoder.make_embed_module(model, False, False)
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        step = DistributedDataParallel(step)
+    pixels = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    captions = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle",
+                                                                                  "shape")]
+    per = 8 // world_size
+    lo, hi = rank * per, (rank + 1) * per
+    tokens = model.text_tower.tokenize(captions[2 * lo:2 * hi])
+    images, texts, scale = step(pixels[lo:hi], tokens["input_ids"], tokens["attention_mask"], None)
+    loss = de.contrastive_loss(de.gather_with_grad(images), de.gather_with_grad(texts),
+                               torch.arange(8).repeat_interleave(2), scale)
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _ddp_worker(rank, world_size, port, bert_dir, out_path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        grads = _global_batch_grads(bert_dir, rank, world_size)
+        torch.save(grads, f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradients_match_single_process(tiny_bert_dir, tmp_path):
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "grads.pt")
+    mp.spawn(_ddp_worker, args=(2, port, tiny_bert_dir, out), nprocs=2, join=True)
+    single = _global_batch_grads(tiny_bert_dir, 0, 1)
+    for rank in (0, 1):
+        ddp = torch.load(f"{out}.{rank}")
+        assert set(ddp) == set(single)
+        assert any(n.startswith("image_tower") for n in single) and any(n.startswith("text_tower") for n in single)
+        for name, grad in single.items():
+            assert grad.abs().sum() > 0 or "bias" in name
+            torch.testing.assert_close(ddp[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_checkpoint_to_embeddings_file(synthetic_dir, tiny_bert_dir, tmp_path):
+    export_dir = tmp_path / "export"
+    results = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "3",
+                                                "--embedding_dim", "16", "8")
+                                      + ["--export_dir", str(export_dir)])
+    assert set(results) == {16, 8}
+    for dim in (16, 8):
+        emb = io.read_embeddings(str(export_dir / f"dual-tiny-d{dim}_test.h5"))   # validates the schema
+        assert emb.dim == dim and emb.attrs["split"] == "test" and emb.attrs["model"] == f"dual-tiny-d{dim}"
+        assert (export_dir / f"dual-tiny-d{dim}_dev.h5").exists()
+    # The file agrees with what prepare_data.py --checkpoint would compute through encoder_from_checkpoint.
+    encoder = de.encoder_from_checkpoint(results[16]["best"], device="cpu")
+    emb = io.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
+    from PIL import Image
+    pixels = torch.stack([encoder.image_transform(Image.open(os.path.join(emb.attrs["image_root"], name))
+                                                  .convert("RGB")) for name in emb.image_ids[:4]])
+    np.testing.assert_allclose(encoder.embed_images(pixels).numpy(), emb.image_embeddings[:4], atol=1e-5)
+    np.testing.assert_allclose(encoder.embed_texts(emb.captions[:6]).numpy(), emb.text_embeddings[:6], atol=1e-5)
+    assert encoder.dim == 16 and encoder.name == "dual-tiny-d16"
+    # --eval_only on the same checkpoint reproduces the file's recall (the same evaluate()).
+    result = train_dual_encoder.main(["--eval_only", "--checkpoint", results[16]["best"], "--dataset", "synthetic",
+                                      "--data_dir", synthetic_dir, "--split", "test", "--num_workers", "0"])
+    expected = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
+    assert result["t2i_R@1"] == pytest.approx(expected["t2i_R@1"]) and result["RSUM"] == pytest.approx(expected["RSUM"])
+
+
+def test_missing_hub_model_fails_fast_naming_offline_towers(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as info:
+        de.build_text_tower("no-such-org/no-such-model")
+    assert "minilm" in str(info.value) and "efficientnet_lite0" in str(info.value)
+    with pytest.raises(SystemExit, match="not a train_dual_encoder.py checkpoint|cannot read"):
+        (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+        de.load_checkpoint(str(tmp_path / "bad.pt"))
+
+
+def test_contrastive_loss_captions_of_one_image_are_not_negatives():
+    """Perfectly aligned embeddings with two identical captions per image: with multi-positive targets
+    the loss goes to 0 as the scale grows; had the twin caption been a negative, the image->text
+    half alone would stay at log(2)/2."""
+    images = torch.eye(3)
+    texts = images.repeat_interleave(2, dim=0)
+    loss = de.contrastive_loss(images, texts, torch.arange(3).repeat_interleave(2), torch.tensor(100.0))
+    assert float(loss) < 1e-3
+    wrong = de.contrastive_loss(images, texts, torch.tensor([0, 1, 1, 2, 2, 0]), torch.tensor(100.0))
+    assert float(wrong) > 10
