@@ -253,8 +253,8 @@ class Group:
             out = {"metrics": {}, "top": {}}
             exact = self.built("fp32", "flat")  # its full_ranks are the exact protocol ranks
             for direction, data in self.directions.items():
-                scores, ids = exact[direction]["index"].search(data["queries"], min(max_k, data["gallery"].shape[0]))
-                out["top"][direction] = indexes.sort_candidates(scores, ids)
+                out["top"][direction] = indexes.exact_top_k(exact[direction]["index"], data["queries"], data["gallery"],
+                                                            min(max_k, data["gallery"].shape[0]))
                 summary = metrics.summarize(exact[direction]["full_ranks"], self.k_values)
                 out["metrics"].update({f"{direction}_{k}": v for k, v in summary.items()})
             self._baseline = out
@@ -356,6 +356,7 @@ def evaluate_config(args, group, config):
         out = {}
         if exact_full:
             ranks = entry["full_ranks"]  # fp32 flat: the exact protocol ranking
+            final = baseline["top"][direction]  # its top K with protocol tie order (FAISS's may differ)
             summary = metrics.summarize(ranks, k_values)
             out["stage1_recall"] = None
         else:
@@ -450,7 +451,7 @@ def main(argv=None):
             for i, (config, skip, _) in todo:
                 done = os.path.exists(os.path.join(runs_dir, names[i] + ".json"))
                 print(f"{i:5d} {'done' if done else 'todo'} {names[i]}" + (f"  [skip: {skip}]" if skip else ""))
-            return []
+            return [os.path.join(runs_dir, names[i] + ".json") for i, _ in todo]
         os.makedirs(runs_dir, exist_ok=True)
         remove_stale_temp_files(runs_dir)
         env = environment(threads)

@@ -187,8 +187,10 @@ def _loader(dataset, batch_size=1, batch_sampler=None, num_workers=0, device=Non
     import torch
     if batch_sampler is not None:
         batch_size = 1   # DataLoader accepts batch_sampler only with the default batch_size
+    # Its own generator: creating an iterator must not consume the global RNG (dropout draws from it),
+    # or a resumed run would diverge from an uninterrupted one. Augmentation is seeded per item anyway.
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, batch_sampler=batch_sampler,
-                                       num_workers=num_workers, pin_memory=device is not None and device.type == "cuda",
+                                       num_workers=num_workers, generator=torch.Generator().manual_seed(0), pin_memory=device is not None and device.type == "cuda",
                                        persistent_workers=False)
 
 
@@ -325,6 +327,19 @@ def make_embed_module(model, image_frozen, text_frozen):
     return Step()
 
 
+def average_gradients(model, world_size):
+    """Data parallelism by hand: average every gradient over the processes after backward. (Used
+    instead of DistributedDataParallel because DDP's asynchronous bucket all-reduces interleave with
+    the all-gather's backward collective on gloo and gave wrong gradients in tests/test_train.py.)"""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world_size)
+
+
 def make_optimizer(model, args):
     import torch
     heads, towers, no_decay = [], [], []
@@ -455,8 +470,10 @@ def train_one_dim(args, dim, splits, device, rank, world_size):
 
     step_module = make_embed_module(model, image_frozen, text_frozen)
     if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+        # Every process starts from rank 0's weights (as DDP would broadcast them).
+        import torch.distributed as dist
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(tensor.data, 0)
     train_images = ImageDataset(train, train_transform=de.image_transforms(True)) if not image_frozen else None
     mode = {(True, True): "features", (True, False): "image-frozen", (False, True): "text-frozen",
             (False, False): "full"}[(image_frozen, text_frozen)]
@@ -497,8 +514,7 @@ def train_one_dim(args, dim, splits, device, rank, world_size):
                 input_ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
             accumulating = (state["batch_in_epoch"] + 1) % args.grad_accum != 0 and \
                 state["batch_in_epoch"] + 1 < len(plan)
-            sync = step_module.no_sync() if (world_size > 1 and accumulating) else _null()
-            with sync:
+            with _null():
                 with (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else _null()):
                     image_emb, text_emb, scale = step_module(image_input, input_ids, attention_mask, text_input)
                 image_all, text_all = de.gather_with_grad(image_emb), de.gather_with_grad(text_emb)
@@ -511,6 +527,9 @@ def train_one_dim(args, dim, splits, device, rank, world_size):
             samples += text_all.shape[0]
             losses.append(loss.item())
             if not accumulating:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                average_gradients(model, world_size)
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()

@@ -509,6 +509,9 @@ def findings(main, done, group):
             # The index alone is not all a two-stage search needs: stage 2 reads the fp32 vectors.
             sentence += (f", plus the {int(row['dim'])}-d fp32 vectors that re-ranking reads "
                          f"({4 * int(row['dim']):,} bytes/vector, in RAM or on disk)")
+            if pd.notna(row.get("gallery_size")) and row["candidate_size"] >= row["gallery_size"]:
+                sentence += (f"; C={int(row['candidate_size'])} covers the whole gallery of "
+                             f"{int(row['gallery_size']):,}, so stage 2 is exact fp32 search at {int(row['dim'])}-d")
         speed = _speed_phrase(row, base, head.split("_")[0])
         out.append(sentence + (f"; {speed}." if speed else "."))
 
@@ -524,11 +527,13 @@ def findings(main, done, group):
         stage1_col = _stage1_column(main, head)
         stage1 = (f"; the true item was among the {int(best['candidate_size'])} stage-1 candidates for "
                   f"{_fmt(best[stage1_col])}% of queries" if stage1_col and pd.notna(best.get(stage1_col)) else "")
-        verb = "raises" if gain > 0 else ("leaves" if gain == 0 else "lowers")
+        verb = "raises" if gain > 0 else "lowers"
         change = (f"{verb} {name} from {_fmt(plain[head])} to {_fmt(best[head])} ({gain:+.1f} points)"
-                  if gain != 0 else f"leaves {name} at {_fmt(plain[head])}")
-        out.append(f"Re-ranking {precision} {int(dim)}-d with fp32 vectors (best C={int(best['candidate_size'])}) "
-                   f"{change}{stage1}.")
+                  if abs(gain) >= 0.05 else f"changes {name} by less than 0.05 points ({_fmt(plain[head])})")
+        whole = (f", which covers the whole gallery of {int(best['gallery_size']):,}"
+                 if pd.notna(best.get("gallery_size")) and best["candidate_size"] >= best["gallery_size"] else "")
+        out.append(f"Re-ranking {precision} {int(dim)}-d with fp32 vectors (best C={int(best['candidate_size'])}"
+                   f"{whole}) {change}{stage1}.")
 
     # Dimension reduction alone: fp32, no re-ranking, at each reduced dim.
     reduced = main[(main["precision"] == "fp32") & ~main["exact"] & ~main["rerank"]
@@ -541,7 +546,11 @@ def findings(main, done, group):
 
     # Memory budgets.
     primary = group["primary_metric"]
+    previous = None
     for b in group["budgets"]:
+        if b["run_id"] == previous:
+            continue  # a larger budget that buys nothing better adds no information
+        previous = b["run_id"]
         out.append(f"Within {_bytes(b['budget_bytes_per_vector'])} bytes/vector the best {primary.replace('_', ' ')} "
                    f"is {_fmt(b['value'])} ({b['label']}, {_bytes(b['bytes_per_vector'])} bytes/vector).")
         if len(out) > 60:
@@ -602,7 +611,7 @@ def markdown_table(rows, columns, headers=None):
 
 
 def _cell(value):
-    if float(value).is_integer() and abs(value) >= 100:
+    if float(value).is_integer():
         return f"{value:,.0f}"
     if abs(value) >= 100:
         return f"{value:,.1f}"

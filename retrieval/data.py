@@ -3,15 +3,34 @@
 A DatasetSplit lists image files relative to `image_root`, the captions, and `text_to_image`
 (caption row -> image row), in a deterministic order (images sorted by id, captions in file order
 within an image). Loaders never touch the network; downloads live in retrieval/download.py.
+
+`load_split(dataset, data_dir, split, ...)` is the one entry point:
+
+    flickr8k   official layout (Flicker8k_Dataset/, Flickr8k_text/Flickr8k.token.txt + split files)
+               or the Kaggle layout (Images/ + captions.txt, a CSV with header image,caption)
+    coco       annotations/captions_{train,val}2017.json + train2017/ val2017/; with a Karpathy
+               dataset_coco.json the splits are train / restval / val / test
+    csv        the user's own --images DIR --captions FILE (CSV or JSONL with image, caption and an
+               optional split column)
+    synthetic  the generated shapes dataset (see make_synthetic)
+
+Bad input (a missing folder, a file that cannot be parsed at all) raises SystemExit("error: <file>:
+<fault>"). Single bad lines, captions naming no image and images without captions are skipped,
+listed in DatasetSplit.skipped and reported once on stderr.
 """
+import csv
 import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
+
+DATASETS = ("flickr8k", "coco", "csv", "synthetic")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 @dataclass
@@ -165,3 +184,336 @@ def load_synthetic(data_dir, split):
     files, captions, text_to_image, _ = group_captions(meta["splits"][split], pairs)
     return DatasetSplit("synthetic", split, os.path.join(data_dir, "images"), files, captions, text_to_image,
                         info={"split_source": f"seeded (seed={meta['seed']})", "seed": meta["seed"]})
+
+
+# ----------------------------------------------------------------------------- real datasets
+
+_reported = set()
+
+
+def report(message):
+    """Print a data warning to stderr once per process (load_split runs once per split)."""
+    if message not in _reported:
+        _reported.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _fail(path, fault):
+    raise SystemExit(f"error: {path}: {fault}")
+
+
+def _first_existing(paths, kind="file"):
+    check = os.path.isdir if kind == "dir" else os.path.isfile
+    return next((p for p in paths if check(p)), None)
+
+
+def _list_images(image_dir):
+    """Image file names (sorted) directly inside image_dir."""
+    if not os.path.isdir(image_dir):
+        _fail(image_dir, "image folder not found (get the dataset with --download, or pass --data_dir)")
+    return sorted(name for name in os.listdir(image_dir)
+                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."))
+
+
+def _summarise_orphans(path, orphans):
+    """Report caption lines that name no image file: one warning, one skipped entry per line."""
+    if not orphans:
+        return []
+    names = sorted({name for name, _ in orphans})
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    report(f"{path}: {len(orphans)} caption lines name no image file ({shown}); skipped")
+    source = os.path.basename(path)
+    return [f"{source}:{line}: caption of '{name}' matches no image file" for name, line in orphans]
+
+
+def build_split(dataset, split, image_root, split_images, pairs, skipped, info, on_disk=None):
+    """DatasetSplit from the split's image names and (image, caption) pairs.
+
+    Split images missing on disk and images without a caption are dropped and listed in `skipped`.
+    """
+    skipped = list(skipped)
+    split_images = sorted(dict.fromkeys(split_images))
+    if on_disk is not None:
+        missing = [name for name in split_images if name not in on_disk]
+        if missing:
+            report(f"{dataset} {split}: {len(missing)} images of the split are not in {image_root}; skipped")
+            skipped += [f"image '{name}': listed for split '{split}' but not found in {image_root}" for name in missing]
+            split_images = [name for name in split_images if name in on_disk]
+    files, captions, text_to_image, no_caption = group_captions(split_images, pairs)
+    if no_caption:
+        report(f"{dataset} {split}: {len(no_caption)} images have no caption; skipped")
+        skipped += [f"image '{name}': no caption" for name in no_caption]
+    if not files:
+        _fail(image_root, f"split '{split}' of {dataset} is empty (no image with a caption)")
+    return DatasetSplit(dataset, split, image_root, files, captions, text_to_image, skipped, dict(info))
+
+
+def read_caption_table(path, required=("image", "caption")):
+    """Rows of a CSV (header line) or JSONL file as (dict, line number), plus skipped-line notes.
+
+    CSV goes through the csv module, so a caption holding a comma (quoted in the file) keeps its
+    text without stray quote marks. JSONL is chosen by the extension (.jsonl/.json) or a first
+    character '{'.
+    """
+    if not os.path.isfile(path):
+        _fail(path, "caption file not found")
+    rows, skipped = [], []
+    base = os.path.basename(path)
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        text = f.read()
+    if path.lower().endswith((".jsonl", ".json")) or text.lstrip()[:1] == "{":
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                skipped.append(f"{base}:{number}: malformed JSON line ({e.msg})")
+                continue
+            if not isinstance(row, dict) or any(not str(row.get(k) or "").strip() for k in required):
+                skipped.append(f"{base}:{number}: malformed line (needs non-empty {', '.join(required)})")
+                continue
+            rows.append(({k: str(v).strip() for k, v in row.items()}, number))
+    else:
+        reader = csv.DictReader(text.splitlines(keepends=True))
+        header = [h.strip().lower() for h in (reader.fieldnames or [])]
+        if any(k not in header for k in required):
+            _fail(path, f"CSV header must name the columns {', '.join(required)} (found {reader.fieldnames})")
+        reader.fieldnames = header
+        for row in reader:
+            number = reader.line_num
+            if None in row or any(not (row.get(k) or "").strip() for k in required):
+                skipped.append(f"{base}:{number}: malformed line (expected {len(header)} fields with "
+                               f"non-empty {', '.join(required)})")
+                continue
+            rows.append(({k: (v or "").strip() for k, v in row.items()}, number))
+    if skipped:
+        report(f"{path}: {len(skipped)} malformed lines skipped (first: {skipped[0]})")
+    if not rows:
+        _fail(path, "no usable caption rows")
+    return rows, skipped
+
+
+def read_flickr8k_tokens(path):
+    """(image, caption, line number) triples of Flickr8k.token.txt, plus malformed-line notes."""
+    triples, skipped = [], []
+    base = os.path.basename(path)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            key, tab, caption = line.partition("\t")
+            name, hash_sign, index = key.strip().rpartition("#")
+            if not tab or not hash_sign or not name or not index.isdigit() or not caption.strip():
+                skipped.append(f"{base}:{number}: malformed line (expected '<image>#<n><TAB><caption>'): "
+                               f"{line[:60]!r}")
+                continue
+            triples.append((name, caption.strip(), number))
+    if skipped:
+        report(f"{path}: {len(skipped)} malformed lines skipped (first: {skipped[0]})")
+    if not triples:
+        _fail(path, "no caption lines found")
+    return triples, skipped
+
+
+FLICKR8K_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
+                        "test": "Flickr_8k.testImages.txt"}
+FLICKR8K_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images")
+
+
+def load_flickr8k(data_dir, split, seed=0):
+    """Flickr8k in the official layout or the Kaggle layout (see the module docstring)."""
+    text_dirs = [os.path.join(data_dir, "Flickr8k_text"), data_dir]
+    token_file = _first_existing(os.path.join(d, "Flickr8k.token.txt") for d in text_dirs)
+    kaggle_file = _first_existing([os.path.join(data_dir, "captions.txt")])
+    image_dir = _first_existing([os.path.join(data_dir, d) for d in FLICKR8K_IMAGE_DIRS], kind="dir")
+    if not token_file and not kaggle_file:
+        _fail(data_dir, "no Flickr8k captions found (expected Flickr8k_text/Flickr8k.token.txt or the Kaggle "
+                        "captions.txt); get them with --download")
+    if not image_dir:
+        _fail(data_dir, f"no Flickr8k image folder found (expected one of {', '.join(FLICKR8K_IMAGE_DIRS)}); "
+                        "get it with --download")
+    images = _list_images(image_dir)
+    on_disk = set(images)
+    if token_file:
+        triples, skipped = read_flickr8k_tokens(token_file)
+        source, layout = token_file, "official"
+    else:
+        rows, skipped = read_caption_table(kaggle_file)
+        triples = [(row["image"], row["caption"], number) for row, number in rows]
+        source, layout = kaggle_file, "kaggle"
+    orphans = [(name, number) for name, _, number in triples if name not in on_disk]
+    skipped += _summarise_orphans(source, orphans)
+    pairs = [(name, caption) for name, caption, _ in triples if name in on_disk]
+    info = {"layout": layout, "caption_file": os.path.relpath(token_file or kaggle_file, data_dir)}
+
+    split_files = {name: _first_existing(os.path.join(d, f) for d in text_dirs)
+                   for name, f in FLICKR8K_SPLIT_FILES.items()}
+    if all(split_files.values()):
+        if split not in split_files:
+            _fail(data_dir, f"no split '{split}' in Flickr8k (have {', '.join(FLICKR8K_SPLIT_FILES)})")
+        with open(split_files[split]) as f:
+            split_images = [line.strip() for line in f if line.strip()]
+        info["split_source"] = f"official {FLICKR8K_SPLIT_FILES[split]}"
+    else:
+        if split not in FLICKR8K_SPLIT_FILES:
+            _fail(data_dir, f"no split '{split}' in Flickr8k (have {', '.join(FLICKR8K_SPLIT_FILES)})")
+        captioned = sorted({name for name, _ in pairs})
+        split_images = seeded_split(captioned, seed)[split]
+        info["split_source"] = f"seeded (seed={seed}, 75/12.5/12.5 %; no official split files found)"
+        info["seed"] = seed
+        report(f"{data_dir}: no Flickr8k split files; using a seeded split (seed={seed}) of 75/12.5/12.5 %")
+    return build_split("flickr8k", split, image_dir, split_images, pairs, skipped, info, on_disk)
+
+
+COCO_SPLITS = ("train", "val")
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+def find_karpathy_file(data_dir):
+    return _first_existing(os.path.join(data_dir, d, "dataset_coco.json")
+                           for d in ("", "karpathy", "caption_datasets", "annotations"))
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        _fail(path, f"not valid JSON ({e})")
+
+
+def load_coco(data_dir, split, seed=0):
+    """COCO 2017 captions; the Karpathy split when dataset_coco.json is present."""
+    karpathy = find_karpathy_file(data_dir)
+    if karpathy:
+        return _load_karpathy(data_dir, karpathy, split)
+    if split not in COCO_SPLITS:
+        _fail(data_dir, f"no split '{split}' in COCO without a Karpathy dataset_coco.json (have "
+                        f"{', '.join(COCO_SPLITS)}; --download fetches the Karpathy file)")
+    annotation_file = os.path.join(data_dir, "annotations", f"captions_{split}2017.json")
+    if not os.path.isfile(annotation_file):
+        _fail(annotation_file, "COCO caption annotations not found (get them with --download)")
+    data = _read_json(annotation_file)
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        _fail(annotation_file, "not a COCO captions file (needs 'images' and 'annotations')")
+    image_dir = os.path.join(data_dir, f"{split}2017")
+    on_disk = set(_list_images(image_dir))
+    file_of = {image["id"]: image["file_name"] for image in data["images"]}
+    pairs, skipped = [], []
+    for annotation in data["annotations"]:
+        name = file_of.get(annotation.get("image_id"))
+        caption = str(annotation.get("caption") or "").strip()
+        if name is None or not caption:
+            skipped.append(f"{os.path.basename(annotation_file)}: annotation {annotation.get('id')} "
+                           f"{'names unknown image id ' + str(annotation.get('image_id')) if name is None else 'has an empty caption'}")
+            continue
+        pairs.append((name, caption))
+    if skipped:
+        report(f"{annotation_file}: {len(skipped)} unusable annotations skipped")
+    info = {"layout": "coco2017", "caption_file": os.path.relpath(annotation_file, data_dir),
+            "split_source": f"official COCO 2017 {split}"}
+    return build_split("coco", split, image_dir, sorted(file_of.values()), pairs, skipped, info, on_disk)
+
+
+def _load_karpathy(data_dir, karpathy_file, split):
+    """Karpathy split: images found as <filepath>/<filename> (2014 layout) or by id in train2017/val2017."""
+    if split not in KARPATHY_SPLITS:
+        _fail(karpathy_file, f"no split '{split}' in the Karpathy split (have {', '.join(KARPATHY_SPLITS)})")
+    data = _read_json(karpathy_file)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        _fail(karpathy_file, "not a Karpathy split file (needs an 'images' list)")
+    folders = {}
+
+    def present(folder):
+        if folder not in folders:
+            path = os.path.join(data_dir, folder)
+            folders[folder] = set(os.listdir(path)) if os.path.isdir(path) else set()
+        return folders[folder]
+
+    split_images, pairs, skipped, on_disk = [], [], [], set()
+    for entry in data["images"]:
+        if entry.get("split") != split:
+            continue
+        candidates = [(entry.get("filepath", ""), entry.get("filename", ""))]
+        if "cocoid" in entry:
+            candidates += [(folder, f"{int(entry['cocoid']):012d}.jpg") for folder in ("train2017", "val2017")]
+        name = next((f"{folder}/{file}" if folder else file for folder, file in candidates
+                     if file and file in present(folder)), None)
+        if name is None:
+            wanted = f"{entry.get('filepath', '')}/{entry.get('filename', '')}".strip("/")
+            skipped.append(f"image '{wanted}' (cocoid {entry.get('cocoid')}): not found under {data_dir}")
+            continue
+        on_disk.add(name)
+        split_images.append(name)
+        pairs.extend((name, s.get("raw", "").strip()) for s in entry.get("sentences", []) if s.get("raw", "").strip())
+    if skipped:
+        report(f"{karpathy_file}: {len(skipped)} images of split '{split}' not found on disk; skipped "
+               f"(get COCO 2017 train+val with --download)")
+    info = {"layout": "coco+karpathy", "caption_file": os.path.relpath(karpathy_file, data_dir),
+            "split_source": f"Karpathy {os.path.basename(karpathy_file)} '{split}'"}
+    return build_split("coco", split, data_dir, split_images, pairs, skipped, info, on_disk)
+
+
+def load_csv(images, captions, split, seed=0):
+    """The user's own data: an image folder and a CSV/JSONL of (image, caption[, split]) rows."""
+    if not images or not captions:
+        raise SystemExit("error: --dataset csv needs --images DIR and --captions FILE")
+    if not os.path.isdir(images):
+        _fail(images, "image folder not found")
+    rows, skipped = read_caption_table(captions)
+    names = sorted({row["image"] for row, _ in rows})
+    on_disk = {name for name in names if os.path.isfile(os.path.join(images, name))}
+    orphans = [(row["image"], number) for row, number in rows if row["image"] not in on_disk]
+    skipped += _summarise_orphans(captions, orphans)
+    pairs = [(row["image"], row["caption"]) for row, _ in rows if row["image"] in on_disk]
+    info = {"layout": "csv", "caption_file": os.path.abspath(captions)}
+    split_of = {}
+    for row, _ in rows:
+        if row.get("split") and row["image"] in on_disk:  # rows of missing images are already reported
+            split_of.setdefault(row["image"], row["split"])
+    if split == "all":
+        split_images = sorted(on_disk)
+        info["split_source"] = "all images"
+    elif split_of:
+        split_images = [name for name, s in split_of.items() if s == split]
+        if not split_images:
+            _fail(captions, f"no rows with split '{split}' (have {', '.join(sorted(set(split_of.values())))})")
+        info["split_source"] = f"'split' column of {os.path.basename(captions)}"
+    else:
+        if split not in FLICKR8K_SPLIT_FILES:
+            _fail(captions, f"no split '{split}' (without a 'split' column: train, dev, test or all)")
+        split_images = seeded_split(sorted(on_disk), seed)[split]
+        info["split_source"] = f"seeded (seed={seed}, 75/12.5/12.5 %)"
+        info["seed"] = seed
+    return build_split("csv", split, images, split_images, pairs, skipped, info, on_disk)
+
+
+def default_splits(dataset, data_dir=None, captions=None):
+    """The splits prepare_data.py writes when --splits is not given."""
+    if dataset == "coco":
+        return list(KARPATHY_SPLITS) if data_dir and find_karpathy_file(data_dir) else list(COCO_SPLITS)
+    if dataset == "csv" and captions and os.path.isfile(captions):
+        rows, _ = read_caption_table(captions)
+        found = sorted({row["split"] for row, _ in rows if row.get("split")})
+        if found:
+            return found
+    return ["train", "dev", "test"]
+
+
+def load_split(dataset, data_dir, split, seed=0, images=None, captions=None):
+    """One split of a dataset as a DatasetSplit (the single entry point for every script)."""
+    if dataset == "synthetic":
+        if not os.path.exists(os.path.join(data_dir, "captions.jsonl")):
+            make_synthetic(data_dir, seed=seed)
+        return load_synthetic(data_dir, split)
+    if dataset == "csv":
+        return load_csv(images, captions, split, seed)
+    if not data_dir or not os.path.isdir(data_dir):
+        _fail(data_dir, f"dataset folder not found (use --download to fetch {dataset}, or pass --data_dir)")
+    if dataset == "flickr8k":
+        return load_flickr8k(data_dir, split, seed)
+    if dataset == "coco":
+        return load_coco(data_dir, split, seed)
+    raise SystemExit(f"error: --dataset {dataset}: unknown (choose from {', '.join(DATASETS)})")

@@ -157,9 +157,7 @@ def make_index(precision, dim, index_type="flat", params=None, gallery_size=1):
         if index_type == "flat":
             return faiss.IndexBinaryFlat(dim)
         if index_type == "ivf":
-            index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(dim), dim, nlist)
-            index.own_fields = True
-            return index
+            return faiss.index_binary_factory(dim, f"BIVF{nlist}")  # the factory owns its quantizer
         index = faiss.IndexBinaryHNSW(dim, m)
         index.hnsw.efConstruction = params.get("ef_construction", 40)
         return index
@@ -263,6 +261,23 @@ def rerank(queries, gallery, candidates):
     else:
         scores = np.einsum("qd,qcd->qc", queries, gallery[safe])
     return sort_candidates(scores, candidates)
+
+
+def exact_top_k(index, queries, gallery, k):
+    """Protocol top-k of exact fp32 search: ties at the k-th place go to the lower gallery index.
+
+    FAISS's flat search does not promise which tied item it keeps, so it searches k+1: rows where
+    the (k+1)-th score equals the k-th (a tie across the cut) are redone with a stable numpy sort.
+    """
+    n = gallery.shape[0]
+    scores, ids = index.search(queries, min(k + 1, n))
+    order = np.lexsort((ids, -scores), axis=1)
+    scores, ids = np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    top = ids[:, :k].copy()
+    if ids.shape[1] > k:
+        for row in np.flatnonzero(scores[:, k - 1] == scores[:, k]):
+            top[row] = np.argsort(-(gallery @ queries[row]), kind="stable")[:k]
+    return top
 
 
 def overlap_at_k(found, reference, k):

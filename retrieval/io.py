@@ -63,6 +63,11 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield tmp
+        # mkstemp makes 0600 files; give the result the permissions a plain open() would (umask),
+        # so collaborators on a shared cluster can read it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from retrieval.io import atomic_path  # noqa: E402
 
@@ -45,6 +45,11 @@ def _log_if_wide(ax, values, axis="x", base=10):
 def _plain_ticks(ax, axis="x"):
     """Log axes labelled 8, 16, 0.5 ... instead of 2^3 or 5x10^-1 (read at a glance)."""
     target = ax.xaxis if axis == "x" else ax.yaxis
+    if target.get_scale() == "log" and getattr(target.get_major_locator(), "_base", 10) == 10:
+        low, high = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+        # 1-2-5 ticks when the axis spans under two decades; more would crowd the labels.
+        wide = low > 0 and high / low >= 100
+        target.set_major_locator(LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
     target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,g}"))
     target.set_minor_formatter(NullFormatter())
 
@@ -167,8 +172,10 @@ def candidates_plot(main, recall_k, path, title):
     reranked = main[main["rerank"]].dropna(subset=["candidate_size"])
     if reranked.empty:
         return None
+    from retrieval.analysis import speed_column
     directions = [d for d in _directions(main.columns) if f"{d}_R@{recall_k}" in main]
-    columns = [f"{d}_R@{recall_k}" for d in directions] + ["latency_p50_ms"]
+    latency = speed_column(main, "latency_p50_ms", directions[0]) if directions else "latency_p50_ms"
+    columns = [f"{d}_R@{recall_k}" for d in directions] + [latency]
     dims = sorted(reranked["dim"].dropna().unique(), reverse=True)
     colours = palette(main["precision"].unique())
     fig, axes = plt.subplots(len(dims), len(columns), figsize=(5.0 * len(columns), 3.6 * len(dims)), squeeze=False)
@@ -189,10 +196,11 @@ def candidates_plot(main, recall_k, path, title):
             if len(exact) and col in exact and exact[col].notna().any():
                 ax.axhline(exact[col].iloc[0], color="grey", linestyle="--", linewidth=1)
             _log_if_wide(ax, reranked["candidate_size"], "x")
-            if col == "latency_p50_ms":
+            if col == latency:
                 _log_if_wide(ax, reranked[col], "y")
                 ax.set_ylabel("single-query p50 latency (ms)")
-                ax.set_title(f"{int(dim)}-d: latency")
+                where = DIRECTION_NAMES.get(col.split("_")[0], "")
+                ax.set_title(f"{int(dim)}-d: {where} latency".replace("  ", " "))
             else:
                 ax.set_ylabel(f"R@{recall_k} (%)")
                 ax.set_title(f"{int(dim)}-d: {_metric_name(col)}")

@@ -75,3 +75,6 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert io.read_json(target) == {"a": 1}
     assert sorted(os.listdir(tmp_path)) == ["out.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask  # readable like a plain open(), not 0600

@@ -68,7 +68,7 @@ def test_text_query_returns_the_nearest_image(handoff, tmp_path):
     assert os.path.isfile(os.path.join(out, os.path.basename(record["picture"]).replace(".png", ".json")))
 
 
-def test_image_query_returns_the_nearest_caption(handoff, tmp_path, synthetic_dir, capsys):
+def test_image_query_returns_the_nearest_caption(handoff, tmp_path, capsys):
     path, _, texts, _, image_ids, image_root = handoff
     record = search.main(["--image", os.path.join(image_root, image_ids[2]), "--top_k", "3", "--data_path", path,
                           "--output_dir", str(tmp_path), "--device", "cpu"])

@@ -1,0 +1,153 @@
+"""Embed a dataset's images and captions into one validated hand-off file per split.
+
+Reads:  <data_dir> (default coco_data/<dataset>/): Flickr8k (official or Kaggle layout), COCO 2017
+        (+ optional Karpathy dataset_coco.json), your own --images DIR --captions FILE, or the
+        generated synthetic set; a CLIP-family --model (hub id or local folder) or a --checkpoint.
+Writes: <output_dir>/<model-tag>_<split>.h5 (or .npz), default output_dir = data_dir; with
+        --download the official archives are fetched and extracted into data_dir first.
+
+Example:
+    python prepare_data.py --dataset flickr8k --download --splits train dev test \
+        --model openai/clip-vit-base-patch32
+"""
+import argparse
+import os
+import sys
+import time
+
+DEFAULT_DATA_ROOT = "coco_data"
+EVAL_MAX_IMAGES = 25000  # the sanity-check evaluation is an exact full ranking: skip it on huge splits
+
+
+def parse_args(argv=None):
+    from retrieval.data import DATASETS
+    from retrieval.models import DEFAULT_MODEL
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default="synthetic",
+                      help="which dataset to read (synthetic needs no download)")
+    data.add_argument("--data_dir", default="",
+                      help="dataset folder (default: coco_data/<dataset>/)")
+    data.add_argument("--images", default="", help="--dataset csv: folder of your images")
+    data.add_argument("--captions", default="",
+                      help="--dataset csv: CSV (header image,caption[,split]) or JSONL file of captions")
+    data.add_argument("--splits", nargs="+", default=None,
+                      help="splits to embed (default: flickr8k/csv/synthetic train dev test; coco train val, "
+                           "or train restval val test with a Karpathy dataset_coco.json)")
+    data.add_argument("--download", action="store_true",
+                      help="fetch the official archives into --data_dir first (already present = skipped); "
+                           "without it nothing touches the network for data")
+    data.add_argument("--synthetic_images", type=int, default=500,
+                      help="--dataset synthetic: number of images to generate (5 captions each)")
+    data.add_argument("--synthetic_image_size", type=int, default=96,
+                      help="--dataset synthetic: image side in pixels")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default=DEFAULT_MODEL,
+                       help="Hugging Face CLIP-family model id or local folder (save_pretrained)")
+    model.add_argument("--checkpoint", default="",
+                       help="embed with a dual encoder trained by train_dual_encoder.py instead of --model")
+    model.add_argument("--device", default="", help="'' = auto (cuda, then mps, then cpu), or e.g. cuda:1")
+    model.add_argument("--batch_size", type=int, default=0,
+                       help="images per forward pass (0 = 16 on CPU, 256 on GPU; see the README benchmark)")
+    model.add_argument("--text_batch_size", type=int, default=0,
+                       help="captions per forward pass (0 = 4 x batch_size)")
+    model.add_argument("--num_workers", type=int, default=-1,
+                       help="DataLoader processes decoding images (-1 = min(8, CPU cores))")
+    out = p.add_argument_group("output")
+    out.add_argument("--output_dir", default="", help="where the files go (default: the data folder)")
+    out.add_argument("--output_format", choices=("h5", "npz"), default="h5", help="hand-off file format")
+    out.add_argument("--overwrite", action="store_true", help="redo splits whose output file already exists")
+    out.add_argument("--no_eval", action="store_true",
+                     help="skip the one-line retrieval sanity check printed for each written split")
+    out.add_argument("--seed", type=int, default=0,
+                     help="seeds the synthetic data, seeded splits (when no official split exists) and torch")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.dataset == "csv" and (not args.images or not args.captions):
+        p.error("--dataset csv needs --images DIR and --captions FILE")
+    if args.dataset != "csv" and (args.images or args.captions):
+        p.error("--images/--captions are only for --dataset csv")
+    for name in ("synthetic_images", "synthetic_image_size", "batch_size", "text_batch_size"):
+        if getattr(args, name) < (1 if name.startswith("synthetic") else 0):
+            p.error(f"--{name} must be positive")
+    args.data_dir = args.data_dir or os.path.join(DEFAULT_DATA_ROOT, args.dataset)
+    args.output_dir = args.output_dir or args.data_dir
+    return args
+
+
+def default_batch_size(device):
+    # Measured (bench/bench_embed.py): small CPU batches keep activations in cache; GPUs want big ones.
+    return 256 if device.type == "cuda" else 16
+
+
+def output_path(args, split):
+    from retrieval.models import model_tag
+    return os.path.join(args.output_dir, f"{model_tag(args.model, args.checkpoint)}_{split}.{args.output_format}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from retrieval import data, env, io, metrics
+
+    if args.download and args.dataset in ("flickr8k", "coco"):
+        from retrieval.download import download_dataset
+        download_dataset(args.dataset, args.data_dir, splits=args.splits)
+    elif args.download:
+        print(f"--download: nothing to fetch for --dataset {args.dataset}")
+    if args.dataset == "synthetic":
+        data.make_synthetic(args.data_dir, num_images=args.synthetic_images, seed=args.seed,
+                            image_size=args.synthetic_image_size)
+
+    splits = args.splits or data.default_splits(args.dataset, args.data_dir, args.captions)
+    todo = []
+    for split in splits:
+        path = output_path(args, split)
+        if os.path.exists(path) and not args.overwrite:
+            print(f"skip {split}: {path} exists (use --overwrite to redo)")
+        else:
+            todo.append((split, path))
+    if not todo:
+        return {}
+    # Read every split before loading the model: bad input fails in seconds, not after an hour.
+    loaded = [(data.load_split(args.dataset, args.data_dir, split, args.seed, args.images or None,
+                               args.captions or None), path) for split, path in todo]
+
+    from retrieval.models import embed_split, load_encoder
+    env.seed_everything(args.seed)
+    encoder = load_encoder(args.model, args.checkpoint or None, args.device)
+    import torch
+    device = torch.device(encoder.device or "cpu")
+    batch_size = args.batch_size or default_batch_size(device)
+    num_workers = args.num_workers if args.num_workers >= 0 else min(8, os.cpu_count() or 1)
+    environment = env.environment()
+    written = {}
+    for split_data, path in loaded:
+        split = split_data.split
+        started = time.time()
+        emb = embed_split(encoder, split_data, batch_size=batch_size, num_workers=num_workers,
+                          progress=not args.quiet, text_batch_size=args.text_batch_size or 4 * batch_size)
+        emb.attrs.update(seed=args.seed, batch_size=batch_size, device=str(device),
+                         embed_seconds=round(time.time() - started, 2), environment=environment,
+                         args={k: v for k, v in vars(args).items()})
+        if args.checkpoint:
+            emb.attrs["model_tag"] = encoder.name
+        io.write_embeddings(path, emb)
+        print(f"{split}: {len(emb.image_ids)} images, {len(emb.captions)} captions, "
+              f"{len(emb.attrs['skipped'])} skipped ({emb.attrs['num_unreadable_images']} unreadable images) "
+              f"-> {path}", flush=True)
+        if not args.no_eval:
+            if len(emb.image_ids) <= EVAL_MAX_IMAGES:
+                result = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
+                print(f"{split}: {metrics.format_metrics(result)}", flush=True)
+            else:
+                print(f"{split}: sanity-check evaluation skipped ({len(emb.image_ids)} images > {EVAL_MAX_IMAGES})")
+        written[split] = path
+    return written
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: finished splits are saved; run again to continue with the rest")

@@ -1,0 +1,218 @@
+"""Fetch and unpack the official dataset archives (only with prepare_data.py --download).
+
+Each archive is downloaded to <data_dir>/.downloads/<name>.part with a tqdm bar; an interrupted
+download resumes from the .part file with an HTTP Range request. The finished file is checked
+(size against the known size or the server's Content-Length, SHA-256 where it is known), extracted
+into a temporary folder next to the target and renamed into place, so a target folder either is
+complete or does not exist. A target folder that already exists is skipped. The archive is deleted
+after a successful extraction (the folder is what marks it done).
+
+Known checksums: COCO 2017 sizes (all three) and SHA-256 (val2017, annotations) as published by
+other projects that pinned them; for Flickr8k and the Karpathy split no checksum is published, so
+only the server's Content-Length is checked.
+
+The source can be redirected with the environment variable RETRIEVAL_DOWNLOAD_BASE_URL (or the
+`base_url` argument): every archive is then fetched as <base_url>/<archive name> — for a mirror,
+or for the tests' loopback server.
+"""
+import hashlib
+import os
+import shutil
+import socket
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+
+BASE_URL_ENV = "RETRIEVAL_DOWNLOAD_BASE_URL"
+TIMEOUT_S = 20  # per connect/read: an offline machine fails in seconds, not minutes
+CHUNK = 1 << 20
+OFFLINE_HINT = ("download the archives yourself and unpack them into the data folder (layouts in the README), "
+                "or work offline with --dataset synthetic or --dataset csv")
+
+
+@dataclass(frozen=True)
+class Archive:
+    name: str            # file name of the archive
+    url: str             # official location
+    target: str          # folder it becomes inside data_dir
+    size: int = None     # bytes, when known
+    sha256: str = None   # when known
+
+
+ARCHIVES = {
+    "flickr8k": (
+        Archive("Flickr8k_Dataset.zip",
+                "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip",
+                "Flicker8k_Dataset"),
+        Archive("Flickr8k_text.zip",
+                "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip",
+                "Flickr8k_text"),
+    ),
+    "coco": (
+        Archive("annotations_trainval2017.zip",
+                "http://images.cocodataset.org/annotations/annotations_trainval2017.zip", "annotations",
+                252907541, "113a836d90195ee1f884e704da6304dfaaecff1f023f49b6ca93c4aaae470268"),
+        Archive("caption_datasets.zip", "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",
+                "karpathy"),
+        Archive("val2017.zip", "http://images.cocodataset.org/zips/val2017.zip", "val2017",
+                815585330, "4f7e2ccb2866ec5041993c9cf2a952bbed69647b115d0f74da7ce8f4bef82f05"),
+        Archive("train2017.zip", "http://images.cocodataset.org/zips/train2017.zip", "train2017", 19336861798),
+    ),
+}
+
+
+class DownloadError(SystemExit):
+    """One clear line; a SystemExit so the scripts exit non-zero without a traceback."""
+
+
+def archives_for(dataset, splits=None):
+    """The archives a dataset needs. COCO's 18 GB train2017 is skipped only when just `val` is asked for."""
+    if dataset not in ARCHIVES:
+        raise DownloadError(f"error: --download: nothing to download for --dataset {dataset}")
+    chosen = list(ARCHIVES[dataset])
+    if dataset == "coco" and splits and set(splits) <= {"val"}:
+        chosen = [a for a in chosen if a.target != "train2017"]
+    return chosen
+
+
+def source_url(archive, base_url=None):
+    base_url = base_url if base_url is not None else os.environ.get(BASE_URL_ENV, "")
+    return f"{base_url.rstrip('/')}/{archive.name}" if base_url else archive.url
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(url, dest, size=None, sha256=None, timeout=TIMEOUT_S, progress=True):
+    """Download url to dest via dest + '.part', resuming a partial file with HTTP Range; verify; return dest."""
+    from tqdm import tqdm
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    part = dest + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "retrieval-prepare/1"})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    try:
+        try:
+            response = urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # the .part already holds the whole file
+                response = None
+            else:
+                raise
+        if response is not None:
+            with response:
+                if have and response.status != 206:  # server ignored Range: start again
+                    have = 0
+                length = response.headers.get("Content-Length")
+                total = have + int(length) if length and length.isdigit() else size
+                with open(part, "ab" if have else "wb") as f, \
+                        tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc=os.path.basename(dest), disable=not progress, file=sys.stderr) as bar:
+                    for block in iter(lambda: response.read(CHUNK), b""):
+                        f.write(block)
+                        bar.update(len(block))
+                if total and os.path.getsize(part) != total:
+                    raise DownloadError(f"error: {url}: transfer stopped at {os.path.getsize(part)} of {total} "
+                                        f"bytes; run again to resume from {part}")
+    except (urllib.error.URLError, socket.timeout, ConnectionError, TimeoutError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise DownloadError(f"error: cannot download {url} ({reason}); {OFFLINE_HINT}") from None
+    got = os.path.getsize(part)
+    if size is not None and got != size:
+        os.remove(part)
+        raise DownloadError(f"error: {url}: got {got} bytes, expected {size}; the file was removed, run again")
+    if sha256:
+        actual = sha256_of(part)
+        if actual != sha256:
+            os.remove(part)
+            raise DownloadError(f"error: {url}: SHA-256 {actual} does not match the expected {sha256}; "
+                                "the file was removed, run again")
+    os.replace(part, dest)
+    return dest
+
+
+def _safe_members(names, root):
+    root = os.path.realpath(root)
+    for name in names:
+        path = os.path.realpath(os.path.join(root, name))
+        if path != root and not path.startswith(root + os.sep):
+            raise ValueError(f"member {name!r} would land outside the target folder")
+
+
+def extract(archive_path, data_dir, target):
+    """Unpack into a temp folder inside data_dir, then rename it to data_dir/target.
+
+    If the archive holds a single top folder, that folder becomes the target. A corrupt archive
+    raises DownloadError, is deleted (the next run downloads it again) and leaves no folder behind.
+    """
+    final = os.path.join(data_dir, target)
+    tmp = tempfile.mkdtemp(prefix=f".extract-{target}.", dir=data_dir)
+    try:
+        try:
+            if zipfile.is_zipfile(archive_path):
+                with zipfile.ZipFile(archive_path) as z:
+                    _safe_members(z.namelist(), tmp)
+                    z.extractall(tmp)  # checks each member's CRC while writing
+            elif tarfile.is_tarfile(archive_path):
+                with tarfile.open(archive_path) as t:
+                    _safe_members(t.getnames(), tmp)
+                    try:
+                        t.extractall(tmp, filter="data")
+                    except TypeError:  # Python without extraction filters
+                        t.extractall(tmp)
+            else:
+                raise ValueError("not a zip or tar archive")
+        except (zipfile.BadZipFile, tarfile.TarError, ValueError, EOFError, OSError, zipfile.LargeZipFile) as e:
+            os.remove(archive_path)
+            raise DownloadError(f"error: {archive_path}: corrupt archive ({e}); it was deleted and nothing "
+                                f"was extracted; run again to download it anew") from None
+        shutil.rmtree(os.path.join(tmp, "__MACOSX"), ignore_errors=True)
+        entries = [e for e in os.listdir(tmp) if not e.startswith(".")]
+        source = tmp
+        if len(entries) == 1 and os.path.isdir(os.path.join(tmp, entries[0])):
+            source = os.path.join(tmp, entries[0])
+        os.replace(source, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def download_dataset(dataset, data_dir, splits=None, base_url=None, progress=True, archives=None):
+    """Fetch and unpack every archive `dataset` needs (or the given `archives`) into data_dir.
+
+    Target folders that already exist are skipped. Returns the folders created.
+    """
+    os.makedirs(data_dir, exist_ok=True)
+    done = []
+    downloads = os.path.join(data_dir, ".downloads")
+    try:
+        for archive in archives if archives is not None else archives_for(dataset, splits):
+            final = os.path.join(data_dir, archive.target)
+            if os.path.isdir(final):
+                print(f"download: {final} already present, skipped")
+                continue
+            url = source_url(archive, base_url)
+            # Integrity data belongs to the official file; a mirror/base_url serves the same bytes.
+            path = fetch(url, os.path.join(data_dir, ".downloads", archive.name), archive.size, archive.sha256,
+                         progress=progress)
+            extract(path, data_dir, archive.target)
+            os.remove(path)
+            print(f"download: {archive.name} -> {final}")
+            done.append(final)
+    finally:
+        # an empty .downloads folder (nothing left to resume) is not worth keeping
+        if os.path.isdir(downloads) and not os.listdir(downloads):
+            os.rmdir(downloads)
+    return done

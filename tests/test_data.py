@@ -1,0 +1,192 @@
+"""Dataset loaders: Flickr8k (official + Kaggle layouts), COCO (+ Karpathy), own CSV/JSONL, bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval import data
+
+SHARED_FLICKR8K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "flickr8k")
+
+
+def write_images(folder, names):
+    os.makedirs(folder, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (8, 8), (i * 20 % 256, 0, 0)).save(os.path.join(folder, name))
+
+
+def check_consistent(split):
+    assert len(split.text_to_image) == len(split.captions)
+    assert sorted(set(split.text_to_image.tolist())) == list(range(len(split.image_files)))
+    assert np.all(np.diff(split.text_to_image) >= 0)  # captions grouped per image, image order kept
+
+
+def test_kaggle_layout_quoted_commas_and_seeded_split(tmp_path):
+    names = [f"{i:04d}_x.jpg" for i in range(16)]
+    write_images(tmp_path / "Images", names)
+    lines = ["image,caption"]
+    for name in names:
+        lines += [f"{name},A dog runs on grass .", f'{name},"A dog, brown and white, runs ."']
+    (tmp_path / "captions.txt").write_text("\n".join(lines) + "\n")
+    splits = {s: data.load_split("flickr8k", str(tmp_path), s, seed=3) for s in ("train", "dev", "test")}
+    assert [len(splits[s].image_files) for s in ("train", "dev", "test")] == [12, 2, 2]
+    assert set().union(*(set(s.image_files) for s in splits.values())) == set(names)
+    for split in splits.values():
+        check_consistent(split)
+        assert split.info["layout"] == "kaggle" and "seeded (seed=3" in split.info["split_source"]
+        assert not any('"' in c for c in split.captions)
+        assert "A dog, brown and white, runs ." in split.captions
+        assert split.skipped == []
+    # the seed decides the split, reproducibly
+    assert data.load_split("flickr8k", str(tmp_path), "dev", seed=3).image_files == splits["dev"].image_files
+    assert data.load_split("flickr8k", str(tmp_path), "dev", seed=4).image_files != splits["dev"].image_files
+
+
+def make_official(root, orphan=True, malformed=True):
+    names = [f"{i}_abc.jpg" for i in range(10)]
+    write_images(root / "Flicker8k_Dataset", names)
+    text = root / "Flickr8k_text"
+    text.mkdir()
+    lines = []
+    for name in names:
+        lines += [f"{name}#{k}\tcaption {k} of {name} ." for k in range(5)]
+    if orphan:
+        lines[12:12] = [f"3_abc.jpg.1#{k}\torphan caption {k} ." for k in range(5)]
+    if malformed:
+        lines.insert(30, "7_abc.jpg a line without a tab")
+    (text / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    for split, members in (("train", names[:6]), ("dev", names[6:8]), ("test", names[8:])):
+        (text / data.FLICKR8K_SPLIT_FILES[split]).write_text("\n".join(members) + "\n")
+    return names
+
+
+def test_official_layout_orphans_and_malformed_line(tmp_path, capsys):
+    names = make_official(tmp_path)
+    test = data.load_split("flickr8k", str(tmp_path), "test")
+    assert test.image_files == names[8:] and len(test.captions) == 10
+    assert test.info["split_source"] == "official Flickr_8k.testImages.txt"
+    check_consistent(test)
+    orphan_notes = [s for s in test.skipped if "3_abc.jpg.1" in s]
+    assert len(orphan_notes) == 5 and orphan_notes[0].startswith("Flickr8k.token.txt:13:")
+    malformed = [s for s in test.skipped if "malformed" in s]
+    assert len(malformed) == 1 and malformed[0].startswith("Flickr8k.token.txt:31:")
+    assert len(data.load_split("flickr8k", str(tmp_path), "train").captions) == 30
+    # the malformed line names 7_abc.jpg (a dev image) but is not turned into a caption
+    assert len(data.load_split("flickr8k", str(tmp_path), "dev").captions) == 10
+    err = capsys.readouterr().err
+    assert err.count("5 caption lines name no image file") == 1  # reported once, not per split
+    assert err.count("1 malformed lines skipped") == 1
+
+
+def test_missing_split_files_give_seeded_split(tmp_path):
+    make_official(tmp_path, orphan=False, malformed=False)
+    for split in data.FLICKR8K_SPLIT_FILES.values():
+        os.remove(tmp_path / "Flickr8k_text" / split)
+    splits = [data.load_split("flickr8k", str(tmp_path), s, seed=1) for s in ("train", "dev", "test")]
+    assert [len(s.image_files) for s in splits] == [8, 1, 1]  # 75 / 12.5 / 12.5 % of 10
+    assert len(set().union(*(s.image_files for s in splits))) == 10
+    assert splits[2].info["split_source"].startswith("seeded (seed=1") and splits[2].info["seed"] == 1
+
+
+def make_coco(root):
+    write_images(root / "val2017", ["000000000001.jpg", "000000000002.jpg", "000000000003.jpg"])
+    annotations = {
+        "images": [{"id": 1, "file_name": "000000000001.jpg"}, {"id": 2, "file_name": "000000000002.jpg"},
+                   {"id": 3, "file_name": "000000000003.jpg"}],
+        "annotations": [{"id": 10, "image_id": 1, "caption": "A cat."}, {"id": 11, "image_id": 1, "caption": "A cat sits."},
+                        {"id": 12, "image_id": 3, "caption": " A bus. "}, {"id": 13, "image_id": 99, "caption": "lost"}],
+    }
+    (root / "annotations").mkdir()
+    (root / "annotations" / "captions_val2017.json").write_text(json.dumps(annotations))
+
+
+def test_coco_images_without_captions(tmp_path, capsys):
+    make_coco(tmp_path)
+    assert data.default_splits("coco", str(tmp_path)) == ["train", "val"]
+    val = data.load_split("coco", str(tmp_path), "val")
+    assert val.image_files == ["000000000001.jpg", "000000000003.jpg"]
+    assert val.captions == ["A cat.", "A cat sits.", "A bus."]
+    assert val.text_to_image.tolist() == [0, 0, 1]
+    assert any("000000000002.jpg" in s and "no caption" in s for s in val.skipped)
+    assert any("unknown image id 99" in s for s in val.skipped)
+    assert "1 images have no caption" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="captions_train2017.json"):
+        data.load_split("coco", str(tmp_path), "train")
+    with pytest.raises(SystemExit, match="Karpathy"):
+        data.load_split("coco", str(tmp_path), "test")
+
+
+def test_coco_karpathy_split_found_in_2017_folders(tmp_path):
+    make_coco(tmp_path)
+    entries = [{"filepath": "val2014", "filename": f"COCO_val2014_{i:012d}.jpg", "cocoid": i, "split": split,
+                "sentences": [{"raw": f"caption {i} {k}"} for k in range(5)]}
+               for i, split in ((1, "test"), (2, "test"), (3, "val"), (4, "test"))]
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": entries}))
+    assert data.default_splits("coco", str(tmp_path)) == ["train", "restval", "val", "test"]
+    test = data.load_split("coco", str(tmp_path), "test")
+    assert test.image_files == ["val2017/000000000001.jpg", "val2017/000000000002.jpg"]
+    assert len(test.captions) == 10 and test.image_root == str(tmp_path)
+    assert any("cocoid 4" in s for s in test.skipped)  # not on disk
+    assert test.info["split_source"].startswith("Karpathy")
+
+
+def test_own_csv_and_jsonl(tmp_path):
+    write_images(tmp_path / "imgs", ["a.png", "b.png", "c.png", "d.png"])
+    (tmp_path / "caps.csv").write_text('image,caption,split\na.png,"one, two",train\nb.png,beta,test\n'
+                                       'c.png,gamma,test\nc.png,gamma 2,test\nmissing.png,nope,test\n')
+    assert data.default_splits("csv", captions=str(tmp_path / "caps.csv")) == ["test", "train"]
+    test = data.load_split("csv", "", "test", images=str(tmp_path / "imgs"), captions=str(tmp_path / "caps.csv"))
+    assert test.image_files == ["b.png", "c.png"] and test.captions == ["beta", "gamma", "gamma 2"]
+    assert any("missing.png" in s for s in test.skipped)
+    train = data.load_split("csv", "", "train", images=str(tmp_path / "imgs"), captions=str(tmp_path / "caps.csv"))
+    assert train.captions == ["one, two"]
+
+    write_images(tmp_path / "imgs", ["e.png", "f.png", "g.png", "h.png"])
+    rows = [{"image": f"{n}.png", "caption": f"photo {n}"} for n in "abcdefgh"]
+    (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    everything = data.load_split("csv", "", "all", images=str(tmp_path / "imgs"), captions=str(tmp_path / "caps.jsonl"))
+    assert everything.image_files == [f"{n}.png" for n in "abcdefgh"]
+    assert any(s.startswith("caps.jsonl:9: malformed JSON") for s in everything.skipped)
+    seeded = [data.load_split("csv", "", s, images=str(tmp_path / "imgs"), captions=str(tmp_path / "caps.jsonl"))
+              for s in ("train", "dev", "test")]
+    assert [len(s.image_files) for s in seeded] == [6, 1, 1]
+
+
+def test_bad_input_names_the_file(tmp_path):
+    with pytest.raises(SystemExit, match=r"error: .*nowhere: dataset folder not found"):
+        data.load_split("flickr8k", str(tmp_path / "nowhere"), "test")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no Flickr8k captions found"):
+        data.load_split("flickr8k", str(tmp_path / "empty"), "test")
+    write_images(tmp_path / "imgs", ["a.png"])
+    (tmp_path / "bad.csv").write_text("file;text\na.png;hello\n")
+    with pytest.raises(SystemExit, match=r"bad\.csv: CSV header must name the columns image, caption"):
+        data.load_split("csv", "", "all", images=str(tmp_path / "imgs"), captions=str(tmp_path / "bad.csv"))
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "captions_val2017.json").write_text("{not json")
+    with pytest.raises(SystemExit, match=r"captions_val2017\.json: not valid JSON"):
+        data.load_split("coco", str(tmp_path), "val")
+    make_official(tmp_path / "f8k")
+    with pytest.raises(SystemExit, match="no split 'val'"):
+        data.load_split("flickr8k", str(tmp_path / "f8k"), "val")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_FLICKR8K), reason="shared Flickr8k copy not present")
+def test_real_flickr8k_counts(capsys):
+    splits = {s: data.load_split("flickr8k", SHARED_FLICKR8K, s) for s in ("train", "dev", "test")}
+    assert [len(splits[s].image_files) for s in ("train", "dev", "test")] == [6000, 1000, 1000]
+    assert (len(splits["test"].image_files), len(splits["test"].captions)) == (1000, 5000)
+    assert sum(len(s.captions) for s in splits.values()) == 40000
+    images = data._list_images(os.path.join(SHARED_FLICKR8K, "Flicker8k_Dataset"))
+    triples, malformed = data.read_flickr8k_tokens(os.path.join(SHARED_FLICKR8K, "Flickr8k_text", "Flickr8k.token.txt"))
+    on_disk = set(images)
+    assert len(images) == 8091 and malformed == []
+    assert sum(name in on_disk for name, _, _ in triples) == 40455
+    orphans = [s for s in splits["test"].skipped if "matches no image file" in s]
+    assert len(orphans) == 5 and all("2258277193_586949ec62.jpg.1" in s for s in orphans)
+    assert capsys.readouterr().err.count("5 caption lines name no image file") <= 1
+    for split in splits.values():
+        check_consistent(split)
+        assert all(count == 5 for count in np.bincount(split.text_to_image))

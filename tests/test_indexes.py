@@ -1,0 +1,142 @@
+"""retrieval/indexes.py: reduction, FAISS precision mapping, list ordering, re-ranking, timing helpers."""
+import numpy as np
+import pytest
+
+from retrieval import indexes
+from retrieval.io import l2_normalize
+
+
+@pytest.fixture
+def vectors():
+    rng = np.random.default_rng(0)
+    scales = 1.0 / np.sqrt(1 + np.arange(32))
+    return l2_normalize(rng.normal(size=(600, 32)) * scales + 0.05)
+
+
+def test_pca_matches_numpy_svd_and_renormalises(vectors):
+    projection = indexes.fit_reduction(vectors, 8, "pca")
+    centred = vectors - vectors.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    # Same subspace as the top-8 right singular vectors (signs may differ).
+    assert np.allclose(np.abs(projection.T @ vt[:8].T), np.eye(8), atol=1e-4)
+    reduced = indexes.reduce(vectors, projection)
+    assert reduced.shape == (600, 8)
+    assert np.allclose(np.linalg.norm(reduced, axis=1), 1, atol=1e-5)
+    expected = vectors @ projection
+    assert np.allclose(reduced, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_truncate_random_native_and_above(vectors):
+    assert indexes.fit_reduction(vectors, 32, "pca") is None  # native: untouched
+    truncated = indexes.reduce(vectors, indexes.fit_reduction(vectors, 4, "truncate"))
+    assert np.allclose(truncated, l2_normalize(vectors[:, :4]), atol=1e-6)
+    random = indexes.fit_reduction(vectors, 8, "random", seed=3)
+    assert np.allclose(random.T @ random, np.eye(8), atol=1e-5)
+    assert np.array_equal(random, indexes.fit_reduction(vectors, 8, "random", seed=3))
+    assert not np.allclose(random, indexes.fit_reduction(vectors, 8, "random", seed=4))
+    with pytest.raises(ValueError, match="above the native"):
+        indexes.fit_reduction(vectors, 64, "pca")
+
+
+@pytest.mark.parametrize("precision,code_bytes", [("fp32", 128), ("fp16", 64), ("bf16", 64), ("int8", 32),
+                                                  ("int4", 16), ("binary", 4), ("pq", 4)])
+def test_code_sizes_and_serialized_bytes(vectors, precision, code_bytes):
+    index, timing = indexes.build_index(precision, vectors[:300], vectors[300:])
+    assert indexes.bytes_per_vector(index, precision, 32) == code_bytes
+    assert indexes.serialized_bytes(index) >= 300 * code_bytes
+    assert timing["trained"] == (precision in ("int8", "int4", "pq"))
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_single_query_int_search_is_not_degenerate(vectors, precision):
+    gallery, fit, queries = vectors[:200], vectors[200:500], vectors[500:]
+    index, _ = indexes.build_index(precision, gallery, fit)
+    searcher = indexes.make_searcher(index, precision)
+    batch_scores, batch_ids = searcher(queries, 20)
+    scores, ids = searcher(queries[:1], 20)
+    # One query alone gets exactly what it gets inside a batch: nothing is fitted on the query batch.
+    assert np.array_equal(ids[0], batch_ids[0])
+    assert np.allclose(scores[0], batch_scores[0])
+    assert len(np.unique(scores[0])) > 15  # a real ranking, not a few collapsed levels
+    decoded = indexes.decoded_gallery(index, precision, gallery)
+    correlation = np.corrcoef(decoded.ravel(), gallery.ravel())[0, 1]
+    assert correlation > (0.999 if precision == "int8" else 0.95)
+    exact_top = np.argsort(-(queries[:1] @ gallery.T)[0], kind="stable")[:5]
+    assert len(set(exact_top) & set(ids[0][:10])) >= 4
+
+
+def test_compressed_scores_are_query_dot_decoded(vectors):
+    gallery, queries = vectors[:200], vectors[500:]
+    for precision in ("fp16", "int8", "pq"):
+        index, _ = indexes.build_index(precision, gallery, vectors[200:500])
+        scores, ids = indexes.make_searcher(index, precision)(queries, 10)
+        decoded = indexes.decoded_gallery(index, precision, gallery)
+        expected = np.take_along_axis(queries @ decoded.T, ids, axis=1)
+        assert np.allclose(scores, expected, atol=1e-4), precision
+
+
+def test_binary_score_is_dot_product_of_signs_and_ties_go_to_lower_index():
+    rng = np.random.default_rng(1)
+    gallery = rng.normal(size=(300, 16)).astype(np.float32)
+    queries = rng.normal(size=(20, 16)).astype(np.float32)
+    index, _ = indexes.build_index("binary", gallery, gallery)
+    scores, ids = indexes.make_searcher(index, "binary")(queries, 300)
+    signs = indexes.compressed_queries("binary", queries) @ indexes.decoded_gallery(index, "binary", gallery).T
+    assert np.array_equal(scores, np.take_along_axis(signs, ids, axis=1))
+    assert np.array_equal(indexes.sort_candidates(scores, ids), np.argsort(-signs, axis=1, kind="stable"))
+
+
+def test_sort_candidates_breaks_ties_by_index_and_puts_padding_last():
+    scores = np.array([[0.5, 0.9, 0.5, 0.9, -1.0]], dtype=np.float32)
+    ids = np.array([[7, 4, 2, 9, -1]])
+    assert indexes.sort_candidates(scores, ids).tolist() == [[4, 9, 2, 7, -1]]
+
+
+@pytest.mark.parametrize("num_candidates", [5, 150])  # gather path and full-matmul path
+def test_rerank_equals_brute_force(vectors, num_candidates):
+    gallery, queries = vectors[:200], vectors[500:510]
+    rng = np.random.default_rng(2)
+    candidates = np.stack([rng.choice(200, num_candidates, replace=False) for _ in range(10)])
+    got = indexes.rerank(queries, gallery, candidates)
+    for row, query in enumerate(queries):
+        members = np.sort(candidates[row])
+        want = members[np.argsort(-(gallery[members] @ query), kind="stable")]
+        assert np.array_equal(got[row], want)
+
+
+def test_overlap_at_k():
+    found = np.array([[1, 2, 3], [4, 5, 6]])
+    reference = np.array([[3, 2, 9], [7, 8, 9]])
+    assert indexes.overlap_at_k(found, reference, 2) == pytest.approx(100 * (1 / 2 + 0) / 2)
+    assert indexes.overlap_at_k(found, reference, 3) == pytest.approx(100 * (2 / 3 + 0) / 2)
+
+
+def test_time_batches_runs_whole_passes_and_warmup():
+    calls = []
+    result = indexes.time_batches(calls.append, 4, 40, min_time=0.0, warmup=2)
+    assert calls == [0, 1, 0, 1, 2, 3]
+    assert result["passes"] == 1 and result["queries_per_pass"] == 40 and result["qps"] > 0
+    latency = indexes.latency_ms(lambda q: q.sum(), np.ones((50, 4)), sample=30)
+    assert latency["latency_queries"] == 30
+    assert latency["latency_p50_ms"] <= latency["latency_p95_ms"] <= latency["latency_p99_ms"]
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "binary", "pq"])
+def test_ivf_and_hnsw_build_and_find_neighbours(vectors, index_type, precision):
+    gallery = vectors[:400]
+    params = {"nlist": 8, "nprobe": 8, "hnsw_m": 8, "ef_search": 32, "pq_subdim": 4}
+    index, _ = indexes.build_index(precision, gallery, vectors, index_type, params)
+    indexes.set_search_params(index, index_type, params, k=10)
+    scores, ids = indexes.make_searcher(index, precision)(gallery[:20], 10)
+    assert (ids >= 0).all()
+    # A stored vector finds itself first (or an exact duplicate code: binary/pq can collide).
+    self_hit = ids[:, 0] == np.arange(20)
+    assert self_hit.mean() >= (0.9 if precision in ("fp32", "int8") else 0.5)
+    assert indexes.decoded_gallery(index, precision, gallery).shape == gallery.shape
+
+
+def test_unsupported_reasons():
+    assert "divisible by 8" in indexes.unsupported("binary", 12, "flat", {})
+    assert "pq_subdim" in indexes.unsupported("pq", 12, "flat", {"pq_subdim": 8})
+    assert indexes.unsupported("int4", 12, "flat", {}) is None

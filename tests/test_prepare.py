@@ -1,0 +1,117 @@
+"""prepare_data.py end to end with a tiny random CLIP saved locally (no network)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import prepare_data
+from retrieval import data, io, models
+
+
+def run(*argv):
+    return prepare_data.main(["--quiet", "--device", "cpu", "--batch_size", "8", *argv])
+
+
+def test_synthetic_to_file_matches_direct_clip(tmp_path, tiny_clip_dir):
+    data_dir = tmp_path / "synthetic"
+    written = run("--dataset", "synthetic", "--data_dir", str(data_dir), "--synthetic_images", "40",
+                  "--model", tiny_clip_dir, "--splits", "dev", "test", "--num_workers", "0")
+    tag = models.model_tag(tiny_clip_dir)
+    assert written == {s: str(data_dir / f"{tag}_{s}.h5") for s in ("dev", "test")}
+    emb = io.read_embeddings(written["test"])  # validates shapes, norms, index range
+    split = data.load_split("synthetic", str(data_dir), "test")
+    assert emb.image_ids == split.image_files and emb.captions == split.captions
+    assert np.array_equal(emb.text_to_image, split.text_to_image)
+    assert emb.image_embeddings.dtype == np.float32 and emb.dim == 16
+    assert emb.attrs["dataset"] == "synthetic" and emb.attrs["split"] == "test" and emb.attrs["model"] == tiny_clip_dir
+    assert emb.attrs["image_root"] == split.image_root and emb.attrs["seed"] == 0 and emb.attrs["skipped"] == []
+    assert emb.attrs["split_source"].startswith("seeded")
+
+    # the same numbers as calling transformers' CLIP directly
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    processor = CLIPImageProcessor.from_pretrained(tiny_clip_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
+    images = [Image.open(os.path.join(split.image_root, name)).convert("RGB") for name in split.image_files[:2]]
+    with torch.no_grad():
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        image_features = models._features(clip.get_image_features(pixel_values=pixels))
+        tokens = tokenizer(split.captions[:3], padding=True, return_tensors="pt")
+        text_features = models._features(clip.get_text_features(**tokens))
+    expected_images = torch.nn.functional.normalize(image_features, dim=-1).numpy()
+    expected_texts = torch.nn.functional.normalize(text_features, dim=-1).numpy()
+    np.testing.assert_allclose(emb.image_embeddings[:2], expected_images, atol=2e-4)
+    np.testing.assert_allclose(emb.text_embeddings[:3], expected_texts, atol=2e-4)
+
+
+def test_corrupt_images_skipped_listed_and_reindexed(tmp_path, tiny_clip_dir, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"ok{i}.jpg" for i in range(6)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / name)
+    (images / "garbage.jpg").write_bytes(b"this is not a jpeg at all")
+    full = (images / "ok0.jpg").read_bytes()
+    (images / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    rows = ["image,caption,split"]
+    for name in ["garbage.jpg"] + names[:3] + ["truncated.jpg"] + names[3:]:
+        rows += [f"{name},first caption of {name},all", f'{name},"second, of {name}",all']
+    (tmp_path / "caps.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    written = run("--dataset", "csv", "--images", str(images), "--captions", str(tmp_path / "caps.csv"),
+                  "--model", tiny_clip_dir, "--output_dir", str(out), "--num_workers", "2",
+                  "--output_format", "npz")
+    emb = io.read_embeddings(written["all"])
+    assert written["all"].endswith("_all.npz")
+    assert emb.image_ids == names and len(emb.captions) == 12
+    for caption, image in zip(emb.captions, emb.text_to_image):
+        assert caption.endswith(emb.image_ids[image])  # captions still point at their own image
+    unreadable = [s for s in emb.attrs["skipped"] if "unreadable" in s]
+    assert len(unreadable) == 2 and any("garbage.jpg" in s for s in unreadable)
+    assert any("truncated.jpg" in s for s in unreadable) and emb.attrs["num_unreadable_images"] == 2
+    printed = capsys.readouterr().out
+    assert "all: 6 images, 12 captions, 2 skipped" in printed and "RSUM" in printed
+
+
+def test_skip_existing_and_overwrite(tmp_path, tiny_clip_dir, capsys):
+    args = ["--dataset", "synthetic", "--data_dir", str(tmp_path / "syn"), "--synthetic_images", "24",
+            "--model", tiny_clip_dir, "--splits", "test", "--num_workers", "0", "--no_eval"]
+    path = run(*args)["test"]
+    before = os.stat(path).st_mtime_ns
+    assert run(*args) == {}
+    assert "exists (use --overwrite" in capsys.readouterr().out
+    assert os.stat(path).st_mtime_ns == before
+    assert run(*args, "--overwrite") == {"test": path}
+    assert os.stat(path).st_mtime_ns != before
+    assert [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".")] == []  # no temp files left
+
+
+def test_bad_input_fails_with_the_file_and_writes_nothing(tmp_path, tiny_clip_dir):
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(SystemExit, match=r"error: .*missing\.csv: caption file not found"):
+        run("--dataset", "csv", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "missing.csv"),
+            "--model", tiny_clip_dir, "--output_dir", str(tmp_path / "out"), "--splits", "all")
+    with pytest.raises(SystemExit, match=r"error: .*nowhere: dataset folder not found"):
+        run("--dataset", "flickr8k", "--data_dir", str(tmp_path / "nowhere"), "--model", tiny_clip_dir)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_hub_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        run("--dataset", "synthetic", "--data_dir", str(tmp_path / "syn"), "--synthetic_images", "24",
+            "--model", "openai/clip-vit-base-patch32", "--splits", "test")
+    message = str(e.value)
+    assert "--model PATH" in message and "efficientnet_lite0" in message and "minilm" in message
+    assert not list((tmp_path / "syn").glob("*.h5"))
+    with pytest.raises(SystemExit, match="not a model folder"):
+        models.load_encoder(str(tmp_path), None, "cpu")
+
+
+def test_model_tag():
+    assert models.model_tag("openai/clip-vit-base-patch32") == "clip-vit-base-patch32"
+    assert models.model_tag("/some/dir/my model/") == "my-model"
+    assert models.model_tag("x", "checkpoints/run1/best.pt") == "run1-best"
