@@ -228,7 +228,7 @@ def test_sigkill_mid_sweep_then_rerun_completes(tmp_path):
             "fp16", "int8", "int4", "binary", "--candidate_sizes", "10", "50", "--recall_k", "1", "5",
             "--min_time", "0.05", "--latency_queries", "20", "--num_workers", "1", "--threads", "1"]
     expected = run_experiments.main(args + ["--dry_run"])
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "run_experiments.py")] + args, cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs_dir = os.path.join(out, "runs")

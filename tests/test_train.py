@@ -191,6 +191,6 @@ def test_contrastive_loss_captions_of_one_image_are_not_negatives():
     loss = de.contrastive_loss(images, texts, torch.arange(3).repeat_interleave(2), torch.tensor(100.0))
     loss.backward()
     assert float(texts.grad.abs().max()) < 1e-6
-    assert float(loss) == pytest.approx(0.5 * np.log(2), abs=1e-4)   # the entropy of the 2-way target
+    assert loss.item() == pytest.approx(0.5 * np.log(2), abs=1e-4)   # the entropy of the 2-way target
     wrong = de.contrastive_loss(images, texts.detach(), torch.tensor([0, 1, 1, 2, 2, 0]), torch.tensor(100.0))
     assert float(wrong) > 10

@@ -1,0 +1,468 @@
+#!/usr/bin/env bash
+# Run the whole pipeline (prepare -> train -> experiments -> analyze) locally or on a Slurm / PBS / SGE cluster.
+#
+# Reads:  the environment variables below (every knob has a default), requirements.txt, the scripts next to
+#         this file; datasets under coco_data/<dataset>/.
+# Writes: coco_data/<dataset>/*.h5 (hand-off files), checkpoints/<run>/ (train phase), result/runs/*.json,
+#         result/experiment_summary.json + summary.csv + REPORT.md + plots/, result/logs/*.log|*.out,
+#         result/backups/result-<timestamp>.tar.gz (a copy of result/ at the end).
+#
+# Example:
+#     bash submit_job.sh                                       # local: synthetic data, offline, a few minutes on CPU
+#     mkdir -p result/logs && sbatch submit_job.sh             # the same as one Slurm job (qsub for PBS / SGE)
+#     ARRAY=8 bash submit_job.sh                               # sweep as an 8-task job array + dependent analysis
+#     DATASET=flickr8k DOWNLOAD=1 MODEL=openai/clip-vit-base-patch32 bash submit_job.sh
+#
+# The scheduler directives below are defaults; command-line options of sbatch/qsub override them
+# (e.g. `sbatch --gres=gpu:1 --time=12:00:00 submit_job.sh`). The log folder must exist before sbatch/qsub.
+# --ignore-pbs: sbatch would otherwise also apply the #PBS lines (and ask for their resources on top).
+#
+#SBATCH --job-name=retrieval
+#SBATCH --ignore-pbs
+#SBATCH --time=04:00:00
+#SBATCH --cpus-per-task=4
+#SBATCH --mem=16G
+#SBATCH --output=result/logs/%x-%j.out
+##SBATCH --gres=gpu:1
+#PBS -N retrieval
+#PBS -l walltime=04:00:00
+#PBS -l select=1:ncpus=4:mem=16gb
+##PBS -l select=1:ncpus=4:mem=16gb:ngpus=1
+#PBS -j oe
+#PBS -o result/logs/
+#PBS -V
+#$ -N retrieval
+#$ -l h_rt=04:00:00
+#$ -pe smp 4
+#$ -l h_vmem=4G
+#$ -cwd
+#$ -j y
+#$ -o result/logs/
+#$ -V
+#$ -S /bin/bash
+
+set -Eeuo pipefail
+
+# ------------------------------------------------------------------------------------------------ where am I
+# Which scheduler started this script (none = a plain `bash submit_job.sh`).
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    SCHEDULER_RUNNING=slurm; JOB_ID=$SLURM_JOB_ID; SUBMIT_DIR=${SLURM_SUBMIT_DIR:-$PWD}
+    TASK_INDEX=${SLURM_ARRAY_TASK_ID:-}
+elif [[ -n "${PBS_JOBID:-}" ]]; then
+    SCHEDULER_RUNNING=pbs; JOB_ID=$PBS_JOBID; SUBMIT_DIR=${PBS_O_WORKDIR:-$PWD}
+    TASK_INDEX=${PBS_ARRAY_INDEX:-}
+elif [[ -n "${JOB_ID:-}" && ( -n "${SGE_TASK_ID:-}" || -n "${SGE_O_WORKDIR:-}" ) ]]; then
+    SCHEDULER_RUNNING=sge; SUBMIT_DIR=${SGE_O_WORKDIR:-$PWD}
+    # SGE numbers array tasks from 1 (qsub -t 1-N) and says "undefined" outside an array
+    TASK_INDEX=""; [[ "${SGE_TASK_ID:-undefined}" =~ ^[0-9]+$ ]] && TASK_INDEX=$((SGE_TASK_ID - 1))
+else
+    SCHEDULER_RUNNING=none; JOB_ID=""; TASK_INDEX=""
+    SUBMIT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+fi
+# Under a scheduler the script runs from a spool copy, so the code is found through the submit folder.
+REPO_DIR=${REPO_DIR:-$SUBMIT_DIR}
+cd "$REPO_DIR" || { echo "submit_job: error: REPO_DIR=$REPO_DIR: cannot cd" >&2; exit 2; }
+if [[ ! -f prepare_data.py || ! -d retrieval ]]; then
+    echo "submit_job: error: $REPO_DIR: not the project folder (no prepare_data.py); submit from the" \
+         "repository folder or set REPO_DIR" >&2
+    exit 2
+fi
+
+# ------------------------------------------------------------------------------------------------ knobs
+# Every knob is an environment variable; the README lists them.
+DATASET=${DATASET:-synthetic}              # synthetic | flickr8k | coco | csv
+DATA_ROOT=${DATA_ROOT:-coco_data}
+DATA_DIR=${DATA_DIR:-$DATA_ROOT/$DATASET}
+DOWNLOAD=${DOWNLOAD:-0}                    # 1 = fetch the official archives (prefetch / prepare phase)
+SPLITS=${SPLITS:-}                         # splits to embed; empty = prepare_data.py's default for the dataset
+EVAL_SPLIT=${EVAL_SPLIT:-test}             # split the sweep evaluates
+FIT_SPLIT=${FIT_SPLIT-train}               # split the quantizers / PCA are fitted on ('' = the evaluated file)
+SYNTHETIC_IMAGES=${SYNTHETIC_IMAGES:-500}
+MODEL=${MODEL:-}                           # CLIP id or folder; empty = train a dual encoder from offline towers
+DEVICE=${DEVICE:-}
+NUM_WORKERS=${NUM_WORKERS:-2}
+SEED=${SEED:-0}
+IMAGE_ENCODER=${IMAGE_ENCODER:-efficientnet_lite0}
+IMAGE_WEIGHTS=${IMAGE_WEIGHTS:-imagenet}
+TEXT_ENCODER=${TEXT_ENCODER:-minilm}
+FREEZE_TOWERS=${FREEZE_TOWERS:-1}          # 1 = frozen towers: features are cached, epochs train the heads
+EMBEDDING_DIM=${EMBEDDING_DIM:-256}
+EPOCHS=${EPOCHS:-10}
+TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-64}
+CAPTIONS_PER_IMAGE=${CAPTIONS_PER_IMAGE:-5}
+LR=${LR:-1e-3}
+MODEL_DIR=${MODEL_DIR:-checkpoints}
+RUN_NAME=${RUN_NAME:-$DATASET-$IMAGE_ENCODER-$TEXT_ENCODER}
+RESULT_DIR=${RESULT_DIR:-result}
+EMBEDDING_DIMS=${EMBEDDING_DIMS:-64 128}
+PRECISIONS=${PRECISIONS:-fp16 int8 int4 binary pq}
+CANDIDATE_SIZES=${CANDIDATE_SIZES:-32 100}
+RECALL_K=${RECALL_K:-1 5 10}
+INDEX=${INDEX:-flat}
+THREADS=${THREADS:-0}
+DATA_PATH=${DATA_PATH:-}                   # hand-off files to sweep; empty = the ones the phases above write
+FIT_PATH=${FIT_PATH:-}
+PREPARE_ARGS=${PREPARE_ARGS:-}             # extra arguments, passed on word by word
+TRAIN_ARGS=${TRAIN_ARGS:-}
+EXPERIMENT_ARGS=${EXPERIMENT_ARGS:-}
+ANALYZE_ARGS=${ANALYZE_ARGS:-}
+LOG_DIR=${LOG_DIR:-$RESULT_DIR/logs}
+BACKUP=${BACKUP:-1}
+BACKUP_DIR=${BACKUP_DIR:-$RESULT_DIR/backups}
+CONDA_ENV=${CONDA_ENV:-}
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-}
+MODULES=${MODULES:-}                       # `module load` these first (clusters with environment modules)
+CACHE_DIR=${CACHE_DIR:-}                   # HF_HOME / TORCH_HOME go under it (shared by login and compute nodes)
+ARRAY=${ARRAY:-0}                          # N > 0: submit the sweep as an N-task job array (see README)
+SCHEDULER=${SCHEDULER:-}                   # array submission: slurm | pbs | sge (default: detected)
+SUBMIT_ARGS=${SUBMIT_ARGS:-}               # extra sbatch/qsub options for every submitted job
+GPUS=${GPUS:-0}                            # array submission: GPUs for the prepare/train job
+WAIT=${WAIT:-0}                            # array submission: wait for the analysis job and report its result
+JOB_NAME=${JOB_NAME:-retrieval}
+SUBMIT_JOB_ROLE=${SUBMIT_JOB_ROLE:-}       # set by the array submission: setup | sweep | analyze
+# Compute nodes often have no internet: jobs use only what the prefetch phase cached.
+if [[ -z "${OFFLINE:-}" ]]; then OFFLINE=0; [[ $SCHEDULER_RUNNING != none ]] && OFFLINE=1; fi
+if [[ -z "${PHASES:-}" ]]; then
+    if [[ -n "$MODEL" ]]; then PHASES="prepare experiments analyze"; else PHASES="prepare train experiments analyze"; fi
+fi
+# the whole pipeline's phases (an array submission runs each job with a part of them)
+PIPELINE_PHASES=${PIPELINE_PHASES:-$PHASES}
+
+TIMESTAMP=$(date +%Y%m%d-%H%M%S)
+mkdir -p "$LOG_DIR"
+if [[ $SCHEDULER_RUNNING == none ]]; then
+    # the scheduler writes the job log itself; a local run keeps a copy of its output too
+    LOCAL_LOG="$LOG_DIR/local-$TIMESTAMP-$$.log"
+    exec > >(tee -a "$LOCAL_LOG") 2> >(tee -a "$LOCAL_LOG" >&2)
+fi
+
+say() { echo "submit_job: $*"; }
+die() { echo "submit_job: error: $*" >&2; exit 2; }
+has_phase() { [[ " $PHASES " == *" $1 "* ]]; }
+
+CURRENT_PHASE="setup"
+on_exit() {
+    local status=$?
+    if [[ $status -ne 0 ]]; then
+        echo "submit_job: FAILED in phase '$CURRENT_PHASE' (exit $status)${JOB_ID:+ [job $JOB_ID]};" \
+             "the output above says why. Fix it and re-run (finished work is skipped), e.g. PHASES=\"$CURRENT_PHASE ...\"" >&2
+        # SGE releases -hold_jid dependants whatever the exit status, except 100 (job error state)
+        if [[ $SCHEDULER_RUNNING == sge && -n "$SUBMIT_JOB_ROLE" ]]; then exit 100; fi
+    fi
+}
+trap on_exit EXIT
+
+for phase in $PHASES; do
+    case $phase in prefetch|prepare|train|experiments|analyze) ;;
+        *) die "PHASES: unknown phase '$phase' (choose from prefetch prepare train experiments analyze)";; esac
+done
+[[ "$ARRAY" =~ ^[0-9]+$ ]] || die "ARRAY=$ARRAY: expected a number of array tasks"
+
+# ------------------------------------------------------------------------------------------------ environment
+if [[ -n "$CACHE_DIR" ]]; then
+    export HF_HOME="$CACHE_DIR/huggingface" TORCH_HOME="$CACHE_DIR/torch"
+fi
+
+requirements_missing() {
+    # distributions named in requirements.txt that are not installed (versions are not enforced)
+    "$PY" - <<'EOF'
+import re
+from importlib import metadata
+missing = []
+for line in open("requirements.txt"):
+    line = line.split("#")[0].strip()
+    if not line or line.startswith("-"):
+        continue
+    name = re.split(r"[<>=!~;\[ ]", line)[0]
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        missing.append(name)
+print(" ".join(missing))
+EOF
+}
+
+setup_environment() {
+    if [[ -n "$MODULES" ]]; then
+        command -v module >/dev/null 2>&1 || die "MODULES=$MODULES: the 'module' command is not available"
+        # shellcheck disable=SC2086
+        module load $MODULES
+    fi
+    local managed=1
+    if [[ -n "$PYTHON" ]]; then
+        managed=0
+    elif [[ -n "$CONDA_ENV" ]]; then
+        command -v conda >/dev/null 2>&1 || die "CONDA_ENV=$CONDA_ENV: conda is not on PATH (MODULES=... to load it?)"
+        eval "$(conda shell.bash hook)"
+        conda activate "$CONDA_ENV" || die "CONDA_ENV=$CONDA_ENV: conda activate failed"
+        managed=0
+    elif [[ -n "${VIRTUAL_ENV:-}" ]]; then
+        managed=0
+    elif [[ -f "$VENV/bin/activate" ]]; then
+        # shellcheck disable=SC1091
+        source "$VENV/bin/activate"
+        managed=0
+    fi
+    PY=${PYTHON:-python3}
+    command -v "$PY" >/dev/null 2>&1 || die "python interpreter '$PY' not found"
+    local missing
+    missing=$(requirements_missing)
+    if [[ -n "$missing" ]]; then
+        if [[ $managed == 1 ]]; then
+            say "requirements missing ($missing): creating the virtual environment $VENV"
+            "$PY" -m venv "$VENV" || die "cannot create $VENV (install python3-venv, or set CONDA_ENV / PYTHON)"
+            # shellcheck disable=SC1091
+            source "$VENV/bin/activate"
+            PY=python3
+        fi
+        say "installing requirements.txt into $("$PY" -c 'import sys; print(sys.prefix)') (missing: $missing)"
+        if command -v flock >/dev/null 2>&1; then
+            # concurrent jobs sharing one environment install one at a time
+            flock "$LOG_DIR/.requirements.lock" "$PY" -m pip install -r requirements.txt
+        else
+            "$PY" -m pip install -r requirements.txt
+        fi
+    fi
+}
+
+# ------------------------------------------------------------------------------------------------ file names
+model_tag() {
+    "$PY" -c 'import sys; from retrieval.models import model_tag; print(model_tag(sys.argv[1]))' "$1"
+}
+
+# The hand-off files of one split that this configuration produces: the CLIP model's (MODEL set) and/or the
+# trained dual encoder's (MODEL empty, or the train phase selected too).
+handoff_files() {
+    local split=$1 files=""
+    if [[ -n "$MODEL" ]]; then files="$DATA_DIR/$(model_tag "$MODEL")_$split.h5"; fi
+    if [[ -z "$MODEL" || " $PIPELINE_PHASES " == *" train "* ]]; then
+        files="$files $DATA_DIR/dual-$RUN_NAME-d${EMBEDDING_DIM}_$split.h5"
+    fi
+    echo $files
+}
+
+# ------------------------------------------------------------------------------------------------ phases
+fetch_data() {
+    # the dataset alone (no model): generated (synthetic) or downloaded (DOWNLOAD=1)
+    DATASET=$DATASET DATA_DIR=$DATA_DIR DOWNLOAD=$DOWNLOAD SPLITS=$SPLITS SYNTHETIC_IMAGES=$SYNTHETIC_IMAGES \
+    SEED=$SEED "$PY" - <<'EOF'
+import os
+dataset, data_dir = os.environ["DATASET"], os.environ["DATA_DIR"]
+if dataset == "synthetic":
+    from retrieval.data import make_synthetic
+    make_synthetic(data_dir, num_images=int(os.environ["SYNTHETIC_IMAGES"]), seed=int(os.environ["SEED"]))
+    print(f"data: {data_dir} ready (synthetic)")
+elif os.environ["DOWNLOAD"] == "1":
+    from retrieval.download import download_dataset
+    download_dataset(dataset, data_dir, splits=os.environ["SPLITS"].split() or None)
+elif dataset != "csv" and not os.path.isdir(data_dir):
+    raise SystemExit(f"error: {data_dir}: dataset folder not found (DOWNLOAD=1 fetches {dataset})")
+EOF
+}
+
+phase_prefetch() {
+    # Login node (with internet): everything the compute phases need goes into the caches / data folder.
+    unset HF_HUB_OFFLINE TRANSFORMERS_OFFLINE HF_DATASETS_OFFLINE
+    fetch_data
+    MODEL=$MODEL IMAGE_ENCODER=$IMAGE_ENCODER IMAGE_WEIGHTS=$IMAGE_WEIGHTS TEXT_ENCODER=$TEXT_ENCODER \
+    WANT_TOWERS=$([[ -z "$MODEL" || " $PIPELINE_PHASES " == *" train "* ]] && echo 1 || echo 0) "$PY" - <<'EOF'
+import os
+# Loading through the same code the phases use fetches exactly the files they will ask for.
+if os.environ["MODEL"]:
+    from retrieval.models import load_encoder
+    load_encoder(os.environ["MODEL"], device="cpu")
+    print(f"prefetch: model {os.environ['MODEL']} cached")
+if os.environ["WANT_TOWERS"] == "1":
+    from retrieval.dual_encoder import ImageTower, build_text_tower
+    ImageTower(os.environ["IMAGE_ENCODER"]).load_pretrained(os.environ["IMAGE_WEIGHTS"])
+    build_text_tower(os.environ["TEXT_ENCODER"])
+    print(f"prefetch: towers {os.environ['IMAGE_ENCODER']} + {os.environ['TEXT_ENCODER']} cached")
+EOF
+}
+
+phase_prepare() {
+    local splits_args=() download_args=()
+    [[ -n "$SPLITS" ]] && splits_args=(--splits $SPLITS)
+    [[ "$DOWNLOAD" == 1 ]] && download_args=(--download)
+    if [[ -z "$MODEL" ]]; then
+        fetch_data   # the train phase embeds with the dual encoder it trains
+        return
+    fi
+    # shellcheck disable=SC2086
+    "$PY" prepare_data.py --dataset "$DATASET" --data_dir "$DATA_DIR" ${download_args[@]+"${download_args[@]}"} \
+        ${splits_args[@]+"${splits_args[@]}"} --synthetic_images "$SYNTHETIC_IMAGES" --model "$MODEL" \
+        --device "$DEVICE" --num_workers "$NUM_WORKERS" --seed "$SEED" $PREPARE_ARGS
+}
+
+phase_train() {
+    local exports="" run_dir="$MODEL_DIR/$RUN_NAME/d$EMBEDDING_DIM" done=1 resume_args=() freeze_args=()
+    for split in $FIT_SPLIT $EVAL_SPLIT; do [[ " $exports " == *" $split "* ]] || exports="$exports $split"; done
+    for split in $exports; do [[ -f "$DATA_DIR/dual-$RUN_NAME-d${EMBEDDING_DIM}_$split.h5" ]] || done=0; done
+    if [[ $done == 1 ]]; then
+        say "train: $RUN_NAME d$EMBEDDING_DIM already exported (delete $run_dir to retrain), skipped"
+        return
+    fi
+    # a run stopped by the time limit continues where it stopped
+    [[ -f "$run_dir/last.pt" ]] && resume_args=(--resume)
+    [[ "$FREEZE_TOWERS" == 1 ]] && freeze_args=(--freeze_image --freeze_text)
+    # shellcheck disable=SC2086
+    "$PY" train_dual_encoder.py --dataset "$DATASET" --data_dir "$DATA_DIR" --image_encoder "$IMAGE_ENCODER" \
+        --image_weights "$IMAGE_WEIGHTS" --text_encoder "$TEXT_ENCODER" ${freeze_args[@]+"${freeze_args[@]}"} \
+        --embedding_dim "$EMBEDDING_DIM" --epochs "$EPOCHS" --batch_size "$TRAIN_BATCH_SIZE" \
+        --captions_per_image "$CAPTIONS_PER_IMAGE" --lr "$LR" --head_lr "$LR" --model_dir "$MODEL_DIR" \
+        --run_name "$RUN_NAME" --export_dir "$DATA_DIR" --export_splits $exports --num_workers "$NUM_WORKERS" \
+        --device "$DEVICE" --seed "$SEED" ${resume_args[@]+"${resume_args[@]}"} $TRAIN_ARGS
+}
+
+phase_experiments() {
+    local data_path=$DATA_PATH fit_path=$FIT_PATH shard="0/1" fit_args=()
+    [[ -n "$data_path" ]] || data_path=$(handoff_files "$EVAL_SPLIT")
+    if [[ -z "$fit_path" && -n "$FIT_SPLIT" ]]; then
+        for f in $(handoff_files "$FIT_SPLIT"); do [[ -f "$f" ]] && fit_path="$fit_path $f"; done
+    fi
+    [[ -n "${fit_path// /}" ]] && fit_args=(--fit_path $fit_path)
+    if [[ "$SUBMIT_JOB_ROLE" == sweep && -n "$TASK_INDEX" ]]; then shard="$TASK_INDEX/$ARRAY"; fi
+    say "experiments: shard $shard of $data_path"
+    # shellcheck disable=SC2086
+    "$PY" run_experiments.py --data_path $data_path ${fit_args[@]+"${fit_args[@]}"} --output_dir "$RESULT_DIR" \
+        --embedding_dims $EMBEDDING_DIMS --precisions $PRECISIONS --candidate_sizes $CANDIDATE_SIZES \
+        --recall_k $RECALL_K --index $INDEX --threads "$THREADS" --seed "$SEED" --shard "$shard" $EXPERIMENT_ARGS
+}
+
+phase_analyze() {
+    # shellcheck disable=SC2086
+    "$PY" analyze_results.py --results_dir "$RESULT_DIR" --output_path "$RESULT_DIR/experiment_summary.json" \
+        $ANALYZE_ARGS
+}
+
+backup_results() {
+    # A dated copy of result/ (without older backups), written under a temporary name and renamed.
+    mkdir -p "$BACKUP_DIR"
+    local archive="$BACKUP_DIR/result-$TIMESTAMP${JOB_ID:+-job${JOB_ID%%.*}}.tar.gz" status=0
+    local backups_rel
+    backups_rel=$(cd "$BACKUP_DIR" && pwd)
+    backups_rel=${backups_rel#"$(cd "$RESULT_DIR" && pwd)"/}
+    # exit status 1 = a file (this job's own log) changed while being read: the copy is still usable
+    tar --warning=no-file-changed --exclude="./$backups_rel" -C "$RESULT_DIR" -czf "$archive.part" . || status=$?
+    [[ $status -le 1 ]] || { rm -f "$archive.part"; return $status; }
+    mv "$archive.part" "$archive"
+    say "backup: $archive"
+}
+
+# ------------------------------------------------------------------------------------------------ array submission
+detect_scheduler() {
+    if [[ -n "$SCHEDULER" ]]; then echo "$SCHEDULER"; return; fi
+    if command -v sbatch >/dev/null 2>&1; then echo slurm
+    elif command -v qsub >/dev/null 2>&1; then
+        if [[ -n "${SGE_ROOT:-}" ]] || qsub -help 2>&1 | head -1 | grep -qiE "GE|grid"; then echo sge; else echo pbs; fi
+    else die "ARRAY=$ARRAY: no sbatch or qsub on PATH (set SCHEDULER, or run without ARRAY)"; fi
+}
+
+# submit ROLE PHASES DEPENDENCY [array] -> prints the job id; the status is sbatch/qsub's (with WAIT=1: the job's)
+submit() {
+    local role=$1 phases=$2 after=$3 array=${4:-} name="$JOB_NAME-$1" opts=() out status=0
+    case $SCHEDULER_KIND in
+    slurm)
+        opts=(--parsable --export=ALL --job-name="$name")
+        if [[ -n "$array" ]]; then opts+=(--array="0-$((ARRAY - 1))" --output="$LOG_DIR/%x-%A_%a.out")
+        else opts+=(--output="$LOG_DIR/%x-%j.out"); fi
+        [[ -n "$after" ]] && opts+=(--dependency="afterok:$after")
+        [[ $role == setup && "$GPUS" -gt 0 ]] && opts+=(--gres="gpu:$GPUS")
+        [[ $role == analyze && "$WAIT" == 1 ]] && opts+=(--wait)
+        # shellcheck disable=SC2086
+        out=$(PHASES=$phases PIPELINE_PHASES=$PIPELINE_PHASES SUBMIT_JOB_ROLE=$role sbatch "${opts[@]}" \
+            $SUBMIT_ARGS "$SCRIPT") || status=$?
+        echo "${out%%;*}" | grep -E '^[0-9]' | tail -1 ;;
+    sge)
+        opts=(-terse -V -cwd -N "$name" -o "$LOG_DIR/" -j y)
+        [[ -n "$array" ]] && opts+=(-t "1-$ARRAY")
+        [[ -n "$after" ]] && opts+=(-hold_jid "$after")
+        [[ $role == setup && "$GPUS" -gt 0 ]] && opts+=(-l "gpu=$GPUS")
+        [[ $role == analyze && "$WAIT" == 1 ]] && opts+=(-sync y)
+        # shellcheck disable=SC2086
+        out=$(PHASES=$phases PIPELINE_PHASES=$PIPELINE_PHASES SUBMIT_JOB_ROLE=$role qsub "${opts[@]}" \
+            $SUBMIT_ARGS "$SCRIPT") || status=$?
+        echo "$out" | grep -E '^[0-9]' | head -1 | cut -d. -f1 ;;   # "123.1-8:1" -> 123
+    pbs)
+        opts=(-V -N "$name" -o "$LOG_DIR/" -j oe)
+        # PBS arrays need at least two sub-jobs; one shard is a plain job
+        [[ -n "$array" && $ARRAY -gt 1 ]] && opts+=(-J "0-$((ARRAY - 1))")
+        [[ -n "$after" ]] && opts+=(-W "depend=afterok:$after")
+        [[ $role == setup && "$GPUS" -gt 0 ]] && opts+=(-l "select=1:ngpus=$GPUS")
+        [[ $role == analyze && "$WAIT" == 1 ]] && opts+=(-W block=true)
+        # shellcheck disable=SC2086
+        out=$(PHASES=$phases PIPELINE_PHASES=$PIPELINE_PHASES SUBMIT_JOB_ROLE=$role qsub "${opts[@]}" \
+            $SUBMIT_ARGS "$SCRIPT") || status=$?
+        echo "$out" | grep -E '^[0-9]' | head -1 ;;
+    esac
+    return $status
+}
+
+submit_array() {
+    SCHEDULER_KIND=$(detect_scheduler)
+    SCRIPT="$REPO_DIR/submit_job.sh"
+    has_phase experiments || die "ARRAY=$ARRAY: PHASES must include 'experiments' (it is what the array runs)"
+    if has_phase prefetch; then CURRENT_PHASE=prefetch; phase_prefetch; fi
+    local setup_phases="" after="" setup_id="" sweep_id="" analyze_id=""
+    for phase in prepare train; do has_phase $phase && setup_phases="$setup_phases $phase"; done
+    CURRENT_PHASE="submit"
+    if [[ -n "$setup_phases" ]]; then
+        setup_id=$(submit setup "${setup_phases# }" "") || die "submitting the$setup_phases job failed"
+        say "submitted $JOB_NAME-setup ($setup_phases ) as job $setup_id"
+        after=$setup_id
+    fi
+    sweep_id=$(submit sweep experiments "$after" array) || die "submitting the sweep array failed"
+    say "submitted $JOB_NAME-sweep (experiments, $ARRAY shards) as array job $sweep_id"
+    if has_phase analyze; then
+        [[ "$WAIT" == 1 ]] && say "waiting for the analysis job (WAIT=1)"
+        local status=0
+        analyze_id=$(submit analyze analyze "$sweep_id") || status=$?
+        [[ -n "$analyze_id" ]] || die "submitting the analysis job failed"
+        say "submitted $JOB_NAME-analyze (after array job $sweep_id) as job $analyze_id"
+        if [[ "$WAIT" == 1 ]]; then
+            local log="$LOG_DIR/$JOB_NAME-analyze-$analyze_id.out"
+            # `sbatch --wait` returns 0 also for a job cancelled before it started (a failed dependency),
+            # so success is the job's own last line in its log
+            if [[ $status -ne 0 ]] || { [[ $SCHEDULER_KIND == slurm ]] && ! grep -q "^submit_job: finished" "$log" 2>/dev/null; }; then
+                echo "submit_job: FAILED: analysis job $analyze_id did not finish (exit $status); a failed or cancelled" \
+                     "earlier job cancels it: see $LOG_DIR/" >&2
+                exit 1
+            fi
+            say "analysis job $analyze_id finished: $RESULT_DIR/experiment_summary.json"
+        fi
+    fi
+    say "submitted: logs in $LOG_DIR/, results in $RESULT_DIR/"
+}
+
+# ------------------------------------------------------------------------------------------------ main
+setup_environment
+if [[ $OFFLINE == 1 ]]; then
+    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+fi
+export PYTHONUNBUFFERED=1   # log lines appear as they happen, also in scheduler log files
+
+if [[ $SCHEDULER_RUNNING == none ]]; then where="local run"; else
+    where="$SCHEDULER_RUNNING job $JOB_ID${TASK_INDEX:+ array task $TASK_INDEX}${SUBMIT_JOB_ROLE:+ ($SUBMIT_JOB_ROLE)}"; fi
+say "$where on $(hostname) in $REPO_DIR; phases: $PHASES; dataset $DATASET; model ${MODEL:-dual encoder $RUN_NAME};" \
+    "python $("$PY" -c 'import sys; print(sys.executable)'); offline=$OFFLINE"
+
+if [[ $ARRAY -gt 0 && -z "$SUBMIT_JOB_ROLE" ]]; then
+    submit_array
+    exit 0
+fi
+
+for phase in prefetch prepare train experiments analyze; do
+    has_phase $phase || continue
+    CURRENT_PHASE=$phase
+    start=$SECONDS
+    say "phase $phase: started"
+    "phase_$phase"
+    say "phase $phase: done in $((SECONDS - start)) s"
+done
+if [[ "$BACKUP" == 1 ]] && has_phase analyze; then
+    CURRENT_PHASE=backup
+    backup_results
+fi
+CURRENT_PHASE=done
+say "finished: $PHASES${JOB_ID:+ [job $JOB_ID]}"
