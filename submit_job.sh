@@ -34,7 +34,6 @@
 #$ -N retrieval
 #$ -l h_rt=04:00:00
 #$ -pe smp 4
-#$ -l h_vmem=4G
 #$ -cwd
 #$ -j y
 #$ -o result/logs/
@@ -146,7 +145,7 @@ on_exit() {
     local status=$?
     if [[ $status -ne 0 ]]; then
         echo "submit_job: FAILED in phase '$CURRENT_PHASE' (exit $status)${JOB_ID:+ [job $JOB_ID]};" \
-             "the output above says why. Fix it and re-run (finished work is skipped), e.g. PHASES=\"$CURRENT_PHASE ...\"" >&2
+             "the output above says why. Fix it and run again: finished work is skipped." >&2
         # SGE releases -hold_jid dependants whatever the exit status, except 100 (job error state)
         if [[ $SCHEDULER_RUNNING == sge && -n "$SUBMIT_JOB_ROLE" ]]; then exit 100; fi
     fi
@@ -355,7 +354,9 @@ detect_scheduler() {
     if [[ -n "$SCHEDULER" ]]; then echo "$SCHEDULER"; return; fi
     if command -v sbatch >/dev/null 2>&1; then echo slurm
     elif command -v qsub >/dev/null 2>&1; then
-        if [[ -n "${SGE_ROOT:-}" ]] || qsub -help 2>&1 | head -1 | grep -qiE "GE|grid"; then echo sge; else echo pbs; fi
+        # SGE's qsub names itself (or its qmaster) in its help; PBS's does not
+        if [[ -n "${SGE_ROOT:-}" ]] || qsub -help 2>&1 | head -3 | grep -qiE "grid ?engine|^(SGE|GE|OGS|UGE) [0-9]|qmaster"
+        then echo sge; else echo pbs; fi
     else die "ARRAY=$ARRAY: no sbatch or qsub on PATH (set SCHEDULER, or run without ARRAY)"; fi
 }
 

@@ -1,9 +1,11 @@
-"""submit_job.sh: local runs, failures, prefetch, and a real single-node Slurm (sbatch, job array + afterok).
+"""submit_job.sh: local runs, failures, prefetch, a real single-node Slurm (sbatch, job array + afterok),
+a real Son of Grid Engine cell (qsub -sync y, -t array + -hold_jid), and PBS submissions against a
+stand-in qsub (no PBS server here).
 
 Each test works in a copy of the project's code (like a user's clone) with a tiny random CLIP and a small
-synthetic dataset, so the whole pipeline runs in seconds per phase. The Slurm tests start their own
-slurmctld/slurmd/munged on 127.0.0.1 (tests/slurm_cluster.py) and are skipped, with the reason, only
-where Slurm and munge are not installed and cannot be (.ci/run installs them).
+synthetic dataset, so the whole pipeline runs in seconds per phase. The Slurm and SGE tests start their
+own daemons on this machine (tests/slurm_cluster.py, tests/sge_cluster.py) and are skipped, with the
+reason, only where the packages are not installed and cannot be (.ci/run installs them).
 """
 import glob
 import json
@@ -16,6 +18,7 @@ import tarfile
 
 import pytest
 
+import sge_cluster
 import slurm_cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,7 +156,31 @@ def test_local_pipeline_writes_everything_and_backs_up(tmp_path, tiny_clip_dir):
     again = run_script(clone, env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: os.path.getmtime(p) for p in runs} == mtimes
-    assert len(glob.glob(os.path.join(clone, "result", "backups", "result-*.tar.gz"))) >= 1
+    assert len(glob.glob(os.path.join(clone, "result", "backups", "result-*.tar.gz"))) == 2
+
+
+def test_local_default_path_trains_a_dual_encoder(tmp_path, tiny_clip_dir):
+    """Without MODEL (the quickstart): prepare only makes the data, train exports the hand-off files."""
+    clone = make_clone(tmp_path / "clone")
+    # the quickstart's text tower (pip MiniLM), a random MobileNet image tower to stay fast, one epoch
+    env = pipeline_env(tiny_clip_dir, MODEL="", SYNTHETIC_IMAGES=40, IMAGE_ENCODER="mobilenet_v3_small",
+                       IMAGE_WEIGHTS="none", EPOCHS=1, EMBEDDING_DIM=16, TRAIN_BATCH_SIZE=8, RUN_NAME="tiny",
+                       TRAIN_ARGS="--head_hidden 32 --batch_size_eval 32 --device cpu")
+    result = run_script(clone, env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "phases: prepare train experiments analyze" in result.stdout
+    data_dir = os.path.join(clone, "coco_data", "synthetic")
+    assert sorted(f for f in os.listdir(data_dir) if f.endswith(".h5")) == ["dual-tiny-d16_test.h5",
+                                                                            "dual-tiny-d16_train.h5"]
+    assert os.path.exists(os.path.join(clone, "checkpoints", "tiny", "d16", "best.pt"))
+    runs = run_files(clone, "result")
+    data_path = os.path.join("coco_data", "synthetic", "dual-tiny-d16_test.h5")
+    assert run_names(runs) == set(grid_names(clone, env, data_path))
+    assert os.path.exists(os.path.join(clone, "result", "experiment_summary.json"))
+    # run again: the exported encoder is kept, not retrained
+    again = run_script(clone, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train: tiny d16 already exported" in again.stdout
 
 
 def test_local_failure_names_the_phase_and_stops(tmp_path, tiny_clip_dir):
@@ -288,7 +315,9 @@ def test_slurm_array_failure_cancels_the_analysis(tmp_path, tiny_clip_dir, slurm
     analyze_id, = job_ids_in(chain.stdout, "analyze")
     sweep_id, = job_ids_in(chain.stdout, "sweep")
     logs_dir = os.path.join(clone, "result", "logs")
-    for path in glob.glob(os.path.join(logs_dir, f"retrieval-sweep-{sweep_id}_*.out")):
+    task_logs = glob.glob(os.path.join(logs_dir, f"retrieval-sweep-{sweep_id}_*.out"))
+    assert len(task_logs) == 2
+    for path in task_logs:
         assert "FAILED in phase 'experiments'" in read(path)
     # the dependent analysis never ran (kill_invalid_depend cancelled it), so it wrote nothing
     analysis_log = os.path.join(logs_dir, f"retrieval-analyze-{analyze_id}.out")
@@ -369,3 +398,51 @@ def test_array_submission_and_tasks_on_pbs_and_sge(tmp_path, tiny_clip_dir, kind
                             text=True, timeout=JOB_TIMEOUT_S, stdin=subprocess.DEVNULL)
     assert failed.returncode == (100 if kind == "sge" else 1), failed.stderr[-2000:]
     assert "FAILED in phase 'experiments'" in failed.stderr
+
+
+# ----------------------------------------------------------------------------- a real Son of Grid Engine
+
+@pytest.fixture(scope="module")
+def sge(tmp_path_factory):
+    reason = sge_cluster.ensure_packages(install=os.environ.get("CI", "").lower() == "true")
+    if reason:
+        print(f"skipping the SGE test: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    cell = sge_cluster.start_cell()
+    try:
+        yield cell
+    finally:
+        cell.stop()
+        shutil.rmtree(cell.root, ignore_errors=True)
+
+
+def test_sge_single_job_and_array_match(tmp_path, tiny_clip_dir, sge):
+    clone = make_clone(tmp_path / "clone")
+    os.makedirs(os.path.join(clone, "result", "logs"))
+    env = pipeline_env(tiny_clip_dir, **{k: sge.env[k] for k in ("SGE_ROOT", "SGE_CELL", "SGE_QMASTER_PORT",
+                                                                "SGE_EXECD_PORT")})
+    env.pop("HF_HUB_OFFLINE")
+    # 1. `qsub submit_job.sh` (the #$ directives; a one-slot parallel environment instead of four)
+    submitted = subprocess.run(["qsub", "-sync", "y", "-pe", "smp", "1", "submit_job.sh"], cwd=clone, env=env,
+                               capture_output=True, text=True, timeout=JOB_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    logs = glob.glob(os.path.join(clone, "result", "logs", "retrieval.o*"))
+    log = read(logs[0]) if logs else "(no log)"
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr + log[-3000:] + sge.log_tail()
+    job_id = os.path.basename(logs[0]).split(".o")[-1]
+    assert f"sge job {job_id}" in log and "offline=1" in log
+    assert f"submit_job: finished: prepare experiments analyze [job {job_id}]" in log
+
+    # 2. the sweep again as a 2-task array (-t) + analysis held on it (-hold_jid), waited for with -sync y
+    array_env = dict(env, ARRAY="2", WAIT="1", SCHEDULER="sge", PHASES="experiments analyze",
+                     RESULT_DIR="result_array", SUBMIT_ARGS="-pe smp 1")
+    chain = run_script(clone, array_env)
+    logs_dir = os.path.join(clone, "result_array", "logs")
+    all_logs = "\n".join(f"--- {p}\n{read(p)[-1500:]}" for p in sorted(glob.glob(os.path.join(logs_dir, "*"))))
+    assert chain.returncode == 0, chain.stdout[-2000:] + chain.stderr[-2000:] + all_logs + sge.log_tail()
+    sweep_id, = job_ids_in(chain.stdout, "sweep")
+    task_logs = sorted(glob.glob(os.path.join(logs_dir, f"retrieval-sweep.o{sweep_id}.*")))
+    assert len(task_logs) == 2, all_logs
+    for index, path in enumerate(task_logs):  # SGE task i (from 1) runs shard i - 1
+        assert f"shard {index}/2" in read(path) and "finished: experiments" in read(path)
+    assert_same_summary(os.path.join(clone, "result", "experiment_summary.json"),
+                        os.path.join(clone, "result_array", "experiment_summary.json"))
