@@ -140,3 +140,17 @@ def test_unsupported_reasons():
     assert "divisible by 8" in indexes.unsupported("binary", 12, "flat", {})
     assert "pq_subdim" in indexes.unsupported("pq", 12, "flat", {"pq_subdim": 8})
     assert indexes.unsupported("int4", 12, "flat", {}) is None
+
+
+def test_binary_codes_track_cosine_on_anisotropic_data():
+    # Like PCA output: the variance sits in the first coordinates, the tail is small noise. Signs of raw
+    # coordinates would give the noisy tail as many bits as the signal; the rotated signs must not.
+    rng = np.random.default_rng(0)
+    scale = np.r_[np.ones(8), np.full(56, 0.02)]
+    vectors = indexes.reduce(rng.standard_normal((400, 64)) * scale, None)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    cosine = (vectors[:200] @ vectors[200:].T).ravel()
+    hamming_score = (indexes.binary_signs(vectors[:200]) @ indexes.binary_signs(vectors[200:]).T).ravel()
+    raw_sign_score = (np.sign(vectors[:200]) @ np.sign(vectors[200:]).T).ravel()
+    assert np.corrcoef(cosine, hamming_score)[0, 1] > 0.8
+    assert np.corrcoef(cosine, hamming_score)[0, 1] > np.corrcoef(cosine, raw_sign_score)[0, 1] + 0.2

@@ -107,7 +107,7 @@ def reference_metrics(path, config, fit_path=None):
     for direction, queries, gallery, fit_vectors in (("t2i", texts, images, fit_images), ("i2t", images, texts, fit_texts)):
         precision = config["precision"]
         if precision == "binary":
-            stage1_queries, stage1_gallery = np.where(queries > 0, 1.0, -1.0), np.where(gallery > 0, 1.0, -1.0)
+            stage1_queries, stage1_gallery = indexes.binary_signs(queries), indexes.binary_signs(gallery)
         elif precision == "fp32":
             stage1_queries, stage1_gallery = queries, gallery
         else:  # the FAISS codec decodes; the ranking itself is recomputed here
