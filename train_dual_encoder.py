@@ -95,14 +95,9 @@ def parse_args(argv=None):
 
 
 def load_split(args, split):
-    """retrieval.data.load_split when available; the synthetic loader otherwise."""
     if not os.path.isdir(args.data_dir):
         raise SystemExit(f"error: {args.data_dir}: dataset folder not found")
-    if hasattr(data_module, "load_split"):
-        return data_module.load_split(args.dataset, args.data_dir, split, args.seed)
-    if args.dataset == "synthetic":
-        return data_module.load_synthetic(args.data_dir, split)
-    raise SystemExit(f"error: --dataset {args.dataset}: no loader in retrieval/data.py")
+    return data_module.load_split(args.dataset, args.data_dir, split, args.seed)
 
 
 # ----------------------------------------------------------------------------- data
@@ -257,8 +252,11 @@ def model_device(model, args):
 
 
 def embed_split(model, split, args, device, cache=None):
-    """(image [N, D], text [T, D]) numpy embeddings of a split: from cached frozen features when
-    given, else through the towers (eval transform), in batches."""
+    """(image [N, D], text [T, D]) numpy embeddings for the per-epoch dev evaluation: from cached frozen
+    features when given (an epoch's evaluation then costs only the heads), else through the towers.
+
+    Exported files and --eval_only do NOT use this: they go through encoder_from_checkpoint +
+    models.embed_split, the same path as prepare_data.py --checkpoint, so all three always agree."""
     import torch
     from tqdm import tqdm
     from retrieval.dual_encoder import autocast, image_transforms
@@ -593,27 +591,23 @@ def _append_log(path, record):
 # ----------------------------------------------------------------------------- export / evaluate
 
 def export(args, checkpoint_path, splits, device, dim):
-    """Write <export_dir>/<tag>_<split>.h5 for each export split from the given checkpoint."""
+    """Write <export_dir>/<tag>_<split>.h5 for each export split from the given checkpoint.
+
+    Embeds through encoder_from_checkpoint + models.embed_split, the path prepare_data.py --checkpoint
+    and --eval_only use, so an exported file and a later re-embedding always agree.
+    """
     from retrieval import dual_encoder as de
-    model, checkpoint = de.build_from_checkpoint(checkpoint_path)
-    model.to(device)
+    from retrieval import models
+    encoder = de.encoder_from_checkpoint(checkpoint_path, device)
+    trained_epochs = de.load_checkpoint(checkpoint_path)["epoch"]
     written = []
     for split_name in args.export_splits:
         split = splits.get(split_name) or load_split(args, split_name)
-        path = os.path.join(args.export_dir, f"{checkpoint['tag']}_{split_name}.h5")
-        cache = {}
-        if args.freeze_image:
-            cache["image"] = cached_features(args, model, split, "image", 1)
-        if args.freeze_text:
-            cache["text"] = cached_features(args, model, split, "text")
-        images, texts = embed_split(model, split, args, device, cache)
-        attrs = io.make_attrs(split.dataset, split.split, checkpoint["tag"], dim, skipped=split.skipped,
-                              image_root=split.image_root, seed=args.seed, checkpoint=checkpoint_path,
-                              trained_epochs=checkpoint["epoch"], **{k: v for k, v in split.info.items()
-                                                                     if k not in ("seed",)})
-        io.write_embeddings(path, io.Embeddings(images, texts, split.text_to_image, list(split.image_files),
-                                                list(split.captions), attrs))
-        result = metrics.evaluate(images, texts, split.text_to_image)
+        path = os.path.join(args.export_dir, f"{encoder.name}_{split_name}.h5")
+        emb = models.embed_split(encoder, split, args.batch_size_eval, args.num_workers)
+        emb.attrs.update(seed=args.seed, trained_epochs=trained_epochs)
+        io.write_embeddings(path, emb)
+        result = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
         print(f"[d{dim}] {split_name}: {metrics.format_metrics(result)} -> {path}", flush=True)
         written.append((path, result))
     return written
@@ -621,14 +615,13 @@ def export(args, checkpoint_path, splits, device, dim):
 
 def eval_only(args):
     from retrieval import dual_encoder as de
-    device = env.pick_device(args.device)
-    model, checkpoint = de.build_from_checkpoint(args.checkpoint)
-    model.to(device)
+    from retrieval import models
     split = load_split(args, args.split)
-    images, texts = embed_split(model, split, args, device)
-    result = metrics.evaluate(images, texts, split.text_to_image)
-    print(f"{args.checkpoint} on {split.dataset}/{split.split} ({len(split.image_files)} images, "
-          f"{len(split.captions)} captions):")
+    encoder = de.encoder_from_checkpoint(args.checkpoint, args.device)
+    emb = models.embed_split(encoder, split, args.batch_size_eval, args.num_workers)
+    result = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
+    print(f"{args.checkpoint} on {split.dataset}/{split.split} ({len(emb.image_ids)} images, "
+          f"{len(emb.captions)} captions):")
     print(metrics.format_metrics(result))
     return result
 

@@ -17,26 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train_dual_encoder  # noqa: E402  (bench scripts drive the real CLI)
-from retrieval import data, env, io  # noqa: E402
-
-
-def flickr8k_fallback(dataset, data_dir, split, seed):
-    """Official Flickr8k split files, used only while retrieval.data has no load_split."""
-    text = os.path.join(data_dir, "Flickr8k_text")
-    names_file = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
-                  "test": "Flickr_8k.testImages.txt"}[split]
-    with open(os.path.join(text, names_file)) as f:
-        names = sorted(line.strip() for line in f if line.strip())
-    root = os.path.join(data_dir, "Flicker8k_Dataset")
-    pairs = []
-    with open(os.path.join(text, "Flickr8k.token.txt")) as f:
-        for line in f:
-            key, _, caption = line.rstrip("\n").partition("\t")
-            pairs.append((key.rsplit("#", 1)[0], caption.strip()))
-    files, captions, text_to_image, dropped = data.group_captions(
-        [n for n in names if os.path.exists(os.path.join(root, n))], pairs)
-    return data.DatasetSplit("flickr8k", split, root, files, captions, text_to_image,
-                             skipped=[f"{n}: no caption" for n in dropped], info={"split_source": "official"})
+from retrieval import env, io  # noqa: E402
 
 
 def main(argv=None):
@@ -55,8 +36,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not os.path.isdir(args.data_dir):
         raise SystemExit(f"error: {args.data_dir}: Flickr8k not found")
-    if not hasattr(data, "load_split"):
-        data.load_split = flickr8k_fallback
     train_argv = ["--dataset", "flickr8k", "--data_dir", args.data_dir, "--model_dir", args.model_dir,
                   "--export_dir", args.export_dir, "--run_name", args.run_name,
                   "--image_encoder", "efficientnet_lite0", "--image_pool", args.image_pool,
