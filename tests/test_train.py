@@ -165,10 +165,11 @@ def test_checkpoint_to_embeddings_file(synthetic_dir, tiny_bert_dir, tmp_path):
     np.testing.assert_allclose(encoder.embed_images(pixels).numpy(), emb.image_embeddings[:4], atol=1e-5)
     np.testing.assert_allclose(encoder.embed_texts(emb.captions[:6]).numpy(), emb.text_embeddings[:6], atol=1e-5)
     assert encoder.dim == 16 and encoder.name == "dual-tiny-d16"
-    # --eval_only on the same checkpoint reproduces the file's recall (the same evaluate()).
+    # --eval_only on the same checkpoint and device (the export ran on --device cpu; on a GPU, autocast
+    # would change the near-tied scores of this random tiny model) reproduces the file's recall.
     result = train_dual_encoder.main(["--eval_only", "--checkpoint", results[16]["best"], "--dataset", "synthetic",
                                       "--data_dir", synthetic_dir, "--split", "test", "--num_workers", "0",
-                                      "--batch_size_eval", "32"])
+                                      "--batch_size_eval", "32", "--device", "cpu"])
     expected = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
     assert result["t2i_R@1"] == pytest.approx(expected["t2i_R@1"]) and result["RSUM"] == pytest.approx(expected["RSUM"])
 
@@ -194,3 +195,24 @@ def test_contrastive_loss_captions_of_one_image_are_not_negatives():
     assert loss.item() == pytest.approx(0.5 * np.log(2), abs=1e-4)   # the entropy of the 2-way target
     wrong = de.contrastive_loss(images, texts.detach(), torch.tensor([0, 1, 1, 2, 2, 0]), torch.tensor(100.0))
     assert float(wrong) > 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_with_autocast_exports_what_eval_only_measures(synthetic_dir, tiny_bert_dir, tmp_path):
+    # The CUDA path: autocast (bf16/fp16) training steps, export on the GPU, --eval_only on the GPU.
+    args = base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "3")
+    args[args.index("--device") + 1] = "cuda"
+    export_dir = tmp_path / "export"
+    results = train_dual_encoder.main(args[:args.index("--export_dir")] + args[args.index("--export_dir") + 2:]
+                                      + ["--export_dir", str(export_dir), "--amp", "bf16"])
+    emb = io.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
+    result = train_dual_encoder.main(["--eval_only", "--checkpoint", results[16]["best"], "--dataset", "synthetic",
+                                      "--data_dir", synthetic_dir, "--split", "test", "--num_workers", "0",
+                                      "--batch_size_eval", "32", "--device", "cuda"])
+    expected = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
+    assert result["RSUM"] == pytest.approx(expected["RSUM"])
+    # GPU embeddings under autocast stay close to the fp32 CPU ones.
+    cpu = de.encoder_from_checkpoint(results[16]["best"], device="cpu")
+    cpu_texts = cpu.embed_texts(emb.captions[:8]).numpy()
+    cpu_texts /= np.linalg.norm(cpu_texts, axis=1, keepdims=True)
+    assert (cpu_texts * emb.text_embeddings[:8]).sum(axis=1).min() > 0.98
