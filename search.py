@@ -151,7 +151,8 @@ def draw_grid(results, query, path, show=False):
     from PIL import Image
     cols = int(np.ceil(np.sqrt(len(results))))
     rows = int(np.ceil(len(results) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.9 * rows), squeeze=False)
+    # constrained layout reserves room for the suptitle and the 3-line caption labels (tight_layout overlapped them)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 4.1 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat[len(results):]:
         ax.axis("off")
     for ax, result in zip(axes.flat, results):
@@ -170,7 +171,6 @@ def draw_grid(results, query, path, show=False):
         caption = "\n".join(textwrap.wrap(f"ground truth: {result['caption']}", 40)[:3])
         ax.set_xlabel(caption, fontsize=8.5)
     fig.suptitle(f"\u201c{query}\u201d: top {len(results)}", fontsize=13)
-    fig.tight_layout(h_pad=1.6)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
     if show:
