@@ -251,39 +251,25 @@ def model_device(model, args):
     return args._device
 
 
-def embed_split(model, split, args, device, cache=None):
-    """(image [N, D], text [T, D]) numpy embeddings for the per-epoch dev evaluation: from cached frozen
-    features when given (an epoch's evaluation then costs only the heads), else through the towers.
+def dev_embeddings(model, split, args, device, cache):
+    """(image [N, D], text [T, D], text_to_image) numpy arrays for the per-epoch dev evaluation.
 
-    Exported files and --eval_only do NOT use this: they go through encoder_from_checkpoint +
-    models.embed_split, the same path as prepare_data.py --checkpoint, so all three always agree."""
+    With both towers frozen it projects the cached features (an epoch's evaluation then costs only the
+    heads; same numbers on CPU, close under CUDA autocast). Otherwise it embeds through
+    encoder_from_model + models.embed_split, the path of exported files, --eval_only and
+    prepare_data.py --checkpoint."""
     import torch
-    from tqdm import tqdm
-    from retrieval.dual_encoder import autocast, image_transforms
+    from retrieval import dual_encoder as de
+    from retrieval import models
     model.eval()
-    cache = cache or {}
-    with torch.no_grad():
-        if "image" in cache:
+    if "image" in cache and "text" in cache:
+        with torch.no_grad():
             images = torch.cat([model.project_images(f.to(device)) for f in cache["image"][0].split(1024)])
-        else:
-            loader = _loader(ImageDataset(split, eval_transform=image_transforms(False)), args.batch_size_eval,
-                             num_workers=args.num_workers, device=device)
-            parts = []
-            for pixels in tqdm(loader, desc=f"embed images {split.split}", leave=False):
-                with autocast(device, args.amp != "off"):
-                    parts.append(model.embed_images(pixels.to(device)).float())
-            images = torch.cat(parts)
-        if "text" in cache:
             texts = torch.cat([model.project_texts(f.to(device)) for f in cache["text"].split(1024)])
-        else:
-            parts = []
-            for start in range(0, len(split.captions), args.batch_size_eval):
-                tokens = model.text_tower.tokenize(split.captions[start:start + args.batch_size_eval])
-                with autocast(device, args.amp != "off"):
-                    parts.append(model.embed_texts(tokens["input_ids"].to(device),
-                                                   tokens["attention_mask"].to(device)).float())
-            texts = torch.cat(parts)
-    return images.float().cpu().numpy(), texts.float().cpu().numpy()
+        return images.cpu().numpy(), texts.cpu().numpy(), split.text_to_image
+    encoder = de.encoder_from_model(model, "dev", device)
+    emb = models.embed_split(encoder, split, args.batch_size_eval, args.num_workers, progress=False)
+    return emb.image_embeddings, emb.text_embeddings, emb.text_to_image
 
 
 # ----------------------------------------------------------------------------- training
@@ -549,8 +535,7 @@ def train_one_dim(args, dim, splits, device, rank, world_size):
                             "epoch_seconds": elapsed, "lr": scheduler.get_last_lr()[0]}
             state.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss=[0.0, 0])
             if rank == 0:
-                image_emb, text_emb = embed_split(model, splits["dev"], args, device, cache["dev"])
-                dev = metrics.evaluate(image_emb, text_emb, splits["dev"].text_to_image)
+                dev = metrics.evaluate(*dev_embeddings(model, splits["dev"], args, device, cache["dev"]))
                 record_epoch["dev"] = dev
                 improved = dev["RSUM"] > state["best_rsum"]
                 if improved:

@@ -385,9 +385,16 @@ def encoder_from_checkpoint(path, device=""):
     """A retrieval.models.Encoder for prepare_data.py --checkpoint / search.py: eval image transform,
     batched image and text embedding with the trained heads."""
     from retrieval.env import pick_device
-    from retrieval.models import Encoder
-    device = pick_device(device)
     model, checkpoint = build_from_checkpoint(path)
+    model.image_tower.to(memory_format=torch.channels_last)   # the faster layout for these CNNs
+    return encoder_from_model(model, checkpoint.get("tag", "dual-encoder"), pick_device(device), checkpoint=path)
+
+
+def encoder_from_model(model, name, device, checkpoint=None):
+    """The Encoder of an in-memory DualEncoder (moved to `device`; call model.eval() first): the one
+    embedding path of exports, --eval_only, prepare_data.py --checkpoint and the trainer's dev
+    evaluation when a tower is trained."""
+    from retrieval.models import Encoder
     model.to(device)
 
     @torch.no_grad()
@@ -401,9 +408,9 @@ def encoder_from_checkpoint(path, device=""):
         with autocast(device):
             return model.embed_texts(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
 
-    return Encoder(name=checkpoint.get("tag", "dual-encoder"), dim=model.embedding_dim,
-                   image_transform=image_transforms(train=False), embed_images=embed_images,
-                   embed_texts=embed_texts, device=device, checkpoint=path)
+    return Encoder(name=name, dim=model.embedding_dim, image_transform=image_transforms(train=False),
+                   embed_images=embed_images, embed_texts=embed_texts, device=device, checkpoint=checkpoint,
+                   channels_last=True)
 
 
 def autocast(device, enabled=True):
