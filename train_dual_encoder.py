@@ -48,6 +48,8 @@ def parse_args(argv=None):
     g.add_argument("--head", default="mlp", choices=("linear", "mlp"), help="projection head type")
     g.add_argument("--head_hidden", type=int, default=2048, help="hidden width of MLP heads")
     g.add_argument("--head_dropout", type=float, default=0.1, help="dropout in the heads")
+    g.add_argument("--test_flip", action="store_true",
+                   help="evaluate/export an image as the mean embedding of it and its mirror image")
     g.add_argument("--temperature", type=float, default=0.07, help="initial InfoNCE temperature (learnable, clamped)")
     g = p.add_argument_group("training")
     g.add_argument("--batch_size", type=int, default=32, help="images per global batch")
@@ -259,12 +261,16 @@ def dev_embeddings(model, split, args, device, cache):
     encoder_from_model + models.embed_split, the path of exported files, --eval_only and
     prepare_data.py --checkpoint."""
     import torch
+    import torch.nn.functional as F
     from retrieval import dual_encoder as de
     from retrieval import models
     model.eval()
     if "image" in cache and "text" in cache:
         with torch.no_grad():
-            images = torch.cat([model.project_images(f.to(device)) for f in cache["image"][0].split(1024)])
+            # View 1 of a cache with test_flip is the mirror image, as in DualEncoder.embed_images.
+            views = cache["image"][:2 if model.test_flip else 1]
+            images = F.normalize(sum(torch.cat([model.project_images(f.to(device)) for f in view.split(1024)])
+                                     for view in views), dim=-1)
             texts = torch.cat([model.project_texts(f.to(device)) for f in cache["text"].split(1024)])
         return images.cpu().numpy(), texts.cpu().numpy(), split.text_to_image
     encoder = de.encoder_from_model(model, "dev", device)
@@ -412,7 +418,7 @@ def train_one_dim(args, dim, splits, device, rank, world_size):
         if not frozen:
             continue
         for split_name in ("train", "dev"):
-            views = args.cache_views if (kind == "image" and split_name == "train") else 1
+            views = 1 if kind == "text" else args.cache_views if split_name == "train" else 2 if args.test_flip else 1
             if rank == 0:
                 cache[split_name][kind] = cached_features(args, model, splits[split_name], kind, views)
             barrier(world_size)

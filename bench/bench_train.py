@@ -5,7 +5,7 @@ Writes: checkpoints/bench/ (runs + feature cache), coco_data/flickr8k/dual-<run>
         result/bench/bench_train.json (numbers, command, environment)
 
 Example:
-    python bench/bench_train.py --epochs 30 --embedding_dim 256 512 1024
+    python bench/bench_train.py --embedding_dim 512 256 1024
 """
 import argparse
 import json
@@ -29,9 +29,11 @@ def main(argv=None):
     p.add_argument("--output", default=os.path.join(ROOT, "result", "bench", "bench_train.json"), help="result JSON")
     p.add_argument("--run_name", default="flickr8k-efflite0-minilm", help="run folder / model tag")
     p.add_argument("--embedding_dim", type=int, nargs="+", default=[512], help="dims to train")
-    p.add_argument("--epochs", type=int, default=30, help="epochs of head training")
+    p.add_argument("--epochs", type=int, default=15, help="epochs of head training")
     p.add_argument("--image_pool", default="multi", choices=("last", "multi"), help="image feature pooling")
     p.add_argument("--cache_views", type=int, default=2, help="cached views per train image")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the heads")
+    p.add_argument("--no_test_flip", action="store_true", help="embed images without mirror averaging")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train_dual_encoder.py flags")
     args = p.parse_args(argv)
     if not os.path.isdir(args.data_dir):
@@ -40,10 +42,11 @@ def main(argv=None):
                   "--export_dir", args.export_dir, "--run_name", args.run_name,
                   "--image_encoder", "efficientnet_lite0", "--image_pool", args.image_pool,
                   "--text_encoder", "minilm", "--freeze_image", "--freeze_text", "--cache_views", str(args.cache_views),
-                  "--captions_per_image", "5", "--batch_size", "128", "--lr", "1e-3", "--weight_decay", "0.5",
+                  "--captions_per_image", "5", "--batch_size", "128", "--lr", str(args.lr), "--weight_decay", "0.5",
                   "--head", "mlp", "--head_hidden", "2048", "--head_dropout", "0.2", "--temperature", "0.05",
                   "--epochs", str(args.epochs), "--save_every", "1000", "--num_workers", "2", "--device", "cpu",
-                  "--embedding_dim", *map(str, args.embedding_dim), "--overwrite", *args.extra]
+                  "--embedding_dim", *map(str, args.embedding_dim), "--overwrite",
+                  *([] if args.no_test_flip else ["--test_flip"]), *args.extra]
     start = time.time()
     results = train_dual_encoder.main(train_argv)
     wall = time.time() - start

@@ -235,8 +235,10 @@ def make_head(in_dim, out_dim, kind="mlp", hidden=2048, dropout=0.1):
 
 class DualEncoder(nn.Module):
     def __init__(self, image_tower, text_tower, embedding_dim, temperature=0.07, head="mlp", head_hidden=2048,
-                 head_dropout=0.1):
+                 head_dropout=0.1, test_flip=False):
         super().__init__()
+        # test_flip: an image's embedding at evaluation is the mean of its own and its mirror's.
+        self.test_flip = bool(test_flip)
         self.image_tower, self.text_tower = image_tower, text_tower
         self.image_norm, self.text_norm = FeatureNorm(image_tower.feature_dim), FeatureNorm(text_tower.feature_dim)
         self.image_head = make_head(image_tower.feature_dim, embedding_dim, head, head_hidden, head_dropout)
@@ -258,7 +260,11 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text_head(self.text_norm(features)).float(), dim=-1)
 
     def embed_images(self, pixels):
-        return self.project_images(self.image_tower(pixels))
+        """Evaluation/export embedding (training steps call the tower and project_images directly)."""
+        embedded = self.project_images(self.image_tower(pixels))
+        if self.test_flip:
+            embedded = F.normalize(embedded + self.project_images(self.image_tower(pixels.flip(-1))), dim=-1)
+        return embedded
 
     def embed_texts(self, input_ids, attention_mask):
         return self.project_texts(self.text_tower(input_ids, attention_mask))
@@ -336,7 +342,13 @@ def load_or_compute(path, compute, overwrite=False):
 # ----------------------------------------------------------------------------- build / checkpoints
 
 MODEL_KEYS = ("image_encoder", "image_weights", "image_pool", "text_encoder", "text_weights", "embedding_dim",
-              "temperature", "head", "head_hidden", "head_dropout")
+              "temperature", "head", "head_hidden", "head_dropout", "test_flip")
+
+
+def _dual_encoder(image_tower, text_tower, config):
+    return DualEncoder(image_tower, text_tower, config["embedding_dim"], config.get("temperature", 0.07),
+                       config.get("head", "mlp"), config.get("head_hidden", 2048), config.get("head_dropout", 0.1),
+                       config.get("test_flip", False))
 
 
 def build_model(config):
@@ -344,8 +356,7 @@ def build_model(config):
     image_tower = ImageTower(config["image_encoder"], config.get("image_pool", "last"))
     image_tower.load_pretrained(config.get("image_weights", "imagenet"))
     text_tower = build_text_tower(config["text_encoder"], config.get("text_weights", "pretrained"))
-    return DualEncoder(image_tower, text_tower, config["embedding_dim"], config.get("temperature", 0.07),
-                       config.get("head", "mlp"), config.get("head_hidden", 2048), config.get("head_dropout", 0.1))
+    return _dual_encoder(image_tower, text_tower, config)
 
 
 def model_record(model, config):
@@ -375,8 +386,7 @@ def build_from_checkpoint(path_or_checkpoint):
     config = record["config"]
     image_tower = ImageTower(config["image_encoder"], config.get("image_pool", "last"))
     text_tower = _text_tower_from_stored(record["text_config"], record["tokenizer_files"])
-    model = DualEncoder(image_tower, text_tower, config["embedding_dim"], config.get("temperature", 0.07),
-                        config.get("head", "mlp"), config.get("head_hidden", 2048), config.get("head_dropout", 0.1))
+    model = _dual_encoder(image_tower, text_tower, config)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint
 

@@ -216,3 +216,18 @@ def test_cuda_training_with_autocast_exports_what_eval_only_measures(synthetic_d
     cpu_texts = cpu.embed_texts(emb.captions[:8]).numpy()
     cpu_texts /= np.linalg.norm(cpu_texts, axis=1, keepdims=True)
     assert (cpu_texts * emb.text_embeddings[:8]).sum(axis=1).min() > 0.98
+
+
+def test_test_flip_embeds_an_image_and_its_mirror_alike(tiny_bert_dir):
+    torch.manual_seed(0)
+    # Pip-installed ImageNet weights: a random tiny tower's pooled output barely depends on its input.
+    model = de.build_model(dict(TOWERS, image_encoder="efficientnet_lite0", image_weights="imagenet",
+                                text_encoder=tiny_bert_dir, embedding_dim=8, test_flip=True)).eval()
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        flipped = model.embed_images(pixels)
+        torch.testing.assert_close(model.embed_images(pixels.flip(-1)), flipped, rtol=1e-4, atol=1e-5)
+        model.test_flip = False
+        plain, mirror = model.embed_images(pixels), model.embed_images(pixels.flip(-1))
+    assert float((plain - mirror).abs().max()) > 1e-3      # the random tower itself is not mirror-invariant
+    torch.testing.assert_close(flipped, torch.nn.functional.normalize(plain + mirror, dim=-1), rtol=1e-4, atol=1e-5)
