@@ -219,18 +219,23 @@ def test_prefetch_then_offline_compute(tmp_path, tiny_clip_dir):
 
 # ----------------------------------------------------------------------------- a real Slurm
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    reason = slurm_cluster.ensure_packages(install=os.environ.get("CI", "").lower() == "true")
+def scheduler(name, ensure_packages, start):
+    """Start a private scheduler for a test module (installing its packages in CI), stop it after."""
+    reason = ensure_packages(install=os.environ.get("CI", "").lower() == "true")
     if reason:
-        print(f"skipping the Slurm tests: {reason}", file=sys.stderr)
+        print(f"skipping the {name} tests: {reason}", file=sys.stderr)
         pytest.skip(reason)
-    cluster = slurm_cluster.start_cluster()
+    cluster = start()
     try:
         yield cluster
     finally:
         cluster.stop()
         shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    yield from scheduler("Slurm", slurm_cluster.ensure_packages, slurm_cluster.start_cluster)
 
 
 def slurm_env(cluster, tiny_clip_dir, **overrides):
@@ -404,16 +409,7 @@ def test_array_submission_and_tasks_on_pbs_and_sge(tmp_path, tiny_clip_dir, kind
 
 @pytest.fixture(scope="module")
 def sge(tmp_path_factory):
-    reason = sge_cluster.ensure_packages(install=os.environ.get("CI", "").lower() == "true")
-    if reason:
-        print(f"skipping the SGE test: {reason}", file=sys.stderr)
-        pytest.skip(reason)
-    cell = sge_cluster.start_cell()
-    try:
-        yield cell
-    finally:
-        cell.stop()
-        shutil.rmtree(cell.root, ignore_errors=True)
+    yield from scheduler("SGE", sge_cluster.ensure_packages, sge_cluster.start_cell)
 
 
 def test_sge_single_job_and_array_match(tmp_path, tiny_clip_dir, sge):
