@@ -25,6 +25,7 @@ import torch.nn.functional as F
 IMAGE_ENCODERS = ("mobilenet_v3_small", "efficientnet_lite0")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SIZE = 224
+CPU_CHUNK = 8   # images per CNN forward on a CPU in eval mode (see ImageTower.forward)
 MAX_TEXT_LENGTH = 64
 # Learnable temperature is kept inside [0.01, 1] (logit scale 1..100, the CLIP clamp).
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1.0
@@ -98,6 +99,14 @@ class ImageTower(nn.Module):
         return self
 
     def forward(self, pixels):
+        # On a CPU these depthwise CNNs run several times faster in small batches, whose activations
+        # stay in cache (EfficientNet-Lite0, 2 cores, channels_last: 95 img/s at batch 8, 49 at 32,
+        # about 20 at 128). Only in eval mode: in train mode BatchNorm statistics depend on the batch.
+        if not self.training and pixels.device.type == "cpu" and pixels.shape[0] > CPU_CHUNK:
+            return torch.cat([self._forward(chunk) for chunk in pixels.split(CPU_CHUNK)])
+        return self._forward(pixels)
+
+    def _forward(self, pixels):
         pooled = []
         if self.name == "mobilenet_v3_small":
             x = pixels

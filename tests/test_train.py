@@ -231,3 +231,18 @@ def test_test_flip_embeds_an_image_and_its_mirror_alike(tiny_bert_dir):
         plain, mirror = model.embed_images(pixels), model.embed_images(pixels.flip(-1))
     assert float((plain - mirror).abs().max()) > 1e-3      # the random tower itself is not mirror-invariant
     torch.testing.assert_close(flipped, torch.nn.functional.normalize(plain + mirror, dim=-1), rtol=1e-4, atol=1e-5)
+
+
+def test_image_tower_eval_in_cpu_chunks_equals_one_sample_at_a_time():
+    # Eval mode runs the CNN in chunks of CPU_CHUNK images (faster on a CPU); each image's features must
+    # not depend on the chunking. Train mode keeps the whole batch (BatchNorm statistics), so it differs.
+    tower = de.ImageTower("efficientnet_lite0", pool="multi").load_pretrained("imagenet").eval()
+    pixels = torch.randn(de.CPU_CHUNK * 2 + 3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        batched = tower(pixels)
+        single = torch.cat([tower(p[None]) for p in pixels])
+    assert batched.shape == (len(pixels), tower.feature_dim)
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
+    tower.train()
+    with torch.no_grad():
+        assert float((tower(pixels) - batched).abs().max()) > 1e-3   # batch statistics: not the eval path
