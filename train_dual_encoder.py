@@ -166,9 +166,9 @@ class ImageDataset:
 class ViewsDataset(ImageDataset):
     """All cached views of one image: eval transform, its mirror, then seeded random crops."""
 
-    def __init__(self, split, views, seed):
+    def __init__(self, split, views, seed, input_norm="imagenet"):
         from retrieval.dual_encoder import image_transforms
-        super().__init__(split, image_transforms(True), image_transforms(False))
+        super().__init__(split, image_transforms(True, input_norm), image_transforms(False, input_norm))
         self.views, self.seed = views, seed
 
     def __getitem__(self, row):
@@ -198,7 +198,7 @@ def image_features(model, split, views, args, device, seed=0):
     import torch
     from tqdm import tqdm
     from retrieval.dual_encoder import autocast
-    loader = _loader(ViewsDataset(split, views, seed), batch_size=args.batch_size_eval // max(1, views) or 1,
+    loader = _loader(ViewsDataset(split, views, seed, model.image_tower.input_norm), batch_size=args.batch_size_eval // max(1, views) or 1,
                      num_workers=args.num_workers, device=device)
     # channels_last is the faster memory layout for these CNNs on CPU and GPU alike.
     tower = model.image_tower.eval().to(device, memory_format=torch.channels_last)
@@ -233,7 +233,7 @@ def text_features(model, captions, args, device):
 def cached_features(args, model, split, kind, views=1):
     from retrieval.dual_encoder import cache_key, load_or_compute
     if kind == "image":
-        key = cache_key("image", args.image_encoder, args.image_weights, args.image_pool, views, args.seed,
+        key = cache_key("image", args.image_encoder, args.image_weights, args.image_pool, model.image_tower.input_norm, views, args.seed,
                         os.path.abspath(split.image_root), list(split.image_files))
         compute = lambda: image_features(model, split, views, args, model_device(model, args), seed=args.seed)
     else:
@@ -464,7 +464,8 @@ def train_one_dim(args, dim, splits, device, rank, world_size):
         import torch.distributed as dist
         for tensor in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(tensor.data, 0)
-    train_images = ImageDataset(train, train_transform=de.image_transforms(True)) if not image_frozen else None
+    train_transform = de.image_transforms(True, model.image_tower.input_norm)
+    train_images = ImageDataset(train, train_transform=train_transform) if not image_frozen else None
     mode = {(True, True): "features", (True, False): "image-frozen", (False, True): "text-frozen",
             (False, False): "full"}[(image_frozen, text_frozen)]
     if rank == 0:

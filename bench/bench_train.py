@@ -47,6 +47,7 @@ def main(argv=None):
                   "--epochs", str(args.epochs), "--save_every", "1000", "--num_workers", "2", "--device", "cpu",
                   "--embedding_dim", *map(str, args.embedding_dim), "--overwrite",
                   *([] if args.no_test_flip else ["--test_flip"]), *args.extra]
+    load_before = os.getloadavg()
     start = time.time()
     results = train_dual_encoder.main(train_argv)
     wall = time.time() - start
@@ -58,7 +59,8 @@ def main(argv=None):
     command = "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
     io.write_json(args.output, {"command": command, "train_argv": train_argv, "wall_seconds": wall, "rows": rows,
                                 "environment": env.environment(),
-                                "note": "2-core CPU shared with other jobs while measured: wall times are inflated"})
+                                # Other jobs on the machine inflate wall time: the load averages tell.
+                                "load_average_before": load_before, "load_average_after": os.getloadavg()})
     print(f"wall {wall / 60:.1f} min")
     for row in rows:
         m = row["metrics"]

@@ -24,6 +24,12 @@ import torch.nn.functional as F
 
 IMAGE_ENCODERS = ("mobilenet_v3_small", "efficientnet_lite0")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Input normalisation (mean, std on 0..1 pixels) that each tower's weights were trained with.
+# torchvision's ImageNet models: the ImageNet statistics. The EfficientNet-Lite weights are converted
+# from TensorFlow, whose Lite builder feeds (pixel - 127) / 128 (MEAN_RGB 127, STDDEV_RGB 128); fed
+# the ImageNet statistics instead, its frozen features lost 4 points of dev t2i R@1 on Flickr8k.
+INPUT_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "tf_lite": ((127 / 255,) * 3, (128 / 255,) * 3)}
+DEFAULT_INPUT_NORM = {"mobilenet_v3_small": "imagenet", "efficientnet_lite0": "tf_lite"}
 IMAGE_SIZE = 224
 CPU_CHUNK = 8   # images per CNN forward on a CPU in eval mode (see ImageTower.forward)
 MAX_TEXT_LENGTH = 64
@@ -49,11 +55,15 @@ class ImageTower(nn.Module):
     """CNN backbone -> pooled feature vector. pool='last': the final feature map only; 'multi':
     the average-pooled outputs of the last stages concatenated (richer features for frozen use)."""
 
-    def __init__(self, name, pool="last"):
+    def __init__(self, name, pool="last", input_norm=None):
         super().__init__()
         if name not in IMAGE_ENCODERS:
             raise SystemExit(f"error: --image_encoder {name}: unknown (choose from {', '.join(IMAGE_ENCODERS)})")
         self.name, self.pool = name, pool
+        # Name of the pixel normalisation (INPUT_NORMS) the transforms must apply for this tower.
+        self.input_norm = input_norm or DEFAULT_INPUT_NORM[name]
+        if self.input_norm not in INPUT_NORMS:
+            raise SystemExit(f"error: image normalisation {self.input_norm!r}: unknown (choose from {', '.join(INPUT_NORMS)})")
         if name == "mobilenet_v3_small":
             import torchvision
             self.backbone = torchvision.models.mobilenet_v3_small(weights=None)
@@ -127,10 +137,11 @@ class ImageTower(nn.Module):
         return torch.cat(pooled, dim=1) if self.pool == "multi" else pooled[-1]
 
 
-def image_transforms(train):
-    """PIL -> normalised tensor. Eval: resize + centre crop; train: random resized crop + flip."""
+def image_transforms(train, input_norm="imagenet"):
+    """PIL -> normalised tensor (INPUT_NORMS[input_norm], the tower's own: ImageTower.input_norm).
+    Eval: resize + centre crop; train: random resized crop + flip."""
     import torchvision.transforms as T
-    normalise = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    normalise = [T.ToTensor(), T.Normalize(*INPUT_NORMS[input_norm])]
     if train:
         return T.Compose([T.RandomResizedCrop(IMAGE_SIZE, scale=(0.5, 1.0)), T.RandomHorizontalFlip()] + normalise)
     return T.Compose([T.Resize(IMAGE_SIZE), T.CenterCrop(IMAGE_SIZE)] + normalise)
@@ -350,7 +361,7 @@ def load_or_compute(path, compute, overwrite=False):
 
 # ----------------------------------------------------------------------------- build / checkpoints
 
-MODEL_KEYS = ("image_encoder", "image_weights", "image_pool", "text_encoder", "text_weights", "embedding_dim",
+MODEL_KEYS = ("image_encoder", "image_weights", "image_pool", "image_norm", "text_encoder", "text_weights", "embedding_dim",
               "temperature", "head", "head_hidden", "head_dropout", "test_flip")
 
 
@@ -362,7 +373,7 @@ def _dual_encoder(image_tower, text_tower, config):
 
 def build_model(config):
     """A DualEncoder from the model part of the training args (dict with MODEL_KEYS)."""
-    image_tower = ImageTower(config["image_encoder"], config.get("image_pool", "last"))
+    image_tower = ImageTower(config["image_encoder"], config.get("image_pool", "last"), config.get("image_norm"))
     image_tower.load_pretrained(config.get("image_weights", "imagenet"))
     text_tower = build_text_tower(config["text_encoder"], config.get("text_weights", "pretrained"))
     return _dual_encoder(image_tower, text_tower, config)
@@ -371,7 +382,7 @@ def build_model(config):
 def model_record(model, config):
     """What a checkpoint needs to rebuild the model with no other file: towers, text config, tokenizer."""
     text_config = model.text_tower.model.config.to_dict()
-    return {"config": {k: config.get(k) for k in MODEL_KEYS},
+    return {"config": {**{k: config.get(k) for k in MODEL_KEYS}, "image_norm": model.image_tower.input_norm},
             "image_encoder": model.image_tower.name, "text_encoder": config["text_encoder"],
             "text_config": text_config, "tokenizer_files": _tokenizer_files(model.text_tower.tokenizer)}
 
@@ -393,7 +404,8 @@ def build_from_checkpoint(path_or_checkpoint):
     checkpoint = load_checkpoint(path_or_checkpoint) if isinstance(path_or_checkpoint, str) else path_or_checkpoint
     record = checkpoint["model_record"]
     config = record["config"]
-    image_tower = ImageTower(config["image_encoder"], config.get("image_pool", "last"))
+    # Checkpoints written before image_norm was recorded were all trained on ImageNet-normalised pixels.
+    image_tower = ImageTower(config["image_encoder"], config.get("image_pool", "last"), config.get("image_norm") or "imagenet")
     text_tower = _text_tower_from_stored(record["text_config"], record["tokenizer_files"])
     model = _dual_encoder(image_tower, text_tower, config)
     model.load_state_dict(checkpoint["model"])
@@ -427,7 +439,7 @@ def encoder_from_model(model, name, device, checkpoint=None):
         with autocast(device):
             return model.embed_texts(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
 
-    return Encoder(name=name, dim=model.embedding_dim, image_transform=image_transforms(train=False),
+    return Encoder(name=name, dim=model.embedding_dim, image_transform=image_transforms(False, model.image_tower.input_norm),
                    embed_images=embed_images, embed_texts=embed_texts, device=device, checkpoint=checkpoint,
                    channels_last=True)
 

@@ -246,3 +246,29 @@ def test_image_tower_eval_in_cpu_chunks_equals_one_sample_at_a_time():
     tower.train()
     with torch.no_grad():
         assert float((tower(pixels) - batched).abs().max()) > 1e-3   # batch statistics: not the eval path
+
+
+def test_each_tower_gets_its_own_pixel_normalisation_and_checkpoints_keep_it(tiny_bert_dir):
+    from PIL import Image
+    # EfficientNet-Lite weights (converted from TensorFlow) expect (pixel - 127) / 128: a uniform grey
+    # of 127 must reach the tower as zeros. MobileNetV3 (torchvision) expects ImageNet statistics.
+    grey = Image.new("RGB", (40, 30), (127, 127, 127))
+    torch.manual_seed(0)
+    lite = de.build_model(dict(TOWERS, image_encoder="efficientnet_lite0", image_weights="none",
+                               text_encoder=tiny_bert_dir, embedding_dim=8)).eval()
+    record = de.model_record(lite, dict(TOWERS, image_encoder="efficientnet_lite0", text_encoder=tiny_bert_dir,
+                                        embedding_dim=8))
+    assert record["config"]["image_norm"] == "tf_lite"
+    pixels = de.encoder_from_model(lite, "lite", torch.device("cpu")).image_transform(grey)
+    assert pixels.shape == (3, de.IMAGE_SIZE, de.IMAGE_SIZE) and float(pixels.abs().max()) < 1e-6
+    mobile = de.ImageTower("mobilenet_v3_small")
+    imagenet = de.image_transforms(False, mobile.input_norm)(grey)
+    expected = (127 / 255 - torch.tensor(de.IMAGENET_MEAN)) / torch.tensor(de.IMAGENET_STD)
+    torch.testing.assert_close(imagenet[:, 0, 0], expected.float(), rtol=1e-5, atol=1e-5)
+    # A checkpoint rebuilds with the normalisation it was trained with; older ones (no image_norm
+    # recorded) were trained on ImageNet statistics.
+    checkpoint = {"model": lite.state_dict(), "model_record": record}
+    assert de.build_from_checkpoint(checkpoint)[0].image_tower.input_norm == "tf_lite"
+    legacy = {"model": lite.state_dict(), "model_record": dict(record, config={k: v for k, v in record["config"].items()
+                                                                                  if k != "image_norm"})}
+    assert de.build_from_checkpoint(legacy)[0].image_tower.input_norm == "imagenet"
