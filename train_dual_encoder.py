@@ -198,8 +198,8 @@ def image_features(model, split, views, args, device, seed=0):
     import torch
     from tqdm import tqdm
     from retrieval.dual_encoder import autocast
-    loader = _loader(ViewsDataset(split, views, seed, model.image_tower.input_norm), batch_size=args.batch_size_eval // max(1, views) or 1,
-                     num_workers=args.num_workers, device=device)
+    loader = _loader(ViewsDataset(split, views, seed, model.image_tower.input_norm),
+                     batch_size=args.batch_size_eval // max(1, views) or 1, num_workers=args.num_workers, device=device)
     # channels_last is the faster memory layout for these CNNs on CPU and GPU alike.
     tower = model.image_tower.eval().to(device, memory_format=torch.channels_last)
     out = []
@@ -233,8 +233,8 @@ def text_features(model, captions, args, device):
 def cached_features(args, model, split, kind, views=1):
     from retrieval.dual_encoder import cache_key, load_or_compute
     if kind == "image":
-        key = cache_key("image", args.image_encoder, args.image_weights, args.image_pool, model.image_tower.input_norm, views, args.seed,
-                        os.path.abspath(split.image_root), list(split.image_files))
+        key = cache_key("image", args.image_encoder, args.image_weights, args.image_pool, model.image_tower.input_norm,
+                        views, args.seed, os.path.abspath(split.image_root), list(split.image_files))
         compute = lambda: image_features(model, split, views, args, model_device(model, args), seed=args.seed)
     else:
         key = cache_key("text", args.text_encoder, args.text_weights, list(split.captions))

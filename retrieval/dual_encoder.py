@@ -63,7 +63,8 @@ class ImageTower(nn.Module):
         # Name of the pixel normalisation (INPUT_NORMS) the transforms must apply for this tower.
         self.input_norm = input_norm or DEFAULT_INPUT_NORM[name]
         if self.input_norm not in INPUT_NORMS:
-            raise SystemExit(f"error: image normalisation {self.input_norm!r}: unknown (choose from {', '.join(INPUT_NORMS)})")
+            raise SystemExit(f"error: image normalisation {self.input_norm!r}: unknown "
+                             f"(choose from {', '.join(INPUT_NORMS)})")
         if name == "mobilenet_v3_small":
             import torchvision
             self.backbone = torchvision.models.mobilenet_v3_small(weights=None)
@@ -110,8 +111,9 @@ class ImageTower(nn.Module):
 
     def forward(self, pixels):
         # On a CPU these depthwise CNNs run several times faster in small batches, whose activations
-        # stay in cache (EfficientNet-Lite0, 2 cores, channels_last: 95 img/s at batch 8, 49 at 32,
-        # about 20 at 128). Only in eval mode: in train mode BatchNorm statistics depend on the batch.
+        # stay in cache (EfficientNet-Lite0, 2 cores, channels_last: 60-95 img/s in batches of 4-8,
+        # about 20 img/s in batches of 128). Only in eval mode: in train mode BatchNorm statistics
+        # depend on the batch.
         if not self.training and pixels.device.type == "cpu" and pixels.shape[0] > CPU_CHUNK:
             return torch.cat([self._forward(chunk) for chunk in pixels.split(CPU_CHUNK)])
         return self._forward(pixels)
@@ -361,8 +363,8 @@ def load_or_compute(path, compute, overwrite=False):
 
 # ----------------------------------------------------------------------------- build / checkpoints
 
-MODEL_KEYS = ("image_encoder", "image_weights", "image_pool", "image_norm", "text_encoder", "text_weights", "embedding_dim",
-              "temperature", "head", "head_hidden", "head_dropout", "test_flip")
+MODEL_KEYS = ("image_encoder", "image_weights", "image_pool", "image_norm", "text_encoder", "text_weights",
+              "embedding_dim", "temperature", "head", "head_hidden", "head_dropout", "test_flip")
 
 
 def _dual_encoder(image_tower, text_tower, config):
@@ -405,7 +407,8 @@ def build_from_checkpoint(path_or_checkpoint):
     record = checkpoint["model_record"]
     config = record["config"]
     # Checkpoints written before image_norm was recorded were all trained on ImageNet-normalised pixels.
-    image_tower = ImageTower(config["image_encoder"], config.get("image_pool", "last"), config.get("image_norm") or "imagenet")
+    image_tower = ImageTower(config["image_encoder"], config.get("image_pool", "last"),
+                             config.get("image_norm") or "imagenet")
     text_tower = _text_tower_from_stored(record["text_config"], record["tokenizer_files"])
     model = _dual_encoder(image_tower, text_tower, config)
     model.load_state_dict(checkpoint["model"])
@@ -439,7 +442,8 @@ def encoder_from_model(model, name, device, checkpoint=None):
         with autocast(device):
             return model.embed_texts(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
 
-    return Encoder(name=name, dim=model.embedding_dim, image_transform=image_transforms(False, model.image_tower.input_norm),
+    return Encoder(name=name, dim=model.embedding_dim,
+                   image_transform=image_transforms(False, model.image_tower.input_norm),
                    embed_images=embed_images, embed_texts=embed_texts, device=device, checkpoint=checkpoint,
                    channels_last=True)
 
