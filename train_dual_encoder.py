@@ -166,7 +166,7 @@ class ImageDataset:
 class ViewsDataset(ImageDataset):
     """All cached views of one image: eval transform, its mirror, then seeded random crops."""
 
-    def __init__(self, split, views, seed, input_norm="imagenet"):
+    def __init__(self, split, views, seed, input_norm):
         from retrieval.dual_encoder import image_transforms
         super().__init__(split, image_transforms(True, input_norm), image_transforms(False, input_norm))
         self.views, self.seed = views, seed

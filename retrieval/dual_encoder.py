@@ -139,7 +139,7 @@ class ImageTower(nn.Module):
         return torch.cat(pooled, dim=1) if self.pool == "multi" else pooled[-1]
 
 
-def image_transforms(train, input_norm="imagenet"):
+def image_transforms(train, input_norm):
     """PIL -> normalised tensor (INPUT_NORMS[input_norm], the tower's own: ImageTower.input_norm).
     Eval: resize + centre crop; train: random resized crop + flip."""
     import torchvision.transforms as T
@@ -363,7 +363,7 @@ def load_or_compute(path, compute, overwrite=False):
 
 # ----------------------------------------------------------------------------- build / checkpoints
 
-MODEL_KEYS = ("image_encoder", "image_weights", "image_pool", "image_norm", "text_encoder", "text_weights",
+MODEL_KEYS = ("image_encoder", "image_weights", "image_pool", "text_encoder", "text_weights",
               "embedding_dim", "temperature", "head", "head_hidden", "head_dropout", "test_flip")
 
 
@@ -375,7 +375,7 @@ def _dual_encoder(image_tower, text_tower, config):
 
 def build_model(config):
     """A DualEncoder from the model part of the training args (dict with MODEL_KEYS)."""
-    image_tower = ImageTower(config["image_encoder"], config.get("image_pool", "last"), config.get("image_norm"))
+    image_tower = ImageTower(config["image_encoder"], config.get("image_pool", "last"))
     image_tower.load_pretrained(config.get("image_weights", "imagenet"))
     text_tower = build_text_tower(config["text_encoder"], config.get("text_weights", "pretrained"))
     return _dual_encoder(image_tower, text_tower, config)
@@ -384,6 +384,7 @@ def build_model(config):
 def model_record(model, config):
     """What a checkpoint needs to rebuild the model with no other file: towers, text config, tokenizer."""
     text_config = model.text_tower.model.config.to_dict()
+    # image_norm follows from the tower; it is stored so a later change of default cannot misfeed the weights.
     return {"config": {**{k: config.get(k) for k in MODEL_KEYS}, "image_norm": model.image_tower.input_norm},
             "image_encoder": model.image_tower.name, "text_encoder": config["text_encoder"],
             "text_config": text_config, "tokenizer_files": _tokenizer_files(model.text_tower.tokenizer)}

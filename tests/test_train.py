@@ -50,7 +50,8 @@ TOWERS = dict(image_encoder="mobilenet_v3_small", image_weights="none", image_po
 def fixed_batch_loss(model, split):
     """InfoNCE of ALL of the split's images with all their captions (eval transform, BatchNorm in
     training mode as during a step, no dropout): one fixed batch, a deterministic function of the weights."""
-    dataset = train_dual_encoder.ImageDataset(split, eval_transform=de.image_transforms(False))
+    transform = de.image_transforms(False, model.image_tower.input_norm)
+    dataset = train_dual_encoder.ImageDataset(split, eval_transform=transform)
     pixels = torch.stack([dataset[r] for r in range(len(split.image_files))])
     tokens = model.text_tower.tokenize(split.captions)
     model.train()
