@@ -6,8 +6,9 @@ Writes: <model_dir>/<run>/log.jsonl (one JSON line per epoch), <model_dir>/<run>
 
 Example:
     python train_dual_encoder.py --dataset flickr8k --data_dir coco_data/flickr8k \
-        --image_encoder efficientnet_lite0 --text_encoder minilm --freeze_image --freeze_text \
-        --embedding_dim 256 512 1024 --lr 1e-3 --epochs 20
+        --image_encoder efficientnet_lite2 --image_pool multi --text_encoder minilm --text_layers 0 2 4 6 \
+        --freeze_image --freeze_text --captions_per_image 5 --batch_size 128 --lr 3e-4 --epochs 30 \
+        --embedding_dim 256 512 1024
     torchrun --nproc_per_node 2 train_dual_encoder.py ...          (DDP; gloo on CPU, nccl on CUDA)
     python train_dual_encoder.py --eval_only --checkpoint checkpoints/<run>/d512/best.pt --split test
 """
@@ -26,6 +27,7 @@ CHECKPOINT_VERSION = 1
 
 
 def parse_args(argv=None):
+    from retrieval.dual_encoder import IMAGE_ENCODERS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
@@ -34,8 +36,7 @@ def parse_args(argv=None):
     g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers for image decoding")
     g.add_argument("--split", default="test", help="split evaluated by --eval_only")
     g = p.add_argument_group("model")
-    g.add_argument("--image_encoder", default="mobilenet_v3_small",
-                   choices=("mobilenet_v3_small", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
+    g.add_argument("--image_encoder", default="mobilenet_v3_small", choices=IMAGE_ENCODERS,
                    help="image tower (efficientnet_liteN: ImageNet weights from pip, input side 224/240/260)")
     g.add_argument("--image_weights", default="imagenet", help="'imagenet', 'none' (random) or a local weights file")
     g.add_argument("--image_pool", default="last", choices=("last", "multi"),
@@ -284,8 +285,6 @@ def dev_embeddings(model, split, args, device, cache):
     heads; same numbers on CPU, close under CUDA autocast). Otherwise it embeds through
     encoder_from_model + models.embed_split, the path of exported files, --eval_only and
     prepare_data.py --checkpoint."""
-    import torch
-    import torch.nn.functional as F
     from retrieval import dual_encoder as de
     from retrieval import models
     model.eval()
