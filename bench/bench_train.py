@@ -35,7 +35,8 @@ def main(argv=None):
     p.add_argument("--embedding_dim", type=int, nargs="+", default=[512], help="dims to train")
     p.add_argument("--epochs", type=int, default=30, help="epochs of head training")
     p.add_argument("--image_pool", default="multi", choices=("last", "multi"), help="image feature pooling")
-    p.add_argument("--cache_views", type=int, default=2, help="cached views per train image")
+    p.add_argument("--cache_views", type=int, default=4,
+                   help="cached views per train image (image, mirror, then seeded random crops)")
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the heads")
     p.add_argument("--no_test_flip", action="store_true", help="embed images without mirror averaging")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train_dual_encoder.py flags")
