@@ -242,8 +242,9 @@ def cached_features(args, model, split, kind, views=1):
                         views, args.seed, os.path.abspath(split.image_root), list(split.image_files))
         compute = lambda: image_features(model, split, views, args, model_device(model, args), seed=args.seed)
     else:
-        key = cache_key("text", args.text_encoder, args.text_weights, *([args.text_layers] if args.text_layers else []),
-                        list(split.captions))
+        # text_layers joins the key only when set, so caches of last-layer features keep their names.
+        layers = [args.text_layers] if args.text_layers else []
+        key = cache_key("text", args.text_encoder, args.text_weights, *layers, list(split.captions))
         compute = lambda: text_features(model, split.captions, args, model_device(model, args))
     path = os.path.join(args.model_dir, "feature_cache", f"{split.dataset}-{split.split}-{kind}-{key}.pt")
     start = time.time()
@@ -608,21 +609,18 @@ def export(args, checkpoint_path, splits, device, dim):
     frozen, the towers' features of a split are computed once (feature cache) and only the trained
     heads run per dim: the same numbers (tests/test_train.py) without re-running the CNN for each dim.
     """
-    import torch
     from retrieval import dual_encoder as de
     from retrieval import models
-    checkpoint = de.load_checkpoint(checkpoint_path)
-    model, _ = de.build_from_checkpoint(checkpoint)
-    model.image_tower.to(memory_format=torch.channels_last)
-    encoder = de.encoder_from_model(model, checkpoint.get("tag", "dual-encoder"), device, checkpoint=checkpoint_path)
+    model, checkpoint = de.build_from_checkpoint(checkpoint_path)
+    encoder = de.encoder_from_checkpoint(checkpoint_path, device, built=(model, checkpoint))
     frozen = args.freeze_image and args.freeze_text
+    args._device = device   # where cached_features computes a split's features the first time
     written = []
     for split_name in args.export_splits:
         split = splits.get(split_name) or load_split(args, split_name)
         path = os.path.join(args.export_dir, f"{encoder.name}_{split_name}.h5")
         embedded = None
         if frozen:
-            args._device = device
             embedded = project_features(model, cached_features(args, model, split, "image", split_views(args)),
                                         cached_features(args, model, split, "text"), device)
         emb = models.embed_split(encoder, split, args.batch_size_eval, args.num_workers, embedded=embedded)

@@ -47,8 +47,9 @@ def efficientnet_encoder(channels_last):
     from retrieval import dual_encoder as de
     tower = de.ImageTower("efficientnet_lite0").load_pretrained("imagenet").eval()
     tower = tower.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return models.Encoder("efficientnet_lite0", tower.feature_dim, de.image_transforms(False, tower.input_norm, tower.image_size),
-                          tower, None, torch.device("cpu"), channels_last=channels_last)
+    return models.Encoder("efficientnet_lite0", tower.feature_dim,
+                          de.image_transforms(False, tower.input_norm, tower.image_size), tower, None,
+                          torch.device("cpu"), channels_last=channels_last)
 
 
 def clip_encoder(channels_last):

