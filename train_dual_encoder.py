@@ -53,6 +53,10 @@ def parse_args(argv=None):
     g.add_argument("--head", default="mlp", choices=("linear", "mlp"), help="projection head type")
     g.add_argument("--head_hidden", type=int, default=2048, help="hidden width of MLP heads")
     g.add_argument("--head_dropout", type=float, default=0.1, help="dropout in the heads")
+    g.add_argument("--head_input_dropout", type=float, default=None,
+                   help="dropout on the tower features entering the heads (default --head_dropout)")
+    g.add_argument("--head_ensemble", type=int, default=1,
+                   help="K independent head pairs, each embedding_dim/K wide, concatenated (score = mean of theirs)")
     g.add_argument("--test_flip", action="store_true",
                    help="evaluate/export an image as the mean embedding of it and its mirror image")
     g.add_argument("--temperature", type=float, default=0.07, help="initial InfoNCE temperature (learnable, clamped)")
@@ -238,9 +242,11 @@ def text_features(model, captions, args, device):
 def cached_features(args, model, split, kind, views=1):
     from retrieval.dual_encoder import cache_key, load_or_compute
     if kind == "image":
+        # Ensemble members (seed + k) share the cached views of the run's own seed: only their heads differ.
+        seed = getattr(args, "_feature_seed", args.seed)
         key = cache_key("image", args.image_encoder, args.image_weights, args.image_pool, model.image_tower.input_norm,
-                        views, args.seed, os.path.abspath(split.image_root), list(split.image_files))
-        compute = lambda: image_features(model, split, views, args, model_device(model, args), seed=args.seed)
+                        views, seed, os.path.abspath(split.image_root), list(split.image_files))
+        compute = lambda: image_features(model, split, views, args, model_device(model, args), seed=seed)
     else:
         # text_layers joins the key only when set, so caches of last-layer features keep their names.
         layers = [args.text_layers] if args.text_layers else []
@@ -412,19 +418,37 @@ def tag(args, dim):
     return f"dual-{args.run_name}-d{dim}"
 
 
-def train_one_dim(args, dim, splits, device, rank, world_size):
-    """Train (or resume) one embedding dim; returns the path of its best checkpoint."""
+def train_one_dim(args, dim, splits, device, rank, world_size, member=None):
+    """Train (or resume) one embedding dim; returns the path of its best checkpoint.
+
+    member=k: member k of the --head_ensemble for `dim`, an ordinary run dim/K wide with seed + k,
+    in <run>/d<dim>/member<k>/ (a different seed gives the member its own batches, views and init)."""
     import torch
     from retrieval import dual_encoder as de
     run_dir = os.path.join(args.model_dir, args.run_name)
     dim_dir = os.path.join(run_dir, f"d{dim}")
+    label, log_fields = f"d{dim}", {"dim": dim}
+    if member is not None:
+        dim_dir = os.path.join(dim_dir, f"member{member}")
+        label = f"d{dim} member {member + 1}/{args.head_ensemble}"
+        log_fields = {"dim": dim, "member": member}
+        dim //= args.head_ensemble
+        args = argparse.Namespace(**{**vars(args), "seed": args.seed + member, "head_ensemble": 1,
+                                     "_feature_seed": args.seed})
     last_path, best_path = os.path.join(dim_dir, "last.pt"), os.path.join(dim_dir, "best.pt")
     if os.path.exists(last_path) and not (args.resume or args.overwrite):
         raise SystemExit(f"error: {last_path}: run exists; pass --resume to continue or --overwrite to start over")
 
-    env.seed_everything(args.seed)
+    env.seed_everything(getattr(args, "_feature_seed", args.seed))
     config = dict(vars(args), embedding_dim=dim)
     model = de.build_model(config)
+    if member is not None:
+        # Members share the towers of the run's seed (random towers too, so the shared feature cache is
+        # theirs); only the heads start from seed + k.
+        env.seed_everything(args.seed)
+        for layer in [*model.image_head.modules(), *model.text_head.modules()]:
+            if isinstance(layer, torch.nn.Linear):
+                layer.reset_parameters()
     image_frozen, text_frozen = args.freeze_image, args.freeze_text
     de.set_frozen(model.image_tower, image_frozen)
     de.set_frozen(model.text_tower, text_frozen)
@@ -488,7 +512,7 @@ def train_one_dim(args, dim, splits, device, rank, world_size):
             (False, False): "full"}[(image_frozen, text_frozen)]
     if rank == 0:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"[d{dim}] mode {mode}: {trainable:,} trainable parameters, {batches_per_epoch} batches/epoch "
+        print(f"[{label}] mode {mode}: {trainable:,} trainable parameters, {batches_per_epoch} batches/epoch "
               f"x {args.epochs} epochs", flush=True)
 
     from tqdm import tqdm
@@ -509,7 +533,7 @@ def train_one_dim(args, dim, splits, device, rank, world_size):
         if text_frozen:
             model.text_tower.eval()
         start, samples = time.time(), 0
-        progress = tqdm(local, desc=f"d{dim} epoch {epoch + 1}/{args.epochs}", leave=False, disable=rank != 0)
+        progress = tqdm(local, desc=f"{label} epoch {epoch + 1}/{args.epochs}", leave=False, disable=rank != 0)
         for images, captions, batch_views, _ in progress:
             if image_frozen:
                 image_input = cache["train"]["image"][torch.as_tensor(batch_views), torch.as_tensor(images)].to(device)
@@ -554,7 +578,7 @@ def train_one_dim(args, dim, splits, device, rank, world_size):
         elapsed = time.time() - start
         epoch_done = state["batch_in_epoch"] >= len(plan)
         if epoch_done:
-            record_epoch = {"dim": dim, "epoch": epoch + 1, "step": state["step"], "mode": mode,
+            record_epoch = {**log_fields, "epoch": epoch + 1, "step": state["step"], "mode": mode,
                             "loss": state["epoch_loss"][0] / max(1, state["epoch_loss"][1]),
                             "temperature": model.temperature, "samples_per_s": samples / max(elapsed, 1e-9),
                             "epoch_seconds": elapsed, "lr": scheduler.get_last_lr()[0]}
@@ -569,7 +593,7 @@ def train_one_dim(args, dim, splits, device, rank, world_size):
                 if (state["epoch"] % args.save_every == 0) or state["epoch"] == args.epochs:
                     save_checkpoint(last_path, model, optimizer, scheduler, scaler, state, args, dim, record)
                 _append_log(os.path.join(run_dir, "log.jsonl"), record_epoch)
-                print(f"[d{dim}] epoch {epoch + 1} loss {record_epoch['loss']:.4f} T {model.temperature:.4f} "
+                print(f"[{label}] epoch {epoch + 1} loss {record_epoch['loss']:.4f} T {model.temperature:.4f} "
                       f"{record_epoch['samples_per_s']:.0f} samples/s | dev {metrics.format_metrics(dev)}"
                       f"{' *best*' if improved else ''}", flush=True)
             barrier(world_size)
@@ -578,6 +602,46 @@ def train_one_dim(args, dim, splits, device, rank, world_size):
         if not os.path.exists(best_path):
             save_checkpoint(best_path, model, optimizer, scheduler, scaler, state, args, dim, record)
     return {"best": best_path, "last": last_path, "losses": losses, "model": model}
+
+
+def join_members(args, dim, member_paths, splits, device):
+    """<run>/d<dim>/best.pt: the members' best checkpoints joined into one HeadEnsemble model (shared
+    frozen towers and feature standardisation, the members' heads side by side, their mean temperature)."""
+    import torch
+    from retrieval import dual_encoder as de
+    members = [de.build_from_checkpoint(path) for path in member_paths]
+    first = members[0][0]
+    config = dict(vars(args), embedding_dim=dim)
+    model = de._dual_encoder(first.image_tower, first.text_tower, config)
+    model.image_norm.load_state_dict(first.image_norm.state_dict())
+    model.text_norm.load_state_dict(first.text_norm.state_dict())
+    with torch.no_grad():
+        for k, (member, _) in enumerate(members):
+            model.image_head.members[k].load_state_dict(member.image_head.state_dict())
+            model.text_head.members[k].load_state_dict(member.text_head.state_dict())
+        model.log_inverse_temperature.copy_(torch.stack([m.log_inverse_temperature for m, _ in members]).mean())
+    model.to(device)
+    cache = {}
+    if args.freeze_image and args.freeze_text:
+        cache = {"image": cached_features(args, model, splits["dev"], "image", split_views(args)),
+                 "text": cached_features(args, model, splits["dev"], "text")}
+    dev = metrics.evaluate(*dev_embeddings(model, splits["dev"], args, device, cache))
+    run_dir = os.path.join(args.model_dir, args.run_name)
+    best_path = os.path.join(run_dir, f"d{dim}", "best.pt")
+    checkpoint = {"version": CHECKPOINT_VERSION, "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                  "epoch": max(c["epoch"] for _, c in members), "best_rsum": dev["RSUM"],
+                  "members": [os.path.relpath(path, run_dir) for path in member_paths],
+                  "member_epochs": [c["epoch"] for _, c in members],
+                  "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                  "model_record": de.model_record(model, config), "tag": tag(args, dim),
+                  "image_encoder": args.image_encoder, "text_encoder": args.text_encoder,
+                  "environment": env.environment()}
+    with io.atomic_path(best_path) as tmp:
+        torch.save(checkpoint, tmp)
+    _append_log(os.path.join(run_dir, "log.jsonl"), {"dim": dim, "ensemble_of": len(members), "dev": dev})
+    print(f"[d{dim}] ensemble of {len(members)} (member epochs {checkpoint['member_epochs']}): "
+          f"dev {metrics.format_metrics(dev)} -> {best_path}", flush=True)
+    return best_path
 
 
 def _rank_slice(batch, rank, world_size, k):
@@ -665,7 +729,20 @@ def main(argv=None):
                        "world_size": world_size, "environment": env.environment()})
     results = {}
     for dim in args.embedding_dim:
-        run = train_one_dim(args, dim, splits, device, rank, world_size)
+        if args.head_ensemble > 1:
+            if not (args.freeze_image and args.freeze_text):
+                raise SystemExit(f"error: --head_ensemble {args.head_ensemble}: needs --freeze_image and "
+                                 "--freeze_text (the members share the frozen towers)")
+            if dim % args.head_ensemble:
+                raise SystemExit(f"error: --head_ensemble {args.head_ensemble} does not divide --embedding_dim {dim}")
+            members = [train_one_dim(args, dim, splits, device, rank, world_size, member=k)
+                       for k in range(args.head_ensemble)]
+            run = {"members": members, "losses": members[0]["losses"], "best": None}
+            if rank == 0:
+                run["best"] = join_members(args, dim, [m["best"] for m in members], splits, device)
+            barrier(world_size)
+        else:
+            run = train_one_dim(args, dim, splits, device, rank, world_size)
         results[dim] = run
         if rank == 0 and args.export_dir != "none" and args.export_splits:
             run["exports"] = export(args, run["best"], splits, device, dim)

@@ -40,6 +40,10 @@ def main(argv=None):
     p.add_argument("--cache_views", type=int, default=4,
                    help="cached views per train image (image, mirror, then seeded random crops)")
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the heads")
+    p.add_argument("--batch_size", type=int, default=128, help="images per batch (each with its 5 captions)")
+    p.add_argument("--head_input_dropout", type=float, default=0.4,
+                   help="dropout on the cached features entering the heads")
+    p.add_argument("--head_ensemble", type=int, default=1, help="independent head pairs per dim (each dim/K wide)")
     p.add_argument("--no_test_flip", action="store_true", help="embed images without mirror averaging")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train_dual_encoder.py flags")
     args = p.parse_args(argv)
@@ -51,8 +55,10 @@ def main(argv=None):
                   "--image_encoder", args.image_encoder, "--image_pool", args.image_pool,
                   "--text_encoder", "minilm", "--text_layers", *map(str, args.text_layers),
                   "--freeze_image", "--freeze_text", "--cache_views", str(args.cache_views),
-                  "--captions_per_image", "5", "--batch_size", "128", "--lr", str(args.lr), "--weight_decay", "0.5",
-                  "--head", "mlp", "--head_hidden", "2048", "--head_dropout", "0.2", "--temperature", "0.05",
+                  "--captions_per_image", "5", "--batch_size", str(args.batch_size), "--lr", str(args.lr),
+                  "--weight_decay", "0.5", "--head", "mlp", "--head_hidden", "2048", "--head_dropout", "0.2",
+                  "--head_input_dropout", str(args.head_input_dropout), "--head_ensemble", str(args.head_ensemble),
+                  "--temperature", "0.05",
                   "--epochs", str(args.epochs), "--save_every", "1000", "--num_workers", "2", "--device", "cpu",
                   "--embedding_dim", *map(str, args.embedding_dim), "--overwrite",
                   *([] if args.no_test_flip else ["--test_flip"]), *args.extra]

@@ -275,23 +275,52 @@ class FeatureNorm(nn.Module):
         return (x.float() - self.mean) / self.std
 
 
-def make_head(in_dim, out_dim, kind="mlp", hidden=2048, dropout=0.1):
+def make_head(in_dim, out_dim, kind="mlp", hidden=2048, dropout=0.1, input_dropout=None):
+    """Projection head. input_dropout (default: dropout) drops standardised tower features; with frozen
+    towers the heads see the same cached features every epoch, and dropping more of them regularises."""
+    input_dropout = dropout if input_dropout is None else input_dropout
     if kind == "linear":
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, out_dim))
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
+        return nn.Sequential(nn.Dropout(input_dropout), nn.Linear(in_dim, out_dim))
+    return nn.Sequential(nn.Dropout(input_dropout), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
                          nn.Linear(hidden, out_dim))
+
+
+class HeadEnsemble(nn.Module):
+    """K heads, each out_dim / K wide, trained as separate runs (train_dual_encoder.py --head_ensemble).
+    The output concatenates their L2-normalised outputs scaled by 1/sqrt(K): a unit vector whose cosine
+    with another such vector is the MEAN of the members' cosines, so the ensemble is one embedding that
+    FAISS indexes like any other."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        return torch.cat([F.normalize(m(x).float(), dim=-1) for m in self.members], -1) / len(self.members) ** 0.5
+
+
+def make_heads(in_dim, out_dim, kind, hidden, dropout, input_dropout, ensemble=1):
+    if ensemble == 1:
+        return make_head(in_dim, out_dim, kind, hidden, dropout, input_dropout)
+    if ensemble < 1 or out_dim % ensemble:
+        raise SystemExit(f"error: --head_ensemble {ensemble}: must be >= 1 and divide --embedding_dim {out_dim}")
+    return HeadEnsemble([make_head(in_dim, out_dim // ensemble, kind, hidden, dropout, input_dropout)
+                         for _ in range(ensemble)])
 
 
 class DualEncoder(nn.Module):
     def __init__(self, image_tower, text_tower, embedding_dim, temperature=0.07, head="mlp", head_hidden=2048,
-                 head_dropout=0.1, test_flip=False):
+                 head_dropout=0.1, test_flip=False, head_input_dropout=None, head_ensemble=1):
         super().__init__()
         # test_flip: an image's embedding at evaluation is the mean of its own and its mirror's.
         self.test_flip = bool(test_flip)
         self.image_tower, self.text_tower = image_tower, text_tower
         self.image_norm, self.text_norm = FeatureNorm(image_tower.feature_dim), FeatureNorm(text_tower.feature_dim)
-        self.image_head = make_head(image_tower.feature_dim, embedding_dim, head, head_hidden, head_dropout)
-        self.text_head = make_head(text_tower.feature_dim, embedding_dim, head, head_hidden, head_dropout)
+        self.image_head = make_heads(image_tower.feature_dim, embedding_dim, head, head_hidden, head_dropout,
+                                     head_input_dropout, head_ensemble)
+        self.text_head = make_heads(text_tower.feature_dim, embedding_dim, head, head_hidden, head_dropout,
+                                    head_input_dropout, head_ensemble)
+        self.head_ensemble = head_ensemble
         self.log_inverse_temperature = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         self.embedding_dim = embedding_dim
 
@@ -391,13 +420,15 @@ def load_or_compute(path, compute, overwrite=False):
 # ----------------------------------------------------------------------------- build / checkpoints
 
 MODEL_KEYS = ("image_encoder", "image_weights", "image_pool", "text_encoder", "text_weights", "text_layers",
-              "embedding_dim", "temperature", "head", "head_hidden", "head_dropout", "test_flip")
+              "embedding_dim", "temperature", "head", "head_hidden", "head_dropout", "test_flip",
+              "head_input_dropout", "head_ensemble")
 
 
 def _dual_encoder(image_tower, text_tower, config):
     return DualEncoder(image_tower, text_tower, config["embedding_dim"], config.get("temperature", 0.07),
                        config.get("head", "mlp"), config.get("head_hidden", 2048), config.get("head_dropout", 0.1),
-                       config.get("test_flip", False))
+                       config.get("test_flip", False), config.get("head_input_dropout"),
+                       config.get("head_ensemble") or 1)
 
 
 def build_model(config):

@@ -321,6 +321,73 @@ def test_text_layers_pool_several_hidden_states_and_checkpoints_keep_them(tiny_b
         de.build_text_tower(tiny_bert_dir, layers=[5])
 
 
+def test_head_ensemble_joins_members_trained_as_separate_runs(synthetic_dir, tiny_bert_dir, tmp_path):
+    from retrieval import models
+    from retrieval.data import load_synthetic
+    torch.manual_seed(0)
+    model = de.build_model(dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=12, head_ensemble=3)).eval()
+    images, texts = torch.randn(5, model.image_tower.feature_dim), torch.randn(7, model.text_tower.feature_dim)
+    with torch.no_grad():
+        image_emb, text_emb = model.project_images(images), model.project_texts(texts)
+        member_scores = [torch.nn.functional.normalize(t(model.text_norm(texts)), dim=-1)
+                         @ torch.nn.functional.normalize(i(model.image_norm(images)), dim=-1).t()
+                         for i, t in zip(model.image_head.members, model.text_head.members)]
+    assert image_emb.shape == (5, 12) and len(member_scores) == 3
+    torch.testing.assert_close(text_emb @ image_emb.t(), sum(member_scores) / 3)   # score = mean of members'
+    with pytest.raises(SystemExit, match="--head_ensemble 5"):
+        de.build_model(dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=12, head_ensemble=5))
+    with pytest.raises(SystemExit, match="--freeze_image and --freeze_text"):
+        train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path / "unfrozen", "--max_steps", "1",
+                                          "--head_ensemble", "2"))
+
+    # Members are ordinary 8-d runs with seeds 0 and 1 sharing one feature cache; d16/best.pt joins them.
+    export_dir = tmp_path / "export"
+    results = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "2",
+                                                "--freeze_image", "--freeze_text", "--head_ensemble", "2")
+                                      + ["--export_dir", str(export_dir)])
+    assert sum("-train-image-" in name for name in os.listdir(tmp_path / "feature_cache")) == 1
+    member_paths = [m["best"] for m in results[16]["members"]]
+    assert member_paths == [str(tmp_path / "tiny" / "d16" / f"member{k}" / "best.pt") for k in (0, 1)]
+    members = [de.build_from_checkpoint(path) for path in member_paths]
+    assert [c["args"]["seed"] for _, c in members] == [0, 1] and all(m.embedding_dim == 8 for m, _ in members)
+    joined, _ = de.build_from_checkpoint(results[16]["best"])
+    split = load_synthetic(synthetic_dir, "test")
+    encoders = [de.encoder_from_checkpoint(p, device="cpu") for p in member_paths + [results[16]["best"]]]
+    embedded = [models.embed_split(e, split, batch_size=5, num_workers=0, progress=False) for e in encoders]
+    # Different seeds give different members; the joined file is their concatenation over sqrt(2).
+    assert np.abs(embedded[0].text_embeddings - embedded[1].text_embeddings).max() > 1e-3
+    np.testing.assert_allclose(embedded[2].text_embeddings,
+                               np.concatenate([e.text_embeddings for e in embedded[:2]], 1) / 2 ** 0.5, atol=1e-5)
+    np.testing.assert_allclose(embedded[2].image_embeddings,
+                               np.concatenate([e.image_embeddings for e in embedded[:2]], 1) / 2 ** 0.5, atol=1e-5)
+    exported = io.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
+    assert exported.dim == 16 and exported.attrs["model"] == "dual-tiny-d16"
+    np.testing.assert_allclose(exported.image_embeddings, embedded[2].image_embeddings, atol=1e-5)
+    np.testing.assert_allclose(exported.text_embeddings, embedded[2].text_embeddings, atol=1e-5)
+
+
+def test_head_input_dropout_drops_tower_features_only_and_checkpoints_keep_it(synthetic_dir, tiny_bert_dir,
+                                                                             tmp_path):
+    # --head_input_dropout 0.5 --head_dropout 0: half the standardised features entering each head are
+    # dropped in training, the hidden layer keeps all units, and evaluation is deterministic.
+    results = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "1",
+                                                "--freeze_image", "--freeze_text", "--head_input_dropout", "0.5"))
+    model, checkpoint = de.build_from_checkpoint(results[16]["best"])
+    assert checkpoint["model_record"]["config"]["head_input_dropout"] == 0.5
+    for head in (model.image_head, model.text_head):
+        features = torch.ones(4000, head[1].in_features)
+        head.train()
+        dropped = float((head[0](features) == 0).float().mean())
+        assert abs(dropped - 0.5) < 0.02
+        hidden = head[2](head[1](features))
+        assert torch.equal(head[3](hidden), hidden)                  # hidden dropout is --head_dropout 0
+        head.eval()
+        assert torch.equal(head(features[:3]), head(features[:3]))
+    # Without the flag the input dropout follows --head_dropout, as before the flag existed.
+    default = de.build_model(dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=8, head_dropout=0.3))
+    assert default.text_head[0].p == default.text_head[3].p == 0.3
+
+
 @pytest.mark.parametrize("name, side, stage_ends, dims", [
     ("efficientnet_lite0", 224, (10, 14, 15), (112, 192, 320, 1280)),
     ("efficientnet_lite2", 260, (14, 19, 20), (120, 208, 352, 1280))])
