@@ -1,14 +1,15 @@
 """Train a light dual encoder (image CNN + text transformer, symmetric InfoNCE) and export hand-off files.
 
 Reads:  <data_dir> (a dataset in the layout retrieval/data.py loads), a --checkpoint for --eval_only
-Writes: <model_dir>/<run>/log.jsonl (one JSON line per epoch), <model_dir>/<run>/d<dim>/{best,last}.pt,
+Writes: <model_dir>/<run>/log.jsonl (one JSON line per epoch), <model_dir>/<run>/d<dim>/{best,last}.pt
+        (--head_ensemble: <model_dir>/<run>/d<dim>/member<k>/{best,last}.pt and the joined d<dim>/best.pt),
         <model_dir>/feature_cache/*.pt (frozen-tower features), <export_dir>/dual-<run>-d<dim>_{dev,test}.h5
 
 Example:
     python train_dual_encoder.py --dataset flickr8k --data_dir coco_data/flickr8k \
         --image_encoder efficientnet_lite2 --image_pool multi --text_encoder minilm --text_layers 0 2 4 6 \
         --freeze_image --freeze_text --captions_per_image 5 --batch_size 128 --lr 3e-4 --epochs 30 \
-        --embedding_dim 256 512 1024
+        --head_input_dropout 0.4 --head_ensemble 2 --embedding_dim 512
     torchrun --nproc_per_node 2 train_dual_encoder.py ...          (DDP; gloo on CPU, nccl on CUDA)
     python train_dual_encoder.py --eval_only --checkpoint checkpoints/<run>/d512/best.pt --split test
 """

@@ -43,7 +43,8 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=128, help="images per batch (each with its 5 captions)")
     p.add_argument("--head_input_dropout", type=float, default=0.4,
                    help="dropout on the cached features entering the heads")
-    p.add_argument("--head_ensemble", type=int, default=1, help="independent head pairs per dim (each dim/K wide)")
+    p.add_argument("--head_ensemble", type=int, default=2,
+                   help="head pairs per dim, each dim/K wide, trained as separate runs (seeds seed..seed+K-1)")
     p.add_argument("--no_test_flip", action="store_true", help="embed images without mirror averaging")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train_dual_encoder.py flags")
     args = p.parse_args(argv)
