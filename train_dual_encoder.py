@@ -57,7 +57,8 @@ def parse_args(argv=None):
     g.add_argument("--head_input_dropout", type=float, default=None,
                    help="dropout on the tower features entering the heads (default --head_dropout)")
     g.add_argument("--head_ensemble", type=int, default=1,
-                   help="K independent head pairs, each embedding_dim/K wide, concatenated (score = mean of theirs)")
+                   help="K separate runs (seeds seed..seed+K-1, frozen towers) of embedding_dim/K-wide heads, "
+                        "joined by concatenation: the score is the mean of theirs")
     g.add_argument("--test_flip", action="store_true",
                    help="evaluate/export an image as the mean embedding of it and its mirror image")
     g.add_argument("--temperature", type=float, default=0.07, help="initial InfoNCE temperature (learnable, clamped)")
@@ -402,12 +403,17 @@ def set_rng_states(states):
 
 
 def save_checkpoint(path, model, optimizer, scheduler, scaler, state, args, dim, record):
+    write_checkpoint(path, model, args, dim, record, optimizer=optimizer.state_dict(),
+                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                     epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"], step=state["step"],
+                     epoch_loss=state["epoch_loss"], best_rsum=state["best_rsum"], rng=rng_states())
+
+
+def write_checkpoint(path, model, args, dim, record, **fields):
+    """Atomically write a checkpoint: what rebuilds and describes the model, plus `fields`."""
     import torch
-    checkpoint = {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                  "epoch": state["epoch"], "batch_in_epoch": state["batch_in_epoch"], "step": state["step"],
-                  "epoch_loss": state["epoch_loss"], "best_rsum": state["best_rsum"],
-                  "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "rng": rng_states(),
+    checkpoint = {"version": CHECKPOINT_VERSION, "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                  **fields, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                   "model_record": record, "tag": tag(args, dim),
                   "image_encoder": args.image_encoder, "text_encoder": args.text_encoder,
                   "environment": env.environment()}
@@ -606,41 +612,23 @@ def train_one_dim(args, dim, splits, device, rank, world_size, member=None):
 
 
 def join_members(args, dim, member_paths, splits, device):
-    """<run>/d<dim>/best.pt: the members' best checkpoints joined into one HeadEnsemble model (shared
-    frozen towers and feature standardisation, the members' heads side by side, their mean temperature)."""
-    import torch
+    """<run>/d<dim>/best.pt: the members' best checkpoints joined into one HeadEnsemble model
+    (dual_encoder.join_members), evaluated on dev from the cached features."""
     from retrieval import dual_encoder as de
     members = [de.build_from_checkpoint(path) for path in member_paths]
-    first = members[0][0]
     config = dict(vars(args), embedding_dim=dim)
-    model = de._dual_encoder(first.image_tower, first.text_tower, config)
-    model.image_norm.load_state_dict(first.image_norm.state_dict())
-    model.text_norm.load_state_dict(first.text_norm.state_dict())
-    with torch.no_grad():
-        for k, (member, _) in enumerate(members):
-            model.image_head.members[k].load_state_dict(member.image_head.state_dict())
-            model.text_head.members[k].load_state_dict(member.text_head.state_dict())
-        model.log_inverse_temperature.copy_(torch.stack([m.log_inverse_temperature for m, _ in members]).mean())
-    model.to(device)
-    cache = {}
-    if args.freeze_image and args.freeze_text:
-        cache = {"image": cached_features(args, model, splits["dev"], "image", split_views(args)),
-                 "text": cached_features(args, model, splits["dev"], "text")}
+    model = de.join_members([member for member, _ in members], config).to(device)
+    cache = {"image": cached_features(args, model, splits["dev"], "image", split_views(args)),
+             "text": cached_features(args, model, splits["dev"], "text")}
     dev = metrics.evaluate(*dev_embeddings(model, splits["dev"], args, device, cache))
     run_dir = os.path.join(args.model_dir, args.run_name)
     best_path = os.path.join(run_dir, f"d{dim}", "best.pt")
-    checkpoint = {"version": CHECKPOINT_VERSION, "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                  "epoch": max(c["epoch"] for _, c in members), "best_rsum": dev["RSUM"],
-                  "members": [os.path.relpath(path, run_dir) for path in member_paths],
-                  "member_epochs": [c["epoch"] for _, c in members],
-                  "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-                  "model_record": de.model_record(model, config), "tag": tag(args, dim),
-                  "image_encoder": args.image_encoder, "text_encoder": args.text_encoder,
-                  "environment": env.environment()}
-    with io.atomic_path(best_path) as tmp:
-        torch.save(checkpoint, tmp)
+    member_epochs = [checkpoint["epoch"] for _, checkpoint in members]
+    write_checkpoint(best_path, model, args, dim, de.model_record(model, config), epoch=max(member_epochs),
+                     best_rsum=dev["RSUM"], members=[os.path.relpath(path, run_dir) for path in member_paths],
+                     member_epochs=member_epochs)
     _append_log(os.path.join(run_dir, "log.jsonl"), {"dim": dim, "ensemble_of": len(members), "dev": dev})
-    print(f"[d{dim}] ensemble of {len(members)} (member epochs {checkpoint['member_epochs']}): "
+    print(f"[d{dim}] ensemble of {len(members)} (member epochs {member_epochs}): "
           f"dev {metrics.format_metrics(dev)} -> {best_path}", flush=True)
     return best_path
 
@@ -738,7 +726,7 @@ def main(argv=None):
                 raise SystemExit(f"error: --head_ensemble {args.head_ensemble} does not divide --embedding_dim {dim}")
             members = [train_one_dim(args, dim, splits, device, rank, world_size, member=k)
                        for k in range(args.head_ensemble)]
-            run = {"members": members, "losses": members[0]["losses"], "best": None}
+            run = {"members": members, "best": None}
             if rank == 0:
                 run["best"] = join_members(args, dim, [m["best"] for m in members], splits, device)
             barrier(world_size)

@@ -320,7 +320,6 @@ class DualEncoder(nn.Module):
                                      head_input_dropout, head_ensemble)
         self.text_head = make_heads(text_tower.feature_dim, embedding_dim, head, head_hidden, head_dropout,
                                     head_input_dropout, head_ensemble)
-        self.head_ensemble = head_ensemble
         self.log_inverse_temperature = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         self.embedding_dim = embedding_dim
 
@@ -459,6 +458,22 @@ def load_checkpoint(path):
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_record" not in checkpoint:
         raise SystemExit(f"error: {path}: not a train_dual_encoder.py checkpoint (no model / model_record)")
     return checkpoint
+
+
+def join_members(members, config):
+    """One DualEncoder with a HeadEnsemble per side from K trained members (config["head_ensemble"] = K,
+    config["embedding_dim"] = K x a member's dim): the members' shared towers and feature
+    standardisation, their heads side by side, their mean temperature."""
+    first = members[0]
+    model = _dual_encoder(first.image_tower, first.text_tower, config)
+    model.image_norm.load_state_dict(first.image_norm.state_dict())
+    model.text_norm.load_state_dict(first.text_norm.state_dict())
+    with torch.no_grad():
+        for k, member in enumerate(members):
+            model.image_head.members[k].load_state_dict(member.image_head.state_dict())
+            model.text_head.members[k].load_state_dict(member.text_head.state_dict())
+        model.log_inverse_temperature.copy_(torch.stack([m.log_inverse_temperature for m in members]).mean())
+    return model.eval()
 
 
 def build_from_checkpoint(path_or_checkpoint):
