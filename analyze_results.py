@@ -10,7 +10,8 @@ Example:
 import argparse
 import os
 
-from retrieval import analysis
+from retrieval import analysis, report
+from retrieval.errors import cli
 from retrieval.io import atomic_path, write_json
 
 
@@ -30,27 +31,24 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@cli
 def main(argv=None):
     args = parse_args(argv)
     output_path = args.output_path or os.path.join(args.results_dir, "experiment_summary.json")
     out_dir = os.path.dirname(os.path.abspath(output_path))
     plots_dir = args.plots_dir or os.path.join(args.results_dir, "plots")
-    try:
-        runs = analysis.load_runs(args.results_dir)
-        frame = analysis.runs_frame(runs)
-        known = analysis.metric_columns(frame)
-        if known and args.metric not in known:
-            raise analysis.AnalysisError(f"--metric {args.metric}: not a metric of these runs "
-                                         f"(have: {', '.join(known)})")
-        frame, summary = analysis.analyse(frame, runs, primary_metric=args.metric)
-    except analysis.AnalysisError as e:
-        raise SystemExit(f"error: {e}") from None
+    runs = analysis.load_runs(args.results_dir)
+    frame = analysis.runs_frame(runs)
+    known = analysis.metric_columns(frame)
+    if known and args.metric not in known:
+        raise analysis.AnalysisError(f"--metric {args.metric}: not a metric of these runs (have: {', '.join(known)})")
+    frame, summary = analysis.analyse(frame, runs, primary_metric=args.metric)
     summary["results_dir"] = args.results_dir
     summary["args"] = vars(args)
 
     plots = {}
     if not args.no_plots:
-        from retrieval import plots as plotting
+        from retrieval import plots as plotting  # here, so --no_plots never loads matplotlib
         for group in summary["groups"]:
             written = plotting.group_plots(group, frame[frame["group"] == group["group"]], plots_dir,
                                            args.recall_k)
@@ -63,13 +61,13 @@ def main(argv=None):
     report_path = os.path.join(out_dir, "REPORT.md")
     with atomic_path(report_path) as tmp:
         with open(tmp, "w") as f:
-            f.write(analysis.report_markdown(summary, frame, plots, out_dir))
+            f.write(report.report_markdown(summary, frame, plots, out_dir))
     write_json(output_path, summary)
 
     for group in summary["groups"]:
         print(f"{group['dataset']}/{group['split']}/{group['model']}: {group['runs_completed']} runs, "
               f"{group['runs_skipped']} skipped")
-        for sentence in group["findings"][:6]:
+        for sentence in report.findings(group)[:6]:
             print(f"  - {sentence}")
     print(f"wrote {output_path}, {csv_path}, {report_path}"
           + (f" and {sum(len(v) for v in plots.values())} plots under {plots_dir}" if plots else ""))

@@ -15,33 +15,39 @@ import os
 import sys
 import time
 
+import torch
+
+from retrieval import data, env, io, metrics
+from retrieval.download import download_dataset
+from retrieval.encoders import embed_split
+from retrieval.errors import UserError, cli
+from retrieval.models import DEFAULT_MODEL, load_encoder, model_tag
+
 DEFAULT_DATA_ROOT = "coco_data"
 EVAL_MAX_IMAGES = 25000  # the sanity-check evaluation is an exact full ranking: skip it on huge splits
 
 
 def parse_args(argv=None):
-    from retrieval.data import DATASETS
-    from retrieval.models import DEFAULT_MODEL
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default="synthetic",
-                      help="which dataset to read (synthetic needs no download)")
-    data.add_argument("--data_dir", default="",
-                      help="dataset folder (default: coco_data/<dataset>/)")
-    data.add_argument("--images", default="", help="--dataset csv: folder of your images")
-    data.add_argument("--captions", default="",
-                      help="--dataset csv: CSV (header image,caption[,split]) or JSONL file of captions")
-    data.add_argument("--splits", nargs="+", default=None,
-                      help="splits to embed (default: flickr8k/csv/synthetic train dev test; coco train val, "
-                           "or train restval val test with a Karpathy dataset_coco.json)")
-    data.add_argument("--download", action="store_true",
-                      help="fetch the official archives into --data_dir first (already present = skipped); "
-                           "without it nothing touches the network for data")
-    data.add_argument("--synthetic_images", type=int, default=500,
-                      help="--dataset synthetic: number of images to generate (5 captions each)")
-    data.add_argument("--synthetic_image_size", type=int, default=96,
-                      help="--dataset synthetic: image side in pixels")
+    source = p.add_argument_group("data")
+    source.add_argument("--dataset", choices=data.DATASETS, default="synthetic",
+                        help="which dataset to read (synthetic needs no download)")
+    source.add_argument("--data_dir", default="",
+                        help="dataset folder (default: coco_data/<dataset>/)")
+    source.add_argument("--images", default="", help="--dataset csv: folder of your images")
+    source.add_argument("--captions", default="",
+                        help="--dataset csv: CSV (header image,caption[,split]) or JSONL file of captions")
+    source.add_argument("--splits", nargs="+", default=None,
+                        help="splits to embed (default: flickr8k/csv/synthetic train dev test; coco train val, "
+                             "or train restval val test with a Karpathy dataset_coco.json)")
+    source.add_argument("--download", action="store_true",
+                        help="fetch the official archives into --data_dir first (already present = skipped); "
+                             "without it nothing touches the network for data")
+    source.add_argument("--synthetic_images", type=int, default=500,
+                        help="--dataset synthetic: number of images to generate (5 captions each)")
+    source.add_argument("--synthetic_image_size", type=int, default=96,
+                        help="--dataset synthetic: image side in pixels")
     model = p.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_MODEL,
                        help="Hugging Face CLIP-family model id or local folder (save_pretrained)")
@@ -63,6 +69,9 @@ def parse_args(argv=None):
     out.add_argument("--seed", type=int, default=0,
                      help="seeds the synthetic data, seeded splits (when no official split exists) and torch")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
+    out.add_argument("--fetch_only", choices=("data", "model"), default=None,
+                     help="data: get the dataset (--download, or generate the synthetic one) and exit; model: also "
+                          "load --model / --checkpoint once (fills the Hugging Face cache on a login node) and exit")
     args = p.parse_args(argv)
     if args.dataset == "csv" and (not args.images or not args.captions):
         p.error("--dataset csv needs --images DIR and --captions FILE")
@@ -82,16 +91,12 @@ def default_batch_size(device):
 
 
 def output_path(args, split):
-    from retrieval.models import model_tag
     return os.path.join(args.output_dir, f"{model_tag(args.model, args.checkpoint)}_{split}.{args.output_format}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    from retrieval import data, env, io, metrics
-
+def fetch_data(args):
+    """The dataset on disk: downloaded (--download), generated (synthetic), or checked to be there."""
     if args.download and args.dataset in ("flickr8k", "coco"):
-        from retrieval.download import download_dataset
         download_dataset(args.dataset, args.data_dir, splits=args.splits)
     elif args.download:
         print(f"--download: nothing to fetch for --dataset {args.dataset}")
@@ -99,51 +104,74 @@ def main(argv=None):
         data.make_synthetic(args.data_dir, num_images=args.synthetic_images, seed=args.seed,
                             image_size=args.synthetic_image_size)
 
-    splits = args.splits or data.default_splits(args.dataset, args.data_dir, args.captions)
+
+def fetch_only(args):
+    """--fetch_only: what a later offline job needs, on disk and in the caches; nothing is embedded."""
+    if args.dataset not in ("csv", "synthetic") and not os.path.isdir(args.data_dir):
+        raise UserError(f"{args.data_dir}: dataset folder not found (use --download to fetch {args.dataset}, "
+                        "or pass --data_dir)")
+    print(f"prefetch: data {args.data_dir} ready")
+    if args.fetch_only == "model":
+        load_encoder(args.model, args.checkpoint or None, "cpu")
+        print(f"prefetch: model {args.checkpoint or args.model} cached")
+
+
+def todo_splits(args):
+    """(split, output path) of every split still to write; existing files are skipped unless --overwrite."""
     todo = []
-    for split in splits:
+    for split in args.splits or data.default_splits(args.dataset, args.data_dir, args.captions):
         path = output_path(args, split)
         if os.path.exists(path) and not args.overwrite:
             print(f"skip {split}: {path} exists (use --overwrite to redo)")
         else:
             todo.append((split, path))
+    return todo
+
+
+def write_split(args, encoder, split_data, path, environment):
+    """Embed one split, write its hand-off file, print its counts and the sanity-check retrieval line."""
+    device = torch.device(encoder.device or "cpu")
+    batch_size = args.batch_size or default_batch_size(device)
+    num_workers = args.num_workers if args.num_workers >= 0 else min(8, os.cpu_count() or 1)
+    split, started = split_data.split, time.time()
+    emb = embed_split(encoder, split_data, batch_size=batch_size, num_workers=num_workers,
+                      progress=not args.quiet, text_batch_size=args.text_batch_size or 4 * batch_size)
+    emb.attrs.update(seed=args.seed, batch_size=batch_size, device=str(device),
+                     embed_seconds=round(time.time() - started, 2), environment=environment, args=vars(args))
+    if args.checkpoint:
+        emb.attrs["model_tag"] = encoder.name
+    io.write_embeddings(path, emb)
+    print(f"{split}: {len(emb.image_ids)} images, {len(emb.captions)} captions, "
+          f"{len(emb.attrs['skipped'])} skipped ({emb.attrs['num_unreadable_images']} unreadable images) "
+          f"-> {path}", flush=True)
+    if args.no_eval:
+        return
+    if len(emb.image_ids) <= EVAL_MAX_IMAGES:
+        result = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
+        print(f"{split}: {metrics.format_metrics(result)}", flush=True)
+    else:
+        print(f"{split}: sanity-check evaluation skipped ({len(emb.image_ids)} images > {EVAL_MAX_IMAGES})")
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    fetch_data(args)
+    if args.fetch_only:
+        fetch_only(args)
+        return {}
+    todo = todo_splits(args)
     if not todo:
         return {}
     # Read every split before loading the model: bad input fails in seconds, not after an hour.
     loaded = [(data.load_split(args.dataset, args.data_dir, split, args.seed, args.images or None,
                                args.captions or None), path) for split, path in todo]
-
-    from retrieval.models import embed_split, load_encoder
     env.seed_everything(args.seed)
     encoder = load_encoder(args.model, args.checkpoint or None, args.device)
-    import torch
-    device = torch.device(encoder.device or "cpu")
-    batch_size = args.batch_size or default_batch_size(device)
-    num_workers = args.num_workers if args.num_workers >= 0 else min(8, os.cpu_count() or 1)
     environment = env.environment()
-    written = {}
     for split_data, path in loaded:
-        split = split_data.split
-        started = time.time()
-        emb = embed_split(encoder, split_data, batch_size=batch_size, num_workers=num_workers,
-                          progress=not args.quiet, text_batch_size=args.text_batch_size or 4 * batch_size)
-        emb.attrs.update(seed=args.seed, batch_size=batch_size, device=str(device),
-                         embed_seconds=round(time.time() - started, 2), environment=environment,
-                         args={k: v for k, v in vars(args).items()})
-        if args.checkpoint:
-            emb.attrs["model_tag"] = encoder.name
-        io.write_embeddings(path, emb)
-        print(f"{split}: {len(emb.image_ids)} images, {len(emb.captions)} captions, "
-              f"{len(emb.attrs['skipped'])} skipped ({emb.attrs['num_unreadable_images']} unreadable images) "
-              f"-> {path}", flush=True)
-        if not args.no_eval:
-            if len(emb.image_ids) <= EVAL_MAX_IMAGES:
-                result = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
-                print(f"{split}: {metrics.format_metrics(result)}", flush=True)
-            else:
-                print(f"{split}: sanity-check evaluation skipped ({len(emb.image_ids)} images > {EVAL_MAX_IMAGES})")
-        written[split] = path
-    return written
+        write_split(args, encoder, split_data, path, environment)
+    return {split_data.split: path for split_data, path in loaded}
 
 
 if __name__ == "__main__":

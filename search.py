@@ -17,9 +17,15 @@ import re
 import sys
 import textwrap
 
+import matplotlib
 import numpy as np
+import torch
+from PIL import Image
 
-from retrieval.io import HandoffError, atomic_path, l2_normalize, read_embeddings, write_json
+from retrieval import env
+from retrieval.errors import UserError, cli
+from retrieval.io import atomic_path, l2_normalize, read_embeddings, write_json
+from retrieval.models import load_encoder
 
 DEFAULT_DATA_DIR = "coco_data"
 
@@ -64,10 +70,10 @@ def find_data_path(use_test_set, data_dir=DEFAULT_DATA_DIR):
         found = [p for p in found if re.search(r"_test\.(h5|npz)$", p)]
     what = "test-split (*_test.h5) " if use_test_set else ""
     if not found:
-        raise SystemExit(f"error: {data_dir}: no {what}embeddings file found; run prepare_data.py or pass --data_path")
+        raise UserError(f"{data_dir}: no {what}embeddings file found; run prepare_data.py or pass --data_path")
     if len(found) > 1:
-        raise SystemExit(f"error: {data_dir}: {len(found)} {what}embeddings files found ({', '.join(found[:5])}"
-                         f"{', ...' if len(found) > 5 else ''}); choose one with --data_path")
+        raise UserError(f"{data_dir}: {len(found)} {what}embeddings files found ({', '.join(found[:5])}"
+                        f"{', ...' if len(found) > 5 else ''}); choose one with --data_path")
     return found[0]
 
 
@@ -87,36 +93,32 @@ def resolve_image(image_root, image_id, data_path):
 
 def load_query_encoder(args, attrs, data_path):
     """The encoder that made the file (or --model/--checkpoint); one clear error when it can't load."""
-    from retrieval.env import pick_device
-    from retrieval.models import load_encoder
     model = args.model or attrs.get("model")
     checkpoint = args.checkpoint or attrs.get("checkpoint") or None
     if (not model or model == "unknown") and not checkpoint:
-        raise SystemExit(f"error: {data_path}: the file does not name the model that made it (attribute "
-                         f"'model'); pass --model PATH (or --checkpoint FILE)")
-    device = pick_device(args.device)
+        raise UserError(f"{data_path}: the file does not name the model that made it (attribute "
+                        f"'model'); pass --model PATH (or --checkpoint FILE)")
+    device = env.pick_device(args.device)
     try:
         return load_encoder(model, checkpoint, device)
-    except (Exception, SystemExit) as e:  # hub offline, missing folder, wrong checkpoint, ...
-        reason = re.sub(r"^error:\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    except UserError as e:  # hub offline, missing folder, wrong checkpoint, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         source = "given with --model/--checkpoint" if (args.model or args.checkpoint) else f"named in {data_path}"
-        raise SystemExit(f"error: cannot load model {model!r}{f' / checkpoint {checkpoint!r}' if checkpoint else ''} "
-                         f"{source} ({reason}); pass --model PATH to a local copy of it") from None
+        raise UserError(f"cannot load model {model!r}{f' / checkpoint {checkpoint!r}' if checkpoint else ''} "
+                        f"{source} ({reason}); pass --model PATH to a local copy of it") from None
 
 
 def embed_query(encoder, text=None, image_path=None):
     """L2-normalised float32 [dim] embedding of the text or the image."""
-    import torch
     with torch.no_grad():
         if text is not None:
             vector = encoder.embed_texts([text])
         else:
-            from PIL import Image
             try:
                 with Image.open(image_path) as image:
                     pixels = encoder.image_transform(image.convert("RGB"))
             except (OSError, ValueError) as e:
-                raise SystemExit(f"error: {image_path}: cannot read the image ({e})") from None
+                raise UserError(f"{image_path}: cannot read the image ({e})") from None
             vector = encoder.embed_images(pixels.unsqueeze(0).to(encoder.device or "cpu"))
     vector = vector.float().cpu().numpy().reshape(1, -1)
     return l2_normalize(vector)[0]
@@ -144,11 +146,9 @@ def slug(text, limit=40):
 
 def draw_grid(results, query, path, show=False):
     """Grid PNG of the result images with rank, score and one ground-truth caption each."""
-    import matplotlib
     if not show:
         matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
+    import matplotlib.pyplot as plt   # after choosing the backend: pyplot fixes it on import
     cols = int(np.ceil(np.sqrt(len(results))))
     rows = int(np.ceil(len(results) / cols))
     # constrained layout reserves room for the suptitle and the 3-line caption labels (tight_layout overlapped them)
@@ -179,61 +179,63 @@ def draw_grid(results, query, path, show=False):
     return path
 
 
+def text_to_image(args, emb, query, k, data_path, encoder):
+    """Rank the file's images for a text query, draw the grid (one ground-truth caption per image)."""
+    image_root = emb.attrs.get("image_root") or ""
+    first_caption = {}
+    for row, image in enumerate(emb.text_to_image.tolist()):
+        first_caption.setdefault(image, emb.captions[row])
+    indices, scores = top_k(emb.image_embeddings, query, k)
+    results = [{"rank": r + 1, "score": float(s), "image_index": int(i), "image_id": emb.image_ids[i],
+                "image_path": resolve_image(image_root, emb.image_ids[i], data_path),
+                "caption": first_caption.get(int(i), "")} for r, (i, s) in enumerate(zip(indices, scores))]
+    name = slug(args.query)
+    missing = sum(r["image_path"] is None for r in results)
+    if missing:
+        print(f"warning: {missing} of {len(results)} image files not found under image_root "
+              f"{image_root!r}; the grid shows placeholders", file=sys.stderr)
+    show = args.show and has_display()
+    if args.show and not show:
+        print("no display found: --show ignored, the picture is saved instead", file=sys.stderr)
+    picture = draw_grid(results, args.query, os.path.join(args.output_dir, f"search_{name}.png"), show)
+    print(f"query: {args.query!r}  ({data_path}, {emb.image_embeddings.shape[0]} images, model {encoder.name})")
+    for r in results:
+        print(f"  #{r['rank']:<3} {r['score']:.4f}  {r['image_path'] or r['image_id']}  | {r['caption']}")
+    print(f"wrote {picture}")
+    return results, name, picture
+
+
+def image_to_text(args, emb, query, k, data_path, encoder):
+    """Rank the file's captions for an image query (printed; no picture)."""
+    indices, scores = top_k(emb.text_embeddings, query, k)
+    results = [{"rank": r + 1, "score": float(s), "caption_index": int(i), "caption": emb.captions[i],
+                "image_id": emb.image_ids[int(emb.text_to_image[i])]}
+               for r, (i, s) in enumerate(zip(indices, scores))]
+    print(f"image: {args.image}  ({data_path}, {emb.text_embeddings.shape[0]} captions, model {encoder.name})")
+    for r in results:
+        print(f"  #{r['rank']:<3} {r['score']:.4f}  {r['caption']}  (image {r['image_id']})")
+    return results, slug(os.path.basename(args.image)), None
+
+
+@cli
 def main(argv=None):
     args = parse_args(argv)
     data_path = args.data_path or find_data_path(args.use_test_set)
-    try:
-        emb = read_embeddings(data_path)
-    except HandoffError as e:
-        raise SystemExit(f"error: {e}") from None
+    emb = read_embeddings(data_path)
     split = str(emb.attrs.get("split", "unknown"))
     if args.use_test_set and split not in ("test", "unknown"):
-        raise SystemExit(f"error: {data_path}: split is '{split}', but --use_test_set asks for the test split")
+        raise UserError(f"{data_path}: split is '{split}', but --use_test_set asks for the test split")
     if args.image is not None and not os.path.isfile(args.image):
-        raise SystemExit(f"error: {args.image}: image file not found")
-
+        raise UserError(f"{args.image}: image file not found")
     encoder = load_query_encoder(args, emb.attrs, data_path)
     if encoder.dim != emb.dim:
-        raise SystemExit(f"error: {data_path}: holds {emb.dim}-d embeddings but the encoder {encoder.name!r} "
-                         f"makes {encoder.dim}-d ones; pass the --model/--checkpoint that made the file")
+        raise UserError(f"{data_path}: holds {emb.dim}-d embeddings but the encoder {encoder.name!r} "
+                        f"makes {encoder.dim}-d ones; pass the --model/--checkpoint that made the file")
     query = embed_query(encoder, text=args.query, image_path=args.image)
     k = min(args.top_k, emb.image_embeddings.shape[0] if args.query is not None else emb.text_embeddings.shape[0])
     os.makedirs(args.output_dir, exist_ok=True)
-    image_root = emb.attrs.get("image_root") or ""
-
-    if args.query is not None:
-        # text -> image: rank the file's images; show one ground-truth caption of each.
-        first_caption = {}
-        for row, image in enumerate(emb.text_to_image.tolist()):
-            first_caption.setdefault(image, emb.captions[row])
-        indices, scores = top_k(emb.image_embeddings, query, k)
-        results = [{"rank": r + 1, "score": float(s), "image_index": int(i), "image_id": emb.image_ids[i],
-                    "image_path": resolve_image(image_root, emb.image_ids[i], data_path),
-                    "caption": first_caption.get(int(i), "")} for r, (i, s) in enumerate(zip(indices, scores))]
-        name = slug(args.query)
-        missing = sum(r["image_path"] is None for r in results)
-        if missing:
-            print(f"warning: {missing} of {len(results)} image files not found under image_root "
-                  f"{image_root!r}; the grid shows placeholders", file=sys.stderr)
-        show = args.show and has_display()
-        if args.show and not show:
-            print("no display found: --show ignored, the picture is saved instead", file=sys.stderr)
-        picture = draw_grid(results, args.query, os.path.join(args.output_dir, f"search_{name}.png"), show)
-        print(f"query: {args.query!r}  ({data_path}, {emb.image_embeddings.shape[0]} images, model {encoder.name})")
-        for r in results:
-            print(f"  #{r['rank']:<3} {r['score']:.4f}  {r['image_path'] or r['image_id']}  | {r['caption']}")
-        print(f"wrote {picture}")
-    else:
-        # image -> text: rank the file's captions.
-        indices, scores = top_k(emb.text_embeddings, query, k)
-        results = [{"rank": r + 1, "score": float(s), "caption_index": int(i), "caption": emb.captions[i],
-                    "image_id": emb.image_ids[int(emb.text_to_image[i])]}
-                   for r, (i, s) in enumerate(zip(indices, scores))]
-        name = slug(os.path.basename(args.image))
-        print(f"image: {args.image}  ({data_path}, {emb.text_embeddings.shape[0]} captions, model {encoder.name})")
-        for r in results:
-            print(f"  #{r['rank']:<3} {r['score']:.4f}  {r['caption']}  (image {r['image_id']})")
-        picture = None
+    search = text_to_image if args.query is not None else image_to_text
+    results, name, picture = search(args, emb, query, k, data_path, encoder)
     record = {"query": args.query, "image": args.image, "data_path": data_path, "model": encoder.name,
               "checkpoint": encoder.checkpoint, "split": split, "picture": picture, "results": results}
     json_path = os.path.join(args.output_dir, f"search_{name}.json")

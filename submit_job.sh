@@ -81,17 +81,19 @@ MODEL=${MODEL:-}                           # CLIP id or folder; empty = train a 
 DEVICE=${DEVICE:-}
 NUM_WORKERS=${NUM_WORKERS:-2}
 SEED=${SEED:-0}
-IMAGE_ENCODER=${IMAGE_ENCODER:-efficientnet_lite0}
-IMAGE_WEIGHTS=${IMAGE_WEIGHTS:-imagenet}
-TEXT_ENCODER=${TEXT_ENCODER:-minilm}
-FREEZE_TOWERS=${FREEZE_TOWERS:-1}          # 1 = frozen towers: features are cached, epochs train the heads
-EMBEDDING_DIM=${EMBEDDING_DIM:-256}
-EPOCHS=${EPOCHS:-10}
-TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-64}
-CAPTIONS_PER_IMAGE=${CAPTIONS_PER_IMAGE:-5}
-LR=${LR:-1e-3}
+# Training: the recipe (retrieval/recipes.py) holds the defaults; a knob set here overrides its part of it.
+RECIPE=${RECIPE:-demo}                     # train_dual_encoder.py --recipe (demo | bench)
+IMAGE_ENCODER=${IMAGE_ENCODER:-}
+IMAGE_WEIGHTS=${IMAGE_WEIGHTS:-}
+TEXT_ENCODER=${TEXT_ENCODER:-}
+FREEZE_TOWERS=${FREEZE_TOWERS:-}           # 1 = frozen towers (features cached, epochs train the heads), 0 = trained
+EMBEDDING_DIM=${EMBEDDING_DIM:-}
+EPOCHS=${EPOCHS:-}
+TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-}
+CAPTIONS_PER_IMAGE=${CAPTIONS_PER_IMAGE:-}
+LR=${LR:-}
 MODEL_DIR=${MODEL_DIR:-checkpoints}
-RUN_NAME=${RUN_NAME:-$DATASET-$IMAGE_ENCODER-$TEXT_ENCODER}
+RUN_NAME=${RUN_NAME:-}                     # empty = the trainer's default, <dataset>-<image encoder>-<text encoder>
 RESULT_DIR=${RESULT_DIR:-result}
 EMBEDDING_DIMS=${EMBEDDING_DIMS:-64 128}
 PRECISIONS=${PRECISIONS:-fp16 int8 int4 binary pq}
@@ -226,8 +228,29 @@ setup_environment() {
 }
 
 # ------------------------------------------------------------------------------------------------ file names
+# File names and recipes are Python's: the scripts say what they would write (--list_exports, model_tag).
 model_tag() {
     "$PY" -c 'import sys; from retrieval.models import model_tag; print(model_tag(sys.argv[1]))' "$1"
+}
+
+# train_dual_encoder.py's arguments for this configuration, exporting the given splits, in TRAIN_FLAGS.
+train_flags() {
+    TRAIN_FLAGS=(--recipe "$RECIPE" --dataset "$DATASET" --data_dir "$DATA_DIR" --model_dir "$MODEL_DIR"
+                 --export_dir "$DATA_DIR" --export_splits "$@" --num_workers "$NUM_WORKERS" --device "$DEVICE"
+                 --seed "$SEED")
+    [[ -n "$RUN_NAME" ]] && TRAIN_FLAGS+=(--run_name "$RUN_NAME")
+    [[ -n "$IMAGE_ENCODER" ]] && TRAIN_FLAGS+=(--image_encoder "$IMAGE_ENCODER")
+    [[ -n "$IMAGE_WEIGHTS" ]] && TRAIN_FLAGS+=(--image_weights "$IMAGE_WEIGHTS")
+    [[ -n "$TEXT_ENCODER" ]] && TRAIN_FLAGS+=(--text_encoder "$TEXT_ENCODER")
+    [[ "$FREEZE_TOWERS" == 1 ]] && TRAIN_FLAGS+=(--freeze_image --freeze_text)
+    [[ "$FREEZE_TOWERS" == 0 ]] && TRAIN_FLAGS+=(--no-freeze_image --no-freeze_text)
+    [[ -n "$EMBEDDING_DIM" ]] && TRAIN_FLAGS+=(--embedding_dim "$EMBEDDING_DIM")
+    [[ -n "$EPOCHS" ]] && TRAIN_FLAGS+=(--epochs "$EPOCHS")
+    [[ -n "$TRAIN_BATCH_SIZE" ]] && TRAIN_FLAGS+=(--batch_size "$TRAIN_BATCH_SIZE")
+    [[ -n "$CAPTIONS_PER_IMAGE" ]] && TRAIN_FLAGS+=(--captions_per_image "$CAPTIONS_PER_IMAGE")
+    [[ -n "$LR" ]] && TRAIN_FLAGS+=(--lr "$LR" --head_lr "$LR")
+    # shellcheck disable=SC2206
+    TRAIN_FLAGS+=($TRAIN_ARGS)
 }
 
 # The hand-off files of one split that this configuration produces: the CLIP model's (MODEL set) and/or the
@@ -236,48 +259,33 @@ handoff_files() {
     local split=$1 files=""
     if [[ -n "$MODEL" ]]; then files="$DATA_DIR/$(model_tag "$MODEL")_$split.h5"; fi
     if [[ -z "$MODEL" || " $PIPELINE_PHASES " == *" train "* ]]; then
-        files="$files $DATA_DIR/dual-$RUN_NAME-d${EMBEDDING_DIM}_$split.h5"
+        train_flags "$split"
+        files="$files $("$PY" train_dual_encoder.py "${TRAIN_FLAGS[@]}" --list_exports)"
     fi
     echo $files
 }
 
 # ------------------------------------------------------------------------------------------------ phases
 fetch_data() {
-    # the dataset alone (no model): generated (synthetic) or downloaded (DOWNLOAD=1)
-    DATASET=$DATASET DATA_DIR=$DATA_DIR DOWNLOAD=$DOWNLOAD SPLITS=$SPLITS SYNTHETIC_IMAGES=$SYNTHETIC_IMAGES \
-    SEED=$SEED "$PY" - <<'EOF'
-import os
-dataset, data_dir = os.environ["DATASET"], os.environ["DATA_DIR"]
-if dataset == "synthetic":
-    from retrieval.data import make_synthetic
-    make_synthetic(data_dir, num_images=int(os.environ["SYNTHETIC_IMAGES"]), seed=int(os.environ["SEED"]))
-    print(f"data: {data_dir} ready (synthetic)")
-elif os.environ["DOWNLOAD"] == "1":
-    from retrieval.download import download_dataset
-    download_dataset(dataset, data_dir, splits=os.environ["SPLITS"].split() or None)
-elif dataset != "csv" and not os.path.isdir(data_dir):
-    raise SystemExit(f"error: {data_dir}: dataset folder not found (DOWNLOAD=1 fetches {dataset})")
-EOF
+    # the dataset alone (no model): generated (synthetic) or downloaded (DOWNLOAD=1); csv data is the user's own
+    [[ "$DATASET" == csv ]] && return
+    local args=(--dataset "$DATASET" --data_dir "$DATA_DIR" --synthetic_images "$SYNTHETIC_IMAGES" --seed "$SEED"
+                --fetch_only "${1:-data}")
+    [[ -n "$SPLITS" ]] && args+=(--splits $SPLITS)
+    [[ "$DOWNLOAD" == 1 ]] && args+=(--download)
+    [[ -n "$MODEL" && "${1:-data}" == model ]] && args+=(--model "$MODEL")
+    "$PY" prepare_data.py "${args[@]}"
 }
 
 phase_prefetch() {
-    # Login node (with internet): everything the compute phases need goes into the caches / data folder.
+    # Login node (with internet): everything the compute phases need goes into the caches / data folder,
+    # loaded through the same code the phases use, so exactly the files they will ask for are fetched.
     unset HF_HUB_OFFLINE TRANSFORMERS_OFFLINE HF_DATASETS_OFFLINE
-    fetch_data
-    MODEL=$MODEL IMAGE_ENCODER=$IMAGE_ENCODER IMAGE_WEIGHTS=$IMAGE_WEIGHTS TEXT_ENCODER=$TEXT_ENCODER \
-    WANT_TOWERS=$([[ -z "$MODEL" || " $PIPELINE_PHASES " == *" train "* ]] && echo 1 || echo 0) "$PY" - <<'EOF'
-import os
-# Loading through the same code the phases use fetches exactly the files they will ask for.
-if os.environ["MODEL"]:
-    from retrieval.models import load_encoder
-    load_encoder(os.environ["MODEL"], device="cpu")
-    print(f"prefetch: model {os.environ['MODEL']} cached")
-if os.environ["WANT_TOWERS"] == "1":
-    from retrieval.dual_encoder import ImageTower, build_text_tower
-    ImageTower(os.environ["IMAGE_ENCODER"]).load_pretrained(os.environ["IMAGE_WEIGHTS"])
-    build_text_tower(os.environ["TEXT_ENCODER"])
-    print(f"prefetch: towers {os.environ['IMAGE_ENCODER']} + {os.environ['TEXT_ENCODER']} cached")
-EOF
+    fetch_data "$([[ -n "$MODEL" ]] && echo model || echo data)"
+    if [[ -z "$MODEL" || " $PIPELINE_PHASES " == *" train "* ]]; then
+        train_flags "$EVAL_SPLIT"
+        "$PY" train_dual_encoder.py "${TRAIN_FLAGS[@]}" --fetch_only
+    fi
 }
 
 phase_prepare() {
@@ -295,23 +303,19 @@ phase_prepare() {
 }
 
 phase_train() {
-    local exports="" run_dir="$MODEL_DIR/$RUN_NAME/d$EMBEDDING_DIM" done=1 resume_args=() freeze_args=()
+    local exports="" files done=1 tag run dim
     for split in $FIT_SPLIT $EVAL_SPLIT; do [[ " $exports " == *" $split "* ]] || exports="$exports $split"; done
-    for split in $exports; do [[ -f "$DATA_DIR/dual-$RUN_NAME-d${EMBEDDING_DIM}_$split.h5" ]] || done=0; done
+    # shellcheck disable=SC2086
+    train_flags $exports
+    files=$("$PY" train_dual_encoder.py "${TRAIN_FLAGS[@]}" --list_exports)
+    for f in $files; do [[ -f "$f" ]] || done=0; done
     if [[ $done == 1 ]]; then
-        say "train: $RUN_NAME d$EMBEDDING_DIM already exported (delete $run_dir to retrain), skipped"
+        tag=$(basename "${files%%$'\n'*}"); tag=${tag#dual-}; tag=${tag%_*.h5}; run=${tag%-d*}; dim=${tag##*-d}
+        say "train: $run d$dim already exported (delete $MODEL_DIR/$run/d$dim to retrain), skipped"
         return
     fi
-    # a run stopped by the time limit continues where it stopped
-    [[ -f "$run_dir/last.pt" ]] && resume_args=(--resume)
-    [[ "$FREEZE_TOWERS" == 1 ]] && freeze_args=(--freeze_image --freeze_text)
-    # shellcheck disable=SC2086
-    "$PY" train_dual_encoder.py --dataset "$DATASET" --data_dir "$DATA_DIR" --image_encoder "$IMAGE_ENCODER" \
-        --image_weights "$IMAGE_WEIGHTS" --text_encoder "$TEXT_ENCODER" ${freeze_args[@]+"${freeze_args[@]}"} \
-        --embedding_dim "$EMBEDDING_DIM" --epochs "$EPOCHS" --batch_size "$TRAIN_BATCH_SIZE" \
-        --captions_per_image "$CAPTIONS_PER_IMAGE" --lr "$LR" --head_lr "$LR" --model_dir "$MODEL_DIR" \
-        --run_name "$RUN_NAME" --export_dir "$DATA_DIR" --export_splits $exports --num_workers "$NUM_WORKERS" \
-        --device "$DEVICE" --seed "$SEED" ${resume_args[@]+"${resume_args[@]}"} $TRAIN_ARGS
+    # --resume: a run stopped by the time limit continues where it stopped (a new run simply starts)
+    "$PY" train_dual_encoder.py "${TRAIN_FLAGS[@]}" --resume
 }
 
 phase_experiments() {
@@ -445,7 +449,7 @@ export PYTHONUNBUFFERED=1   # log lines appear as they happen, also in scheduler
 
 if [[ $SCHEDULER_RUNNING == none ]]; then where="local run"; else
     where="$SCHEDULER_RUNNING job $JOB_ID${TASK_INDEX:+ array task $TASK_INDEX}${SUBMIT_JOB_ROLE:+ ($SUBMIT_JOB_ROLE)}"; fi
-say "$where on $(hostname) in $REPO_DIR; phases: $PHASES; dataset $DATASET; model ${MODEL:-dual encoder $RUN_NAME};" \
+say "$where on $(hostname) in $REPO_DIR; phases: $PHASES; dataset $DATASET; model ${MODEL:-dual encoder, recipe $RECIPE${RUN_NAME:+, run $RUN_NAME}};" \
     "python $("$PY" -c 'import sys; print(sys.executable)'); offline=$OFFLINE"
 
 if [[ $ARRAY -gt 0 && -z "$SUBMIT_JOB_ROLE" ]]; then

@@ -12,7 +12,6 @@ Example:
     python bench/bench_embed.py --num_images 256 --batch_sizes 4 8 16 32 --num_workers 0 1 2
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from retrieval import data, env, io, models  # noqa: E402
+from retrieval import data, encoders, env, io, models, towers  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -44,12 +43,11 @@ def parse_args(argv=None):
 
 def efficientnet_encoder(channels_last):
     """EfficientNet-Lite0 pooled features (1280-d): the trainer's ImageTower and its eval transform."""
-    from retrieval import dual_encoder as de
-    tower = de.ImageTower("efficientnet_lite0").load_pretrained("imagenet").eval()
+    tower = towers.ImageTower("efficientnet_lite0").load_pretrained("imagenet").eval()
     tower = tower.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return models.Encoder("efficientnet_lite0", tower.feature_dim,
-                          de.image_transforms(False, tower.input_norm, tower.image_size), tower, None,
-                          torch.device("cpu"), channels_last=channels_last)
+    return encoders.Encoder("efficientnet_lite0", tower.feature_dim,
+                            towers.image_transforms(False, tower.input_norm, tower.image_size), tower, None,
+                            torch.device("cpu"), channels_last=channels_last)
 
 
 def clip_encoder(channels_last):
@@ -61,9 +59,9 @@ def clip_encoder(channels_last):
     def embed_images(pixels):
         return models._features(net.get_image_features(pixel_values=pixels))
 
-    return models.Encoder("clip-vit-b32-random", net.config.projection_dim,
-                          models.PixelTransform(CLIPImageProcessor()), embed_images, None, torch.device("cpu"),
-                          channels_last=channels_last)
+    return encoders.Encoder("clip-vit-b32-random", net.config.projection_dim,
+                            models.PixelTransform(CLIPImageProcessor()), embed_images, None, torch.device("cpu"),
+                            channels_last=channels_last)
 
 
 def forward_only(encoder, batch_size, min_time):
@@ -80,9 +78,9 @@ def forward_only(encoder, batch_size, min_time):
 
 
 def end_to_end(encoder, split, batch_size, num_workers):
-    """img/s of models.embed_images (decode + preprocess in workers + forward + normalise)."""
+    """img/s of encoders.embed_images (decode + preprocess in workers + forward + normalise)."""
     start = time.perf_counter()
-    vectors, rows, errors = models.embed_images(encoder, split, batch_size, num_workers, progress=False)
+    vectors, rows, errors = encoders.embed_images(encoder, split, batch_size, num_workers, progress=False)
     assert not errors and len(rows) == len(split.image_files)
     return len(rows) / (time.perf_counter() - start)
 

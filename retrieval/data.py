@@ -14,8 +14,7 @@ within an image). Loaders never touch the network; downloads live in retrieval/d
                optional split column)
     synthetic  the generated shapes dataset (see make_synthetic)
 
-Bad input (a missing folder, a file that cannot be parsed at all) raises SystemExit("error: <file>:
-<fault>"). Single bad lines, captions naming no image and images without captions are skipped,
+Bad input (a missing folder, a file that cannot be parsed at all) raises UserError("<file>: <fault>"). Single bad lines, captions naming no image and images without captions are skipped,
 listed in DatasetSplit.skipped and reported once on stderr.
 """
 import csv
@@ -28,6 +27,8 @@ import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from retrieval.errors import UserError
 
 DATASETS = ("flickr8k", "coco", "csv", "synthetic")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -175,7 +176,7 @@ def load_synthetic(data_dir, split):
     with open(os.path.join(data_dir, "splits.json")) as f:
         meta = json.load(f)
     if split not in meta["splits"]:
-        raise SystemExit(f"error: {data_dir}/splits.json: no split '{split}' (have {sorted(meta['splits'])})")
+        raise UserError(f"{data_dir}/splits.json: no split '{split}' (have {sorted(meta['splits'])})")
     pairs = []
     with open(os.path.join(data_dir, "captions.jsonl")) as f:
         for line in f:
@@ -199,7 +200,7 @@ def report(message):
 
 
 def _fail(path, fault):
-    raise SystemExit(f"error: {path}: {fault}")
+    raise UserError(f"{path}: {fault}")
 
 
 def _first_existing(paths, kind="file"):
@@ -459,7 +460,7 @@ def _load_karpathy(data_dir, karpathy_file, split):
 def load_csv(images, captions, split, seed=0):
     """The user's own data: an image folder and a CSV/JSONL of (image, caption[, split]) rows."""
     if not images or not captions:
-        raise SystemExit("error: --dataset csv needs --images DIR and --captions FILE")
+        raise UserError("--dataset csv needs --images DIR and --captions FILE")
     if not os.path.isdir(images):
         _fail(images, "image folder not found")
     rows, skipped = read_caption_table(captions)
@@ -516,4 +517,4 @@ def load_split(dataset, data_dir, split, seed=0, images=None, captions=None):
         return load_flickr8k(data_dir, split, seed)
     if dataset == "coco":
         return load_coco(data_dir, split, seed)
-    raise SystemExit(f"error: --dataset {dataset}: unknown (choose from {', '.join(DATASETS)})")
+    raise UserError(f"--dataset {dataset}: unknown (choose from {', '.join(DATASETS)})")

@@ -27,6 +27,10 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
+from retrieval.errors import UserError
+
 BASE_URL_ENV = "RETRIEVAL_DOWNLOAD_BASE_URL"
 TIMEOUT_S = 20  # per connect/read: an offline machine fails in seconds, not minutes
 CHUNK = 1 << 20
@@ -65,14 +69,14 @@ ARCHIVES = {
 }
 
 
-class DownloadError(SystemExit):
-    """One clear line; a SystemExit so the scripts exit non-zero without a traceback."""
+class DownloadError(UserError):
+    """A download or an archive failed; str() names the URL or file and the fault."""
 
 
 def archives_for(dataset, splits=None):
     """The archives a dataset needs. COCO's 18 GB train2017 is skipped only when just `val` is asked for."""
     if dataset not in ARCHIVES:
-        raise DownloadError(f"error: --download: nothing to download for --dataset {dataset}")
+        raise DownloadError(f"--download: nothing to download for --dataset {dataset}")
     chosen = list(ARCHIVES[dataset])
     if dataset == "coco" and splits and set(splits) <= {"val"}:
         chosen = [a for a in chosen if a.target != "train2017"]
@@ -94,7 +98,6 @@ def sha256_of(path):
 
 def fetch(url, dest, size=None, sha256=None, timeout=TIMEOUT_S, progress=True):
     """Download url to dest via dest + '.part', resuming a partial file with HTTP Range; verify; return dest."""
-    from tqdm import tqdm
     if os.path.exists(dest):
         return dest
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -124,20 +127,20 @@ def fetch(url, dest, size=None, sha256=None, timeout=TIMEOUT_S, progress=True):
                         f.write(block)
                         bar.update(len(block))
                 if total and os.path.getsize(part) != total:
-                    raise DownloadError(f"error: {url}: transfer stopped at {os.path.getsize(part)} of {total} "
+                    raise DownloadError(f"{url}: transfer stopped at {os.path.getsize(part)} of {total} "
                                         f"bytes; run again to resume from {part}")
     except (urllib.error.URLError, socket.timeout, ConnectionError, TimeoutError) as e:
         reason = getattr(e, "reason", None) or e
-        raise DownloadError(f"error: cannot download {url} ({reason}); {OFFLINE_HINT}") from None
+        raise DownloadError(f"cannot download {url} ({reason}); {OFFLINE_HINT}") from None
     got = os.path.getsize(part)
     if size is not None and got != size:
         os.remove(part)
-        raise DownloadError(f"error: {url}: got {got} bytes, expected {size}; the file was removed, run again")
+        raise DownloadError(f"{url}: got {got} bytes, expected {size}; the file was removed, run again")
     if sha256:
         actual = sha256_of(part)
         if actual != sha256:
             os.remove(part)
-            raise DownloadError(f"error: {url}: SHA-256 {actual} does not match the expected {sha256}; "
+            raise DownloadError(f"{url}: SHA-256 {actual} does not match the expected {sha256}; "
                                 "the file was removed, run again")
     os.replace(part, dest)
     return dest
@@ -176,7 +179,7 @@ def extract(archive_path, data_dir, target):
                 raise ValueError("not a zip or tar archive")
         except (zipfile.BadZipFile, tarfile.TarError, ValueError, EOFError, OSError, zipfile.LargeZipFile) as e:
             os.remove(archive_path)
-            raise DownloadError(f"error: {archive_path}: corrupt archive ({e}); it was deleted and nothing "
+            raise DownloadError(f"{archive_path}: corrupt archive ({e}); it was deleted and nothing "
                                 f"was extracted; run again to download it anew") from None
         shutil.rmtree(os.path.join(tmp, "__MACOSX"), ignore_errors=True)
         entries = [e for e in os.listdir(tmp) if not e.startswith(".")]

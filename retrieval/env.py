@@ -2,11 +2,13 @@
 import os
 import platform
 import random
+import re
 import socket
 import sys
 
 import numpy as np
 
+from retrieval.errors import UserError
 from retrieval.io import code_version
 
 # macOS ships torch and faiss with two OpenMP runtimes; loading both aborts the process unless this
@@ -16,6 +18,40 @@ os.environ.setdefault("KMP_DUPLICATE_LIB_OK", "TRUE")
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
 _announced = set()
+_TRUE = ("1", "true", "yes")
+
+
+def hub_offline():
+    """True when the user said the Hugging Face hub is off limits (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    return any(os.environ.get(name, "0").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def reachable(host, port=443, timeout=3.0):
+    """True if a TCP connection to host:port opens quickly: an offline machine fails in seconds
+    instead of letting a library retry for minutes."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_reachable(timeout=3.0):
+    """The one "can we download from the Hugging Face hub?" check: not marked offline, and the hub's
+    host (HF_ENDPOINT, default huggingface.co) answers."""
+    if hub_offline():
+        return False
+    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+    return reachable(host.split(":")[0], timeout=timeout)
+
+
+def in_hub_cache(repo_id):
+    """True when the Hugging Face cache already holds `repo_id` (its config.json), so no network is needed."""
+    try:
+        from huggingface_hub import try_to_load_from_cache   # optional here: env must import without torch/HF
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # malformed repo id, no huggingface_hub: treat as not cached
+        return False
 
 
 def pick_device(requested=""):
@@ -30,7 +66,7 @@ def pick_device(requested=""):
             requested = "cpu"
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {requested}: CUDA is not available on this machine")
+        raise UserError(f"--device {requested}: CUDA is not available on this machine")
     if str(device) not in _announced:
         _announced.add(str(device))
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

@@ -243,6 +243,22 @@ def make_searcher(index, precision):
     return index.search
 
 
+def device_searcher(index, precision, device):
+    """make_searcher on the device: a FAISS GPU copy of the index when `device` (a torch.device) is
+    CUDA and faiss-gpu is installed, else the CPU index itself."""
+    if device.type == "cuda":
+        faiss = _faiss()
+        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:  # faiss-cpu has neither
+            try:
+                resources = faiss.StandardGpuResources()
+                if precision == "binary":
+                    return make_searcher(faiss.index_binary_cpu_to_gpu(resources, 0, index), precision)
+                return make_searcher(faiss.index_cpu_to_gpu(resources, 0, index), precision)
+            except (RuntimeError, AttributeError) as e:  # e.g. an index type without a GPU version
+                print(f"note: {type(index).__name__} stays on the CPU ({e})")
+    return make_searcher(index, precision)
+
+
 def decoded_gallery(index, precision, gallery):
     """The gallery as the index scores it (see module docstring); float32 [N, D]."""
     if precision == "binary":

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from retrieval.errors import UserError
+
 SCHEMA_VERSION = 1
 NORM_TOLERANCE = 1e-3  # fp16 autocast then fp32 normalisation stays far inside this
 
 
-class HandoffError(ValueError):
+class HandoffError(UserError):
     """A hand-off file is missing, malformed or violates the schema. str() names the file."""
 
 
@@ -92,6 +94,13 @@ def write_json(path, obj):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, default=_json_default, allow_nan=True)
             f.write("\n")
+
+
+def append_jsonl(path, record):
+    """Append one JSON line to a log (a log is appended to, not rewritten, so it is not atomic)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=_json_default) + "\n")
 
 
 def read_json(path):

@@ -20,6 +20,7 @@ this is the usual RSUM out of 600).
 import numpy as np
 
 DIRECTIONS = ("t2i", "i2t")
+DIRECTION_NAMES = {"t2i": "text→image", "i2t": "image→text"}  # how reports and plots name them
 
 
 def relevant_pairs(text_to_image, direction):

@@ -16,15 +16,15 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from retrieval.analysis import completed, main_runs, pareto_frontier, recall_columns, speed_column  # noqa: E402
+from retrieval.indexes import PRECISIONS  # noqa: E402
 from retrieval.io import atomic_path  # noqa: E402
-
-PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8", "int4", "binary", "pq")
-DIRECTION_NAMES = {"t2i": "text→image", "i2t": "image→text"}
+from retrieval.metrics import DIRECTION_NAMES  # noqa: E402
 
 
 def precision_order(values):
     values = list(dict.fromkeys(values))
-    known = [p for p in PRECISION_ORDER if p in values]
+    known = [p for p in PRECISIONS if p in values]
     return known + sorted(v for v in values if v not in known)
 
 
@@ -74,7 +74,6 @@ def _metric_name(col):
 
 def recall_vs_cost(main, recall_k, cost, path, title, xlabel, lower_is_better=True, frontier=None):
     """Scatter of R@K (one panel per direction) against a cost column, with the Pareto line."""
-    from retrieval.analysis import pareto_frontier, speed_column
     data = main.dropna(subset=[cost])
     directions = [d for d in _directions(main.columns) if f"{d}_R@{recall_k}" in data]
     if data.empty or not directions:
@@ -172,7 +171,6 @@ def candidates_plot(main, recall_k, path, title):
     reranked = main[main["rerank"]].dropna(subset=["candidate_size"])
     if reranked.empty:
         return None
-    from retrieval.analysis import speed_column
     directions = [d for d in _directions(main.columns) if f"{d}_R@{recall_k}" in main]
     latency = speed_column(main, "latency_p50_ms", directions[0]) if directions else "latency_p50_ms"
     columns = [f"{d}_R@{recall_k}" for d in directions] + [latency]
@@ -300,12 +298,10 @@ def scaling_plot(done, recall_k, path, title, max_lines=10):
 
 def group_plots(group, frame, plots_dir, recall_k=None):
     """All plots of one group into plots_dir/<group>/; returns [(title, path), ...] of those written."""
-    done = frame[frame["status"] == "ok"]
-    main = done if group["main_gallery_size"] is None else done[done["gallery_size"] == group["main_gallery_size"]]
+    done, main = completed(frame), main_runs(frame, group["main_gallery_size"])
     if main.empty:
         return []
-    ks = sorted({int(c.split("@")[1]) for c in main.columns if c.startswith(("t2i_R@", "i2t_R@"))
-                 and main[c].notna().any()})
+    ks = sorted({int(c.split("@")[1]) for c in recall_columns(main) if main[c].notna().any()})
     if not ks:
         return []
     k = recall_k if recall_k in ks else ks[0]

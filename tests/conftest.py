@@ -68,3 +68,9 @@ def random_split():
     text_to_image = np.repeat(np.arange(40), 5)
     texts = l2_normalize(images[text_to_image] + 0.8 * rng.normal(size=(200, 16)))
     return images, texts, text_to_image
+
+
+def as_script(function, *args, **kwargs):
+    """Call a library function the way a script does: a UserError becomes SystemExit('error: ...')."""
+    from retrieval.errors import cli
+    return cli(lambda _argv: function(*args, **kwargs))()

