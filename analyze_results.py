@@ -4,13 +4,16 @@ Reads:  <results_dir>/runs/*.json (one per configuration, written by run_experim
 Writes: --output_path (default <results_dir>/experiment_summary.json), summary.csv and REPORT.md next
         to it, PNG plots under --plots_dir (default <results_dir>/plots/<dataset>_<split>_<model>/)
 
-Example:
+Examples:
     python analyze_results.py --results_dir ./result --output_path ./result/experiment_summary.json
+    python analyze_results.py --require "t2i_retention_R@1>=99" --require "t2i_latency_p99_ms<=2" \
+        --objective min:bytes_per_vector
 """
 import argparse
 import os
 
-from retrieval import analysis, report
+from retrieval import analysis, operating_points, report
+from retrieval.bootstrap import Settings
 from retrieval.errors import cli
 from retrieval.io import atomic_path, write_json
 
@@ -28,12 +31,34 @@ def parse_args(argv=None):
     parser.add_argument("--recall_k", type=int, default=None,
                         help="K of the R@K shown in the plots (default: the smallest K in the runs)")
     parser.add_argument("--no_plots", action="store_true", help="write the summary and report without plots")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap resamples of the images for the intervals (0 = no intervals)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws")
+    parser.add_argument("--require", action="append", default=[], metavar="EXPR",
+                        help="operating point requirement COLUMN>=VALUE or COLUMN<=VALUE over summary.csv columns "
+                             "(repeatable), e.g. 't2i_retention_R@1>=99' or 't2i_R@1_delta_ci_low>=-1'")
+    parser.add_argument("--objective", default=None, metavar="min|max:COLUMN",
+                        help="what the operating point optimises among the runs meeting every --require "
+                             f"(default {operating_points.DEFAULT_OBJECTIVE})")
     return parser.parse_args(argv)
+
+
+def check_args(args):
+    """Flag faults as one error line, before any file is read; returns (requirements, objective)."""
+    if args.bootstrap < 0:
+        raise analysis.AnalysisError(f"--bootstrap {args.bootstrap}: must be >= 0 (0 = no intervals)")
+    if not 0 < args.confidence < 1:
+        raise analysis.AnalysisError(f"--confidence {args.confidence}: must be between 0 and 1, e.g. 0.95")
+    requirements = [operating_points.parse_requirement(text) for text in args.require]
+    objective = operating_points.parse_objective(args.objective) if args.objective else None
+    return requirements, objective
 
 
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    requirements, objective = check_args(args)
     output_path = args.output_path or os.path.join(args.results_dir, "experiment_summary.json")
     out_dir = os.path.dirname(os.path.abspath(output_path))
     plots_dir = args.plots_dir or os.path.join(args.results_dir, "plots")
@@ -42,7 +67,10 @@ def main(argv=None):
     known = analysis.metric_columns(frame)
     if known and args.metric not in known:
         raise analysis.AnalysisError(f"--metric {args.metric}: not a metric of these runs (have: {', '.join(known)})")
-    frame, summary = analysis.analyse(frame, runs, primary_metric=args.metric)
+    settings = Settings(args.bootstrap, args.confidence, args.seed)
+    frame, summary = analysis.analyse(frame, runs, args.metric, args.results_dir, settings)
+    operating_points.check_columns(frame, requirements, objective)
+    operating_points.add_to_summary(summary, frame, requirements, objective)
     summary["results_dir"] = args.results_dir
     summary["args"] = vars(args)
 
@@ -62,12 +90,13 @@ def main(argv=None):
     with atomic_path(report_path) as tmp:
         with open(tmp, "w") as f:
             f.write(report.report_markdown(summary, frame, plots, out_dir))
+    summary = analysis.strict_json(summary)
     write_json(output_path, summary)
 
     for group in summary["groups"]:
         print(f"{group['dataset']}/{group['split']}/{group['model']}: {group['runs_completed']} runs, "
               f"{group['runs_skipped']} skipped")
-        for sentence in report.findings(group)[:6]:
+        for sentence in report.summary_sentences(group, summary):
             print(f"  - {sentence}")
     print(f"wrote {output_path}, {csv_path}, {report_path}"
           + (f" and {sum(len(v) for v in plots.values())} plots under {plots_dir}" if plots else ""))

@@ -16,10 +16,9 @@ import time
 
 from tqdm import tqdm
 
-from retrieval import indexes, metrics, sweep
+from retrieval import indexes, metrics, sweep, timing
 from retrieval.env import pick_device, seed_everything
 from retrieval.errors import cli
-from retrieval.io import write_json
 
 
 def parse_args(argv=None):
@@ -55,13 +54,20 @@ def parse_args(argv=None):
     knobs.add_argument("--sq_ranges", default="per_dim", choices=("per_dim", "uniform"),
                        help="int8/int4 scalar quantizer ranges: one [min,max] per dimension, or one for all")
     knobs.add_argument("--pq_subdim", type=int, default=8, help="PQ: dims per sub-quantizer (M = dim / pq_subdim, 8 bits each)")
-    knobs.add_argument("--nlist", type=int, default=0, help="IVF lists (0 = about 4*sqrt(gallery size))")
-    knobs.add_argument("--nprobe", type=int, default=16, help="IVF lists visited per query")
-    knobs.add_argument("--hnsw_m", type=int, default=32, help="HNSW links per node")
-    knobs.add_argument("--ef_search", type=int, default=64, help="HNSW search beam (raised to k when smaller)")
+    # Several values of a knob: each is its own configuration (a recall-vs-speed curve per index). The
+    # index is built once per build-time value (--nlist, --hnsw_m) and searched at every search-time value.
+    knobs.add_argument("--nlist", type=int, nargs="+", default=[0],
+                       help="IVF lists, one index per value (0 = about 4*sqrt(gallery size))")
+    knobs.add_argument("--nprobe", type=int, nargs="+", default=[16], help="IVF lists visited per query")
+    knobs.add_argument("--hnsw_m", type=int, nargs="+", default=[32], help="HNSW links per node, one index per value")
+    knobs.add_argument("--ef_search", type=int, nargs="+", default=[64],
+                       help="HNSW search beam (raised to k when smaller)")
     speed = parser.add_argument_group("timing")
     speed.add_argument("--batch_size", type=int, default=128, help="queries per FAISS search call when timing throughput")
-    speed.add_argument("--min_time", type=float, default=0.1, help="repeat whole timed passes until this many seconds")
+    speed.add_argument("--min_time", type=float, default=0.3,
+                       help="repeat whole timed passes of a stage until this many seconds (and --min_passes)")
+    speed.add_argument("--min_passes", type=int, default=3,
+                       help="at least this many timed passes per stage: their spread is recorded (noise of the machine)")
     speed.add_argument("--warmup", type=int, default=1, help="untimed warm-up batches before each timed section")
     speed.add_argument("--latency_queries", type=int, default=100, help="sampled single queries for latency percentiles")
     speed.add_argument("--latency_threads", type=int, default=1,
@@ -76,9 +82,11 @@ def parse_args(argv=None):
     run.add_argument("--seed", type=int, default=0, help="seeds PCA/random projection, distractors, latency sample")
     run.add_argument("--device", default="", help="'' = auto (cuda -> mps -> cpu); FAISS GPU indexes need faiss-gpu, else CPU")
     args = parser.parse_args(argv)
-    for name in ("recall_k", "candidate_sizes", "embedding_dims", "gallery_sizes"):
+    for name in ("recall_k", "candidate_sizes", "embedding_dims", "gallery_sizes", "nprobe", "hnsw_m", "ef_search"):
         if any(v <= 0 for v in getattr(args, name)):
             parser.error(f"--{name} values must be positive")
+    if any(v < 0 for v in args.nlist):
+        parser.error("--nlist values must be positive (or 0 = about 4*sqrt(gallery size))")
     if args.batch_size <= 0 or args.pq_subdim <= 0:
         parser.error("--batch_size and --pq_subdim must be positive")
     try:
@@ -116,7 +124,7 @@ def main(argv=None):
     args, settings, shard = parse_args(argv)
     seed_everything(settings.seed)
     device = pick_device(args.device)
-    threads = indexes.set_threads(settings.threads)
+    threads = timing.set_threads(settings.threads)
     with concurrent.futures.ThreadPoolExecutor(max(1, args.num_workers)) as pool:
         files, fits, distractor_file = sweep.load_inputs(settings, args.data_path, args.fit_path, pool)
         grid = sweep.build_grid(settings, files, fits)
@@ -145,8 +153,9 @@ def main(argv=None):
                     group, group_key = None, key  # free the previous group's indexes first
                     group = sweep.Group(settings, emb, fit, config, distractor_file, pool, device)
                 evaluated = sweep.evaluate_config(settings, group, config)
-                record = sweep.result_record(config, evaluated, emb, fit, env, vars(args), time.perf_counter() - start)
-            write_json(path, record)
+                record = sweep.result_record(config, evaluated, emb, fit, env, vars(args), time.perf_counter() - start,
+                                             os.path.basename(sweep.ranks_path(path)))
+            sweep.write_run(path, record, None if skip else evaluated[3], emb.text_to_image)
             written.append(path)
             progress.write(summary_line(names[i], config, record))
         progress.close()

@@ -9,6 +9,7 @@ Example:
     python bench/bench_sweep.py --threads 2
 """
 import argparse
+import concurrent.futures
 import glob
 import os
 import shutil
@@ -21,8 +22,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from retrieval import indexes  # noqa: E402
-from retrieval.io import Embeddings, l2_normalize, make_attrs, read_embeddings, write_embeddings  # noqa: E402
+import run_experiments  # noqa: E402  (the harness under test is the sweep's own)
+from retrieval import indexes, sweep, timing  # noqa: E402
+from retrieval.env import environment, pick_device  # noqa: E402
+from retrieval.io import Embeddings, l2_normalize, make_attrs, read_embeddings, write_embeddings, write_json  # noqa: E402
 
 SEED_GRID = ["--embedding_dims", "256", "512", "1024", "--precisions", "fp16", "int8", "int4",
              "--candidate_sizes", "32", "100", "1000", "--recall_k", "1", "5", "10", "--batch_size", "128",
@@ -62,36 +65,69 @@ def find_real_file():
     return None
 
 
-def bench_overhead(emb, threads, batch_size=128, k=10, repeats=7, min_time=0.5):
-    """Harness time_batches vs a bare `for batch: index.search(batch, k)` loop, same index, interleaved."""
-    indexes.set_threads(threads)
-    queries = emb.text_embeddings
+def bare_loop(index, batches, k, min_time):
+    """queries/s of `for batch: index.search(batch, k)` (what FAISS alone does), whole passes."""
+    index.search(batches[0], k)
+    passes, elapsed = 0, 0.0
+    while passes == 0 or elapsed < min_time:
+        start = time.perf_counter()
+        for batch in batches:
+            index.search(batch, k)
+        elapsed += time.perf_counter() - start
+        passes += 1
+    return passes * sum(len(b) for b in batches) / elapsed
+
+
+def bare_loop_with_codec(searcher, batches, k, min_time):
+    """Like bare_loop, but each batch is first encoded (binary / itq: rotation + sign bits; opq: the
+    OPQ rotation), as a plain script searching such an index would do."""
+    index = searcher.index
+    return bare_loop(_Encoding(index, searcher.encode), batches, k, min_time)
+
+
+class _Encoding:
+    def __init__(self, index, encode):
+        self.index, self.encode = index, encode
+
+    def search(self, batch, k):
+        return self.index.search(self.encode(batch), k)
+
+
+def harness_group(data_path, threads, precisions, min_time):
+    """The sweep's own Group on the file (t2i, native dim, flat) and its settings."""
+    argv = ["--data_path", data_path, "--threads", str(threads), "--min_time", str(min_time), "--directions", "t2i",
+            "--precisions", *precisions, "--candidate_sizes", "--recall_k", "1", "5", "10"]
+    _, settings, _ = run_experiments.parse_args(argv)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    files, fits, _ = sweep.load_inputs(settings, [data_path], [], pool)
+    grid = sweep.build_grid(settings, files, fits)
+    group = sweep.Group(settings, files[0][1], fits[0], grid[0][0], None, pool, pick_device("cpu"))
+    return settings, group
+
+
+def bench_overhead(data_path, threads, precisions, k=10, repeats=5, min_time=0.5):
+    """Per precision (flat index, t2i, native dim): the harness's search_qps (the index alone; for codecs
+    with a query-side stage, transform + search end to end) vs a bare FAISS loop on the same index and
+    the same query batches, interleaved `repeats` times so a drifting machine load hits both alike."""
+    settings, group = harness_group(data_path, threads, precisions, min_time)
+    data = group.directions["t2i"]
+    batches = timing.batches(data["queries"], settings.batch_size)
     results = {}
-    for precision in ("fp32", "int8"):
-        index, _ = indexes.build_index(precision, emb.image_embeddings, emb.image_embeddings)
-        searcher = indexes.make_searcher(index, precision)
-        query_batches = indexes.batches(queries, batch_size)
-        kept = [None] * len(query_batches)
-
-        def step(i):
-            kept[i] = searcher(query_batches[i], k)
-
-        def bare():
-            passes, elapsed = 0, 0.0
-            index.search(query_batches[0], k)
-            while passes == 0 or elapsed < min_time:
-                start = time.perf_counter()
-                for start_row in range(0, queries.shape[0], batch_size):
-                    index.search(queries[start_row:start_row + batch_size], k)
-                elapsed += time.perf_counter() - start
-                passes += 1
-            return passes * queries.shape[0] / elapsed
-
-        bare_qps, harness_qps = [], []
-        for _ in range(repeats):  # interleaved so machine load drifts hit both equally
-            bare_qps.append(bare())
-            harness_qps.append(indexes.time_batches(step, len(query_batches), queries.shape[0], min_time)["qps"])
-        results[precision] = (float(np.median(bare_qps)), float(np.median(harness_qps)))
+    for precision in precisions:
+        searcher = group.built(precision, "flat", {})["t2i"]["searcher"]
+        bare, harness = [], []
+        for _ in range(repeats):
+            with timing.pinned_threads(threads):
+                bare.append(bare_loop_with_codec(searcher, batches, k, min_time) if searcher.encode
+                            else bare_loop(searcher.index, batches, k, min_time))
+            speed, _, _ = sweep.timed_search(settings, searcher, data, k, rerank=False)
+            # With a query-side stage, the bare loop encodes too: compare it with transform + search.
+            harness.append(1 / (1 / speed["transform_qps"] + 1 / speed["search_qps"]) if searcher.encode
+                           else speed["search_qps"])
+        results[precision] = {"bare_qps": float(np.median(bare)), "harness_qps": float(np.median(harness)),
+                              "ratio": float(np.median(harness) / np.median(bare)),
+                              "compared": "transform + search" if searcher.encode else "search",
+                              "bare_runs": bare, "harness_runs": harness}
     return results
 
 
@@ -107,11 +143,19 @@ def bench_seed_grid(data_path, threads):
     return elapsed, len(runs), command
 
 
+TARGETS = {"fp32": 0.97, "int8": 0.97}   # the rest: 0.9
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data_path", default="", help="hand-off file (default: real Flickr8k test export, else synthetic)")
     parser.add_argument("--threads", type=int, default=2, help="FAISS threads for both benchmarks")
+    parser.add_argument("--precisions", nargs="+", default=list(indexes.PRECISIONS), choices=indexes.PRECISIONS,
+                        help="precisions whose harness speed is compared with a bare FAISS loop")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per precision (median quoted)")
     parser.add_argument("--skip_grid", action="store_true", help="only the overhead benchmark")
+    parser.add_argument("--output", default=os.path.join(ROOT, "result", "bench", "bench_sweep.json"),
+                        help="where the JSON record goes")
     args = parser.parse_args(argv)
     data_path = args.data_path or find_real_file()
     if not data_path:
@@ -119,16 +163,26 @@ def main(argv=None):
         if not os.path.exists(data_path):
             synthetic_handoff(data_path)
     emb = read_embeddings(data_path)
-    print(f"data: {os.path.relpath(data_path, ROOT)} ({emb.image_embeddings.shape[0]} images x "
-          f"{emb.text_embeddings.shape[0]} captions, D={emb.dim}, model={emb.attrs.get('model')})")
-    print(f"cpu: {indexes.cpu_threads_available()} cores available, faiss threads {args.threads}")
-    for precision, (bare, harness) in bench_overhead(emb, args.threads).items():
-        print(f"overhead {precision}: bare FAISS loop {bare:,.0f} qps, harness {harness:,.0f} qps, "
-              f"ratio {harness / bare:.3f} (target >= 0.97)")
+    print(f"data: {data_path} ({emb.image_embeddings.shape[0]} images x {emb.text_embeddings.shape[0]} captions, "
+          f"D={emb.dim}, model={emb.attrs.get('model')})")
+    load_before = os.getloadavg()
+    print(f"cpu: {timing.cpu_threads_available()} cores available, faiss threads {args.threads}, "
+          f"blas threads while timing {timing.BLAS_THREADS}, load average {load_before[0]:.2f}")
+    overhead = bench_overhead(data_path, args.threads, args.precisions, repeats=args.repeats)
+    for precision, row in overhead.items():
+        target = TARGETS.get(precision, 0.9)
+        print(f"{precision:>6} ({row['compared']}): bare FAISS loop {row['bare_qps']:,.0f} qps, harness "
+              f"{row['harness_qps']:,.0f} qps, ratio {row['ratio']:.3f} (target >= {target})")
+    record = {"data_path": data_path, "threads": args.threads, "blas_threads": timing.BLAS_THREADS,
+              "overhead": overhead, "load_average_before": load_before, "environment": environment()}
     if not args.skip_grid:
         elapsed, count, command = bench_seed_grid(data_path, args.threads)
-        print(f"seed grid: {count} result files in {elapsed:.1f} s (target <= 60 s)")
+        print(f"seed grid: {count} result files in {elapsed:.1f} s")
         print("command: " + " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in command[1:]))
+        record["seed_grid"] = {"seconds": elapsed, "runs": count, "command": command[1:]}
+    record["load_average_after"] = os.getloadavg()
+    write_json(args.output, record)
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

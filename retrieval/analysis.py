@@ -16,29 +16,42 @@ import json
 import math
 import os
 import re
+from collections import Counter
 
 import numpy as np
 import pandas as pd
 
+from retrieval import bootstrap
 from retrieval.errors import UserError
+from retrieval.indexes import PRECISIONS
 from retrieval.metrics import DIRECTIONS
 
 # Read from the run's "config".
 CONFIG_KEYS = ("dim", "native_dim", "dim_method", "precision", "candidate_size", "index", "gallery_size",
                "data_path")
+# IVF / HNSW knobs read from the run's config.index_params (each value of a search knob is its own run).
+KNOB_KEYS = ("nlist", "nprobe", "hnsw_m", "ef_search")
+BUILD_KNOB = {"ivf": "nlist", "hnsw": "hnsw_m"}
+SEARCH_KNOB = {"ivf": "nprobe", "hnsw": "ef_search"}
+KNOB_NAMES = {"hnsw_m": "M"}  # how a label shows a knob (HNSW's M is what FAISS and papers call it)
 # Written once per run under "memory".
-MEMORY_KEYS = ("bytes_per_vector", "compression_ratio", "peak_rss_bytes")
+MEMORY_KEYS = ("bytes_per_vector", "total_bytes_per_vector", "compression_ratio", "peak_rss_bytes")
 # Written once per direction ("t2i_qps", "i2t_index_bytes", ...), and the section that holds them.
 DIRECTIONAL_KEYS = {"qps": "speed", "latency_p50_ms": "speed", "latency_p95_ms": "speed",
                     "latency_p99_ms": "speed", "build_s": "speed", "index_bytes": "memory"}
 # The plain memory/speed columns in summary.csv order (the per-direction ones follow them).
-COST_COLUMNS = ("bytes_per_vector", "index_bytes", "compression_ratio", "peak_rss_bytes", "qps", "latency_p50_ms",
+COST_COLUMNS = ("bytes_per_vector", "total_bytes_per_vector", "index_bytes", "compression_ratio", "peak_rss_bytes",
+                "qps", "latency_p50_ms",
                 "latency_p95_ms", "latency_p99_ms", "build_s")
 ENV_KEYS = ("hostname", "cpu", "cpu_count", "threads", "gpu", "git_commit", "python", "numpy", "faiss", "torch")
-# Frontier costs, and whether less of that cost is better.
-PARETO_COSTS = (("bytes_per_vector", True), ("latency_p50_ms", True), ("qps", False))
+# Frontier costs, and whether less of that cost is better. total_bytes_per_vector adds the fp32 vectors that
+# a re-ranked configuration reads in stage 2 to the index's bytes.
+PARETO_COSTS = (("bytes_per_vector", True), ("total_bytes_per_vector", True), ("latency_p50_ms", True),
+                ("qps", False))
+MEMORY_COSTS = ("bytes_per_vector", "total_bytes_per_vector")
 # What the report quotes about an fp32 exact baseline, besides its quality metrics.
-BASELINE_COLUMNS = ["run_id", "label", "data_path", "bytes_per_vector", "qps", "latency_p50_ms"]
+BASELINE_COLUMNS = ["run_id", "label", "data_path", "bytes_per_vector", "total_bytes_per_vector", "qps",
+                    "latency_p50_ms"]
 BASELINE_EXTRA = ["dim"] + [f"{d}_{name}" for d in DIRECTIONS for name in ("qps", "latency_p50_ms")]
 
 
@@ -91,15 +104,38 @@ def candidate_label(row):
 
 
 def config_label(row):
-    """Short human name of a configuration, e.g. 'int8 256d C=100' (index shown when not flat)."""
+    """Short human name of a configuration, e.g. 'int8 256d C=100' or 'int8 256d C=100 [ivf nlist=128 nprobe=16]'
+    (index and its knobs shown when not flat, so runs at different knob values get different names)."""
+    return f"{family_label(row)} {row['candidate']}" + index_label(row)
+
+
+def family_label(row):
+    """'int8 256d (pca)': precision and dim, the part of a label that neither candidates nor index change."""
     label = f"{row['precision']} {int(row['dim'])}d" if row.get("dim") is not None else str(row["precision"])
     if row.get("dim_method") and row.get("native_dim") is not None and row.get("dim") is not None \
             and int(row["dim"]) < int(row["native_dim"]):
         label += f" ({row['dim_method']})"
-    label += f" {row['candidate']}"
-    if row.get("index") and str(row["index"]).lower() not in ("flat", "none"):
-        label += f" [{row['index']}]"
     return label
+
+
+def index_label(row, search_knob=True):
+    """' [ivf nlist=128 nprobe=16]' for a non-flat index ('' for flat); search_knob=False leaves nprobe /
+    ef_search out (the name of a knob curve, which runs through them)."""
+    index = row.get("index")
+    if not index or str(index).lower() in ("flat", "none"):
+        return ""
+    knobs = [BUILD_KNOB.get(index)] + ([SEARCH_KNOB.get(index)] if search_knob else [])
+    shown = [f"{KNOB_NAMES.get(k, k)}={int(row[k])}" for k in knobs if k and _number(row.get(k)) is not None]
+    return f" [{' '.join([str(index)] + shown)}]"
+
+
+def precision_rank(precision):
+    """Sort key: the known precisions in retrieval.indexes order, then any other name alphabetically."""
+    return (PRECISIONS.index(precision), "") if precision in PRECISIONS else (len(PRECISIONS), str(precision))
+
+
+def precision_order(values):
+    return sorted(dict.fromkeys(values), key=precision_rank)
 
 
 def _number(value):
@@ -127,11 +163,15 @@ def run_row(run):
     row["status"] = "skipped" if skipped else "ok"
     row["skipped_reason"] = str(skipped) if skipped else ""
     row.update({name: config.get(name) for name in CONFIG_KEYS})
+    params = config.get("index_params") if isinstance(config.get("index_params"), dict) else {}
+    row.update({name: _number(params.get(name)) for name in KNOB_KEYS})
     row["exact"], row["rerank"] = bool(config.get("exact")), bool(config.get("rerank"))
     row["candidate"] = candidate_label(row)
     row["label"] = config_label(row)
     for name in COST_COLUMNS:  # per-direction values are filled in below; this fixes the column order
         row[name] = _number(memory.get(name)) if name in MEMORY_KEYS else None
+    if row["total_bytes_per_vector"] is None and not skipped:
+        row["total_bytes_per_vector"] = total_bytes(row)
     for name, section in DIRECTIONAL_KEYS.items():
         values = run.get(section) or {}
         for d in DIRECTIONS:
@@ -141,18 +181,35 @@ def run_row(run):
         row[name] = next((row[f"{d}_{name}"] for d in DIRECTIONS if row[f"{d}_{name}"] is not None), None)
     for key, value in (run.get("metrics") or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
-            row[key] = value
+            row[same_dim_name(key)] = value
     return row
 
 
+def total_bytes(row):
+    """Index bytes plus, for a re-ranked run, the fp32 vectors at its dim that stage 2 reads (what the sweep
+    writes as memory.total_bytes_per_vector; runs written before it have only the index bytes)."""
+    if row["bytes_per_vector"] is None:
+        return None
+    return row["bytes_per_vector"] + (4.0 * row["dim"] if row["rerank"] and row.get("dim") is not None else 0.0)
+
+
+def same_dim_name(key):
+    """The sweep's '<d>_retention_<m>' is measured against fp32 exact at the run's OWN dim; it is renamed
+    '<d>_retention_same_dim_<m>', and '<d>_retention_<m>' holds retention against the group's fp32 exact
+    baseline (add_baseline_ratios), the meaning a requirement such as t2i_retention_R@1>=99 expects."""
+    match = re.fullmatch(r"(t2i|i2t)_retention_(.+)", key)
+    return f"{match.group(1)}_retention_same_dim_{match.group(2)}" if match else key
+
+
 def runs_frame(runs):
-    """DataFrame with one row per run, in a stable order (group, gallery, dim, precision, candidates)."""
+    """DataFrame with one row per run, in a stable order (group, gallery, dim, precision, candidates, knobs)."""
     frame = pd.DataFrame([run_row(run) for run in runs])
     frame["_cand_order"] = frame.apply(
         lambda r: -1 if r["exact"] else (0 if not r["rerank"] else int(r["candidate_size"])), axis=1)
-    order = ["group", "gallery_size", "dim", "precision", "_cand_order", "run_id"]
-    frame = frame.sort_values(order, na_position="first", kind="stable").drop(columns="_cand_order")
-    return frame.reset_index(drop=True)
+    frame["_precision_order"] = frame["precision"].map(precision_rank)
+    order = ["group", "gallery_size", "dim", "_precision_order", "_cand_order", "index"] + list(KNOB_KEYS) + ["run_id"]
+    frame = frame.sort_values(order, na_position="first", kind="stable")
+    return frame.drop(columns=["_cand_order", "_precision_order"]).reset_index(drop=True)
 
 
 def completed(frame):
@@ -190,11 +247,11 @@ def metric_columns(frame):
 
 
 def _clean(value):
-    """JSON-friendly scalar: numpy → python, NaN → None."""
+    """JSON-friendly scalar: numpy → python, NaN and inf → None (the summary is strict JSON)."""
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating, float)):
-        return None if math.isnan(value) else float(value)
+        return float(value) if math.isfinite(value) else None
     if isinstance(value, np.bool_):
         return bool(value)
     return value
@@ -235,6 +292,10 @@ def add_baseline_ratios(frame):
     for col in [c for c in frame.columns if c.startswith("retention_") or c.endswith(("_fraction", "_ratio"))]:
         if col != "compression_ratio":
             frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    for m in metrics:  # the same retention under the per-direction name the run JSONs use (t2i_retention_R@1)
+        if m.startswith(tuple(f"{d}_" for d in DIRECTIONS)):
+            direction, name = m.split("_", 1)
+            frame[f"{direction}_retention_{name}"] = frame[f"retention_{m}"]
     return frame
 
 
@@ -248,6 +309,67 @@ def _ratio(value, base, scale=1.0):
     if value is None or base is None or pd.isna(value) or pd.isna(base) or base == 0:
         return None
     return scale * float(value) / float(base)
+
+
+# ----------------------------------------------------------------------------- intervals
+
+def interval_columns(metric):
+    """The bootstrap columns of one metric, in summary.csv order."""
+    return [f"{metric}{kind}" for kind in ("_ci_low", "_ci_high", "_delta", "_delta_ci_low", "_delta_ci_high")]
+
+
+def add_intervals(frame, runs, results_dir, settings):
+    """Bootstrap intervals for every completed run (see retrieval/bootstrap.py): per metric m (R@K, MRR, RSUM)
+    m_ci_low / m_ci_high, and the paired difference to the run's baseline (baseline_run, from
+    add_baseline_ratios) m_delta, m_delta_ci_low, m_delta_ci_high; ci_note says why a run has none.
+
+    Returns (frame, paired): paired(run_a, run_b, metric) is the (low, high) interval of a - b, or None.
+    """
+    done = completed(frame)
+    wanted = set(done["run_id"])
+    ranked, notes = bootstrap.load(results_dir, {run_id(r): r for r in runs if run_id(r) in wanted})
+    baselines = {r: b for r, b in zip(done["run_id"], done["baseline_run"]) if isinstance(b, str)}
+    resampler = bootstrap.Resampler(settings)
+    values = resampler.intervals(ranked, baselines)
+    metrics, rows = metric_columns(frame), {}
+    by_id = done.set_index("run_id", drop=False)
+    for index, rid in zip(done.index, done["run_id"]):
+        row = dict(values.get(rid, {}))
+        base = baselines.get(rid)
+        for m in metrics:
+            if f"{m}_delta_ci_low" in row:
+                row[f"{m}_delta"] = _difference(by_id.at[rid, m], by_id.at[base, m])
+        note = notes.get(rid) or _pairing_note(rid, base, ranked)
+        rows[index] = dict(row, ci_note=note or "")
+    columns = [c for m in metrics for c in interval_columns(m)] + ["ci_note"]
+    table = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=columns)
+    frame = frame.drop(columns=[c for c in columns if c in frame.columns]).join(table)
+
+    def paired(a, b, metric):
+        return resampler.difference(ranked[a], ranked[b], metric) if a in ranked and b in ranked else None
+    return frame, paired
+
+
+def _pairing_note(rid, base, ranked):
+    """Why a run with ranks has no paired difference to its baseline (None when it has one)."""
+    if rid not in ranked:
+        return None
+    if base is None:
+        return "no fp32 exact baseline to pair with"
+    if base not in ranked:
+        return f"baseline {base} has no usable rank file"
+    if ranked[base].split != ranked[rid].split:
+        return f"queries differ from baseline {base}'s (text_to_image), so no paired difference"
+    return None
+
+
+def _difference(value, base):
+    return None if value is None or base is None or pd.isna(value) or pd.isna(base) else float(value) - float(base)
+
+
+def no_pairs(*_):
+    """paired() when intervals are off: no interval for any difference."""
+    return None
 
 
 def pareto_frontier(frame, cost, value, lower_cost_is_better=True):
@@ -295,24 +417,35 @@ def factor_means(frame, metrics):
     return out
 
 
-def budget_table(frame, metric):
-    """Best configuration (by `metric`) within each power-of-two bytes/vector budget."""
-    data = frame.dropna(subset=["bytes_per_vector", metric])
+def budget_table(frame, metric, cost="bytes_per_vector"):
+    """Best configuration (by `metric`) within each power-of-two budget of `cost` (bytes_per_vector: the index;
+    total_bytes_per_vector: the index plus the fp32 vectors re-ranking reads). Keys budget_<cost>, <cost>."""
+    data = frame.dropna(subset=[cost, metric])
     if data.empty:
         return []
-    low = 2 ** math.floor(math.log2(max(data["bytes_per_vector"].min(), 1e-9)))
-    high = 2 ** math.ceil(math.log2(data["bytes_per_vector"].max()))
+    low = 2 ** math.floor(math.log2(max(data[cost].min(), 1e-9)))
+    high = 2 ** math.ceil(math.log2(data[cost].max()))
     rows, budget = [], low
     while budget <= high:
-        fits = data[data["bytes_per_vector"] <= budget]
+        fits = data[data[cost] <= budget]
         if not fits.empty:
             # Ties on the metric go to the smaller configuration.
-            best = fits.sort_values([metric, "bytes_per_vector"], ascending=[False, True], kind="stable").iloc[0]
-            rows.append({"budget_bytes_per_vector": _clean(budget), "metric": metric,
-                         "value": _clean(best[metric]), "run_id": best["run_id"], "label": best["label"],
-                         "bytes_per_vector": _clean(best["bytes_per_vector"]), "candidates": int(len(fits))})
+            best = fits.sort_values([metric, cost], ascending=[False, True], kind="stable").iloc[0]
+            rows.append({f"budget_{cost}": _clean(budget), "metric": metric, "value": _clean(best[metric]),
+                         **_value_interval(best, metric), "run_id": best["run_id"], "label": best["label"],
+                         **{c: _clean(best[c]) for c in MEMORY_COSTS}, "candidates": int(len(fits))})
         budget *= 2
     return rows
+
+
+def _value_interval(row, metric):
+    """value_ci_low / value_ci_high of a metric from its bootstrap columns (None when there are none)."""
+    return {"value_ci_low": _clean(row.get(f"{metric}_ci_low")), "value_ci_high": _clean(row.get(f"{metric}_ci_high"))}
+
+
+def _delta_interval(row, metric):
+    """delta, delta_ci_low, delta_ci_high of a metric against the run's baseline (None when not measured)."""
+    return {key: _clean(row.get(f"{metric}_{key}")) for key in ("delta", "delta_ci_low", "delta_ci_high")}
 
 
 def _distinct(values):
@@ -351,8 +484,9 @@ def source_summary(runs):
 
 # ----------------------------------------------------------------------------- per-group analysis
 
-def analyse_group(frame, runs, primary_metric=None):
-    """Everything the summary holds for one (dataset, split, model) group."""
+def analyse_group(frame, runs, primary_metric=None, paired=no_pairs):
+    """Everything the summary holds for one (dataset, split, model) group; paired(a, b, metric) gives the
+    bootstrap interval of a paired difference between two runs (add_intervals), or None."""
     done = completed(frame)
     gallery_sizes = sorted(int(g) for g in done["gallery_size"].dropna().unique())
     main_gallery = gallery_sizes[0] if gallery_sizes else None
@@ -365,6 +499,7 @@ def analyse_group(frame, runs, primary_metric=None):
     head = recalls[0] if recalls else None
     fronts = pareto_fronts(main, recalls + (["RSUM"] if "RSUM" in metrics else []))
     exact = main[main["exact"]]
+    intervals = [c for m in metrics for c in interval_columns(m)[:2]]
     return {
         "group": frame["group"].iloc[0],
         "dataset": frame["dataset"].iloc[0], "split": frame["split"].iloc[0], "model": frame["model"].iloc[0],
@@ -375,18 +510,34 @@ def analyse_group(frame, runs, primary_metric=None):
         "skipped": records(frame[frame["status"] == "skipped"], ["run_id", "label", "skipped_reason"]),
         "gallery_sizes": gallery_sizes, "main_gallery_size": main_gallery,
         "primary_metric": primary,
-        "baseline": records(exact, BASELINE_COLUMNS + metrics + BASELINE_EXTRA),
+        "intervals": interval_summary(done),
+        "baseline": records(exact, BASELINE_COLUMNS + metrics + intervals + BASELINE_EXTRA),
         "means": factor_means(main, metrics) if not main.empty else {},
         "retention": records(main, ["run_id", "label"] + [f"retention_{m}" for m in metrics]
                              + ["memory_fraction", "qps_ratio", "latency_ratio"]),
         "pareto": pareto_records(fronts),
         "budgets": budget_table(main, primary) if primary else [],
-        "scaling": scaling_table(done, recalls) if len(gallery_sizes) > 1 else [],
+        "budgets_total": budget_table(main, primary, "total_bytes_per_vector") if primary else [],
+        "scaling": scaling_table(done, recalls, paired) if len(gallery_sizes) > 1 else [],
         "recall_metrics": recalls, "head_metric": head,
         "memory_frontier": memory_frontier_table(main, fronts["bytes_per_vector"][head][1], head) if head else [],
-        "reranking": reranking_table(main, head) if head else [],
+        "memory_frontier_total": memory_frontier_table(main, fronts["total_bytes_per_vector"][head][1], head,
+                                                       "total_bytes_per_vector") if head else [],
+        "reranking": reranking_table(main, head, paired) if head else [],
         "dim_reduction": dim_reduction_table(main, head) if head else [],
     }
+
+
+def interval_summary(done):
+    """How many of the group's runs have bootstrap intervals, and why the others have none."""
+    if "ci_note" not in done.columns:
+        return {"computed": False, "runs_with_intervals": 0, "runs_paired": 0, "notes": []}
+    lows = [c for c in done.columns if c.endswith("_ci_low")]
+    paired = [c for c in lows if c.endswith("_delta_ci_low")]
+    notes = Counter(note for note in done["ci_note"] if note)
+    return {"computed": True, "runs_with_intervals": int(done[lows].notna().any(axis=1).sum()),
+            "runs_paired": int(done[paired].notna().any(axis=1).sum()),
+            "notes": [{"reason": reason, "runs": n} for reason, n in notes.most_common()]}
 
 
 def pareto_fronts(main, metrics):
@@ -396,7 +547,7 @@ def pareto_fronts(main, metrics):
         fronts[cost] = {}
         for m in metrics:
             # Recall of one direction against the speed of that same direction.
-            column = cost if cost == "bytes_per_vector" or m == "RSUM" else speed_column(main, cost, m.split("_")[0])
+            column = cost if cost in MEMORY_COSTS or m == "RSUM" else speed_column(main, cost, m.split("_")[0])
             fronts[cost][m] = (column, pareto_frontier(main, column, m, lower_cost_is_better=lower_is_better))
     return fronts
 
@@ -410,16 +561,24 @@ def pareto_records(fronts):
     return out
 
 
-def scaling_table(done, recalls):
-    """Configurations measured at more than one gallery size: metric/speed/memory per size."""
-    rows = []
+def scaling_table(done, recalls, paired=no_pairs):
+    """Configurations measured at more than one gallery size: metric/speed/memory per size, and the change of
+    the first recall against the smallest gallery with its paired interval (the queries are the same)."""
+    rows, head = [], recalls[0] if recalls else None
     for label, part in done.groupby("label", sort=True):
         if part["gallery_size"].nunique() < 2:
             continue
         part = part.sort_values("gallery_size")
-        rows += records(part, ["label", "gallery_size", "run_id"] + recalls[:1]
+        table = records(part, ["label", "gallery_size", "run_id"] + recalls[:1]
                         + [r for r in recalls if r.startswith("i2t")][:1]
                         + ["qps", "latency_p50_ms", "index_bytes", "bytes_per_vector"])
+        if head:
+            first = table[0]
+            for row in table:
+                interval = paired(row["run_id"], first["run_id"], head) or (None, None)
+                row.update(_cleaned([{"change": _difference(row[head], first[head]),
+                                      "change_ci_low": interval[0], "change_ci_high": interval[1]}])[0])
+        rows += table
     return rows
 
 
@@ -432,9 +591,10 @@ def _cleaned(rows):
     return [{k: _clean(v) for k, v in row.items()} for row in rows]
 
 
-def memory_frontier_table(main, front, metric):
-    """The compressed runs on the memory frontier of `metric`, each beside its fp32 exact baseline:
-    what that step down in bytes keeps of the metric and what it does to the speed of the metric's direction.
+def memory_frontier_table(main, front, metric, cost="bytes_per_vector"):
+    """The compressed runs on the memory frontier of `metric` (memory = `cost`), each beside its fp32 exact
+    baseline: what that step down in bytes keeps of the metric, with the paired interval of the difference,
+    and what it does to the speed of the metric's direction.
     """
     baselines = {r["run_id"]: r for _, r in main[main["exact"]].iterrows()}
     direction = metric.split("_")[0]
@@ -445,8 +605,10 @@ def memory_frontier_table(main, front, metric):
             continue
         entry = {"run_id": row["run_id"], "label": row["label"], "baseline_run": base["run_id"],
                  "value": row[metric], "baseline_value": base[metric], "retention": row[f"retention_{metric}"],
+                 **_value_interval(row, metric), **_delta_interval(row, metric), "memory": cost,
                  "bytes_per_vector": row["bytes_per_vector"], "baseline_bytes_per_vector": base["bytes_per_vector"],
-                 "memory_fraction": row["memory_fraction"], "dim": row["dim"], "rerank": row["rerank"],
+                 "total_bytes_per_vector": row["total_bytes_per_vector"],
+                 "memory_fraction": _ratio(row[cost], base[cost]), "dim": row["dim"], "rerank": row["rerank"],
                  "candidate_size": row["candidate_size"], "gallery_size": row["gallery_size"],
                  "covers_gallery": _covers_gallery(row)}
         rows.append(dict(entry, **_speed_comparison(row, base, direction)))
@@ -466,48 +628,73 @@ def _speed_comparison(row, base, direction):
             "latency_p50_ms": row.get(p50), "baseline_latency_p50_ms": base.get(p50)}
 
 
-def reranking_table(main, metric):
-    """Per precision x dim: the run without re-ranking beside the best re-ranked one (by `metric`).
+def reranking_table(main, metric, paired=no_pairs):
+    """Per precision x dim x index (and its knobs): the run without re-ranking beside the best re-ranked one
+    (by `metric`), with the paired interval of the gain.
 
     stage1_recall: % of queries whose true item was among the best run's C stage-1 candidates.
     """
     stage1 = f"{metric.split('_')[0]}_stage1_recall"
+    candidates = main[~main["exact"]]
     rows = []
-    for (precision, dim), part in main[~main["exact"]].groupby(["precision", "dim"], sort=True):
+    families = candidates.apply(lambda r: family_label(r) + index_label(r), axis=1) if len(candidates) else []
+    for family, part in candidates.groupby(families, sort=False):
         plain = part[~part["rerank"]]
         reranked = part[part["rerank"]].dropna(subset=[metric])
         if plain.empty or reranked.empty or pd.isna(plain.iloc[0][metric]):
             continue
         plain, best = plain.iloc[0], reranked.loc[reranked[metric].idxmax()]
-        rows.append({"precision": precision, "dim": dim, "plain_run": plain["run_id"], "plain_value": plain[metric],
+        interval = paired(best["run_id"], plain["run_id"], metric) or (None, None)
+        rows.append({"precision": best["precision"], "dim": best["dim"], "index": best["index"],
+                     "index_label": index_label(best), "family": family,
+                     "plain_run": plain["run_id"], "plain_value": plain[metric],
                      "best_run": best["run_id"], "candidate_size": best["candidate_size"],
                      "best_value": best[metric], "gain": best[metric] - plain[metric],
+                     "gain_ci_low": interval[0], "gain_ci_high": interval[1],
                      "stage1_recall": best.get(stage1), "gallery_size": best["gallery_size"],
                      "covers_gallery": _covers_gallery(best)})
     return _cleaned(rows)
 
 
 def dim_reduction_table(main, metric):
-    """fp32 runs at a reduced dim without re-ranking, largest dim first: what the reduction alone keeps."""
+    """fp32 flat runs at a reduced dim without re-ranking, largest dim first: what the reduction alone keeps."""
     reduced = main[(main["precision"] == "fp32") & ~main["exact"] & ~main["rerank"]
-                   & (main["dim"] < main["native_dim"])]
+                   & (main["dim"] < main["native_dim"]) & (main["index"].fillna("flat") == "flat")]
     reduced = reduced.sort_values("dim", ascending=False).dropna(subset=[f"retention_{metric}"])
     return _cleaned({"run_id": r["run_id"], "native_dim": r["native_dim"], "dim": r["dim"],
-                     "dim_method": r["dim_method"], "value": r[metric], "retention": r[f"retention_{metric}"]}
+                     "dim_method": r["dim_method"], "value": r[metric], "retention": r[f"retention_{metric}"],
+                     **_delta_interval(r, metric)}
                     for _, r in reduced.iterrows())
 
 
-def analyse(frame, runs, primary_metric=None):
-    """Summary dict of the whole results folder: rows, groups (one per dataset/split/model)."""
+def analyse(frame, runs, primary_metric=None, results_dir=None, settings=None):
+    """Summary dict of the whole results folder: rows, groups (one per dataset/split/model).
+
+    settings: bootstrap.Settings; with resamples > 0 (and results_dir, where the rank files are) every run
+    gets intervals (add_intervals)."""
     frame = add_baseline_ratios(frame)
+    paired, on = no_pairs, settings is not None and settings.resamples > 0
+    if on:
+        frame, paired = add_intervals(frame, runs, results_dir, settings)
     by_id = {run_id(r): r for r in runs}
     groups = []
     for name, part in frame.groupby("group", sort=True):
-        groups.append(analyse_group(part, [by_id[i] for i in part["run_id"]], primary_metric))
+        groups.append(analyse_group(part, [by_id[i] for i in part["run_id"]], primary_metric, paired))
+        groups[-1]["intervals"]["confidence"] = settings.confidence if on else None
     return frame, {
-        "schema": "experiment_summary/1",
+        "schema": "experiment_summary/2",
         "runs_total": int(len(frame)),
         "runs_skipped": int((frame["status"] == "skipped").sum()),
+        "intervals": settings.record() if on else {"method": None, "resamples": 0},
         "groups": groups,
         "rows": records(frame),
     }
+
+
+def strict_json(value):
+    """The summary with every NaN / inf replaced by None, so it is strict JSON (json.dump writes NaN otherwise)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return _clean(value)

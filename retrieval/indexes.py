@@ -9,25 +9,30 @@ Precision -> FAISS (all inner-product indexes on L2-normalised vectors, so score
     int4    IndexScalarQuantizer QT_4bit     D/2   per-dimension [min, max] learnt on the fit set
     binary  IndexBinaryFlat on sign bits     D/8   of a fixed random rotation (SimHash); score = D - 2*hamming
     pq      IndexPQ, M = D/pq_subdim sub-quantizers x 8 bits = D/pq_subdim bytes (D/8 by default)
+    opq     IndexPreTransform(OPQMatrix, IndexPQ): pq after a learnt rotation, same M x 8 bits = D/pq_subdim bytes
+    itq     IndexBinaryFlat on sign bits     D/8   of a learnt ITQ rotation (itq_rotation); score = D - 2*hamming
+
+Each has a flat, an IVF and an HNSW form (make_index); FAISS builds all of them, so no index type is
+a recorded skip (`unsupported` only rejects dims the code size cannot divide).
 
 `--sq_ranges uniform` swaps QT_8bit/QT_4bit for QT_8bit_uniform/QT_4bit_uniform (one range for all
-dimensions). The query is never quantised for fp16/bf16/int8/int4/pq (FAISS scores the float query
-against the decoded code: asymmetric distance); for binary the query is binarised too.
+dimensions). The query is never quantised for fp16/bf16/int8/int4/pq/opq (FAISS scores the float query
+against the decoded code: asymmetric distance); for binary and itq the query is binarised too.
 
 "Compressed scores" below means exactly what the index ranks by: query . decode(code) for the
-scalar quantizers and PQ, and sign(R query) . sign(R item) (+-1 vectors, R = binary_rotation) for binary. decoded_gallery /
-compressed_queries return those two sides so the full ranking under the compressed scores can be
-computed with metrics.exact_ranks.
+scalar quantizers, PQ and OPQ (decode includes OPQ's inverse rotation), and sign(query R) . sign(item R)
+(+-1 vectors) for binary (R = binary_rotation) and itq (R = the index's learnt rotation, see
+code_rotation). decoded_gallery / compressed_queries return those two sides so the full ranking
+under the compressed scores can be computed with metrics.exact_ranks.
 """
 import functools
-import os
-import resource
-import sys
 import time
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "binary", "pq")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "binary", "pq", "opq", "itq")
+SIGN_CODES = ("binary", "itq")  # sign bits in an IndexBinary*, compared by Hamming distance
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 DIM_METHODS = ("pca", "truncate", "random")
 
@@ -100,15 +105,74 @@ def binary_rotation(dim):
     return rotation.astype(np.float32)
 
 
-def binary_signs(vectors):
-    """The +-1 vectors the binary index compares: signs of the rotated vectors (float32 [N, D])."""
+def binary_signs(vectors, rotation=None):
+    """The +-1 vectors a sign-bit index compares: signs of the rotated vectors (float32 [N, D]).
+
+    rotation: [D, D]; None = binary_rotation (the `binary` precision). For `itq` pass the index's
+    learnt rotation (code_rotation).
+    """
     vectors = np.asarray(vectors, dtype=np.float32)
-    return np.where(vectors @ binary_rotation(vectors.shape[1]) > 0, 1.0, -1.0).astype(np.float32)
+    if rotation is None:
+        rotation = binary_rotation(vectors.shape[1])
+    return np.where(vectors @ rotation > 0, 1.0, -1.0).astype(np.float32)
 
 
-def sign_bits(vectors):
+def sign_bits(vectors, rotation=None):
     """Pack the binary_signs into bits (uint8 [N, D/8]), the code IndexBinaryFlat stores."""
-    return np.packbits(binary_signs(vectors) > 0, axis=1)
+    return np.packbits(binary_signs(vectors, rotation) > 0, axis=1)
+
+
+ITQ_ITERATIONS = 50
+ITQ_MAX_TRAIN_PER_DIM = 10  # as faiss.ITQTransform.max_train_per_dim: at most 10*D fit vectors
+
+
+def itq_rotation(fit_vectors, iterations=ITQ_ITERATIONS, seed=BINARY_ROTATION_SEED):
+    """The ITQ rotation R [D, D] (float32, orthogonal) learnt on fit_vectors, for the `itq` precision.
+
+    Why: sign bits keep only which side of each axis a vector lies on, so everything between the
+    axes is quantisation error. ITQ (Gong & Lazebnik, CVPR 2011 / PAMI 2013) rotates the data so
+    that the rotated vectors sit as close as possible to the corners of the hypercube: it minimises
+    ||B - V R||_F over B in {-1, +1}^(N x D) and orthogonal R, alternating B = sign(V R) and
+    R = orthogonal Procrustes(V, B) (R = U W^T for V^T B = U S W^T). Both steps are exact
+    minimisers, so the objective never gets worse; it starts from binary_rotation, so the learnt
+    codes start from the SimHash codes of `binary`. No PCA: D -> D bits, the bits of `binary`.
+
+    Not centred, like `binary`, and the query and the gallery get the same rotation: with a mean mu
+    subtracted, Hamming distance would estimate the angle between q - mu and x - mu, i.e. rank by
+    q.x - mu.x, a per-item bias (the reason fit_reduction does not centre either); and mu would come
+    from the gallery modality only (the fit set of an index is its gallery's modality) while the
+    queries are the other one. Measured on the Flickr8k dual-encoder embeddings (fit = dev, 512-d and
+    128-d PCA): centring balanced the bits but gave no better R@1/R@10 than uncentred ITQ.
+
+    Trained in numpy rather than with faiss.ITQMatrix (same algorithm, same init_rotation): on the
+    Flickr8k dev captions at 512-d (5120 vectors, 2 cores) ITQMatrix took 55 s and raised the
+    objective sum |V R| from 90331 (the random start) to only 90334, this takes 5 s and reaches
+    98834 (tests/test_codecs.py compares the two). Fit sets above ITQ_MAX_TRAIN_PER_DIM * D rows
+    are subsampled (seeded), as faiss.ITQTransform does.
+    """
+    v = np.ascontiguousarray(fit_vectors, dtype=np.float32)
+    n, dim = v.shape
+    cap = ITQ_MAX_TRAIN_PER_DIM * dim
+    if n > cap:
+        v = v[np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))]
+    rotation = binary_rotation(dim).astype(np.float64)
+    for _ in range(iterations):
+        signs = np.where(v @ rotation.astype(np.float32) > 0, 1.0, -1.0).astype(np.float32)
+        u, _, wt = np.linalg.svd((v.T @ signs).astype(np.float64))
+        rotation = u @ wt
+    return rotation.astype(np.float32)
+
+
+def code_rotation(index, precision):
+    """The rotation applied before taking signs: binary_rotation for `binary`, the learnt one that
+    build_index stored on the index (attribute `sign_rotation`) for `itq`."""
+    rotation = getattr(index, "sign_rotation", None) if index is not None else None
+    if rotation is not None:
+        return rotation
+    if precision == "itq":
+        raise ValueError("itq codes need the index they were built with (its learnt rotation, "
+                         "index.sign_rotation, set by build_index)")
+    return binary_rotation(index.d) if index is not None else None
 
 
 def _sq_type(precision, sq_ranges):
@@ -131,10 +195,10 @@ def unsupported(precision, dim, index_type, params):
         return f"unknown precision {precision!r}"
     if index_type not in INDEX_TYPES:
         return f"unknown index {index_type!r}"
-    if precision == "binary" and dim % 8:
-        return f"binary needs dim divisible by 8, got {dim}"
-    if precision == "pq" and dim % params.get("pq_subdim", 8):
-        return f"pq needs dim divisible by pq_subdim={params.get('pq_subdim', 8)}, got {dim}"
+    if precision in SIGN_CODES and dim % 8:
+        return f"{precision} needs dim divisible by 8, got {dim}"
+    if precision in ("pq", "opq") and dim % params.get("pq_subdim", 8):
+        return f"{precision} needs dim divisible by pq_subdim={params.get('pq_subdim', 8)}, got {dim}"
     return None
 
 
@@ -142,23 +206,30 @@ def index_description(precision, dim, index_type, params, gallery_size):
     """The concrete index (FAISS class / factory string and knobs) for the config record."""
     nlist = ivf_lists(gallery_size, params)
     m = params.get("hnsw_m", 32)
+    pq_m = dim // params.get("pq_subdim", 8)
     base = {"fp32": "Flat", "fp16": "SQfp16", "bf16": "SQbf16",
             "int8": "SQ8" + ("_uniform" if params.get("sq_ranges") == "uniform" else ""),
             "int4": "SQ4" + ("_uniform" if params.get("sq_ranges") == "uniform" else ""),
-            "pq": f"PQ{dim // params.get('pq_subdim', 8)}x8", "binary": "BFlat"}[precision]
-    if precision == "binary":
+            "pq": f"PQ{pq_m}x8", "opq": f"PQ{pq_m}x8", "binary": "BFlat", "itq": "BFlat"}[precision]
+    if precision in SIGN_CODES:
         name = {"flat": "BFlat", "ivf": f"BIVF{nlist}", "hnsw": f"BHNSW{m}"}[index_type]
     else:
         name = {"flat": base, "ivf": f"IVF{nlist},{base}", "hnsw": f"HNSW{m},{base}"}[index_type]
-    out = {"faiss": name, "metric": "hamming" if precision == "binary" else "inner_product"}
+    if precision == "opq":
+        name = f"OPQ{pq_m}," + name  # a valid index_factory string (HNSW: built directly, see make_index)
+    if precision == "itq":
+        name = "ITQ," + name  # not a factory string: the rotation is applied in numpy (itq_rotation)
+    out = {"faiss": name, "metric": "hamming" if precision in SIGN_CODES else "inner_product"}
     if index_type == "ivf":
         out.update(nlist=nlist, nprobe=params.get("nprobe", 16))
     if index_type == "hnsw":
         out.update(hnsw_m=m, ef_search=params.get("ef_search", 64), ef_construction=params.get("ef_construction", 40))
     if precision in ("int8", "int4"):
         out["sq_ranges"] = params.get("sq_ranges", "per_dim")
-    if precision == "pq":
-        out.update(pq_m=dim // params.get("pq_subdim", 8), pq_nbits=8)
+    if precision in ("pq", "opq"):
+        out.update(pq_m=pq_m, pq_nbits=8)
+    if precision == "itq":
+        out.update(itq_iterations=ITQ_ITERATIONS, itq_centred=False)
     return out
 
 
@@ -178,7 +249,9 @@ def make_index(precision, dim, index_type="flat", params=None, gallery_size=1):
     nlist = ivf_lists(gallery_size, params)
     m = params.get("hnsw_m", 32)
     metric = faiss.METRIC_INNER_PRODUCT
-    if precision == "binary":
+    if precision == "opq":
+        return _opq_index(dim, index_type, params, nlist, m)
+    if precision in SIGN_CODES:  # itq: build_index learns the rotation and stores it on the index
         if index_type == "flat":
             return faiss.IndexBinaryFlat(dim)
         if index_type == "ivf":
@@ -192,10 +265,10 @@ def make_index(precision, dim, index_type="flat", params=None, gallery_size=1):
         if precision == "pq":
             return faiss.IndexPQ(dim, dim // params.get("pq_subdim", 8), 8, metric)
         return faiss.IndexScalarQuantizer(dim, _sq_type(precision, params.get("sq_ranges")), metric)
+    if index_type == "hnsw" and precision == "pq":
+        return _hnsw_pq(dim, dim // params.get("pq_subdim", 8), m, params)
     name = index_description(precision, dim, index_type, params, gallery_size)["faiss"]
     name = name.replace("_uniform", "")  # the factory has no uniform SQ names: set the type below
-    if index_type == "hnsw" and precision == "pq":
-        name = name.replace(",", "_")  # HNSW32_PQ64: PQ storage, PQ codes
     index = faiss.index_factory(dim, name, metric)
     if precision in ("int8", "int4"):
         holder = faiss.downcast_index(index.storage) if index_type == "hnsw" else index
@@ -205,14 +278,76 @@ def make_index(precision, dim, index_type="flat", params=None, gallery_size=1):
     return index
 
 
+def _hnsw_pq(dim, pq_m, m, params):
+    # Not index_factory("HNSW32_PQ64" or "HNSW32,PQ64x8"): in FAISS 1.15 the factory builds that
+    # IndexHNSWPQ with METRIC_L2 whatever metric it is given (scores would be distances, smaller =
+    # better). The constructor takes the metric.
+    faiss = _faiss()
+    index = faiss.IndexHNSWPQ(dim, pq_m, m, 8, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = params.get("ef_construction", 40)
+    return index
+
+
+def _opq_index(dim, index_type, params, nlist, m):
+    """OPQ{M} in front of the pq index of the same type (IndexPreTransform).
+
+    Why: PQ quantises each block of pq_subdim coordinates with its own 256 centroids, so its error
+    depends on how the variance is spread over the blocks: with the variance concentrated in a few
+    coordinates (PCA output, or a decaying spectrum) one block gets nearly all of it and the other
+    codebooks are wasted. OPQ (Ge et al., CVPR 2013) learns an orthogonal rotation, alternating with
+    PQ training, that minimises the PQ reconstruction error (it balances variance across the
+    sub-spaces and decorrelates them). Inner products are unchanged by the rotation, so the index
+    scores query . R^T decode(code) and reconstruct returns R^T decode(code).
+    """
+    faiss = _faiss()
+    pq_m = dim // params.get("pq_subdim", 8)
+    opq = faiss.OPQMatrix(dim, pq_m)  # FAISS defaults: 50 iterations, <= 65536 training vectors
+    # The product quantizer OPQ re-trains at each of its iterations: the default one warns for every
+    # sub-space and iteration when there are < 39*256 fit vectors (thousands of lines). The warning
+    # threshold (min_points_per_centroid) changes nothing else; the final PQ still warns once per
+    # sub-space, as `pq` does.
+    inner_pq = faiss.ProductQuantizer(dim, pq_m, 8)
+    inner_pq.cp.min_points_per_centroid = 1
+    opq.pq = inner_pq
+    opq.referenced_objects = [inner_pq]  # opq.pq is a raw pointer: keep the quantizer alive
+    metric = faiss.METRIC_INNER_PRODUCT
+    if index_type == "flat":
+        inner = faiss.IndexPQ(dim, pq_m, 8, metric)
+    elif index_type == "ivf":
+        inner = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_m}x8", metric)
+    else:
+        inner = _hnsw_pq(dim, pq_m, m, params)
+    return faiss.IndexPreTransform(opq, inner)  # the wrapper keeps references to both
+
+
+def core_index(index):
+    """The index inside an IndexPreTransform (opq), else the index itself: where nprobe, efSearch,
+    the direct map and the code size live."""
+    faiss = _faiss()
+    if isinstance(index, faiss.IndexPreTransform):
+        return faiss.downcast_index(index.index)
+    return index
+
+
 def build_index(precision, gallery, fit_vectors, index_type="flat", params=None):
     """Train (on fit_vectors) and fill an index with `gallery`. Returns (index, timings dict)."""
     params = params or {}
     index = make_index(precision, gallery.shape[1], index_type, params, gallery.shape[0])
-    to_codes = sign_bits if precision == "binary" else (lambda x: np.ascontiguousarray(x, dtype=np.float32))
     start = time.perf_counter()
     trained = not index.is_trained
-    if trained:
+    if precision == "itq":
+        # The learnt rotation lives on the index object (FAISS has no field for it): the searcher
+        # binarises queries with it, decoded_gallery / compressed_queries / serialized_bytes read it
+        # (code_rotation). object.__setattr__: FAISS's Python wrapper refuses unknown attributes on
+        # float indexes (a guard against typos such as nprobe on a wrapper) and may on binary ones.
+        object.__setattr__(index, "sign_rotation", itq_rotation(fit_vectors))
+        trained = True
+    if precision in SIGN_CODES:
+        rotation = code_rotation(index, precision)
+        to_codes = functools.partial(sign_bits, rotation=rotation)
+    else:
+        to_codes = functools.partial(np.ascontiguousarray, dtype=np.float32)
+    if not index.is_trained:
         index.train(to_codes(fit_vectors))
     train_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -224,6 +359,10 @@ def build_index(precision, gallery, fit_vectors, index_type="flat", params=None)
 
 
 def set_search_params(index, index_type, params, k):
+    """nprobe (ivf) / efSearch (hnsw) on the index, or on the index inside an opq IndexPreTransform
+    (the wrapper has neither: FAISS 1.15's Python wrapper raises AttributeError, older versions
+    silently add a Python attribute that FAISS never reads)."""
+    index = core_index(index)
     if index_type == "ivf":
         index.nprobe = int(params.get("nprobe", 16))
     elif index_type == "hnsw":
@@ -231,16 +370,45 @@ def set_search_params(index, index_type, params, k):
         index.hnsw.efSearch = int(max(params.get("ef_search", 64), k))
 
 
-def make_searcher(index, precision):
-    """search(queries, k) -> (scores, ids), scores larger = better for every precision."""
-    if precision == "binary":
-        dim = index.d
+class Searcher(NamedTuple):
+    """How a configuration answers queries, in two stages that the sweep times separately.
 
-        def search(queries, k):
-            distances, ids = index.search(sign_bits(queries), k)
+    encode(queries) -> what the index takes: sign bits (binary / itq: rotation then signs), the OPQ
+    rotation (opq), or None when the float query goes in as it is. search(codes, k) -> (scores, ids),
+    scores larger = better for every precision. index: the object searched (the GPU copy on a GPU),
+    where search-time knobs must be set."""
+    encode: Optional[Callable]
+    search: Callable
+    index: object
+
+    def __call__(self, queries, k):
+        """Both stages: float queries -> (scores, ids)."""
+        return self.search(self.encode(queries) if self.encode else queries, k)
+
+
+def make_searcher(index, precision, rotation=None):
+    """The Searcher of a built index. rotation: binary/itq only, the rotation applied before taking
+    signs; None = code_rotation(index)."""
+    if precision in SIGN_CODES:
+        dim = index.d
+        rotation = code_rotation(index, precision) if rotation is None else rotation
+
+        def search(codes, k):
+            distances, ids = index.search(codes, k)
             return dim - 2 * distances.astype(np.float32), ids
-        return search
-    return index.search
+        return Searcher(functools.partial(sign_bits, rotation=rotation), search, index)
+    faiss = _faiss()
+    if isinstance(index, faiss.IndexPreTransform):
+        # OPQ: the rotation is the query's side of the codec, so it is its own (timed) stage.
+        core = core_index(index)
+        transforms = [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
+
+        def encode(queries):
+            for transform in transforms:
+                queries = transform.apply(queries)
+            return queries
+        return Searcher(encode, core.search, core)
+    return Searcher(None, index.search, index)
 
 
 def device_searcher(index, precision, device):
@@ -251,9 +419,12 @@ def device_searcher(index, precision, device):
         if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:  # faiss-cpu has neither
             try:
                 resources = faiss.StandardGpuResources()
-                if precision == "binary":
-                    return make_searcher(faiss.index_binary_cpu_to_gpu(resources, 0, index), precision)
-                return make_searcher(faiss.index_cpu_to_gpu(resources, 0, index), precision)
+                if precision in SIGN_CODES:
+                    return make_searcher(faiss.index_binary_cpu_to_gpu(resources, 0, index), precision,
+                                         rotation=code_rotation(index, precision))  # itq: the learnt one
+                gpu = faiss.index_cpu_to_gpu(resources, 0, index)
+                # The whole (pre-transformed) index on the GPU: one stage, searched as it is.
+                return Searcher(None, gpu.search, gpu)
             except (RuntimeError, AttributeError) as e:  # e.g. an index type without a GPU version
                 print(f"note: {type(index).__name__} stays on the CPU ({e})")
     return make_searcher(index, precision)
@@ -261,20 +432,24 @@ def device_searcher(index, precision, device):
 
 def decoded_gallery(index, precision, gallery):
     """The gallery as the index scores it (see module docstring); float32 [N, D]."""
-    if precision == "binary":
-        return binary_signs(gallery)
+    if precision in SIGN_CODES:
+        return binary_signs(gallery, code_rotation(index, precision))
     if precision == "fp32":
         return np.ascontiguousarray(gallery, dtype=np.float32)
     faiss = _faiss()
-    if isinstance(index, faiss.IndexIVF):
-        index.make_direct_map()
-    return index.reconstruct_n(0, index.ntotal)
+    core = core_index(index)
+    if isinstance(core, faiss.IndexIVF):
+        core.make_direct_map()
+    return index.reconstruct_n(0, index.ntotal)  # opq: IndexPreTransform applies R^T after decoding
 
 
-def compressed_queries(precision, queries):
-    """The query side of the compressed score: binarised for binary, unchanged otherwise."""
-    if precision == "binary":
-        return binary_signs(queries)
+def compressed_queries(precision, queries, index=None):
+    """The query side of the compressed score: binarised for binary/itq, unchanged otherwise.
+
+    itq needs `index` (the rotation is learnt per index); binary uses it when given.
+    """
+    if precision in SIGN_CODES:
+        return binary_signs(queries, code_rotation(index, precision))
     return queries
 
 
@@ -328,102 +503,31 @@ def overlap_at_k(found, reference, k):
     return float(100.0 * hits.any(axis=1).sum(axis=1).mean() / k)
 
 
-# ----------------------------------------------------------------------------- timing
-
-def batches(queries, batch_size):
-    """Contiguous query batches, cut once so the timed loop does nothing but search."""
-    return [np.ascontiguousarray(queries[s:s + batch_size]) for s in range(0, queries.shape[0], batch_size)]
-
-
-def time_batches(step, num_batches, num_queries, min_time=0.1, warmup=1):
-    """Call step(i) for every batch i = 0..num_batches-1, in whole passes, until min_time seconds.
-
-    The first `warmup` batches run once untimed (page faults, thread pool start-up, lazy tables).
-    Whole passes only, so every query counts the same number of times; step can keep its last
-    result, so the timed pass also yields the lists that are evaluated (no second search).
-    """
-    for i in range(min(warmup, num_batches)):
-        step(i)
-    passes, elapsed = 0, 0.0
-    clock = time.perf_counter
-    while passes == 0 or elapsed < min_time:
-        start = clock()
-        for i in range(num_batches):
-            step(i)
-        elapsed += clock() - start
-        passes += 1
-    return {"qps": passes * num_queries / elapsed, "seconds": elapsed, "passes": passes,
-            "queries_per_pass": num_queries}
-
-
-def latency_ms(step, queries, sample=100, seed=0, threads=1):
-    """Single-query latency percentiles (ms) over a seeded sample of queries (one warm-up call).
-
-    Runs with `threads` FAISS threads (0 = unchanged), then restores the previous count. One thread
-    by default: a single query cannot use more, and OpenMP start-up/barriers on a busy machine
-    otherwise dominate (measured here: 0.06 ms with 1 thread vs 11 ms with 2 for one SQ8 query).
-    """
-    previous = set_threads(0)
-    if threads:
-        set_threads(threads)
-    try:
-        return _latency(step, queries, sample, seed)
-    finally:
-        set_threads(previous)
-
-
-def _latency(step, queries, sample, seed):
-    rng = np.random.default_rng(seed)
-    rows = rng.choice(queries.shape[0], size=min(sample, queries.shape[0]), replace=False)
-    singles = [np.ascontiguousarray(queries[r:r + 1]) for r in rows]
-    step(singles[0])
-    times = np.empty(len(singles))
-    clock = time.perf_counter
-    for i, query in enumerate(singles):
-        start = clock()
-        step(query)
-        times[i] = clock() - start
-    p50, p95, p99 = np.percentile(times * 1000.0, [50, 95, 99])
-    return {"latency_p50_ms": float(p50), "latency_p95_ms": float(p95), "latency_p99_ms": float(p99),
-            "latency_queries": len(singles)}
-
-
 # ----------------------------------------------------------------------------- memory
 
 def serialized_bytes(index):
+    """Bytes of the serialised index. opq: faiss.serialize_index of the IndexPreTransform (the OPQ
+    matrix is in it). itq: the binary index plus the float32 [D, D] learnt rotation, which the
+    searcher needs and FAISS does not store; binary's fixed rotation is not counted (it is
+    regenerated from its seed)."""
     faiss = _faiss()
     if isinstance(index, faiss.IndexBinary):
-        return int(faiss.serialize_index_binary(index).size)
+        rotation = getattr(index, "sign_rotation", None)
+        extra = 0 if rotation is None else int(np.asarray(rotation, dtype=np.float32).nbytes)
+        return int(faiss.serialize_index_binary(index).size) + extra
     return int(faiss.serialize_index(index).size)
 
 
 def bytes_per_vector(index, precision, dim):
     """Bytes of the stored code per vector (excludes graph links / inverted-list ids)."""
-    if precision == "binary":
+    if precision in SIGN_CODES:
         return dim // 8
     if precision == "fp32":
         return 4 * dim
     faiss = _faiss()
+    index = core_index(index)  # opq: the PQ code behind the rotation (M bytes)
     if isinstance(index, faiss.IndexIVF):
         return int(index.code_size)  # sa_code_size would add the list number
     if isinstance(index, faiss.IndexHNSW):
         return int(faiss.downcast_index(index.storage).sa_code_size())
     return int(index.sa_code_size())
-
-
-def peak_rss_bytes():
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def set_threads(threads):
-    """Set FAISS's OpenMP threads (0 = leave the default); returns the count in force."""
-    faiss = _faiss()
-    if threads:
-        faiss.omp_set_num_threads(int(threads))
-    return int(faiss.omp_get_max_threads())
-
-
-def cpu_threads_available():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -16,16 +16,10 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from retrieval.analysis import completed, main_runs, pareto_frontier, recall_columns, speed_column  # noqa: E402
-from retrieval.indexes import PRECISIONS  # noqa: E402
+from retrieval.analysis import (SEARCH_KNOB, completed, family_label, index_label, main_runs,  # noqa: E402
+                                pareto_frontier, precision_order, recall_columns, speed_column)
 from retrieval.io import atomic_path  # noqa: E402
 from retrieval.metrics import DIRECTION_NAMES  # noqa: E402
-
-
-def precision_order(values):
-    values = list(dict.fromkeys(values))
-    known = [p for p in PRECISIONS if p in values]
-    return known + sorted(v for v in values if v not in known)
 
 
 def palette(precisions):
@@ -50,7 +44,8 @@ def _plain_ticks(ax, axis="x"):
         # 1-2-5 ticks when the axis spans under two decades; more would crowd the labels.
         wide = low > 0 and high / low >= 100
         target.set_major_locator(LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
-    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,g}"))
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 and float(v).is_integer()
+                                             else f"{v:,g}"))
     target.set_minor_formatter(NullFormatter())
 
 
@@ -59,6 +54,18 @@ def _save(fig, path):
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _error(data, col):
+    """yerr [2, n] from the bootstrap columns of `col` (None when the runs have no intervals): the distance
+    from the value down to the interval's low end and up to its high end, never negative."""
+    low, high = f"{col}_ci_low", f"{col}_ci_high"
+    if low not in data or not data[low].notna().any():
+        return None
+    values = data[col].to_numpy(dtype=float)
+    below = np.clip(values - data[low].to_numpy(dtype=float), 0, None)
+    above = np.clip(data[high].to_numpy(dtype=float) - values, 0, None)
+    return np.nan_to_num(np.vstack([below, above]))
 
 
 def _directions(recall_cols):
@@ -90,17 +97,24 @@ def recall_vs_cost(main, recall_k, cost, path, title, xlabel, lower_is_better=Tr
                                                                     direction)
         points = data.dropna(subset=[col, cost])
         for (precision, dim), part in points.groupby(["precision", "dim"], sort=False):
+            ax.errorbar(part[cost], part[col], yerr=_error(part, col), fmt="none", ecolor=colours[precision],
+                        elinewidth=0.9, alpha=0.7)
             ax.scatter(part[cost], part[col], color=colours[precision], marker=markers.get(dim, "o"),
-                       s=46, alpha=0.85, edgecolor="black", linewidth=0.4)
+                       s=46, alpha=0.85, edgecolor="black", linewidth=0.4, zorder=3)
         front = pareto_frontier(points, cost, col, lower_cost_is_better=lower_is_better)
         if len(front):
             # 'post': from each frontier point to the next one, its recall is the best on offer.
             ax.step(front[cost], front[col], where="post", color="black",
                     linewidth=1.3, label="Pareto frontier")
+        if cost == "bytes_per_vector":
+            _total_memory(ax, points, col, colours)
         exact = points[points["exact"]]
         if len(exact):
             ax.axhline(exact[col].max(), color="grey", linestyle="--", linewidth=1, label="fp32 exact")
-        _log_if_wide(ax, points[cost], "x", base=2 if cost == "bytes_per_vector" else 10)
+        spread = points[cost]
+        if cost == "bytes_per_vector":  # the hollow total-memory points share the axis
+            spread = pd.concat([spread, points["total_bytes_per_vector"]])
+        _log_if_wide(ax, spread, "x", base=2 if cost == "bytes_per_vector" else 10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{_metric_name(col)} (%)")
         ax.set_title(_metric_name(col))
@@ -110,10 +124,31 @@ def recall_vs_cost(main, recall_k, cost, path, title, xlabel, lower_is_better=Tr
     handles += [plt.Line2D([], [], color="grey", marker=markers[d], linestyle="", label=f"{int(d)}-d") for d in dims]
     handles += [plt.Line2D([], [], color="black", label="Pareto frontier"),
                 plt.Line2D([], [], color="grey", linestyle="--", label="fp32 exact")]
+    if cost == "bytes_per_vector" and (data["total_bytes_per_vector"] > data["bytes_per_vector"]).any():
+        handles += [plt.Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle=":",
+                               label="same run, + re-rank vectors"),
+                    plt.Line2D([], [], color="black", linestyle="--", label="frontier, index + re-rank vectors")]
+    if _error(data, f"{directions[0]}_R@{recall_k}") is not None:
+        handles.append(plt.Line2D([], [], color="grey", marker="|", linestyle="", markersize=12,
+                                  label="bootstrap interval"))
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="precision / dim")
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _total_memory(ax, points, col, colours):
+    """Re-ranked runs again at their total memory (index + fp32 re-rank vectors): hollow markers joined to
+    the index-only point, and the Pareto frontier of that total as a dashed line."""
+    moved = points[points["total_bytes_per_vector"] > points["bytes_per_vector"]]
+    if len(moved):
+        ax.hlines(moved[col], moved["bytes_per_vector"], moved["total_bytes_per_vector"], color="grey",
+                  linestyle=":", linewidth=0.6)
+        ax.scatter(moved["total_bytes_per_vector"], moved[col], facecolor="none", s=40, linewidth=1.0, zorder=3,
+                   edgecolor=[colours[p] for p in moved["precision"]])
+        front = pareto_frontier(points, "total_bytes_per_vector", col)
+        ax.step(front["total_bytes_per_vector"], front[col], where="post", color="black", linestyle="--",
+                linewidth=1.0)
 
 
 def heatmap_dim_precision(main, recall_k, path, title):
@@ -166,8 +201,11 @@ def _candidate_order(frame):
 def candidates_plot(main, recall_k, path, title):
     """Recall and p50 latency vs candidate size C (re-ranked runs), one line per precision, a row per dim.
 
-    Dotted lines: the same precision without re-ranking; dashed grey: fp32 exact.
+    Dotted lines: the same precision without re-ranking; dashed grey: fp32 exact. Flat indexes only when
+    there are re-ranked flat runs (IVF / HNSW runs at several knob values would zigzag; knob_curves shows them).
     """
+    flat = main[main["index"].fillna("flat") == "flat"]
+    main = flat if flat["rerank"].any() else main
     reranked = main[main["rerank"]].dropna(subset=["candidate_size"])
     if reranked.empty:
         return None
@@ -186,7 +224,8 @@ def candidates_plot(main, recall_k, path, title):
                 part = part.dropna(subset=[col]).sort_values("candidate_size")
                 if part.empty:
                     continue
-                ax.plot(part["candidate_size"], part[col], marker="o", color=colours[precision], label=precision)
+                ax.errorbar(part["candidate_size"], part[col], yerr=_error(part, col), marker="o",
+                            color=colours[precision], label=precision, capsize=2, elinewidth=0.8)
                 plain = main[(main["dim"] == dim) & (main["precision"] == precision) & ~main["rerank"]
                              & ~main["exact"]].dropna(subset=[col])
                 if len(plain):
@@ -231,8 +270,7 @@ def retention_bars(main, recall_k, path, title):
     colours = dict(zip(dims, sns.color_palette("crest", n_colors=len(dims))))
     # Zoom on the range the bars span (bars do not start at 0; the axis says where they start).
     kept = data[[f"retention_{d}_R@{recall_k}" for d in directions]].to_numpy(dtype=float)
-    lowest = max(0.0, 10 * math.floor((np.nanmin(kept) - 2) / 10))
-    highest = np.nanmax(kept)
+    bottom, highest = np.nanmin(kept), np.nanmax(kept)
     for c, direction in enumerate(directions):
         col = f"retention_{direction}_R@{recall_k}"
         for r, cand in enumerate(candidates):
@@ -240,22 +278,45 @@ def retention_bars(main, recall_k, path, title):
             part = data[data["candidate"] == cand].dropna(subset=[col])
             width = 0.8 / max(1, len(dims))
             for i, dim in enumerate(dims):
-                values = [part[(part["precision"] == p) & (part["dim"] == dim)][col].max() for p in precisions]
+                cells = [part[(part["precision"] == p) & (part["dim"] == dim)] for p in precisions]
+                best = [cell.loc[cell[col].idxmax()] if len(cell) else None for cell in cells]
+                values = [np.nan if row is None else row[col] for row in best]
+                errors = _retention_error(best, col[len("retention_"):])
                 ax.bar(np.arange(len(precisions)) + (i - (len(dims) - 1) / 2) * width, values, width,
-                       color=colours[dim], label=f"{dim}-d")
+                       color=colours[dim], label=f"{dim}-d", yerr=errors, error_kw={"elinewidth": 0.8, "capsize": 2})
+                if errors is not None:
+                    highest = np.nanmax([highest, *(np.asarray(values, dtype=float) + errors[1])])
+                    bottom = np.nanmin([bottom, *(np.asarray(values, dtype=float) - errors[0])])
             ax.axhline(100, color="grey", linestyle="--", linewidth=1)
-            ax.set_ylim(lowest, max(101.0, highest + 1))
             ax.set_xticks(np.arange(len(precisions)), precisions, rotation=30)
             ax.set_title(f"{DIRECTION_NAMES[direction]}, {cand}", fontsize=10)
             ax.set_ylabel(f"R@{recall_k} kept (% of fp32 exact)" if c == 0 else "")
             ax.set_xlabel("precision" if r == len(candidates) - 1 else "")
             ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].set_ylim(max(0.0, 10 * math.floor((bottom - 2) / 10)), max(101.0, highest + 1))  # shared by all panels
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[d], label=f"{d}-d") for d in dims]
     handles.append(plt.Line2D([], [], color="grey", linestyle="--", label="fp32 exact = 100%"))
+    if highest > np.nanmax(kept):
+        handles.append(plt.Line2D([], [], color="black", marker="|", linestyle="", markersize=10,
+                                  label="interval of the difference\nto fp32, in % of fp32"))
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="dim")
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _retention_error(rows, metric):
+    """yerr of retention bars: the paired interval of the difference to fp32, in % of the fp32 value
+    (None when no bar has one)."""
+    errors = np.zeros((2, len(rows)))
+    for i, row in enumerate(rows):
+        if row is None or pd.isna(row.get(f"{metric}_delta_ci_low")) or pd.isna(row.get(f"{metric}_delta")):
+            continue
+        base = row[metric] - row[f"{metric}_delta"]
+        if base:
+            errors[:, i] = [100 * (row[f"{metric}_delta"] - row[f"{metric}_delta_ci_low"]) / base,
+                            100 * (row[f"{metric}_delta_ci_high"] - row[f"{metric}_delta"]) / base]
+    return np.clip(errors, 0, None) if errors.any() else None
 
 
 def scaling_plot(done, recall_k, path, title, max_lines=10):
@@ -296,6 +357,70 @@ def scaling_plot(done, recall_k, path, title, max_lines=10):
     return _save(fig, path)
 
 
+def knob_lines(main):
+    """{line name: runs} for IVF / HNSW runs, one line per index, precision, dim, candidate setting and build
+    knob through the search knob's values (nprobe / ef_search); only lines with >= 2 values."""
+    graphs = main[main["index"].isin(list(SEARCH_KNOB))]
+    lines = {}
+    for _, row in graphs.iterrows():
+        name = f"{family_label(row)} {row['candidate']}{index_label(row, search_knob=False)}"
+        lines.setdefault(name, []).append(row)
+    out = {}
+    for name, rows in lines.items():
+        part = pd.DataFrame(rows)
+        knob = SEARCH_KNOB[part["index"].iloc[0]]
+        if part[knob].nunique() >= 2:
+            out[name] = part.sort_values(knob)
+    return out
+
+
+def knob_curves(main, recall_k, cost, path, title, xlabel):
+    """R@K against batch QPS or p50 latency along the search knob (one line per knob_lines entry, knob values
+    written at the points), with the flat indexes as reference points; one panel per direction."""
+    lines = knob_lines(main)
+    directions = [d for d in _directions(main.columns) if f"{d}_R@{recall_k}" in main]
+    if not lines or not directions:
+        return None
+    colours = palette(main["precision"].unique())
+    dims = sorted(main["dim"].dropna().unique(), reverse=True)
+    markers = dict(zip(dims, ["o", "s", "^", "D", "v", "P", "X", "*"] * 4))
+    styles = {"ivf": "-", "hnsw": "--"}
+    fig, axes = plt.subplots(1, len(directions), figsize=(6.4 * len(directions), 4.8), squeeze=False)
+    for ax, direction in zip(axes[0], directions):
+        col, x = f"{direction}_R@{recall_k}", speed_column(main, cost, direction)
+        for part in lines.values():
+            part = part.dropna(subset=[col, x])
+            index = part["index"].iloc[0] if len(part) else None
+            if part.empty:
+                continue
+            precision, dim = part["precision"].iloc[0], part["dim"].iloc[0]
+            ax.errorbar(part[x], part[col], yerr=_error(part, col), color=colours[precision],
+                        linestyle=styles.get(index, "-"), marker=markers.get(dim, "o"), markersize=5,
+                        capsize=2, elinewidth=0.8)
+            if len(lines) <= 12:
+                for _, row in part.iterrows():
+                    ax.annotate(f"{int(row[SEARCH_KNOB[index]])}", (row[x], row[col]), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3))
+        flat = main[main["index"].fillna("flat") == "flat"].dropna(subset=[col, x])
+        for precision, part in flat.groupby("precision", sort=False):
+            ax.errorbar(part[x], part[col], yerr=_error(part, col), fmt="X", color=colours[precision],
+                        markersize=7, markeredgecolor="black", markeredgewidth=0.4, elinewidth=0.8)
+        _log_if_wide(ax, main[x], "x")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{_metric_name(col)} (%)")
+        ax.set_title(_metric_name(col))
+        ax.grid(True, which="major", alpha=0.3)
+    handles = [plt.Line2D([], [], color=colours[p], marker="o", linestyle="", label=p) for p in colours]
+    handles += [plt.Line2D([], [], color="grey", marker=markers[d], linestyle="", label=f"{int(d)}-d") for d in dims]
+    handles += [plt.Line2D([], [], color="black", linestyle=styles[i], label=f"{i}, along {SEARCH_KNOB[i]}")
+                for i in styles if (main["index"] == i).any()]
+    handles.append(plt.Line2D([], [], color="grey", marker="X", linestyle="", label="flat index"))
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="precision / dim / index")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def group_plots(group, frame, plots_dir, recall_k=None):
     """All plots of one group into plots_dir/<group>/; returns [(title, path), ...] of those written."""
     done, main = completed(frame), main_runs(frame, group["main_gallery_size"])
@@ -311,7 +436,7 @@ def group_plots(group, frame, plots_dir, recall_k=None):
     jobs = [
         ("Recall vs memory", lambda p: recall_vs_cost(
             main, k, "bytes_per_vector", p, f"R@{k} vs memory per vector ({source}{gallery})",
-            "index memory per vector (bytes, log scale)"), "recall_vs_memory.png"),
+            "memory per vector (bytes): index (filled), index + re-rank vectors (hollow)"), "recall_vs_memory.png"),
         ("Recall vs batch throughput", lambda p: recall_vs_cost(
             main, k, "qps", p, f"R@{k} vs batch throughput ({source}{gallery})",
             "batch throughput (queries/s)", lower_is_better=False), "recall_vs_qps.png"),
@@ -328,6 +453,12 @@ def group_plots(group, frame, plots_dir, recall_k=None):
             main, k, p, f"R@{k} kept vs fp32 exact ({source}{gallery})"), "retention.png"),
         ("Gallery-size scaling", lambda p: scaling_plot(
             done, k, p, f"Scaling with gallery size ({source})"), "scaling.png"),
+        ("Recall vs batch throughput along the index knobs", lambda p: knob_curves(
+            main, k, "qps", p, f"R@{k} vs batch throughput, IVF nprobe / HNSW ef_search ({source}{gallery})",
+            "batch throughput (queries/s)"), "knobs_recall_vs_qps.png"),
+        ("Recall vs single-query latency along the index knobs", lambda p: knob_curves(
+            main, k, "latency_p50_ms", p, f"R@{k} vs single-query p50 latency, IVF nprobe / HNSW ef_search "
+            f"({source}{gallery})", "single-query p50 latency (ms)"), "knobs_recall_vs_latency.png"),
     ]
     written = []
     for title, make, name in jobs:

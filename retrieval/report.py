@@ -25,6 +25,65 @@ def _name(metric):
     return metric.replace("_", " ")
 
 
+def _unit(metric):
+    """R@K and RSUM are in percentage points; MRR (0..1) has no unit."""
+    return "" if metric.endswith("MRR") else " points"
+
+
+def _level(group):
+    """'95%' when the group's runs have bootstrap intervals at that confidence, else None."""
+    confidence = (group.get("intervals") or {}).get("confidence")
+    return f"{100 * confidence:g}%" if confidence else None
+
+
+def _decimals(value=None, base=None, *differences):
+    """Decimals (1-4) at which the printed difference of two printed values equals the printed difference
+    (never 'from 15.8 to 15.8 (-0.1)') and no non-zero difference or interval bound prints as 0."""
+    for digits in range(1, 5):
+        shown = None if value is None or base is None else round(value, digits) - round(base, digits)
+        if shown is not None and abs(shown - round(value - base, digits)) > 0.5 * 10 ** -digits:
+            continue
+        if any(x is not None and x != 0 and round(x, digits) == 0 for x in differences):
+            continue
+        return digits
+    return 4
+
+
+def _inside(low, high):
+    return low <= 0 <= high
+
+
+def _verdict(delta, low, high, level, reference, metric, digits):
+    """'indistinguishable from fp32 at 95%: -0.30 points, interval -0.90 to +0.40' (above / below when the
+    interval of the paired difference excludes 0)."""
+    if _inside(low, high):
+        word = f"indistinguishable from {reference} at {level}"
+    else:
+        word = f"{'above' if low > 0 else 'below'} {reference} at {level}"
+    if low == high == delta:  # the runs differ the same way on every image, or not at all
+        return f"{word}: {delta:+.{digits}f}{_unit(metric)} on every resample"
+    return f"{word}: {delta:+.{digits}f}{_unit(metric)}, interval {low:+.{digits}f} to {high:+.{digits}f}"
+
+
+def _has_interval(row, prefix="delta"):
+    return row.get(f"{prefix}_ci_low") is not None and row.get(f"{prefix}_ci_high") is not None
+
+
+def _value_with_interval(value, low, high, level, digits=1):
+    """'50.0 (95% interval 45.1 to 55.0)', or the value alone without an interval."""
+    if low is None or high is None or level is None:
+        return _fmt(value, digits)
+    return f"{_fmt(value, digits)} ({level} interval {_fmt(low, digits)} to {_fmt(high, digits)})"
+
+
+def _percent(retention, value, base):
+    """Retention with the decimals that keep a real difference off '100.0%'."""
+    digits = 1
+    while digits < 4 and value != base and round(retention, digits) == 100:
+        digits += 1
+    return _fmt(retention, digits)
+
+
 # ----------------------------------------------------------------------------- findings
 
 def findings(group):
@@ -47,7 +106,8 @@ def _baseline_sentences(group):
     at_gallery = f" (gallery of {gallery:,} items)" if gallery else ""
     out = []
     for base in group["baseline"]:
-        metrics = ", ".join(f"{_name(m)} {_fmt(base[m])}" for m in group["recall_metrics"] if base[m] is not None)
+        metrics = ", ".join(f"{_name(m)} {_with_interval(base, m, group)}"
+                            for m in group["recall_metrics"] if base[m] is not None)
         rsum = f", RSUM {_fmt(base['RSUM'])}" if base.get("RSUM") is not None else ""
         speeds = [f"{DIRECTION_NAMES[d]} {_fmt(base[f'{d}_qps'], 0)} queries/s batch, p50 "
                   f"{_fmt(base[f'{d}_latency_p50_ms'], 3)} ms per single query"
@@ -60,13 +120,16 @@ def _baseline_sentences(group):
     return out
 
 
+def _with_interval(row, metric, group):
+    return _value_with_interval(row[metric], row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high"), _level(group))
+
+
 def _frontier_sentences(group):
     """What each step down the memory frontier costs in the head metric, and what it does to speed."""
-    name, out = _name(group["head_metric"]), []
+    out = []
     for row in group["memory_frontier"]:
         memory = None if row["memory_fraction"] is None else 100 * row["memory_fraction"]
-        sentence = (f"{row['label']} keeps {_fmt(row['retention'])}% of fp32 {name} "
-                    f"({_fmt(row['value'])} vs {_fmt(row['baseline_value'])}) at {_fmt(memory)}% of the memory "
+        sentence = (f"{_quality_phrase(row, group)} at {_fmt(memory)}% of the memory "
                     f"({_bytes(row['bytes_per_vector'])} vs {_bytes(row['baseline_bytes_per_vector'])} bytes/vector)")
         if row["rerank"] and row["dim"] is not None:
             # The index alone is not all a two-stage search needs: stage 2 reads the fp32 vectors.
@@ -78,6 +141,24 @@ def _frontier_sentences(group):
         speed = _speed_phrase(row)
         out.append(sentence + (f"; {speed}." if speed else "."))
     return out
+
+
+def _quality_phrase(row, group):
+    """'<label> keeps 99.1% of fp32 t2i R@1 (49.55 vs 50.00; below fp32 at 95%: ...)'; a difference inside
+    the interval is 'no measurable loss' (also when retention is above 100%), never a gain."""
+    name, label, metric = _name(group["head_metric"]), row["label"], group["head_metric"]
+    value, base = row["value"], row["baseline_value"]
+    if not _has_interval(row) or _level(group) is None or row["delta"] is None:
+        return (f"{label} keeps {_fmt(row['retention'])}% of fp32 {name} "
+                f"({_fmt(value)} vs {_fmt(base)})")
+    digits = _decimals(value, base, row["delta"], row["delta_ci_low"], row["delta_ci_high"])
+    verdict = _verdict(row["delta"], row["delta_ci_low"], row["delta_ci_high"], _level(group), "fp32", metric, digits)
+    pair = f"{_fmt(value, digits)} vs {_fmt(base, digits)}"
+    if _inside(row["delta_ci_low"], row["delta_ci_high"]):
+        return f"{label} shows no measurable loss of fp32 {name} ({pair}; {verdict})"
+    if row["delta_ci_low"] > 0:
+        return f"{label} scores above fp32 {name} ({pair}; {verdict})"
+    return f"{label} keeps {_percent(row['retention'], value, base)}% of fp32 {name} ({pair}; {verdict})"
 
 
 def _speed_phrase(row):
@@ -98,23 +179,48 @@ def _speed_phrase(row):
 def _reranking_sentences(group):
     name, out = _name(group["head_metric"]), []
     for row in group["reranking"]:
-        gain, before, after = row["gain"], _fmt(row["plain_value"]), _fmt(row["best_value"])
-        # Below the printed precision a gain would read "+0.0 points"; say so instead.
-        change = (f"{'raises' if gain > 0 else 'lowers'} {name} from {before} to {after} ({gain:+.1f} points)"
-                  if abs(gain) >= 0.05 else f"changes {name} by less than 0.05 points ({before})")
+        whole = f", which covers the whole gallery of {int(row['gallery_size']):,}" if row["covers_gallery"] else ""
         stage1 = (f"; the true item was among the {int(row['candidate_size'])} stage-1 candidates for "
                   f"{_fmt(row['stage1_recall'])}% of queries" if row["stage1_recall"] is not None else "")
-        whole = f", which covers the whole gallery of {int(row['gallery_size']):,}" if row["covers_gallery"] else ""
-        out.append(f"Re-ranking {row['precision']} {int(row['dim'])}-d with fp32 vectors "
-                   f"(best C={int(row['candidate_size'])}{whole}) {change}{stage1}.")
+        what = f"{row['precision']} {int(row['dim'])}-d{row.get('index_label') or ''}"
+        out.append(f"Re-ranking {what} with fp32 vectors (best C={int(row['candidate_size'])}{whole}) "
+                   f"{_gain_phrase(row, group, name)}{stage1}.")
     return out
 
 
+def _gain_phrase(row, group, name):
+    """'raises t2i R@1 from 45.0 to 50.0 (+5.0 points; above no re-ranking at 95%: ...)'."""
+    gain, level = row["gain"], _level(group)
+    interval = _has_interval(row, "gain") and level is not None
+    digits = _decimals(row["best_value"], row["plain_value"], gain,
+                       *((row["gain_ci_low"], row["gain_ci_high"]) if interval else ()))
+    before, after = _fmt(row["plain_value"], digits), _fmt(row["best_value"], digits)
+    if gain == 0:
+        return f"leaves {name} at {before}" + (f" (interval of the change {row['gain_ci_low']:+.{digits}f} to "
+                                                f"{row['gain_ci_high']:+.{digits}f})" if interval else "")
+    if not interval:
+        return f"{'raises' if gain > 0 else 'lowers'} {name} from {before} to {after} ({gain:+.{digits}f} points)"
+    verdict = _verdict(gain, row["gain_ci_low"], row["gain_ci_high"], level, "no re-ranking", group["head_metric"],
+                       digits)
+    verb = "changes" if _inside(row["gain_ci_low"], row["gain_ci_high"]) else ("raises" if gain > 0 else "lowers")
+    return f"{verb} {name} from {before} to {after} ({verdict})"
+
+
 def _dim_reduction_sentences(group):
-    name = _name(group["head_metric"])
-    return [f"Reducing {int(row['native_dim'])} to {int(row['dim'])} dims ({row['dim_method']}, fp32, no "
-            f"re-ranking) keeps {_fmt(row['retention'])}% of {name} ({_fmt(row['value'])})."
-            for row in group["dim_reduction"]]
+    name, out, level = _name(group["head_metric"]), [], _level(group)
+    for row in group["dim_reduction"]:
+        start = (f"Reducing {int(row['native_dim'])} to {int(row['dim'])} dims ({row['dim_method']}, fp32, no "
+                 f"re-ranking)")
+        if not _has_interval(row) or level is None or row["delta"] is None:
+            out.append(f"{start} keeps {_fmt(row['retention'])}% of {name} ({_fmt(row['value'])}).")
+            continue
+        digits = _decimals(None, None, row["delta"], row["delta_ci_low"], row["delta_ci_high"])
+        verdict = _verdict(row["delta"], row["delta_ci_low"], row["delta_ci_high"], level, "fp32",
+                           group["head_metric"], digits)
+        kept = ("shows no measurable loss of" if _inside(row["delta_ci_low"], row["delta_ci_high"])
+                else f"keeps {_percent(row['retention'], row['value'], row['value'] - row['delta'])}% of")
+        out.append(f"{start} {kept} {name} ({_fmt(row['value'], digits)}; {verdict}).")
+    return out
 
 
 def _budget_sentences(group, said):
@@ -124,8 +230,10 @@ def _budget_sentences(group, said):
         if budget["run_id"] == previous:
             continue  # a larger budget that buys nothing better adds no information
         previous = budget["run_id"]
-        out.append(f"Within {_bytes(budget['budget_bytes_per_vector'])} bytes/vector the best "
-                   f"{_name(group['primary_metric'])} is {_fmt(budget['value'])} ({budget['label']}, "
+        value = _value_with_interval(budget["value"], budget.get("value_ci_low"), budget.get("value_ci_high"),
+                                     _level(group))
+        out.append(f"Within {_bytes(budget['budget_bytes_per_vector'])} bytes/vector of index the best "
+                   f"{_name(group['primary_metric'])} is {value} ({budget['label']}, "
                    f"{_bytes(budget['bytes_per_vector'])} bytes/vector).")
         if said + len(out) > 60:
             break  # the budget table in the report lists the rest
@@ -134,13 +242,22 @@ def _budget_sentences(group, said):
 
 def _scaling_sentences(group):
     """Per configuration in the scaling table: its smallest gallery against its largest."""
-    head, out = group["head_metric"], []
+    head, out, level = group["head_metric"], [], _level(group)
     for label, rows in itertools.groupby(group["scaling"], key=lambda row: row["label"]):
         rows = list(rows)
         first, last = rows[0], rows[-1]
+        interval = _has_interval(last, "change") and level is not None and last.get("change") is not None
+        digits = _decimals(last[head], first[head],
+                           *((last["change"], last["change_ci_low"], last["change_ci_high"]) if interval else ()))
+        change = ""
+        if interval:
+            reference = f"the {int(first['gallery_size']):,}-item gallery"
+            verdict = _verdict(last["change"], last["change_ci_low"], last["change_ci_high"], level, reference, head,
+                               digits)
+            change = f" ({verdict})"
         out.append(f"{label}: growing the gallery from {int(first['gallery_size']):,} to "
-                   f"{int(last['gallery_size']):,} items moves {_name(head)} from {_fmt(first[head])} to "
-                   f"{_fmt(last[head])} and batch throughput from {_fmt(first['qps'], 0)} to "
+                   f"{int(last['gallery_size']):,} items moves {_name(head)} from {_fmt(first[head], digits)} to "
+                   f"{_fmt(last[head], digits)}{change} and batch throughput from {_fmt(first['qps'], 0)} to "
                    f"{_fmt(last['qps'], 0)} queries/s.")
     return out
 
@@ -157,6 +274,119 @@ def _caveats(group):
             out.append(f"Runs disagree on {key} ({', '.join(map(str, group['environment'][key]))}): speed "
                        f"numbers from different settings are not directly comparable.")
     return out
+
+
+# ----------------------------------------------------------------------------- the summary section
+
+def summary_sentences(group, summary):
+    """The short answer that opens a group: the baseline with its interval, what the intervals cover, the
+    default operating points (95 / 99 / 99.5% of fp32) and the requested one."""
+    if not group["runs_completed"]:
+        return ["No completed runs in this group."]
+    out = _baseline_sentences(group) + _interval_sentences(group, summary)
+    out += _default_point_sentences(group) + _operating_point_sentences(group, summary)
+    if group["head_metric"] is not None:
+        out.append("Memory: 'index' is the compressed codes (bytes_per_vector); a re-ranked configuration also "
+                   "reads the fp32 vectors at its dim in stage 2, counted in 'total' (total_bytes_per_vector). "
+                   "The first budget table and memory frontier use the index bytes, the second ones the total.")
+    return out
+
+
+def _interval_sentences(group, summary):
+    intervals, settings = group.get("intervals") or {}, summary.get("intervals") or {}
+    if not intervals.get("computed"):
+        return ["No intervals (--bootstrap 0): no difference in this report is tested against sampling error."]
+    reasons = "; ".join(f"{note['reason']} ({note['runs']} run{'s' if note['runs'] > 1 else ''})"
+                        for note in intervals["notes"])
+    if not intervals["runs_with_intervals"]:
+        return [f"No intervals for any run: {reasons}. Differences between runs in this report cannot be told "
+                "apart from sampling error."]
+    out = [f"Intervals: {_level(group)} percentile bootstrap over images ({settings['resamples']:,} resamples, "
+           f"seed {settings['seed']}; {settings['unit_detail']}); differences to fp32 are paired on the same "
+           f"resamples. {intervals['runs_with_intervals']:,} of {group['runs_completed']:,} runs have intervals, "
+           f"{intervals['runs_paired']:,} a paired difference."]
+    if reasons:
+        out.append(f"Runs without intervals or without a paired difference: {reasons}.")
+    return out
+
+
+ROLES = (("smallest", "smallest index"), ("smallest_total", "smallest with re-rank vectors"), ("fastest", "fastest"))
+
+
+def _default_point_sentences(group):
+    """One sentence per retention target (targets with the same answer share one): the runs that answer it,
+    each with its paired difference to fp32."""
+    out, name = [], _name(group["head_metric"] or "")
+    baseline_ids = {b["run_id"] for b in group["baseline"]}
+    rows = group.get("default_operating_points") or []
+    for same in _same_answers(rows):
+        row, picks = same[0], {}
+        for key, role in ROLES:
+            if row[key] is not None:
+                picks.setdefault(row[key]["run_id"], (row[key], []))[1].append(role)
+        answers = [f"{' and '.join(roles)}: {pick['label']} ({_pick_facts(pick, roles, row, group, baseline_ids)})"
+                   for pick, roles in picks.values()]
+        targets = _and([f"{r['threshold']:g}%" for r in same])
+        out.append(f"At least {targets} of fp32 {name} ({row['reaching']} configurations reach "
+                   f"{'them' if len(same) > 1 else 'it'}): " + "; ".join(answers) + ".")
+    return out
+
+
+def _same_answers(rows):
+    """Consecutive default-table rows with the same runs in every role and the same count, as lists."""
+    out, previous = [], None
+    for row in rows:
+        key = (row["reaching"], *[(row[name] or {}).get("run_id") for name, _ in ROLES])
+        if out and key == previous:
+            out[-1].append(row)
+        else:
+            out.append([row])
+        previous = key
+    return out
+
+
+def _and(items):
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _pick_facts(pick, roles, row, group, baseline_ids):
+    facts = [f"{_bytes(pick['bytes_per_vector'])} bytes/vector index"]
+    if pick["total_bytes_per_vector"] != pick["bytes_per_vector"]:
+        facts.append(f"{_bytes(pick['total_bytes_per_vector'])} in total")
+    if "fastest" in roles:
+        facts.append(f"{_fmt(pick['qps'], 0)} queries/s [{row['qps_column']}]")
+    if pick["run_id"] in baseline_ids:
+        return ", ".join(facts + ["the fp32 exact baseline itself"])
+    facts.append(f"{_fmt(pick['retention'])}% of fp32")
+    if _has_interval(pick) and pick["delta"] is not None and _level(group):
+        digits = _decimals(None, None, pick["delta"], pick["delta_ci_low"], pick["delta_ci_high"])
+        facts.append(_verdict(pick["delta"], pick["delta_ci_low"], pick["delta_ci_high"], _level(group), "fp32",
+                              row["metric"], digits))
+    return ", ".join(facts)
+
+
+def _operating_point_sentences(group, summary):
+    out = []
+    for point in summary.get("operating_points") or []:
+        if point["group"] != group["group"]:
+            continue
+        wanted = " and ".join(point["requirements"]) or "no requirement"
+        if point["run_id"] is None:
+            out.append(f"Operating point ({wanted}, {point['objective']}): no completed run to choose from.")
+        elif point["meets"]:
+            columns = "".join(f", {c} {_number(v)}" for c, v in point["columns"].items())
+            out.append(f"Operating point ({wanted}; {point['objective']}): {point['label']} "
+                       f"({point['objective_column']} {_number(point['value'])}{columns}); "
+                       f"{point['runs_meeting']} configurations meet every requirement.")
+        else:
+            misses = "; ".join(f"{m['requirement']} ({m['column']} {_number(m['value'])}, short by "
+                               f"{_number(m['shortfall'])})" for m in point["missed"])
+            out.append(f"None meets {wanted}. Closest: {point['label']}, which misses {misses}.")
+    return out
+
+
+def _number(value):
+    return "n/a" if value is None else _cell(float(value))
 
 
 # ----------------------------------------------------------------------------- REPORT.md
@@ -192,6 +422,8 @@ def _cell(value):
 RUN_TABLE = [("label", "config"), ("bytes_per_vector", "bytes/vector"), ("t2i_R@1", "t2i R@1"),
              ("t2i_R@5", "t2i R@5"), ("t2i_R@10", "t2i R@10"), ("i2t_R@1", "i2t R@1"), ("i2t_R@5", "i2t R@5"),
              ("i2t_R@10", "i2t R@10"), ("RSUM", "RSUM"), ("retention_t2i_R@1", "t2i R@1 kept %"),
+             ("t2i_R@1_delta", "t2i R@1 - fp32"), ("t2i_R@1_delta_ci_low", "interval low"),
+             ("t2i_R@1_delta_ci_high", "interval high"), ("total_bytes_per_vector", "total bytes/vector"),
              ("qps", "batch QPS"), ("latency_p50_ms", "p50 ms"), ("run_id", "run")]
 
 
@@ -207,9 +439,10 @@ def report_markdown(summary, frame, plots, report_dir):
              "never compared.", ""]
     for group in summary["groups"]:
         main = main_runs(frame[frame["group"] == group["group"]], group["main_gallery_size"])
-        lines += [f"## {group['dataset']} / {group['split']} / {group['model']}", ""]
-        lines += _source_table(group)
-        lines += ["### Findings", ""] + [f"- {s}" for s in findings(group)] + [""]
+        lines += [f"## {group['dataset']} / {group['split']} / {group['model']}", "", "### Summary", ""]
+        lines += [f"- {s}" for s in summary_sentences(group, summary)] + [""] + _default_points_table(group)
+        lines += ["### Source", ""] + _source_table(group)
+        lines += ["### Findings in detail", ""] + [f"- {s}" for s in findings(group)] + [""]
         lines += _run_table(group, main) + _pareto_tables(group) + _budget_table(group) + _means_tables(group)
         if group["scaling"]:
             cols = list(group["scaling"][0])
@@ -247,9 +480,27 @@ def _run_table(group, main):
             markdown_table(records(ordered), [c for c, _ in columns], [h for _, h in columns]), ""]
 
 
+def _default_points_table(group):
+    """The default operating points as a table (labels, not run ids: the run table lists those)."""
+    rows = group.get("default_operating_points") or []
+    if not rows:
+        return []
+    def cell(pick, column, show):
+        return "–" if pick is None else f"{pick['label']} ({show(pick[column])})"
+    table = [{"target": f">= {row['threshold']:g}% of fp32 {_name(row['metric'])}", "reach": row["reaching"],
+              "small": cell(row["smallest"], "bytes_per_vector", _bytes),
+              "total": cell(row["smallest_total"], "total_bytes_per_vector", _bytes),
+              "fast": cell(row["fastest"], "qps", lambda v: _fmt(v, 0))} for row in rows]
+    return [markdown_table(table, ["target", "reach", "small", "total", "fast"],
+                           ["target", "configs reaching it", "smallest index (bytes/vector)",
+                            "smallest index + re-rank vectors (bytes/vector)",
+                            f"fastest ({rows[0]['qps_column']}, queries/s)"]), ""]
+
+
 def _pareto_tables(group):
     lines = []
-    for cost, title in (("bytes_per_vector", "memory (bytes/vector)"),
+    for cost, title in (("bytes_per_vector", "memory (index bytes/vector)"),
+                        ("total_bytes_per_vector", "memory (index + re-rank vectors, bytes/vector)"),
                         ("latency_p50_ms", "single-query p50 latency (ms)")):
         head = next(iter(group["pareto"].get(cost, {})), None)
         if head and group["pareto"][cost][head]:
@@ -262,14 +513,18 @@ def _pareto_tables(group):
 
 
 def _budget_table(group):
-    if not group["budgets"]:
-        return []
-    metric = _name(group["primary_metric"])
-    return [f"### Best configuration per memory budget (by {metric})", "",
-            markdown_table(group["budgets"], ["budget_bytes_per_vector", "label", "value", "bytes_per_vector",
-                                              "candidates"],
-                           ["budget (bytes/vector)", "best config", metric, "its bytes/vector",
-                            "configs within budget"]), ""]
+    lines = []
+    for key, cost, what in (("budgets", "bytes_per_vector", "index memory"),
+                            ("budgets_total", "total_bytes_per_vector", "index + re-rank vector memory")):
+        if not group.get(key):
+            continue
+        metric = _name(group["primary_metric"])
+        lines += [f"### Best configuration per {what} budget (by {metric})", "",
+                  markdown_table(group[key], [f"budget_{cost}", "label", "value", "value_ci_low", "value_ci_high",
+                                              cost, "candidates"],
+                                 [f"budget ({cost})", "best config", metric, "interval low", "interval high",
+                                  f"its {cost}", "configs within budget"]), ""]
+    return lines
 
 
 def _means_tables(group):

@@ -21,10 +21,10 @@ import time
 
 import numpy as np
 
-from retrieval import indexes, metrics
+from retrieval import indexes, metrics, timing
 from retrieval.env import environment
 from retrieval.errors import UserError
-from retrieval.io import HandoffError, l2_normalize, read_embeddings, read_json
+from retrieval.io import HandoffError, atomic_path, l2_normalize, read_embeddings, read_json, write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +43,18 @@ class SweepSettings:
     index: tuple
     gallery_sizes: tuple
     distractors: str  # "gaussian" or a hand-off file
-    # index knobs
+    # index knobs; the IVF / HNSW ones take several values, each value its own configuration
     sq_ranges: str
     pq_subdim: int
-    nlist: int
-    nprobe: int
-    hnsw_m: int
-    ef_search: int
+    nlist: tuple       # build-time (IVF lists; 0 = about 4 sqrt(N))
+    nprobe: tuple      # search-time
+    hnsw_m: tuple      # build-time
+    ef_search: tuple   # search-time
     # timing
     batch_size: int
     min_time: float
     warmup: int
+    min_passes: int
     latency_queries: int
     latency_threads: int
     threads: int
@@ -66,13 +67,21 @@ class SweepSettings:
             if isinstance(value, list):
                 object.__setattr__(self, field.name, tuple(value))
 
-    def index_settings(self):
-        """The knobs retrieval.indexes reads to describe, build and search an index.
+    def index_settings(self, index_type="flat"):
+        """The knobs retrieval.indexes reads to describe, build and search an index: one dict per
+        (build-time, search-time) knob setting of `index_type`, build-time settings outermost.
 
-        The per-group "fit_size" (which caps IVF lists) is added by the caller where it is known.
+        A flat index has no such knobs (it gets the first values, which it ignores). The per-group
+        "fit_size" (which caps IVF lists) is added by the caller where it is known.
         """
-        return {"sq_ranges": self.sq_ranges, "pq_subdim": self.pq_subdim, "nlist": self.nlist,
-                "nprobe": self.nprobe, "hnsw_m": self.hnsw_m, "ef_search": self.ef_search}
+        base = {"sq_ranges": self.sq_ranges, "pq_subdim": self.pq_subdim, "nlist": self.nlist[0],
+                "nprobe": self.nprobe[0], "hnsw_m": self.hnsw_m[0], "ef_search": self.ef_search[0]}
+        values = {name: list(dict.fromkeys(getattr(self, name))) for name in ("nlist", "nprobe", "hnsw_m", "ef_search")}
+        if index_type == "ivf":
+            return [dict(base, nlist=b, nprobe=s) for b in values["nlist"] for s in values["nprobe"]]
+        if index_type == "hnsw":
+            return [dict(base, hnsw_m=b, ef_search=s) for b in values["hnsw_m"] for s in values["ef_search"]]
+        return [base]
 
 
 # ----------------------------------------------------------------------------- naming
@@ -81,12 +90,22 @@ def config_hash(config):
     return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def knob_label(config):
+    """'nl63-np16' / 'm32-ef64' for IVF / HNSW configurations (their knob values), '' for flat ones."""
+    params = config.get("index_params") or {}
+    if config["index"] == "ivf" and "nprobe" in params:
+        return f"nl{params['nlist']}-np{params['nprobe']}"
+    if config["index"] == "hnsw" and "ef_search" in params:
+        return f"m{params['hnsw_m']}-ef{params['ef_search']}"
+    return ""
+
+
 def slug(config, attrs):
     """A readable file name stem: dataset, model, split, then what varies across the grid."""
     candidates = "full" if config["candidate_size"] is None else \
         (f"c{config['candidate_size']}" if config["rerank"] else f"k{config['candidate_size']}-norerank")
     parts = [attrs.get("dataset"), attrs.get("model"), attrs.get("split"), f"d{config['dim']}", config["dim_method"],
-             config["precision"], candidates, config["index"], f"g{config['gallery_size']}"]
+             config["precision"], candidates, config["index"], knob_label(config), f"g{config['gallery_size']}"]
     text = "-".join(str(p) for p in parts if p not in (None, ""))
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:150]
 
@@ -134,25 +153,28 @@ def group_configs(settings, common, fit_count):
     dim, native, gallery_size = common["dim"], common["native_dim"], common["gallery_size"]
     max_k = max(common["k_values"])
     dim_skip = f"dim {dim} is above the native dim {native} (never padded)" if dim > native else None
-    knobs = settings.index_settings()
+    flat = settings.index_settings("flat")[0]
     yield dict(common, precision="fp32", candidate_size=None, rerank=False, exact=dim == native, index="flat",
-               index_params=indexes.index_description("fp32", dim, "flat", knobs, gallery_size)), dim_skip
-    params = dict(knobs, fit_size=fit_count)
+               index_params=indexes.index_description("fp32", dim, "flat", flat, gallery_size)), dim_skip
     # Each precision runs once without re-ranking (C = max K), then once per candidate count re-ranked.
     runs = [(max_k, False)] + [(c, True) for c in dict.fromkeys(settings.candidate_sizes)]
     for index_type in settings.index:
         for precision in settings.precisions:
             if precision == "fp32" and index_type == "flat":
                 continue  # identical to the baseline: fp32 re-ranking of an exact fp32 list
-            unsupported = indexes.unsupported(precision, dim, index_type, params)
-            reason = dim_skip or unsupported or pq_fit_reason(precision, fit_count)
-            description = {} if unsupported else \
-                indexes.index_description(precision, dim, index_type, params, gallery_size)
-            for candidate_size, rerank in runs:
-                skip = reason or (f"candidate size {candidate_size} is below the largest K ({max_k})"
-                                  if candidate_size < max_k else None)
-                yield dict(common, precision=precision, candidate_size=candidate_size, rerank=rerank, exact=False,
-                           index=index_type, index_params=description), skip
+            for knobs in settings.index_settings(index_type):
+                params = dict(knobs, fit_size=fit_count)
+                unsupported = indexes.unsupported(precision, dim, index_type, params)
+                reason = dim_skip or unsupported or pq_fit_reason(precision, fit_count)
+                description = {} if unsupported else \
+                    indexes.index_description(precision, dim, index_type, params, gallery_size)
+                for candidate_size, rerank in runs:
+                    skip = reason or (f"candidate size {candidate_size} is below the largest K ({max_k})"
+                                      if candidate_size < max_k else None)
+                    yield dict(common, precision=precision, candidate_size=candidate_size, rerank=rerank,
+                               exact=False, index=index_type, index_params=description), skip
+                if unsupported:
+                    break  # one skipped record says it for every knob value (their configs would be equal)
 
 
 def gallery_skip_reason(settings, gallery_size, real_gallery, fit):
@@ -168,8 +190,8 @@ def gallery_skip_reason(settings, gallery_size, real_gallery, fit):
 
 def pq_fit_reason(precision, fit_count):
     # k-means of 256 centroids per sub-quantizer needs at least 256 training points.
-    if precision == "pq" and fit_count < 256:
-        return f"pq with 8-bit codes needs >= 256 fit vectors, fit set has {fit_count}"
+    if precision in ("pq", "opq") and fit_count < 256:
+        return f"{precision} with 8-bit codes needs >= 256 fit vectors, fit set has {fit_count}"
     return None
 
 
@@ -259,18 +281,29 @@ class Group:
         self.projection = indexes.fit_reduction(both, dim, settings.dim_method, settings.seed)
         gallery_images, gallery_texts = padded_gallery(emb, fit, extra, distractor_file, settings.seed)
         reduce = functools.partial(indexes.reduce, projection=self.projection)
-        # Queries are the real items only; galleries may carry distractors after the real rows.
+        # Queries are the real items only; galleries may carry distractors after the real rows. The
+        # native queries are kept for timing the query-side transform (projection to the dim).
         directions = {
-            "t2i": {"queries": reduce(emb.text_embeddings), "gallery": reduce(gallery_images),
-                    "fit": reduce(fit["images"])},
-            "i2t": {"queries": reduce(emb.image_embeddings), "gallery": reduce(gallery_texts),
-                    "fit": reduce(fit["texts"])},
+            "t2i": {"native_queries": emb.text_embeddings, "queries": reduce(emb.text_embeddings),
+                    "gallery": reduce(gallery_images), "fit": reduce(fit["images"])},
+            "i2t": {"native_queries": emb.image_embeddings, "queries": reduce(emb.image_embeddings),
+                    "gallery": reduce(gallery_texts), "fit": reduce(fit["texts"])},
         }
+        for data in directions.values():
+            data.update(reduce=reduce, transform=self.query_transform)
         self.directions = {d: directions[d] for d in settings.directions}
         self.text_to_image = emb.text_to_image
         self.k_values = config["k_values"]
         self.indexes = {}
         self._baseline = None
+
+    def query_transform(self, encode):
+        """What a native query goes through before the index sees it (projection, then the codec's
+        encoding), or None when that is nothing (native dim and a float codec)."""
+        if self.projection is None and encode is None:
+            return None
+        reduce = functools.partial(indexes.reduce, projection=self.projection)
+        return (lambda native: encode(reduce(native))) if encode else reduce
 
     def chunk(self, gallery_rows):
         return max(1, min(1024, (1 << 26) // max(1, gallery_rows)))  # <= 256 MB of scores per chunk
@@ -283,7 +316,7 @@ class Group:
         if self._baseline is None:
             max_k = max(self.k_values)
             out = {"metrics": {}, "top": {}}
-            exact = self.built("fp32", "flat")  # its full_ranks are the exact protocol ranks
+            exact = self.built("fp32", "flat", {})  # its full_ranks are the exact protocol ranks
             for direction, data in self.directions.items():
                 out["top"][direction] = indexes.exact_top_k(exact[direction]["index"], data["queries"], data["gallery"],
                                                             min(max_k, data["gallery"].shape[0]))
@@ -292,11 +325,16 @@ class Group:
             self._baseline = out
         return self._baseline
 
-    def built(self, precision, index_type):
-        """Indexes (one per direction) with build timings, memory and compressed full ranks."""
-        key = (precision, index_type)
+    def built(self, precision, index_type, index_params):
+        """Indexes (one per direction) with build timings, memory and compressed full ranks.
+
+        Built once per build-time knob (IVF lists, HNSW links) and shared by the search-time knob
+        values (nprobe, efSearch) of the same index: index_params is the configuration's."""
+        build_knobs = {"nlist": index_params.get("nlist")} if index_type == "ivf" else \
+            {"hnsw_m": index_params.get("hnsw_m")} if index_type == "hnsw" else {}
+        key = (precision, index_type, tuple(sorted(build_knobs.items())))
         if key not in self.indexes:
-            params = self.settings.index_settings()
+            params = dict(self.settings.index_settings("flat")[0], **build_knobs)
             entry = {}
             for direction, data in self.directions.items():
                 params["fit_size"] = data["fit"].shape[0]
@@ -306,7 +344,8 @@ class Group:
                                     "bytes_per_vector": indexes.bytes_per_vector(index, precision, data["gallery"].shape[1]),
                                     "decoded": indexes.decoded_gallery(index, precision, data["gallery"])}
             # Full ranking under the compressed scores: untimed, in parallel, finished before any timing.
-            jobs = {d: self.pool.submit(self.full_ranks, d, indexes.compressed_queries(precision, v["queries"]),
+            jobs = {d: self.pool.submit(self.full_ranks, d,
+                                        indexes.compressed_queries(precision, v["queries"], entry[d]["index"]),
                                         entry[d].pop("decoded")) for d, v in self.directions.items()}
             for direction, job in jobs.items():
                 entry[direction]["full_ranks"] = job.result()
@@ -317,55 +356,94 @@ class Group:
 
 # ----------------------------------------------------------------------------- one configuration
 
-def timed_search(settings, searcher, queries, gallery, k_search, rerank):
-    """Throughput of stage 1 and stage 2 (separately), single-query latency, and the lists."""
-    query_batches = indexes.batches(queries, settings.batch_size)
-    stage1 = [None] * len(query_batches)
+def timed_search(settings, searcher, data, k_search, rerank):
+    """Time the stages of one direction's search separately, then one query end to end.
+
+    Stages: `transform` (the query's side of the codec: PCA / random projection to the dim and, for
+    binary codes, rotation + sign bits; timed from the native query, absent when there is nothing to
+    do), `search` (the FAISS index alone), and `rerank` (fp32 re-scoring of the C candidates) or
+    `sort` (ordering the list by the compressed scores). End-to-end `qps` adds the stages' times per
+    query; latency times single queries through all of them. Returns (speed, stage-1 lists, final lists).
+    """
+    encode, search = searcher.encode, searcher.search
+    raw_batches = timing.batches(data["native_queries"], settings.batch_size)
+    query_batches = timing.batches(data["queries"], settings.batch_size)
+    # The lists are searched with the codes of the precomputed queries (encoded untimed, batch by batch).
+    codes = [encode(batch) for batch in query_batches] if encode else query_batches
+    stage1, final = [None] * len(query_batches), [None] * len(query_batches)
+    n, queries = len(query_batches), data["queries"].shape[0]
+    timed = functools.partial(timing.time_batches, num_batches=n, num_queries=queries, min_time=settings.min_time,
+                              warmup=settings.warmup, min_passes=settings.min_passes)
 
     def search_step(i):
-        stage1[i] = searcher(query_batches[i], k_search)
+        stage1[i] = search(codes[i], k_search)
 
-    search = indexes.time_batches(search_step, len(query_batches), queries.shape[0], settings.min_time, settings.warmup)
-    final = [None] * len(query_batches)
-    if rerank:
-        def second_stage(i):
-            final[i] = indexes.rerank(query_batches[i], gallery, stage1[i][1])
-    else:
-        def second_stage(i):
-            final[i] = indexes.sort_candidates(*stage1[i])
-    second = indexes.time_batches(second_stage, len(query_batches), queries.shape[0], settings.min_time, settings.warmup)
+    def second_step(i):
+        final[i] = indexes.rerank(query_batches[i], data["gallery"], stage1[i][1]) if rerank \
+            else indexes.sort_candidates(*stage1[i])
 
-    def single(query):
-        scores, ids = searcher(query, k_search)
-        return indexes.rerank(query, gallery, ids) if rerank else indexes.sort_candidates(scores, ids)
+    transform = data["transform"](encode)
 
-    latency = indexes.latency_ms(single, queries, settings.latency_queries, settings.seed, settings.latency_threads)
-    speed = {"search_qps": search["qps"], "rerank_qps" if rerank else "sort_qps": second["qps"],
-             "qps": 1.0 / (1.0 / search["qps"] + 1.0 / second["qps"]), "timed_passes": search["passes"],
-             "timed_queries": search["queries_per_pass"], "k_searched": k_search}
+    def transform_step(i):
+        transform(raw_batches[i])
+
+    stages = {}
+    with timing.pinned_threads(settings.threads):
+        if transform is not None:
+            stages["transform"] = timed(transform_step)
+        stages["search"] = timed(search_step)
+        stages["rerank" if rerank else "sort"] = timed(second_step)
+    latency = timing.latency_ms(single_query(data, encode, search, k_search, rerank),
+                                data["native_queries"], settings.latency_queries, settings.seed,
+                                settings.latency_threads)
+    return stage_speed(stages, latency, k_search), np.concatenate([ids for _, ids in stage1]), np.concatenate(final)
+
+
+def single_query(data, encode, search, k_search, rerank):
+    """One native query through every stage (what a deployed system does per request)."""
+    reduce = data["reduce"]
+
+    def run(native):
+        query = reduce(native)
+        scores, ids = search(encode(query) if encode else query, k_search)
+        return indexes.rerank(query, data["gallery"], ids) if rerank else indexes.sort_candidates(scores, ids)
+    return run
+
+
+def stage_speed(stages, latency, k_search):
+    """The speed record of one direction: queries/s per stage and their spread, end-to-end qps, latency."""
+    speed = {f"{name}_qps": stage["qps"] for name, stage in stages.items()}
+    speed.update({f"{name}_qps_spread_pct": stage["spread_pct"] for name, stage in stages.items()})
+    speed["transform_qps"] = speed.get("transform_qps")
+    speed["qps"] = 1.0 / sum(1.0 / stage["qps"] for stage in stages.values())
+    speed.update(timed_passes=stages["search"]["passes"], timed_queries=stages["search"]["queries_per_pass"],
+                 k_searched=k_search)
     speed.update(latency)
-    return speed, np.concatenate([ids for _, ids in stage1]), np.concatenate(final)
+    return speed
 
 
 def evaluate_config(settings, group, config):
-    """(metrics, speed, memory) of one configuration of `group`."""
+    """(metrics, speed, memory, ranks) of one configuration of `group`; ranks: per direction the
+    1-based rank of each query's first relevant item that the metrics were computed from (inf = miss)."""
     baseline = group.baseline()  # first: the metric threads below only read it
-    built = group.built(config["precision"], config["index"])
+    built = group.built(config["precision"], config["index"], config["index_params"])
     speed, memory, lists = time_directions(settings, group, config, built)
 
     def one_direction(direction):
         return direction_metrics(group, config, baseline, built[direction], lists[direction], direction)
 
     # Untimed, so the directions may run in parallel.
-    result_metrics = {}
-    for part in group.pool.map(one_direction, list(group.directions)):
+    result_metrics, ranks = {}, {}
+    for direction, (part, direction_ranks) in zip(group.directions, group.pool.map(one_direction, list(group.directions))):
         result_metrics.update(part)
+        ranks[direction] = direction_ranks
     result_metrics["RSUM"] = metrics.rsum(result_metrics, config["k_values"], list(group.directions))
     memory.update(memory_summary(config, built))
-    speed.update({"threads": indexes.set_threads(0), "batch_size": settings.batch_size,
-                  "min_time_s": settings.min_time, "warmup_batches": settings.warmup,
-                  "latency_threads": settings.latency_threads or indexes.set_threads(0), "device": str(group.device)})
-    return result_metrics, speed, memory
+    speed.update({"threads": settings.threads or timing.set_threads(0), "batch_size": settings.batch_size,
+                  "min_time_s": settings.min_time, "min_passes": settings.min_passes, "blas_threads": timing.BLAS_THREADS,
+                  "warmup_batches": settings.warmup, "latency_threads": settings.latency_threads or timing.set_threads(0),
+                  "device": str(group.device)})
+    return result_metrics, speed, memory, ranks
 
 
 def time_directions(settings, group, config, built):
@@ -378,9 +456,11 @@ def time_directions(settings, group, config, built):
     for direction, data in group.directions.items():
         entry = built[direction]
         k_search = min(max_k if exact_full else config["candidate_size"], data["gallery"].shape[0])
-        indexes.set_search_params(entry["index"], config["index"], entry["params"], k_search)
-        dir_speed, stage1, final = timed_search(settings, entry["searcher"], data["queries"], data["gallery"],
-                                                k_search, config["rerank"])
+        # Search-time knobs (nprobe, efSearch) are the configuration's; the index may serve several.
+        knobs = dict(entry["params"], **config["index_params"])
+        indexes.set_search_params(entry["index"], config["index"], knobs, k_search)
+        indexes.set_search_params(entry["searcher"].index, config["index"], knobs, k_search)  # a GPU copy too
+        dir_speed, stage1, final = timed_search(settings, entry["searcher"], data, k_search, config["rerank"])
         dir_speed.update({k: entry["timing"][k] for k in ("train_s", "add_s", "build_s")})
         speed.update({f"{direction}_{k}": v for k, v in dir_speed.items()})
         memory[f"{direction}_index_bytes"] = entry["bytes"]
@@ -389,14 +469,15 @@ def time_directions(settings, group, config, built):
 
 
 def direction_metrics(group, config, baseline, entry, lists, direction):
-    """Quality of one direction's final lists, and their retention/overlap against the fp32 baseline."""
+    """Quality of one direction's final lists, and their retention/overlap against the fp32 baseline;
+    returns (metrics, the ranks R@K and MRR were computed from)."""
     k_values = config["k_values"]
     stage1, final, k_search = lists
     out = {}
     if config["candidate_size"] is None:
-        ranks = entry["full_ranks"]  # fp32 flat: the exact protocol ranking
+        listed = entry["full_ranks"]  # fp32 flat: the exact protocol ranking
         final = baseline["top"][direction]  # its top K with protocol tie order (FAISS's may differ)
-        summary = metrics.summarize(ranks, k_values)
+        summary = metrics.summarize(listed, k_values)
         out["stage1_recall"] = None
     else:
         listed = metrics.candidate_ranks(final, group.text_to_image, direction)
@@ -413,17 +494,20 @@ def direction_metrics(group, config, baseline, entry, lists, direction):
         out[f"retention_{key}"] = 100.0 * summary[key] / reference if reference else None
     for k in k_values:
         out[f"overlap@{k}"] = indexes.overlap_at_k(final, baseline["top"][direction], k)
-    return {f"{direction}_{k}": v for k, v in out.items()}
+    return {f"{direction}_{k}": v for k, v in out.items()}, listed
 
 
 def memory_summary(config, built):
     """Code size per vector and compression against fp32 (the directions share precision and dim)."""
     first = next(iter(built.values()))
+    # A re-ranked configuration also keeps the fp32 vectors at its dim for stage 2 (in RAM or on disk).
+    rerank_bytes = 4 * config["dim"] if config["rerank"] else 0
     return {"bytes_per_vector": first["bytes_per_vector"],
+            "total_bytes_per_vector": first["bytes_per_vector"] + rerank_bytes,
             "fp32_native_bytes_per_vector": 4 * config["native_dim"],
             "compression_ratio": 4 * config["native_dim"] / first["bytes_per_vector"],
             "compression_ratio_same_dim": 4 * config["dim"] / first["bytes_per_vector"],
-            "peak_rss_bytes": indexes.peak_rss_bytes()}
+            "peak_rss_bytes": timing.peak_rss_bytes()}
 
 
 # ----------------------------------------------------------------------------- run records
@@ -432,7 +516,9 @@ def environment_record(threads):
     """environment() plus the FAISS thread count in force and the cores this process may use."""
     env = environment(threads)
     env["faiss_threads"] = threads
-    env["cpu_affinity"] = indexes.cpu_threads_available()
+    env["blas_threads_while_timing"] = timing.BLAS_THREADS
+    env["blas"] = timing.blas_libraries()
+    env["cpu_affinity"] = timing.cpu_threads_available()
     return env
 
 
@@ -448,24 +534,50 @@ def skipped_record(config, reason, emb, env):
     return {"config": config, "skipped": reason, "data": data_attrs(emb.attrs), "env": env}
 
 
-def result_record(config, evaluated, emb, fit, env, arguments, elapsed_s):
-    """The run file of an evaluated configuration; `evaluated` is evaluate_config's (metrics, speed, memory)."""
-    result_metrics, speed, memory = evaluated
+def result_record(config, evaluated, emb, fit, env, arguments, elapsed_s, ranks_file):
+    """The run file of an evaluated configuration; `evaluated` is evaluate_config's (metrics, speed, memory,
+    ranks); ranks_file: the name of its rank file (written next to it by write_run)."""
+    result_metrics, speed, memory, _ = evaluated
     return {"config": config, "metrics": result_metrics, "speed": speed, "memory": memory, "env": env,
             "data": data_attrs(emb.attrs),
             "fit": {"source": fit["source"], "path": fit["path"], "images": int(fit["images"].shape[0]),
                     "texts": int(fit["texts"].shape[0])},
-            "args": arguments,
+            "args": arguments, "ranks_file": ranks_file,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "elapsed_s": elapsed_s}
+
+
+# ----------------------------------------------------------------------------- run files
+
+def ranks_path(json_path):
+    """<runs>/<name>.ranks.npz next to <runs>/<name>.json."""
+    return json_path[:-len(".json")] + ".ranks.npz"
+
+
+def write_run(json_path, record, ranks=None, text_to_image=None):
+    """Write a run: first its rank file (per direction the ranks its R@K / MRR come from, and the
+    caption -> image map that resampling by image needs), then the JSON, each atomically. The JSON
+    is written last because its presence is what marks the run done."""
+    if ranks is not None:
+        arrays = {direction: np.asarray(r, dtype=np.float64) for direction, r in ranks.items()}
+        with atomic_path(ranks_path(json_path)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, text_to_image=np.asarray(text_to_image, dtype=np.int64), **arrays)
+    write_json(json_path, record)
+
+
+def read_ranks(json_path):
+    """{direction: ranks, "text_to_image": map} of a run's rank file (written by write_run)."""
+    with np.load(ranks_path(json_path), allow_pickle=False) as z:
+        return {key: z[key] for key in z.files}
 
 
 # ----------------------------------------------------------------------------- resuming
 
 def remove_stale_temp_files(runs_dir, older_than_s=60):
-    """Temp files a killed run left behind (write_json renames within milliseconds, so old = dead)."""
+    """Temp files a killed run left behind (atomic writes rename within milliseconds, so old = dead)."""
     now = time.time()
-    for path in glob.glob(os.path.join(runs_dir, ".*.tmp.json")):
+    for path in glob.glob(os.path.join(runs_dir, ".*.tmp.json")) + glob.glob(os.path.join(runs_dir, ".*.tmp.npz")):
         try:
             if now - os.path.getmtime(path) > older_than_s:
                 os.remove(path)
@@ -474,10 +586,14 @@ def remove_stale_temp_files(runs_dir, older_than_s=60):
 
 
 def existing_result(path):
-    """The run file's record, or None when it is missing or unreadable (then it is recomputed)."""
+    """The run file's record, or None when it is missing, unreadable, or names a rank file that is gone
+    (then it is recomputed). Runs from before rank files existed count as done."""
     if not os.path.exists(path):
         return None
     try:
-        return read_json(path)
+        record = read_json(path)
     except (HandoffError, OSError):
         return None  # unreadable: recompute (atomic writes make this unlikely)
+    if record.get("ranks_file") and not os.path.exists(ranks_path(path)):
+        return None
+    return record

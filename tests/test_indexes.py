@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from retrieval import indexes
+from retrieval import indexes, timing
 from retrieval.io import l2_normalize
 
 
@@ -39,12 +39,12 @@ def test_truncate_random_native_and_above(vectors):
 
 
 @pytest.mark.parametrize("precision,code_bytes", [("fp32", 128), ("fp16", 64), ("bf16", 64), ("int8", 32),
-                                                  ("int4", 16), ("binary", 4), ("pq", 4)])
+                                                  ("int4", 16), ("binary", 4), ("pq", 4), ("opq", 4), ("itq", 4)])
 def test_code_sizes_and_serialized_bytes(vectors, precision, code_bytes):
     index, timing = indexes.build_index(precision, vectors[:300], vectors[300:])
     assert indexes.bytes_per_vector(index, precision, 32) == code_bytes
     assert indexes.serialized_bytes(index) >= 300 * code_bytes
-    assert timing["trained"] == (precision in ("int8", "int4", "pq"))
+    assert timing["trained"] == (precision in ("int8", "int4", "pq", "opq", "itq"))
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -113,16 +113,16 @@ def test_overlap_at_k():
 
 def test_time_batches_runs_whole_passes_and_warmup():
     calls = []
-    result = indexes.time_batches(calls.append, 4, 40, min_time=0.0, warmup=2)
+    result = timing.time_batches(calls.append, 4, 40, min_time=0.0, warmup=2)
     assert calls == [0, 1, 0, 1, 2, 3]
     assert result["passes"] == 1 and result["queries_per_pass"] == 40 and result["qps"] > 0
-    latency = indexes.latency_ms(lambda q: q.sum(), np.ones((50, 4)), sample=30)
+    latency = timing.latency_ms(lambda q: q.sum(), np.ones((50, 4)), sample=30)
     assert latency["latency_queries"] == 30
     assert latency["latency_p50_ms"] <= latency["latency_p95_ms"] <= latency["latency_p99_ms"]
 
 
 @pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
-@pytest.mark.parametrize("precision", ["fp32", "int8", "binary", "pq"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "binary", "pq", "opq", "itq"])
 def test_ivf_and_hnsw_build_and_find_neighbours(vectors, index_type, precision):
     gallery = vectors[:400]
     params = {"nlist": 8, "nprobe": 8, "hnsw_m": 8, "ef_search": 32, "pq_subdim": 4}
@@ -136,9 +136,30 @@ def test_ivf_and_hnsw_build_and_find_neighbours(vectors, index_type, precision):
     assert indexes.decoded_gallery(index, precision, gallery).shape == gallery.shape
 
 
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "binary", "pq"])
+def test_ivf_and_hnsw_scores_are_compressed_scores(vectors, index_type, precision):
+    # Larger = better and equal to compressed query . decoded item, for the graph and list indexes
+    # too (FAISS's factory builds HNSW..PQ with the L2 metric whatever it is asked: distances).
+    gallery, queries = vectors[:400], vectors[500:]
+    params = {"nlist": 8, "nprobe": 8, "hnsw_m": 8, "ef_search": 64, "pq_subdim": 4}
+    index, _ = indexes.build_index(precision, gallery, vectors, index_type, params)
+    if precision != "binary":
+        assert indexes.core_index(index).metric_type == indexes._faiss().METRIC_INNER_PRODUCT
+    scores, ids = indexes.make_searcher(index, precision)(queries, 10)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    decoded = indexes.decoded_gallery(index, precision, gallery)
+    expected = indexes.compressed_queries(precision, queries, index) @ decoded.T
+    assert np.allclose(scores, np.take_along_axis(expected, ids, axis=1), atol=1e-4)
+
+
 def test_unsupported_reasons():
     assert "divisible by 8" in indexes.unsupported("binary", 12, "flat", {})
     assert "pq_subdim" in indexes.unsupported("pq", 12, "flat", {"pq_subdim": 8})
+    assert "divisible by 8" in indexes.unsupported("itq", 12, "hnsw", {})
+    assert "pq_subdim=4" in indexes.unsupported("opq", 18, "ivf", {"pq_subdim": 4})
+    assert indexes.unsupported("opq", 16, "hnsw", {"pq_subdim": 4}) is None
+    assert indexes.unsupported("itq", 16, "ivf", {}) is None
     assert indexes.unsupported("int4", 12, "flat", {}) is None
 
 

@@ -287,3 +287,130 @@ def test_bad_input_names_the_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_experiments.main(["--data_path", missing, "--recall_k", "0"])
     assert not os.path.exists(tmp_path / "r")
+
+
+# ----------------------------------------------------------------------------- rank files, knob curves
+
+def test_rank_files_reproduce_every_run_and_resume_with_their_json(tmp_path):
+    from retrieval import metrics, sweep
+    from retrieval.io import read_embeddings
+    data = random_file(tmp_path / "toy.npz", num_images=30, dim=16)
+    out = str(tmp_path / "result")
+    common = ["--data_path", data, "--output_dir", out, "--embedding_dims", "8", "--precisions", "int8", "binary",
+              "--candidate_sizes", "5", "--recall_k", "1", "5", "--min_time", "0", "--latency_queries", "2",
+              "--num_workers", "1"]
+    written = run_experiments.main(common)
+    text_to_image = read_embeddings(data).text_to_image
+    completed = 0
+    for path in written:
+        record = json.load(open(path))
+        if "skipped" in record:
+            assert not os.path.exists(sweep.ranks_path(path))
+            continue
+        completed += 1
+        assert record["ranks_file"] == os.path.basename(sweep.ranks_path(path))
+        ranks = sweep.read_ranks(path)
+        np.testing.assert_array_equal(ranks["text_to_image"], text_to_image)
+        assert ranks["t2i"].shape == (150,) and ranks["i2t"].shape == (30,)
+        for direction in ("t2i", "i2t"):
+            again = metrics.summarize(ranks[direction], [1, 5])
+            for key in ("R@1", "R@5", "MRR"):
+                assert again[key] == record["metrics"][f"{direction}_{key}"], (path, direction, key)
+        expected_total = record["memory"]["bytes_per_vector"] + (4 * record["config"]["dim"]
+                                                                 if record["config"]["rerank"] else 0)
+        assert record["memory"]["total_bytes_per_vector"] == expected_total
+    assert completed >= 6
+    # A run whose rank file is gone is redone (JSON and rank file), and nothing else is.
+    victim = next(p for p in written if "ranks_file" in json.load(open(p)))
+    os.remove(sweep.ranks_path(victim))
+    assert run_experiments.main(common) == [victim]
+    assert os.path.exists(sweep.ranks_path(victim))
+    # A temp rank file a killed run left behind is removed on the next start.
+    stale = os.path.join(out, "runs", ".dead.ranks.abc.tmp.npz")
+    open(stale, "wb").close()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    run_experiments.main(common)
+    assert not os.path.exists(stale)
+
+
+def test_knob_lists_give_one_config_each_and_build_each_index_once(tmp_path, monkeypatch):
+    from retrieval import sweep
+    data = random_file(tmp_path / "toy.npz", num_images=60, dim=16)
+    builds = []
+    real_build = indexes.build_index
+
+    def counting_build(precision, gallery, fit_vectors, index_type="flat", params=None):
+        knob = {"ivf": params.get("nlist"), "hnsw": params.get("hnsw_m")}.get(index_type)
+        builds.append((precision, index_type, knob))
+        return real_build(precision, gallery, fit_vectors, index_type, params)
+
+    monkeypatch.setattr(indexes, "build_index", counting_build)
+    out = str(tmp_path / "result")
+    args = ["--data_path", data, "--output_dir", out, "--precisions", "int8", "--index", "ivf", "hnsw",
+            "--nlist", "4", "8", "--nprobe", "1", "2", "4", "--hnsw_m", "8", "--ef_search", "16", "32",
+            "--candidate_sizes", "10", "--recall_k", "1", "5", "--min_time", "0", "--latency_queries", "2",
+            "--num_workers", "1", "--directions", "t2i"]
+    written = run_experiments.main(args)
+    records = [json.load(open(p)) for p in written]
+    ivf = [r["config"] for r in records if r["config"]["index"] == "ivf"]
+    hnsw = [r["config"] for r in records if r["config"]["index"] == "hnsw"]
+    # 2 nlist x 3 nprobe (x no-rerank + C=10) and 1 M x 2 efSearch (x 2): one configuration each.
+    assert sorted({(c["index_params"]["nlist"], c["index_params"]["nprobe"]) for c in ivf}) == \
+        [(n, p) for n in (4, 8) for p in (1, 2, 4)]
+    assert len(ivf) == 12 and len(hnsw) == 4 and len(set(written)) == len(written)
+    assert all(f"-np{c['index_params']['nprobe']}-" in os.path.basename(p) for p, c in
+               zip([p for p, r in zip(written, records) if r["config"]["index"] == "ivf"], ivf))
+    # Built once per build-time knob and direction: 2 IVF (nlist 4, 8), 1 HNSW (M 8), and the fp32 baseline.
+    assert sorted(builds) == sorted([("fp32", "flat", None), ("int8", "ivf", 4), ("int8", "ivf", 8),
+                                     ("int8", "hnsw", 8)])
+    # More probes can only find more: stage-1 recall does not fall as nprobe grows (one index per nlist).
+    for nlist in (4, 8):
+        reranked = sorted((r["config"]["index_params"]["nprobe"], r["metrics"]["t2i_stage1_recall"]) for r in records
+                          if r["config"]["index"] == "ivf" and r["config"]["rerank"]
+                          and r["config"]["index_params"]["nlist"] == nlist)
+        assert [p for p, _ in reranked] == [1, 2, 4]
+        assert [v for _, v in reranked] == sorted(v for _, v in reranked)
+    assert sweep.knob_label(ivf[0]).startswith("nl")
+
+
+def test_query_transform_is_its_own_timed_stage_and_search_excludes_binarising(tmp_path, monkeypatch):
+    from retrieval import timing
+    data = random_file(tmp_path / "toy.npz", num_images=40, dim=16)
+    calls = {"sign_bits": 0}
+    real_sign_bits, real_time_batches = indexes.sign_bits, timing.time_batches
+    stages = []
+
+    def counting_sign_bits(*args, **kwargs):
+        calls["sign_bits"] += 1
+        return real_sign_bits(*args, **kwargs)
+
+    def recording_time_batches(step, *args, **kwargs):
+        before = calls["sign_bits"]
+        result = real_time_batches(step, *args, **kwargs)
+        stages.append((step.__name__, calls["sign_bits"] - before))
+        return result
+
+    monkeypatch.setattr(indexes, "sign_bits", counting_sign_bits)
+    monkeypatch.setattr(timing, "time_batches", recording_time_batches)
+    out = str(tmp_path / "result")
+    written = run_experiments.main(["--data_path", data, "--output_dir", out, "--embedding_dims", "8",
+                                    "--precisions", "fp16", "binary", "--candidate_sizes", "10", "--recall_k", "1",
+                                    "--min_time", "0", "--min_passes", "2", "--latency_queries", "2",
+                                    "--num_workers", "1", "--directions", "t2i"])
+    speeds = {(r["config"]["precision"], r["config"]["dim"], r["config"]["candidate_size"]): r["speed"]
+              for r in map(lambda p: json.load(open(p)), written) if "speed" in r}
+    # fp16 at the native dim: nothing to do to a query; binary, or any reduced dim: a transform stage.
+    assert speeds[("fp16", 16, 1)]["t2i_transform_qps"] is None
+    for key in (("binary", 16, 1), ("binary", 8, 10), ("fp16", 8, 10)):
+        speed = speeds[key]
+        assert speed["t2i_transform_qps"] > 0 and speed["t2i_search_qps"] > 0
+        stage_seconds = 1 / speed["t2i_transform_qps"] + 1 / speed["t2i_search_qps"] + \
+            1 / speed[f"t2i_{'rerank' if key[2] == 10 else 'sort'}_qps"]
+        assert speed["t2i_qps"] == pytest.approx(1 / stage_seconds)
+        assert speed["t2i_timed_passes"] >= 2 and speed["t2i_search_qps_spread_pct"] >= 0
+    # Binarising the queries happens in the transform stage of the 4 binary configurations (2 dims x 2
+    # candidate settings), never while the index searches nor in the second stage.
+    assert {name for name, _ in stages} == {"transform_step", "search_step", "second_step"}
+    assert sum(1 for name, n in stages if name == "transform_step" and n > 0) == 4
+    assert all(n == 0 for name, n in stages if name != "transform_step")
+    assert speeds[("binary", 16, 1)]["blas_threads"] == timing.BLAS_THREADS

@@ -1,0 +1,242 @@
+"""Percentile bootstrap intervals for recall and MRR, from the per-query ranks a sweep stores next to
+each run JSON (`runs/<run_id>.ranks.npz`: `t2i` / `i2t` ranks, 1-based, inf = miss, and `text_to_image`).
+
+The resampling unit is the IMAGE. A resample draws the split's images with replacement; text→image
+takes every caption of each drawn image, image→text the image itself. The captions of one image share
+that image's difficulty (a hard photo loses all five), so resampling captions one by one would treat
+five correlated queries as five independent ones and give intervals that are too narrow.
+
+Paired differences: every run measured on the same split (the same text_to_image) is resampled with the
+SAME draws, so "run minus its fp32 exact baseline" is computed on each resample and its interval only
+holds the noise that does not cancel between the two runs.
+
+Why it is fast: a resample is a row of per-image counts W [B, N_images] (a multinomial draw). Each run's
+ranks are reduced once to per-image sums (text→image: captions with rank <= K and the sum of 1/rank per
+image, and the captions per image; image→text: hit <= K and 1/rank), so every statistic of every
+resample is W @ numerator / W @ denominator: one matrix product for a block of runs.
+"""
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrieval.metrics import DIRECTIONS
+
+UNIT = "image"
+UNIT_DETAIL = ("a resample draws the split's images with replacement and takes every caption of each drawn image "
+               "for text→image, the image itself for image→text")
+# A rank file must give the run JSON's R@K (in %) and MRR back to this precision, or it is not trusted.
+TOLERANCE = 1e-6
+RUNS_PER_BLOCK = 64  # runs per matrix product: bounds memory at B x (64 x 3 x metrics) floats
+NO_RANK_FILE = "no rank file (run written before run_experiments.py stored ranks)"
+
+
+@dataclass
+class Settings:
+    resamples: int
+    confidence: float
+    seed: int
+
+    def record(self):
+        """What the summary JSON states about the method."""
+        return {"method": "percentile bootstrap, paired on the same resamples", "resamples": self.resamples,
+                "confidence": self.confidence, "seed": self.seed, "unit": UNIT, "unit_detail": UNIT_DETAIL}
+
+
+@dataclass
+class RunRanks:
+    """One run's ranks reduced to per-image sums: columns are metrics ('t2i_R@1', ..., 'i2t_MRR')."""
+    split: tuple            # (n_images, bytes of text_to_image): runs with the same split can be paired
+    columns: list
+    numerators: np.ndarray  # [n_images, len(columns)]: R@K hits x 100, or the sum of 1/rank
+    direction: np.ndarray   # [len(columns)] index into DIRECTIONS of each column
+
+
+def rank_path(results_dir, run):
+    """Where the run's rank file is: its 'ranks_file' key, else the default name beside the JSON."""
+    folder = os.path.join(results_dir, os.path.dirname(run["_file"]))
+    stem = os.path.splitext(os.path.basename(run["_file"]))[0]
+    return os.path.join(folder, run.get("ranks_file") or f"{stem}.ranks.npz")
+
+
+def k_values(metrics, direction):
+    return sorted(int(m.group(1)) for m in (re.fullmatch(fr"{direction}_R@(\d+)", key) for key in metrics) if m)
+
+
+def read_ranks(path, metrics):
+    """The rank file as {direction: ranks} and text_to_image, or (None, None, reason it cannot be used).
+
+    The ranks must reproduce the run JSON's R@K and MRR: a file that does not is stale or foreign.
+    """
+    if not os.path.exists(path):
+        return None, None, NO_RANK_FILE
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        return None, None, f"rank file {os.path.basename(path)} unreadable ({e})"
+    text_to_image = arrays.get("text_to_image")
+    ranks = {d: np.asarray(arrays[d], dtype=np.float64) for d in DIRECTIONS if d in arrays}
+    if text_to_image is None or not ranks:
+        return None, None, f"rank file {os.path.basename(path)} lacks text_to_image or ranks"
+    text_to_image = np.asarray(text_to_image, dtype=np.int64)
+    n_images = int(text_to_image.max()) + 1 if text_to_image.size else 0
+    expected = {"t2i": text_to_image.size, "i2t": n_images}
+    for direction, values in ranks.items():
+        if values.shape != (expected[direction],):
+            return None, None, f"rank file: {direction} has {values.size} ranks, expected {expected[direction]}"
+        fault = _mismatch(values, metrics, direction)
+        if fault:
+            return None, None, f"rank file does not reproduce the run's {fault}"
+    return ranks, text_to_image, None
+
+
+def _mismatch(ranks, metrics, direction):
+    """'t2i_R@1 (JSON 45.0, ranks 44.8)' for the first metric the ranks do not give back, else None."""
+    recomputed = {f"{direction}_R@{k}": 100.0 * np.mean(ranks <= k) for k in k_values(metrics, direction)}
+    recomputed[f"{direction}_MRR"] = float(np.mean(1.0 / ranks))
+    for key, value in recomputed.items():
+        stored = metrics.get(key)
+        if isinstance(stored, (int, float)) and abs(stored - value) > TOLERANCE * max(1.0, abs(stored)):
+            return f"{key} (JSON {stored:g}, ranks {value:g})"
+    return None
+
+
+def per_image(ranks, text_to_image, metrics):
+    """RunRanks of one run: for each direction its R@K (K from the run's metrics) and MRR summed per image."""
+    n_images = int(text_to_image.max()) + 1
+    columns, blocks, direction_index = [], [], []
+    for d_index, direction in enumerate(DIRECTIONS):
+        if direction not in ranks:
+            continue
+        values = ranks[direction]
+        per_query = [100.0 * (values <= k) for k in k_values(metrics, direction)] + [1.0 / values]
+        if direction == "t2i":
+            sums = [np.bincount(text_to_image, weights=v, minlength=n_images) for v in per_query]
+        else:
+            sums = per_query
+        blocks.append(np.stack(sums, axis=1))
+        names = [f"{direction}_R@{k}" for k in k_values(metrics, direction)] + [f"{direction}_MRR"]
+        columns += names
+        direction_index += [d_index] * len(names)
+    return RunRanks(split=(n_images, text_to_image.tobytes()), columns=columns,
+                    numerators=np.concatenate(blocks, axis=1), direction=np.asarray(direction_index))
+
+
+def load(results_dir, runs):
+    """({run_id: RunRanks} of the runs whose rank file is usable, {run_id: reason} of the others); runs is
+    {run_id: run JSON as loaded, with '_file' relative to results_dir}."""
+    ranked, notes = {}, {}
+    for run_id, run in runs.items():
+        metrics = run.get("metrics") or {}
+        ranks, text_to_image, reason = read_ranks(rank_path(results_dir, run), metrics)
+        if reason:
+            notes[run_id] = reason
+        else:
+            ranked[run_id] = per_image(ranks, text_to_image, metrics)
+    return ranked, notes
+
+
+def draws(n_images, resamples, seed):
+    """[resamples, n_images] counts of each image in each resample (n_images images drawn with replacement).
+
+    The same seed gives the same draws; more resamples append rows (numpy draws row after row).
+    """
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=resamples).astype(np.float64)
+
+
+def denominators(text_to_image, n_images):
+    """[n_images, len(DIRECTIONS)]: queries per image in each direction (its captions; the image itself)."""
+    return np.stack([np.bincount(text_to_image, minlength=n_images).astype(np.float64), np.ones(n_images)], axis=1)
+
+
+class Resampler:
+    """Draws per split (cached), shared by every run of that split, and the intervals computed on them."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self._splits = {}
+
+    def split(self, key):
+        """(W, W @ denominators) of a split; the same draws for every run of it."""
+        if key not in self._splits:
+            n_images, raw = key
+            text_to_image = np.frombuffer(raw, dtype=np.int64)
+            weights = draws(n_images, self.settings.resamples, self.settings.seed)
+            self._splits[key] = (weights, weights @ denominators(text_to_image, n_images))
+        return self._splits[key]
+
+    def bounds(self, samples):
+        """Percentile interval of each column of samples [B, C] → (low [C], high [C])."""
+        tail = 100.0 * (1.0 - self.settings.confidence) / 2.0
+        low, high = np.percentile(samples, [tail, 100.0 - tail], axis=0)
+        return low, high
+
+    def difference(self, run, other, metric):
+        """Paired difference run - other of one metric: (its interval low, high), or None when the runs
+        were not measured on the same split or lack the metric."""
+        if run.split != other.split or metric not in run.columns or metric not in other.columns:
+            return None
+        i, j = run.columns.index(metric), other.columns.index(metric)
+        weights, totals = self.split(run.split)
+        samples = (weights @ (run.numerators[:, i] - other.numerators[:, j])) / totals[:, run.direction[i]]
+        low, high = self.bounds(samples[:, None])
+        return float(low[0]), float(high[0])
+
+    def intervals(self, runs, baselines):
+        """{run_id: {column: value}} for runs {run_id: RunRanks}; baselines {run_id: baseline run_id}.
+
+        Columns per metric m: m_ci_low, m_ci_high and, paired with the baseline, m_delta, m_delta_ci_low,
+        m_delta_ci_high; RSUM the same way when a run has both directions.
+        """
+        by_split = {}
+        for run_id, run in runs.items():
+            by_split.setdefault(run.split, []).append(run_id)
+        out = {}
+        for key, ids in by_split.items():
+            for start in range(0, len(ids), RUNS_PER_BLOCK):
+                block = ids[start:start + RUNS_PER_BLOCK]
+                out.update(self._block(key, block, runs, baselines))
+        return out
+
+    def _block(self, key, ids, runs, baselines):
+        """One matrix product for a block of runs of one split: values and paired differences."""
+        weights, totals = self.split(key)
+        numerators, directions, targets = [], [], []
+        for run_id in ids:
+            run, base = runs[run_id], runs.get(baselines.get(run_id))
+            numerators.append(run.numerators)
+            directions.append(run.direction)
+            targets += [(run_id, m, "") for m in run.columns]
+            if base is not None and base.split == run.split:
+                shared = [m for m in run.columns if m in base.columns]
+                numerators.append(run.numerators[:, [run.columns.index(m) for m in shared]]
+                                  - base.numerators[:, [base.columns.index(m) for m in shared]])
+                directions.append(run.direction[[run.columns.index(m) for m in shared]])
+                targets += [(run_id, m, "_delta") for m in shared]
+        samples = (weights @ np.concatenate(numerators, axis=1)) / totals[:, np.concatenate(directions)]
+        samples, targets = _with_rsum(samples, targets)
+        low, high = self.bounds(samples)
+        out = {run_id: {} for run_id in ids}
+        for (run_id, metric, kind), lo, hi in zip(targets, low, high):
+            out[run_id][f"{metric}{kind}_ci_low"], out[run_id][f"{metric}{kind}_ci_high"] = float(lo), float(hi)
+        return out
+
+
+def _with_rsum(samples, targets):
+    """Append RSUM (sum of R@K over both directions) per run and kind where the run has both directions."""
+    groups = {}
+    for index, (run_id, metric, kind) in enumerate(targets):
+        if "_R@" in metric:
+            groups.setdefault((run_id, kind), []).append(index)
+    extra, names = [], []
+    for (run_id, kind), indexes in groups.items():
+        if {targets[i][1].split("_")[0] for i in indexes} == set(DIRECTIONS):
+            extra.append(samples[:, indexes].sum(axis=1))
+            names.append((run_id, "RSUM", kind))
+    if not extra:
+        return samples, targets
+    return np.concatenate([samples, np.stack(extra, axis=1)], axis=1), targets + names

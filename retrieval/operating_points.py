@@ -1,0 +1,199 @@
+"""Operating points: the configuration to pick under several constraints at once ("at least 99% of fp32
+t2i R@1, p99 under 2 ms, smallest memory"), per dataset/model group, from the runs at its main gallery.
+
+A requirement is COLUMN>=VALUE or COLUMN<=VALUE over a numeric column of summary.csv (bootstrap columns
+included: t2i_R@1_delta_ci_low>=-1 reads "at most 1 point below fp32, with 95% confidence"); the objective is
+min:COLUMN or max:COLUMN. When no run meets every requirement, the closest run is named with what it misses.
+The default table (no --require needed) answers the usual question big-ann style: for 95 / 99 / 99.5% of
+the fp32 exact value of the head metric, the smallest and the fastest configuration that reaches it.
+"""
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from retrieval.analysis import AnalysisError, main_runs, speed_column
+
+# The memory a configuration needs to answer queries as measured: the index, plus the fp32 vectors a
+# re-ranked configuration reads in stage 2 (the index bytes alone would flatter re-ranking).
+DEFAULT_OBJECTIVE = "min:total_bytes_per_vector"
+DEFAULT_THRESHOLDS = (95.0, 99.0, 99.5)
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_REQUIREMENT = re.compile(fr"^\s*(\S+?)\s*(>=|<=)\s*({_NUMBER})\s*$")
+_OBJECTIVE = re.compile(r"^\s*(min|max)\s*:\s*(\S+)\s*$")
+# Columns of a run that are text, never a requirement.
+_TEXT = ("run_id", "file", "dataset", "split", "model", "group", "status", "skipped_reason", "label", "candidate",
+         "data_path", "dim_method", "precision", "index", "baseline_run", "ci_note")
+
+
+@dataclass(frozen=True)
+class Requirement:
+    text: str
+    column: str
+    op: str
+    value: float
+
+    def met(self, values):
+        """Boolean Series: which values meet it (a missing value never does)."""
+        return values >= self.value if self.op == ">=" else values <= self.value
+
+    def shortfall(self, values):
+        """How far each value is from meeting it (0 when met, NaN when missing)."""
+        gap = self.value - values if self.op == ">=" else values - self.value
+        return gap.clip(lower=0)
+
+
+def parse_requirement(text):
+    match = _REQUIREMENT.match(text)
+    if not match:
+        raise AnalysisError(f"--require {text!r}: expected COLUMN>=VALUE or COLUMN<=VALUE, e.g. "
+                            "t2i_retention_R@1>=99")
+    return Requirement(text.strip(), match.group(1), match.group(2), float(match.group(3)))
+
+
+def parse_objective(text):
+    """'min:bytes_per_vector' → ('min', 'bytes_per_vector')."""
+    match = _OBJECTIVE.match(text)
+    if not match:
+        raise AnalysisError(f"--objective {text!r}: expected min:COLUMN or max:COLUMN, e.g. min:bytes_per_vector")
+    return match.group(1), match.group(2)
+
+
+def numeric_columns(frame):
+    """The columns a requirement or objective may name: those holding numbers (summary.csv order)."""
+    out = []
+    for column in frame.columns:
+        values = frame[column].dropna()
+        if column in _TEXT or values.empty:
+            continue
+        if pd.api.types.is_numeric_dtype(values) or pd.to_numeric(values, errors="coerce").notna().all():
+            out.append(column)
+    return out
+
+
+def check_columns(frame, requirements, objective):
+    """AnalysisError naming the valid columns when a requirement or the objective names another one."""
+    valid = numeric_columns(frame)
+    named = [(f"--require {r.text!r}", r.column) for r in requirements]
+    named += [(f"--objective {objective[0]}:{objective[1]}", objective[1])] if objective else []
+    for flag, column in named:
+        if column not in valid:
+            raise AnalysisError(f"{flag}: unknown column {column!r} (valid: {', '.join(valid)})")
+
+
+def select(main, requirements, objective, head=None):
+    """The best run (by objective) meeting every requirement, or the closest run and what it misses.
+
+    Ties on the objective go to the higher head metric, then the run id. Closest: fewest requirements missed,
+    then the smallest sum of shortfalls, each divided by |threshold| (the column's spread when that is 0).
+    """
+    out = {"requirements": [r.text for r in requirements], "objective": f"{objective[0]}:{objective[1]}",
+           "objective_column": objective[1]}
+    if main.empty:
+        return dict(out, meets=False, run_id=None, label=None, value=None, runs_meeting=0, missed=[])
+    values = {r.column: pd.to_numeric(main[r.column], errors="coerce") for r in requirements}
+    meets = pd.Series(True, index=main.index)
+    for r in requirements:
+        meets &= r.met(values[r.column]).fillna(False).astype(bool)
+    goal = pd.to_numeric(main[objective[1]], errors="coerce")
+    ranked = _ranked(main.assign(_goal=goal), objective[0], head)
+    fitting = ranked[meets.loc[ranked.index] & ranked["_goal"].notna()]
+    if len(fitting):
+        return dict(out, meets=True, runs_meeting=int(len(fitting)), missed=[],
+                    **_describe(fitting.iloc[0], requirements, objective[1]))
+    closest = _closest(ranked, requirements, values)
+    missed = [{"requirement": r.text, "column": r.column, "value": _plain(values[r.column][closest]),
+               "shortfall": _plain(r.shortfall(values[r.column])[closest])}
+              for r in requirements if not bool(r.met(values[r.column])[closest])]
+    if not missed:  # runs meet everything but none has a value of the objective column
+        missed = [{"requirement": f"a value of {objective[1]}", "column": objective[1], "value": None,
+                   "shortfall": None}]
+    return dict(out, meets=False, runs_meeting=0, missed=missed, **_describe(ranked.loc[closest], requirements,
+                                                                          objective[1]))
+
+
+def _ranked(frame, sense, head):
+    """Runs best-first by _goal, then the higher head metric, then run id."""
+    keys, ascending = ["_goal"], [sense == "min"]
+    if head and head in frame.columns:
+        frame = frame.assign(_head=pd.to_numeric(frame[head], errors="coerce"))
+        keys, ascending = keys + ["_head"], ascending + [False]
+    return frame.sort_values(keys + ["run_id"], ascending=ascending + [True], na_position="last", kind="stable")
+
+
+def _closest(ranked, requirements, values):
+    """Index of the run missing the fewest requirements, then with the smallest normalised shortfall, then
+    the best by the objective (ranked's order)."""
+    missed = pd.Series(0, index=ranked.index)
+    shortfall = pd.Series(0.0, index=ranked.index)
+    for r in requirements:
+        column = values[r.column]
+        spread = float(column.max() - column.min()) if column.notna().any() else 0.0
+        scale = abs(r.value) or spread or 1.0
+        missed += (~r.met(column).fillna(False).astype(bool)).astype(int)
+        shortfall += (r.shortfall(column) / scale).fillna(np.inf)
+    order = pd.DataFrame({"missed": missed, "shortfall": shortfall, "rank": np.arange(len(ranked))},
+                         index=ranked.index)
+    return order.sort_values(["missed", "shortfall", "rank"], kind="stable").index[0]
+
+
+def _describe(row, requirements, column):
+    """run_id, label, objective value and the required columns' values of one run."""
+    return {"run_id": row["run_id"], "label": row["label"], "value": _plain(row[column]),
+            "columns": {r.column: _plain(row[r.column]) for r in requirements}}
+
+
+def _plain(value):
+    """A finite float, or None (the summary is strict JSON)."""
+    if value is None or isinstance(value, str):
+        return None
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------- the default table
+
+def default_table(main, head):
+    """Per retention threshold of the head metric: the smallest (index bytes; index + re-rank vectors) and
+    the fastest (batch QPS of the head metric's direction) run reaching it, with its paired difference to fp32."""
+    retention = f"retention_{head}" if head else None
+    if retention not in main.columns or not main[retention].notna().any():
+        return []
+    qps = speed_column(main, "qps", head.split("_")[0])
+    rows = []
+    for threshold in DEFAULT_THRESHOLDS:
+        reach = main[pd.to_numeric(main[retention], errors="coerce") >= threshold]
+        row = {"threshold": threshold, "metric": head, "retention_column": retention, "qps_column": qps,
+               "reaching": int(len(reach))}
+        for name, column, sense in (("smallest", "bytes_per_vector", "min"),
+                                    ("smallest_total", "total_bytes_per_vector", "min"), ("fastest", qps, "max")):
+            ranked = _ranked(reach.assign(_goal=pd.to_numeric(reach[column], errors="coerce")), sense, head)
+            ranked = ranked[ranked["_goal"].notna()]
+            row[name] = _pick(ranked.iloc[0], head, qps) if len(ranked) else None
+        rows.append(row)
+    return rows
+
+
+def _pick(row, head, qps):
+    """What the table says about one chosen run: its value, retention, paired difference, memory and speed."""
+    fields = {"value": head, "retention": f"retention_{head}", "delta": f"{head}_delta",
+              "delta_ci_low": f"{head}_delta_ci_low", "delta_ci_high": f"{head}_delta_ci_high",
+              "bytes_per_vector": "bytes_per_vector", "total_bytes_per_vector": "total_bytes_per_vector", "qps": qps}
+    return {"run_id": row["run_id"], "label": row["label"],
+            **{name: _plain(row.get(column)) for name, column in fields.items()}}
+
+
+# ----------------------------------------------------------------------------- into the summary
+
+def add_to_summary(summary, frame, requirements, objective):
+    """Every group gets default_operating_points; with requirements or an objective, summary['operating_points']
+    lists per group the chosen run (requirements, objective, run_id, value, ...)."""
+    summary["operating_points"] = []
+    for group in summary["groups"]:
+        main = main_runs(frame[frame["group"] == group["group"]], group["main_gallery_size"])
+        group["default_operating_points"] = default_table(main, group["head_metric"])
+        if requirements or objective:
+            choice = select(main, requirements, objective or parse_objective(DEFAULT_OBJECTIVE), group["head_metric"])
+            summary["operating_points"].append(dict(group=group["group"], **choice))
+    return summary
