@@ -137,7 +137,7 @@ def bench_seed_grid(data_path, threads):
     command = [sys.executable, os.path.join(ROOT, "run_experiments.py"), "--data_path", data_path,
                "--output_dir", out, "--threads", str(threads)] + SEED_GRID
     start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     elapsed = time.perf_counter() - start
     runs = glob.glob(os.path.join(out, "runs", "*.json"))
     return elapsed, len(runs), command

@@ -23,8 +23,9 @@ from retrieval.metrics import DIRECTION_NAMES  # noqa: E402
 
 
 def palette(precisions):
-    colours = sns.color_palette("tab10", n_colors=max(10, len(precisions)))
-    return {p: colours[i] for i, p in enumerate(precision_order(precisions))}
+    # tab10 without its grey (grey marks dims and reference points in the legends), then more hues.
+    colours = [c for i, c in enumerate(sns.color_palette("tab10")) if i != 7] + list(sns.color_palette("tab20b"))
+    return {p: colours[i % len(colours)] for i, p in enumerate(precision_order(precisions))}
 
 
 def _log_if_wide(ax, values, axis="x", base=10):
@@ -375,50 +376,57 @@ def knob_lines(main):
 
 
 def knob_curves(main, recall_k, cost, path, title, xlabel):
-    """R@K against batch QPS or p50 latency along the search knob (one line per knob_lines entry, knob values
-    written at the points), with the flat indexes as reference points; one panel per direction."""
-    lines = knob_lines(main)
+    """R@K against batch QPS or p50 latency along the search knob: a row of panels per index type (IVF
+    along nprobe, HNSW along ef_search), a column per direction, one line per precision / dim / build knob
+    through the knob's values (written at the points). Only the lists without re-ranking: what the index
+    itself trades (re-ranking is the candidates plot's subject). Flat indexes are the reference points."""
+    plain = main[~main["rerank"] & ~main["exact"]]
+    lines = knob_lines(plain if len(knob_lines(plain)) else main)
     directions = [d for d in _directions(main.columns) if f"{d}_R@{recall_k}" in main]
     if not lines or not directions:
         return None
+    index_types = [i for i in SEARCH_KNOB if any(part["index"].iloc[0] == i for part in lines.values())]
     colours = palette(main["precision"].unique())
     dims = sorted(main["dim"].dropna().unique(), reverse=True)
     markers = dict(zip(dims, ["o", "s", "^", "D", "v", "P", "X", "*"] * 4))
-    styles = {"ivf": "-", "hnsw": "--"}
-    fig, axes = plt.subplots(1, len(directions), figsize=(6.4 * len(directions), 4.8), squeeze=False)
-    for ax, direction in zip(axes[0], directions):
-        col, x = f"{direction}_R@{recall_k}", speed_column(main, cost, direction)
-        for part in lines.values():
-            part = part.dropna(subset=[col, x])
-            index = part["index"].iloc[0] if len(part) else None
-            if part.empty:
-                continue
-            precision, dim = part["precision"].iloc[0], part["dim"].iloc[0]
-            ax.errorbar(part[x], part[col], yerr=_error(part, col), color=colours[precision],
-                        linestyle=styles.get(index, "-"), marker=markers.get(dim, "o"), markersize=5,
-                        capsize=2, elinewidth=0.8)
-            if len(lines) <= 12:
-                for _, row in part.iterrows():
-                    ax.annotate(f"{int(row[SEARCH_KNOB[index]])}", (row[x], row[col]), fontsize=7,
-                                textcoords="offset points", xytext=(3, 3))
-        flat = main[main["index"].fillna("flat") == "flat"].dropna(subset=[col, x])
-        for precision, part in flat.groupby("precision", sort=False):
-            ax.errorbar(part[x], part[col], yerr=_error(part, col), fmt="X", color=colours[precision],
-                        markersize=7, markeredgecolor="black", markeredgewidth=0.4, elinewidth=0.8)
-        _log_if_wide(ax, main[x], "x")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{_metric_name(col)} (%)")
-        ax.set_title(_metric_name(col))
-        ax.grid(True, which="major", alpha=0.3)
-    handles = [plt.Line2D([], [], color=colours[p], marker="o", linestyle="", label=p) for p in colours]
+    fig, axes = plt.subplots(len(index_types), len(directions), squeeze=False,
+                             figsize=(6.4 * len(directions), 4.4 * len(index_types)))
+    flat = plain[plain["index"].fillna("flat") == "flat"]
+    for row, index_type in enumerate(index_types):
+        chosen = [part for part in lines.values() if part["index"].iloc[0] == index_type]
+        for ax, direction in zip(axes[row], directions):
+            _knob_panel(ax, chosen, flat, main, f"{direction}_R@{recall_k}", speed_column(main, cost, direction),
+                        colours, markers)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{_metric_name(f'{direction}_R@{recall_k}')} (%)")
+            ax.set_title(f"{_metric_name(f'{direction}_R@{recall_k}')}: {index_type} along "
+                         f"{SEARCH_KNOB[index_type]}, no re-ranking")
+    handles = [plt.Line2D([], [], color=colours[p], marker="o", label=p) for p in colours]
     handles += [plt.Line2D([], [], color="grey", marker=markers[d], linestyle="", label=f"{int(d)}-d") for d in dims]
-    handles += [plt.Line2D([], [], color="black", linestyle=styles[i], label=f"{i}, along {SEARCH_KNOB[i]}")
-                for i in styles if (main["index"] == i).any()]
-    handles.append(plt.Line2D([], [], color="grey", marker="X", linestyle="", label="flat index"))
-    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="precision / dim / index")
+    handles.append(plt.Line2D([], [], color="grey", marker="X", linestyle="", label="flat index (reference)"))
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="precision / dim")
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _knob_panel(ax, lines, flat, main, col, x, colours, markers):
+    """One panel of knob_curves: the lines, their knob values, the flat reference points."""
+    for part in lines:
+        part = part.dropna(subset=[col, x])
+        if part.empty:
+            continue
+        index, precision, dim = part["index"].iloc[0], part["precision"].iloc[0], part["dim"].iloc[0]
+        ax.errorbar(part[x], part[col], yerr=_error(part, col), color=colours[precision],
+                    marker=markers.get(dim, "o"), markersize=5, capsize=2, elinewidth=0.6)
+        for _, row in part.iterrows():
+            ax.annotate(f"{int(row[SEARCH_KNOB[index]])}", (row[x], row[col]), fontsize=6.5,
+                        textcoords="offset points", xytext=(3, 3))
+    for precision, part in flat.dropna(subset=[col, x]).groupby("precision", sort=False):
+        ax.errorbar(part[x], part[col], yerr=_error(part, col), fmt="X", color=colours[precision],
+                    markersize=7, markeredgecolor="black", markeredgewidth=0.4, elinewidth=0.6)
+    _log_if_wide(ax, main[x], "x")
+    ax.grid(True, which="major", alpha=0.3)
 
 
 def group_plots(group, frame, plots_dir, recall_k=None):

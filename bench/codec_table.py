@@ -1,0 +1,71 @@
+"""Learned vs naive codecs at equal bytes: pq vs opq and binary vs itq, per dim, from a sweep's results.
+
+Reads:  <results_dir>/runs/*.json and their .ranks.npz (run_experiments.py with --precisions pq opq binary itq)
+Writes: stdout (a markdown table for README: R@1 of both directions with 95% bootstrap intervals over images,
+        and the paired difference learned - naive with its interval)
+
+Example:
+    python bench/codec_table.py --results_dir result/flickr8k
+"""
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from retrieval import analysis, bootstrap  # noqa: E402
+
+PAIRS = (("pq", "opq"), ("binary", "itq"))
+
+
+def flat_runs(runs):
+    """{(precision, dim): run} of the flat, no-re-ranking runs at the real gallery (smallest gallery size)."""
+    done = [r for r in runs if not r.get("skipped")]
+    smallest = min(r["config"]["gallery_size"] for r in done)
+    return {(r["config"]["precision"], r["config"]["dim"]): r for r in done
+            if r["config"]["index"] == "flat" and not r["config"]["rerank"] and r["config"]["candidate_size"]
+            and r["config"]["gallery_size"] == smallest}
+
+
+def cell(run, ranks, resampler, metric):
+    low, high = resampler.bounds((resampler.split(ranks.split)[0] @ ranks.numerators[:, [ranks.columns.index(metric)]])
+                                 / resampler.split(ranks.split)[1][:, [ranks.direction[ranks.columns.index(metric)]]])
+    return f"{run['metrics'][metric]:.1f} [{low[0]:.1f}, {high[0]:.1f}]"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results_dir", default=os.path.join(ROOT, "result", "flickr8k"))
+    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    runs = analysis.load_runs(args.results_dir)
+    chosen = flat_runs(runs)
+    ranked, notes = bootstrap.load(args.results_dir, {os.path.splitext(os.path.basename(r["_file"]))[0]: r
+                                                      for r in chosen.values()})
+    resampler = bootstrap.Resampler(bootstrap.Settings(args.bootstrap, 0.95, args.seed))
+    ids = {key: os.path.splitext(os.path.basename(run["_file"]))[0] for key, run in chosen.items()}
+    print("| dim | bytes/vector | naive / learned | t2i R@1 naive | t2i R@1 learned | paired difference | "
+          "i2t R@1 naive | i2t R@1 learned | paired difference |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dim in sorted({dim for _, dim in chosen}, reverse=True):
+        for naive, learned in PAIRS:
+            if (naive, dim) not in chosen or (learned, dim) not in chosen:
+                continue
+            a, b = chosen[(naive, dim)], chosen[(learned, dim)]
+            ra, rb = ranked[ids[(naive, dim)]], ranked[ids[(learned, dim)]]
+            cells = []
+            for direction in ("t2i", "i2t"):
+                metric = f"{direction}_R@1"
+                low, high = resampler.difference(rb, ra, metric)
+                diff = b["metrics"][metric] - a["metrics"][metric]
+                cells += [cell(a, ra, resampler, metric), cell(b, rb, resampler, metric),
+                          f"{diff:+.1f} [{low:+.1f}, {high:+.1f}]"]
+            print(f"| {dim} | {a['memory']['bytes_per_vector']} | {naive} / {learned} | " + " | ".join(cells) + " |")
+    if notes:
+        print(f"(no ranks for {len(notes)} runs: {sorted(set(notes.values()))})")
+
+
+if __name__ == "__main__":
+    main()
