@@ -484,6 +484,16 @@ def source_summary(runs):
 
 # ----------------------------------------------------------------------------- per-group analysis
 
+def whole_gallery_candidates(main):
+    """Candidate sizes C that reach the whole image gallery (t2i re-ranks it all: exact fp32 at that dim).
+
+    [{"candidate_size", "gallery_size", "runs"}]: a C that is not a real choice at this gallery size."""
+    reranked = main[main["rerank"] & main["candidate_size"].notna() & main["gallery_size"].notna()]
+    whole = reranked[reranked["candidate_size"] >= reranked["gallery_size"]]
+    return [{"candidate_size": int(c), "gallery_size": int(g), "runs": int(len(part))}
+            for (c, g), part in whole.groupby(["candidate_size", "gallery_size"], sort=True)]
+
+
 def analyse_group(frame, runs, primary_metric=None, paired=no_pairs):
     """Everything the summary holds for one (dataset, split, model) group; paired(a, b, metric) gives the
     bootstrap interval of a paired difference between two runs (add_intervals), or None."""
@@ -525,6 +535,7 @@ def analyse_group(frame, runs, primary_metric=None, paired=no_pairs):
                                                        "total_bytes_per_vector") if head else [],
         "reranking": reranking_table(main, head, paired) if head else [],
         "dim_reduction": dim_reduction_table(main, head) if head else [],
+        "whole_gallery_candidates": whole_gallery_candidates(main),
     }
 
 

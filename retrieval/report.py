@@ -269,6 +269,10 @@ def _caveats(group):
     if skipped:
         reasons = "; ".join(f"{n} x {reason}" for reason, n in skipped.most_common())
         out.append(f"{sum(skipped.values())} configurations were skipped: {reasons}.")
+    for row in group.get("whole_gallery_candidates", []):
+        out.append(f"C={row['candidate_size']:,} covers the whole gallery of {row['gallery_size']:,} images: its "
+                   f"{row['runs']} re-ranked runs are exact fp32 search at their dim for text→image, not a real "
+                   "choice at this gallery size.")
     for key in ("hostname", "cpu", "threads"):
         if isinstance(group["environment"].get(key), list):
             out.append(f"Runs disagree on {key} ({', '.join(map(str, group['environment'][key]))}): speed "

@@ -225,3 +225,15 @@ def test_unknown_metric_is_a_clear_error(tmp_path):
     folder = hand_made(str(tmp_path))
     with pytest.raises(SystemExit, match=r"--metric t2i_R@50: not a metric of these runs \(have: t2i_R@1"):
         analyze_results.main(["--results_dir", folder, "--metric", "t2i_R@50", "--no_plots"])
+
+
+def test_a_candidate_size_covering_the_gallery_is_called_out(tmp_path):
+    folder = hand_made(str(tmp_path / "r"))
+    # C = 100 on a 100-image gallery re-ranks every image: exact fp32 search, not a real choice.
+    write_run(folder, "G", "int8", 8, candidate_size=100, rerank=True, t2i=(50, 80), i2t=(60, 90),
+              bytes_per_vector=8, qps=900, p50=1.1)
+    group = analyse(folder)["groups"][0]
+    assert group["whole_gallery_candidates"] == [{"candidate_size": 100, "gallery_size": 100, "runs": 1}]
+    assert any("C=100 covers the whole gallery of 100 images" in s for s in report.findings(group))
+    small = analyse(hand_made(str(tmp_path / "s")))["groups"][0]
+    assert small["whole_gallery_candidates"] == [] and not any("whole gallery" in s for s in report.findings(small))
