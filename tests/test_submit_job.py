@@ -146,7 +146,12 @@ def test_local_pipeline_writes_everything_and_backs_up(tmp_path, tiny_clip_dir):
     assert len(backups) == 1
     with tarfile.open(backups[0]) as tar:
         names = tar.getnames()
-    assert "./experiment_summary.json" in names and sum(n.startswith("./runs/") for n in names) == len(runs)
+    # every run file is in it, and every completed run's rank file next to it (the analysis reads both)
+    completed = [p for p in runs if "ranks_file" in json.load(open(p))]
+    assert "./experiment_summary.json" in names and len(completed) > 5
+    assert sum(n.startswith("./runs/") and n.endswith(".json") for n in names) == len(runs)
+    assert {n for n in names if n.startswith("./runs/") and n.endswith(".ranks.npz")} == \
+        {"./runs/" + os.path.basename(p)[:-len(".json")] + ".ranks.npz" for p in completed}
     assert not any(n.startswith("./backups") for n in names)
     logs = glob.glob(os.path.join(clone, "result", "logs", "local-*.log"))
     assert len(logs) == 1 and "submit_job: finished" in read(logs[0])
