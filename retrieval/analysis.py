@@ -8,8 +8,9 @@ comparison happens inside one group: numbers from different datasets or encoders
 Inside a group the headline analysis uses the real gallery (the smallest gallery size, see
 main_runs); larger galleries (distractors added by `--gallery_sizes`) only feed the scaling tables.
 
-Run files are the ones run_experiments.py writes: config, metrics, speed, memory, env, data (the
-embeddings file's attributes), fit, args. The constants below name the keys read from them.
+Run files are the ones run_experiments.py writes (records built by retrieval/sweep.py): config, metrics,
+speed, memory, env, data (the embeddings file's attributes), fit, args. The constants below name the
+keys read from them.
 """
 import glob
 import json
