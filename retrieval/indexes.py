@@ -26,6 +26,7 @@ code_rotation). decoded_gallery / compressed_queries return those two sides so t
 under the compressed scores can be computed with metrics.exact_ranks.
 """
 import functools
+import sys
 import time
 from typing import Callable, NamedTuple, Optional
 
@@ -329,6 +330,34 @@ def core_index(index):
     return index
 
 
+def clusterings(index):
+    """The k-means parameter blocks (ClusteringParameters, and the centroids each trains) of an index:
+    IVF's coarse quantizer, and the 256 codewords per sub-space of a PQ (also inside HNSW / OPQ)."""
+    faiss = _faiss()
+    core = core_index(index)
+    found = []
+    if hasattr(core, "cp") and hasattr(core, "nlist"):
+        found.append((core.cp, int(core.nlist)))
+    storage = faiss.downcast_index(core.storage) if isinstance(core, faiss.IndexHNSW) else core
+    pq = getattr(storage, "pq", None)
+    if pq is not None:
+        found.append((pq.cp, 1 << int(pq.nbits)))
+    return found
+
+
+def quiet_clustering(index, fit_count):
+    """FAISS's k-means prints a WARNING per sub-space (and per OPQ iteration) when it has fewer than 39
+    training points per centroid: over a hundred lines a run on Flickr8k-sized fit sets. Its threshold
+    (min_points_per_centroid) decides only that warning, so it is lowered and one note per index says
+    the same thing; the fit size is also recorded with the timings (fit_vectors)."""
+    short = [k for cp, k in clusterings(index) if fit_count < k * cp.min_points_per_centroid]
+    for cp, _ in clusterings(index):
+        cp.min_points_per_centroid = 1
+    if short:
+        print(f"note: {type(core_index(index)).__name__} trains {max(short)} centroids on {fit_count} fit vectors "
+              f"(FAISS recommends at least {39 * max(short)}); recorded as fit_vectors", file=sys.stderr)
+
+
 def build_index(precision, gallery, fit_vectors, index_type="flat", params=None):
     """Train (on fit_vectors) and fill an index with `gallery`. Returns (index, timings dict)."""
     params = params or {}
@@ -348,6 +377,7 @@ def build_index(precision, gallery, fit_vectors, index_type="flat", params=None)
     else:
         to_codes = functools.partial(np.ascontiguousarray, dtype=np.float32)
     if not index.is_trained:
+        quiet_clustering(index, fit_vectors.shape[0])
         index.train(to_codes(fit_vectors))
     train_s = time.perf_counter() - start
     start = time.perf_counter()

@@ -175,3 +175,26 @@ def test_binary_codes_track_cosine_on_anisotropic_data():
     raw_sign_score = (np.sign(vectors[:200]) @ np.sign(vectors[200:]).T).ravel()
     assert np.corrcoef(cosine, hamming_score)[0, 1] > 0.8
     assert np.corrcoef(cosine, hamming_score)[0, 1] > np.corrcoef(cosine, raw_sign_score)[0, 1] + 0.2
+
+
+@pytest.mark.parametrize("precision, index_type", [("pq", "flat"), ("pq", "ivf"), ("pq", "hnsw"), ("opq", "ivf")])
+def test_small_fit_sets_give_one_note_not_a_flood_and_the_same_codes(precision, index_type, capfd):
+    import faiss
+    rng = np.random.default_rng(3)
+    fit = l2_normalize(rng.normal(size=(400, 32)).astype(np.float32))
+    params = {"pq_subdim": 8, "nlist": 8}
+    index, _ = indexes.build_index(precision, fit, fit, index_type, params)
+    err = capfd.readouterr().err
+    assert "WARNING clustering" not in err and err.count("note:") == 1 and "400 fit vectors" in err
+    # The same index trained with FAISS's own warning threshold encodes the gallery identically: the
+    # threshold only decides the warning.
+    loud = indexes.make_index(precision, 32, index_type, params, 400)
+    loud.train(fit)
+    capfd.readouterr()
+    codes = [faiss.downcast_index(indexes.core_index(i)) for i in (index, loud)]
+    if index_type == "flat":
+        assert np.array_equal(codes[0].sa_encode(fit), codes[1].sa_encode(fit))
+    else:
+        loud.add(fit)
+        np.testing.assert_array_equal(indexes.decoded_gallery(index, precision, fit),
+                                      indexes.decoded_gallery(loud, precision, fit))
