@@ -309,7 +309,8 @@ class Group:
         return max(1, min(1024, (1 << 26) // max(1, gallery_rows)))  # <= 256 MB of scores per chunk
 
     def full_ranks(self, direction, queries, gallery):
-        return metrics.exact_ranks(queries, gallery, self.text_to_image, direction, chunk_size=self.chunk(gallery.shape[0]))
+        return metrics.exact_ranks(queries, gallery, self.text_to_image, direction,
+                                   chunk_size=self.chunk(gallery.shape[0]))
 
     def baseline(self):
         """fp32 exact search at this dim: ranks, metrics and top-max(K) lists (reference for overlap)."""
@@ -341,7 +342,8 @@ class Group:
                 index, timing = indexes.build_index(precision, data["gallery"], data["fit"], index_type, params)
                 entry[direction] = {"index": index, "timing": timing, "params": dict(params),
                                     "bytes": indexes.serialized_bytes(index),
-                                    "bytes_per_vector": indexes.bytes_per_vector(index, precision, data["gallery"].shape[1]),
+                                    "bytes_per_vector": indexes.bytes_per_vector(index, precision,
+                                                                                 data["gallery"].shape[1]),
                                     "decoded": indexes.decoded_gallery(index, precision, data["gallery"])}
             # Full ranking under the compressed scores: untimed, in parallel, finished before any timing.
             jobs = {d: self.pool.submit(self.full_ranks, d,
@@ -349,7 +351,8 @@ class Group:
                                         entry[d].pop("decoded")) for d, v in self.directions.items()}
             for direction, job in jobs.items():
                 entry[direction]["full_ranks"] = job.result()
-                entry[direction]["searcher"] = indexes.device_searcher(entry[direction]["index"], precision, self.device)
+                entry[direction]["searcher"] = indexes.device_searcher(entry[direction]["index"], precision,
+                                                                       self.device)
             self.indexes[key] = entry
         return self.indexes[key]
 
@@ -434,14 +437,16 @@ def evaluate_config(settings, group, config):
 
     # Untimed, so the directions may run in parallel.
     result_metrics, ranks = {}, {}
-    for direction, (part, direction_ranks) in zip(group.directions, group.pool.map(one_direction, list(group.directions))):
+    parts = group.pool.map(one_direction, list(group.directions))
+    for direction, (part, direction_ranks) in zip(group.directions, parts):
         result_metrics.update(part)
         ranks[direction] = direction_ranks
     result_metrics["RSUM"] = metrics.rsum(result_metrics, config["k_values"], list(group.directions))
     memory.update(memory_summary(config, built))
     speed.update({"threads": settings.threads or timing.set_threads(0), "batch_size": settings.batch_size,
-                  "min_time_s": settings.min_time, "min_passes": settings.min_passes, "blas_threads": timing.BLAS_THREADS,
-                  "warmup_batches": settings.warmup, "latency_threads": settings.latency_threads or timing.set_threads(0),
+                  "min_time_s": settings.min_time, "min_passes": settings.min_passes,
+                  "blas_threads": timing.BLAS_THREADS, "warmup_batches": settings.warmup,
+                  "latency_threads": settings.latency_threads or timing.set_threads(0),
                   "device": str(group.device)})
     return result_metrics, speed, memory, ranks
 
