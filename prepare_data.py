@@ -20,7 +20,7 @@ import torch
 from retrieval import data, env, io, metrics
 from retrieval.download import download_dataset
 from retrieval.encoders import embed_split
-from retrieval.errors import UserError, cli
+from retrieval.errors import cli
 from retrieval.models import DEFAULT_MODEL, load_encoder, model_tag
 
 DEFAULT_DATA_ROOT = "coco_data"
@@ -107,9 +107,8 @@ def fetch_data(args):
 
 def fetch_only(args):
     """--fetch_only: what a later offline job needs, on disk and in the caches; nothing is embedded."""
-    if args.dataset not in ("csv", "synthetic") and not os.path.isdir(args.data_dir):
-        raise UserError(f"{args.data_dir}: dataset folder not found (use --download to fetch {args.dataset}, "
-                        "or pass --data_dir)")
+    if args.dataset not in ("csv", "synthetic"):
+        data.require_folder(args.dataset, args.data_dir)
     print(f"prefetch: data {args.data_dir} ready")
     if args.fetch_only == "model":
         load_encoder(args.model, args.checkpoint or None, "cpu")

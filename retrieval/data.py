@@ -503,6 +503,14 @@ def default_splits(dataset, data_dir=None, captions=None):
     return ["train", "dev", "test"]
 
 
+def require_folder(dataset, data_dir):
+    """UserError unless the dataset's folder exists (naming --download where it can fetch the dataset)."""
+    if not data_dir or not os.path.isdir(data_dir):
+        hint = f" (use --download to fetch {dataset}, or pass --data_dir)" if dataset in ("flickr8k", "coco") \
+            else " (pass --data_dir)"
+        _fail(data_dir, f"dataset folder not found{hint}")
+
+
 def load_split(dataset, data_dir, split, seed=0, images=None, captions=None):
     """One split of a dataset as a DatasetSplit (the single entry point for every script)."""
     if dataset == "synthetic":
@@ -511,8 +519,7 @@ def load_split(dataset, data_dir, split, seed=0, images=None, captions=None):
         return load_synthetic(data_dir, split)
     if dataset == "csv":
         return load_csv(images, captions, split, seed)
-    if not data_dir or not os.path.isdir(data_dir):
-        _fail(data_dir, f"dataset folder not found (use --download to fetch {dataset}, or pass --data_dir)")
+    require_folder(dataset, data_dir)
     if dataset == "flickr8k":
         return load_flickr8k(data_dir, split, seed)
     if dataset == "coco":

@@ -44,8 +44,12 @@ def export_paths(config):
     """The hand-off files a training run writes (what train_dual_encoder.py --list_exports prints)."""
     if config.export_dir == "none":
         return []
-    return [os.path.join(config.export_dir, f"{checkpoint.run_tag(config.run_name, dim)}_{split}.h5")
-            for dim in config.embedding_dim for split in config.export_splits]
+    return [export_path(config, dim, split) for dim in config.embedding_dim for split in config.export_splits]
+
+
+def export_path(config, dim, split):
+    """<export_dir>/<tag>_<split>.h5, the tag being the checkpoint's (checkpoint.run_tag)."""
+    return os.path.join(config.export_dir, f"{checkpoint.run_tag(config.run_name, dim)}_{split}.h5")
 
 
 def export(config, checkpoint_path, splits, device, dim):
@@ -57,7 +61,7 @@ def export(config, checkpoint_path, splits, device, dim):
     written = []
     for split_name in config.export_splits:
         split = splits.get(split_name) or load_split(config, split_name)
-        path = os.path.join(config.export_dir, f"{encoder.name}_{split_name}.h5")
+        path = export_path(config, dim, split_name)
         embedded = None
         if features is not None:
             embedded = project_features(model, features.image(model, split, split_views(config.test_flip), config.seed),

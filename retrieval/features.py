@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from retrieval import io
-from retrieval.encoders import ImageFiles, autocast, image_loader, raise_unreadable
+from retrieval.encoders import ImageFiles, autocast, describe_error, image_loader, raise_unreadable
 from retrieval.towers import image_transforms
 
 
@@ -56,13 +56,13 @@ class ImageViews:
         return len(self.files)
 
     def __getitem__(self, row):
-        row, plain, error = self.files[row]
-        if plain is None:
-            return row, None, error
+        try:
+            image = self.files.open(row)   # decoded once for every view
+        except Exception as e:  # the one bad-image policy: report, never raise (encoders.ImageFiles)
+            return row, None, describe_error(e)
+        plain = self.files.apply(image)
         out = [plain, plain.flip(-1)][:self.views]
-        if self.views > 2:
-            image = self.files.open(row)
-            out += [self.files.apply(image, self.seed * 1_000_003 + row * 97 + v) for v in range(2, self.views)]
+        out += [self.files.apply(image, self.seed * 1_000_003 + row * 97 + v) for v in range(2, self.views)]
         return row, torch.stack(out), ""
 
 

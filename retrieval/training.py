@@ -34,8 +34,7 @@ from retrieval.towers import image_transforms
 
 def load_split(config, split):
     """One split of the training data set (the folder must exist: the trainer never generates data)."""
-    if not os.path.isdir(config.data_dir):
-        raise UserError(f"{config.data_dir}: dataset folder not found")
+    data.require_folder(config.dataset, config.data_dir)
     return data.load_split(config.dataset, config.data_dir, split, config.seed)
 
 
@@ -203,6 +202,13 @@ def build_run_model(run, feature_seed, member):
     set_frozen(run.model.text_tower, run.config.freeze_text)
 
 
+def rank_zero_first(rank, world_size, compute):
+    """compute() on rank 0 first (it writes the cache), then on the others (they read its files)."""
+    value = compute() if rank == 0 else None
+    barrier(world_size)
+    return value if rank == 0 else compute()
+
+
 def cache_frozen_features(run, splits, features, feature_seed, rank, world_size):
     """Frozen towers: train and dev features once (rank 0 computes, the others then read the cache),
     and the feature standardisation set from train."""
@@ -213,12 +219,9 @@ def cache_frozen_features(run, splits, features, feature_seed, rank, world_size)
         for split_name in ("train", "dev"):
             split = splits[split_name]
             views = config.cache_views if split_name == "train" else split_views(config.test_flip)
-            for turn in (0, 1):   # rank 0 first, then (after the barrier) the others read its files
-                if (rank == 0) == (turn == 0):
-                    run.cache[split_name][kind] = features.image(run.model, split, views, feature_seed) \
-                        if kind == "image" else features.text(run.model, split)
-                if turn == 0:
-                    barrier(world_size)
+            compute = (lambda: features.image(run.model, split, views, feature_seed)) if kind == "image" \
+                else (lambda: features.text(run.model, split))
+            run.cache[split_name][kind] = rank_zero_first(rank, world_size, compute)
         train_feats = run.cache["train"][kind]
         norm = run.model.image_norm if kind == "image" else run.model.text_norm
         norm.set(train_feats.flatten(0, 1) if kind == "image" else train_feats)
