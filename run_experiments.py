@@ -19,6 +19,7 @@ from tqdm import tqdm
 from retrieval import indexes, metrics, sweep, timing
 from retrieval.env import pick_device, seed_everything
 from retrieval.errors import cli
+from retrieval.io import ranks_path
 
 
 def parse_args(argv=None):
@@ -154,7 +155,7 @@ def main(argv=None):
                     group = sweep.Group(settings, emb, fit, config, distractor_file, pool, device)
                 evaluated = sweep.evaluate_config(settings, group, config)
                 record = sweep.result_record(config, evaluated, emb, fit, env, vars(args), time.perf_counter() - start,
-                                             os.path.basename(sweep.ranks_path(path)))
+                                             os.path.basename(ranks_path(path)))
             sweep.write_run(path, record, None if skip else evaluated[3], emb.text_to_image)
             written.append(path)
             progress.write(summary_line(names[i], config, record))

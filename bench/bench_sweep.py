@@ -65,32 +65,18 @@ def find_real_file():
     return None
 
 
-def bare_loop(index, batches, k, min_time):
-    """queries/s of `for batch: index.search(batch, k)` (what FAISS alone does), whole passes."""
-    index.search(batches[0], k)
+def bare_loop(search, batches, k, min_time):
+    """queries/s of `for batch: search(batch, k)` (what FAISS alone does, with the codec's own encoding
+    where it has one), whole passes."""
+    search(batches[0], k)
     passes, elapsed = 0, 0.0
     while passes == 0 or elapsed < min_time:
         start = time.perf_counter()
         for batch in batches:
-            index.search(batch, k)
+            search(batch, k)
         elapsed += time.perf_counter() - start
         passes += 1
     return passes * sum(len(b) for b in batches) / elapsed
-
-
-def bare_loop_with_codec(searcher, batches, k, min_time):
-    """Like bare_loop, but each batch is first encoded (binary / itq: rotation + sign bits; opq: the
-    OPQ rotation), as a plain script searching such an index would do."""
-    index = searcher.index
-    return bare_loop(_Encoding(index, searcher.encode), batches, k, min_time)
-
-
-class _Encoding:
-    def __init__(self, index, encode):
-        self.index, self.encode = index, encode
-
-    def search(self, batch, k):
-        return self.index.search(self.encode(batch), k)
 
 
 def harness_group(data_path, threads, precisions, min_time):
@@ -110,17 +96,19 @@ def bench_overhead(data_path, threads, precisions, k=10, repeats=5, min_time=0.5
     with a query-side stage, transform + search end to end) vs a bare FAISS loop on the same index and
     the same query batches, interleaved `repeats` times so a drifting machine load hits both alike."""
     settings, group = harness_group(data_path, threads, precisions, min_time)
-    data = group.directions["t2i"]
-    batches = timing.batches(data["queries"], settings.batch_size)
+    batches = group.directions["t2i"]["query_batches"]
     results = {}
     for precision in precisions:
-        searcher = group.built(precision, "flat", {})["t2i"]["searcher"]
+        entry = group.built(precision, "flat", {})["t2i"]
+        searcher = entry["searcher"]
+        # The bare loop encodes each batch itself (binary / itq: rotation + sign bits; opq: the OPQ rotation).
+        bare_search = (lambda b, n: searcher.index.search(searcher.encode(b), n)) if searcher.encode \
+            else searcher.index.search
         bare, harness = [], []
         for _ in range(repeats):
             with timing.pinned_threads(threads):
-                bare.append(bare_loop_with_codec(searcher, batches, k, min_time) if searcher.encode
-                            else bare_loop(searcher.index, batches, k, min_time))
-            speed, _, _ = sweep.timed_search(settings, searcher, data, k, rerank=False)
+                bare.append(bare_loop(bare_search, batches, k, min_time))
+            speed, _, _ = sweep.timed_search(settings, group, "t2i", entry, k, rerank=False)
             # With a query-side stage, the bare loop encodes too: compare it with transform + search.
             harness.append(1 / (1 / speed["transform_qps"] + 1 / speed["search_qps"]) if searcher.encode
                            else speed["search_qps"])

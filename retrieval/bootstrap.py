@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval.metrics import DIRECTIONS
+from retrieval.io import ranks_path
+from retrieval.io import read_ranks as read_ranks_file
+from retrieval.metrics import DIRECTIONS, summarize
 
 UNIT = "image"
 UNIT_DETAIL = ("a resample draws the split's images with replacement and takes every caption of each drawn image "
@@ -55,10 +57,8 @@ class RunRanks:
 
 
 def rank_path(results_dir, run):
-    """Where the run's rank file is: its 'ranks_file' key, else the default name beside the JSON."""
-    folder = os.path.join(results_dir, os.path.dirname(run["_file"]))
-    stem = os.path.splitext(os.path.basename(run["_file"]))[0]
-    return os.path.join(folder, run.get("ranks_file") or f"{stem}.ranks.npz")
+    """The run's rank file: beside its JSON (io.ranks_path)."""
+    return ranks_path(os.path.join(results_dir, run["_file"]))
 
 
 def k_values(metrics, direction):
@@ -73,8 +73,7 @@ def read_ranks(path, metrics):
     if not os.path.exists(path):
         return None, None, NO_RANK_FILE
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
+        arrays = read_ranks_file(path)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         return None, None, f"rank file {os.path.basename(path)} unreadable ({e})"
     text_to_image = arrays.get("text_to_image")
@@ -95,8 +94,8 @@ def read_ranks(path, metrics):
 
 def _mismatch(ranks, metrics, direction):
     """'t2i_R@1 (JSON 45.0, ranks 44.8)' for the first metric the ranks do not give back, else None."""
-    recomputed = {f"{direction}_R@{k}": 100.0 * np.mean(ranks <= k) for k in k_values(metrics, direction)}
-    recomputed[f"{direction}_MRR"] = float(np.mean(1.0 / ranks))
+    summary = summarize(ranks, k_values(metrics, direction))   # the protocol's own formulas
+    recomputed = {f"{direction}_{key}": value for key, value in summary.items() if key.startswith("R@") or key == "MRR"}
     for key, value in recomputed.items():
         stored = metrics.get(key)
         if isinstance(stored, (int, float)) and abs(stored - value) > TOLERANCE * max(1.0, abs(stored)):

@@ -119,8 +119,12 @@ def binary_signs(vectors, rotation=None):
 
 
 def sign_bits(vectors, rotation=None):
-    """Pack the binary_signs into bits (uint8 [N, D/8]), the code IndexBinaryFlat stores."""
-    return np.packbits(binary_signs(vectors, rotation) > 0, axis=1)
+    """The binary_signs packed into bits (uint8 [N, D/8]), the code IndexBinaryFlat stores. On the timed
+    query path, so the signs go straight to bits without the +-1 float array."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if rotation is None:
+        rotation = binary_rotation(vectors.shape[1])
+    return np.packbits(vectors @ rotation > 0, axis=1)
 
 
 ITQ_ITERATIONS = 50

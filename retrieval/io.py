@@ -103,6 +103,26 @@ def append_jsonl(path, record):
         f.write(json.dumps(record, default=_json_default) + "\n")
 
 
+def ranks_path(json_path):
+    """<runs>/<name>.ranks.npz next to a run's <runs>/<name>.json."""
+    return os.fspath(json_path)[:-len(".json")] + ".ranks.npz"
+
+
+def write_ranks(path, ranks, text_to_image):
+    """Atomically write a run's rank file: per direction the 1-based rank of each query's first relevant
+    item that its R@K / MRR came from (inf = miss), and the caption -> image map resampling by image needs."""
+    arrays = {direction: np.asarray(r, dtype=np.float64) for direction, r in ranks.items()}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, text_to_image=np.asarray(text_to_image, dtype=np.int64), **arrays)
+
+
+def read_ranks(path):
+    """{direction: ranks, "text_to_image": map} of a rank file (raises what numpy raises for a bad file)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {key: z[key] for key in z.files}
+
+
 def read_json(path):
     try:
         with open(path) as f:

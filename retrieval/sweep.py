@@ -24,7 +24,7 @@ import numpy as np
 from retrieval import indexes, metrics, timing
 from retrieval.env import environment
 from retrieval.errors import UserError
-from retrieval.io import HandoffError, atomic_path, l2_normalize, read_embeddings, read_json, write_json
+from retrieval.io import HandoffError, l2_normalize, ranks_path, read_embeddings, read_json, write_json, write_ranks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +280,7 @@ class Group:
         both = np.concatenate([fit["images"], fit["texts"]])
         self.projection = indexes.fit_reduction(both, dim, settings.dim_method, settings.seed)
         gallery_images, gallery_texts = padded_gallery(emb, fit, extra, distractor_file, settings.seed)
-        reduce = functools.partial(indexes.reduce, projection=self.projection)
+        self.reduce = reduce = functools.partial(indexes.reduce, projection=self.projection)
         # Queries are the real items only; galleries may carry distractors after the real rows. The
         # native queries are kept for timing the query-side transform (projection to the dim).
         directions = {
@@ -289,9 +289,10 @@ class Group:
             "i2t": {"native_queries": emb.image_embeddings, "queries": reduce(emb.image_embeddings),
                     "gallery": reduce(gallery_texts), "fit": reduce(fit["texts"])},
         }
-        for data in directions.values():
-            data.update(reduce=reduce, transform=self.query_transform)
         self.directions = {d: directions[d] for d in settings.directions}
+        for data in self.directions.values():  # cut once: the timed loops do nothing but their own work
+            data["native_batches"] = timing.batches(data["native_queries"], settings.batch_size)
+            data["query_batches"] = timing.batches(data["queries"], settings.batch_size)
         self.text_to_image = emb.text_to_image
         self.k_values = config["k_values"]
         self.indexes = {}
@@ -302,8 +303,7 @@ class Group:
         encoding), or None when that is nothing (native dim and a float codec)."""
         if self.projection is None and encode is None:
             return None
-        reduce = functools.partial(indexes.reduce, projection=self.projection)
-        return (lambda native: encode(reduce(native))) if encode else reduce
+        return (lambda native: encode(self.reduce(native))) if encode else self.reduce
 
     def chunk(self, gallery_rows):
         return max(1, min(1024, (1 << 26) // max(1, gallery_rows)))  # <= 256 MB of scores per chunk
@@ -340,7 +340,7 @@ class Group:
             for direction, data in self.directions.items():
                 params["fit_size"] = data["fit"].shape[0]
                 index, timing = indexes.build_index(precision, data["gallery"], data["fit"], index_type, params)
-                entry[direction] = {"index": index, "timing": timing, "params": dict(params),
+                entry[direction] = {"index": index, "timing": timing,
                                     "bytes": indexes.serialized_bytes(index),
                                     "bytes_per_vector": indexes.bytes_per_vector(index, precision,
                                                                                  data["gallery"].shape[1]),
@@ -351,44 +351,43 @@ class Group:
                                         entry[d].pop("decoded")) for d, v in self.directions.items()}
             for direction, job in jobs.items():
                 entry[direction]["full_ranks"] = job.result()
-                entry[direction]["searcher"] = indexes.device_searcher(entry[direction]["index"], precision,
-                                                                       self.device)
+                searcher = indexes.device_searcher(entry[direction]["index"], precision, self.device)
+                batches = self.directions[direction]["query_batches"]
+                # The codes the index is searched with, encoded once (untimed) for every configuration it serves.
+                entry[direction].update(searcher=searcher, codes=[searcher.encode(b) for b in batches]
+                                        if searcher.encode else batches)
             self.indexes[key] = entry
         return self.indexes[key]
 
 
 # ----------------------------------------------------------------------------- one configuration
 
-def timed_search(settings, searcher, data, k_search, rerank):
+def timed_search(settings, group, direction, entry, k_search, rerank):
     """Time the stages of one direction's search separately, then one query end to end.
 
     Stages: `transform` (the query's side of the codec: PCA / random projection to the dim and, for
     binary codes, rotation + sign bits; timed from the native query, absent when there is nothing to
-    do), `search` (the FAISS index alone), and `rerank` (fp32 re-scoring of the C candidates) or
-    `sort` (ordering the list by the compressed scores). End-to-end `qps` adds the stages' times per
-    query; latency times single queries through all of them. Returns (speed, stage-1 lists, final lists).
+    do), `search` (the FAISS index alone, on the codes Group.built encoded), and `rerank` (fp32
+    re-scoring of the C candidates) or `sort` (ordering the list by the compressed scores). End-to-end
+    `qps` adds the stages' times per query; latency times single queries through all of them. Returns
+    (speed, stage-1 lists, final lists).
     """
-    encode, search = searcher.encode, searcher.search
-    raw_batches = timing.batches(data["native_queries"], settings.batch_size)
-    query_batches = timing.batches(data["queries"], settings.batch_size)
-    # The lists are searched with the codes of the precomputed queries (encoded untimed, batch by batch).
-    codes = [encode(batch) for batch in query_batches] if encode else query_batches
-    stage1, final = [None] * len(query_batches), [None] * len(query_batches)
-    n, queries = len(query_batches), data["queries"].shape[0]
-    timed = functools.partial(timing.time_batches, num_batches=n, num_queries=queries, min_time=settings.min_time,
-                              warmup=settings.warmup, min_passes=settings.min_passes)
+    data, searcher, codes = group.directions[direction], entry["searcher"], entry["codes"]
+    query_batches, native_batches = data["query_batches"], data["native_batches"]
+    stage1, final = [None] * len(codes), [None] * len(codes)
+    timed = functools.partial(timing.time_batches, num_batches=len(codes), num_queries=data["queries"].shape[0],
+                              min_time=settings.min_time, warmup=settings.warmup, min_passes=settings.min_passes)
+    transform = group.query_transform(searcher.encode)
+
+    def transform_step(i):
+        transform(native_batches[i])
 
     def search_step(i):
-        stage1[i] = search(codes[i], k_search)
+        stage1[i] = searcher.search(codes[i], k_search)
 
     def second_step(i):
         final[i] = indexes.rerank(query_batches[i], data["gallery"], stage1[i][1]) if rerank \
             else indexes.sort_candidates(*stage1[i])
-
-    transform = data["transform"](encode)
-
-    def transform_step(i):
-        transform(raw_batches[i])
 
     stages = {}
     with timing.pinned_threads(settings.threads):
@@ -396,21 +395,16 @@ def timed_search(settings, searcher, data, k_search, rerank):
             stages["transform"] = timed(transform_step)
         stages["search"] = timed(search_step)
         stages["rerank" if rerank else "sort"] = timed(second_step)
-    latency = timing.latency_ms(single_query(data, encode, search, k_search, rerank),
-                                data["native_queries"], settings.latency_queries, settings.seed,
+
+    def single(native):
+        """One native query through every stage (what a deployed system does per request)."""
+        query = group.reduce(native)
+        scores, ids = searcher(query, k_search)
+        return indexes.rerank(query, data["gallery"], ids) if rerank else indexes.sort_candidates(scores, ids)
+
+    latency = timing.latency_ms(single, data["native_queries"], settings.latency_queries, settings.seed,
                                 settings.latency_threads)
     return stage_speed(stages, latency, k_search), np.concatenate([ids for _, ids in stage1]), np.concatenate(final)
-
-
-def single_query(data, encode, search, k_search, rerank):
-    """One native query through every stage (what a deployed system does per request)."""
-    reduce = data["reduce"]
-
-    def run(native):
-        query = reduce(native)
-        scores, ids = search(encode(query) if encode else query, k_search)
-        return indexes.rerank(query, data["gallery"], ids) if rerank else indexes.sort_candidates(scores, ids)
-    return run
 
 
 def stage_speed(stages, latency, k_search):
@@ -461,11 +455,10 @@ def time_directions(settings, group, config, built):
     for direction, data in group.directions.items():
         entry = built[direction]
         k_search = min(max_k if exact_full else config["candidate_size"], data["gallery"].shape[0])
-        # Search-time knobs (nprobe, efSearch) are the configuration's; the index may serve several.
-        knobs = dict(entry["params"], **config["index_params"])
-        indexes.set_search_params(entry["index"], config["index"], knobs, k_search)
-        indexes.set_search_params(entry["searcher"].index, config["index"], knobs, k_search)  # a GPU copy too
-        dir_speed, stage1, final = timed_search(settings, entry["searcher"], data, k_search, config["rerank"])
+        # Search-time knobs (nprobe, efSearch) are the configuration's, set on the object searched (a GPU copy
+        # on a GPU); one built index serves every value.
+        indexes.set_search_params(entry["searcher"].index, config["index"], config["index_params"], k_search)
+        dir_speed, stage1, final = timed_search(settings, group, direction, entry, k_search, config["rerank"])
         dir_speed.update({k: entry["timing"][k] for k in ("train_s", "add_s", "build_s")})
         speed.update({f"{direction}_{k}": v for k, v in dir_speed.items()})
         memory[f"{direction}_index_bytes"] = entry["bytes"]
@@ -554,27 +547,12 @@ def result_record(config, evaluated, emb, fit, env, arguments, elapsed_s, ranks_
 
 # ----------------------------------------------------------------------------- run files
 
-def ranks_path(json_path):
-    """<runs>/<name>.ranks.npz next to <runs>/<name>.json."""
-    return json_path[:-len(".json")] + ".ranks.npz"
-
-
 def write_run(json_path, record, ranks=None, text_to_image=None):
-    """Write a run: first its rank file (per direction the ranks its R@K / MRR come from, and the
-    caption -> image map that resampling by image needs), then the JSON, each atomically. The JSON
-    is written last because its presence is what marks the run done."""
+    """Write a run: first its rank file (io.write_ranks), then the JSON, each atomically. The JSON is
+    written last because its presence is what marks the run done."""
     if ranks is not None:
-        arrays = {direction: np.asarray(r, dtype=np.float64) for direction, r in ranks.items()}
-        with atomic_path(ranks_path(json_path)) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, text_to_image=np.asarray(text_to_image, dtype=np.int64), **arrays)
+        write_ranks(ranks_path(json_path), ranks, text_to_image)
     write_json(json_path, record)
-
-
-def read_ranks(json_path):
-    """{direction: ranks, "text_to_image": map} of a run's rank file (written by write_run)."""
-    with np.load(ranks_path(json_path), allow_pickle=False) as z:
-        return {key: z[key] for key in z.files}
 
 
 # ----------------------------------------------------------------------------- resuming

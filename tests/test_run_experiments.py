@@ -292,7 +292,7 @@ def test_bad_input_names_the_file(tmp_path, capsys):
 # ----------------------------------------------------------------------------- rank files, knob curves
 
 def test_rank_files_reproduce_every_run_and_resume_with_their_json(tmp_path):
-    from retrieval import metrics, sweep
+    from retrieval import io, metrics
     from retrieval.io import read_embeddings
     data = random_file(tmp_path / "toy.npz", num_images=30, dim=16)
     out = str(tmp_path / "result")
@@ -305,11 +305,11 @@ def test_rank_files_reproduce_every_run_and_resume_with_their_json(tmp_path):
     for path in written:
         record = json.load(open(path))
         if "skipped" in record:
-            assert not os.path.exists(sweep.ranks_path(path))
+            assert not os.path.exists(io.ranks_path(path))
             continue
         completed += 1
-        assert record["ranks_file"] == os.path.basename(sweep.ranks_path(path))
-        ranks = sweep.read_ranks(path)
+        assert record["ranks_file"] == os.path.basename(io.ranks_path(path))
+        ranks = io.read_ranks(io.ranks_path(path))
         np.testing.assert_array_equal(ranks["text_to_image"], text_to_image)
         assert ranks["t2i"].shape == (150,) and ranks["i2t"].shape == (30,)
         for direction in ("t2i", "i2t"):
@@ -322,9 +322,9 @@ def test_rank_files_reproduce_every_run_and_resume_with_their_json(tmp_path):
     assert completed >= 6
     # A run whose rank file is gone is redone (JSON and rank file), and nothing else is.
     victim = next(p for p in written if "ranks_file" in json.load(open(p)))
-    os.remove(sweep.ranks_path(victim))
+    os.remove(io.ranks_path(victim))
     assert run_experiments.main(common) == [victim]
-    assert os.path.exists(sweep.ranks_path(victim))
+    assert os.path.exists(io.ranks_path(victim))
     # A temp rank file a killed run left behind is removed on the next start.
     stale = os.path.join(out, "runs", ".dead.ranks.abc.tmp.npz")
     open(stale, "wb").close()
