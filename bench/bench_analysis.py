@@ -11,7 +11,6 @@ Example:
     python bench/bench_analysis.py --results_dir result  # a real sweep
 """
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -23,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import analyze_results  # noqa: E402
-from retrieval import metrics  # noqa: E402
+from retrieval import io, metrics  # noqa: E402
 
 DIMS = (128, 256, 512)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "binary", "pq", "opq", "itq")
@@ -65,9 +64,9 @@ def write_run(folder, name, config, ranks, text_to_image, speed, memory):
     run = {"config": config, "metrics": run_metrics, "speed": speed, "memory": memory,
            "data": {"dataset": "flickr8k", "split": "test", "model": "synthetic-d512", "dim": 512},
            "env": {"cpu": "bench", "threads": 2, "hostname": "bench"}, "ranks_file": f"{name}.ranks.npz"}
-    np.savez(os.path.join(folder, "runs", f"{name}.ranks.npz"), text_to_image=text_to_image, **ranks)
-    with open(os.path.join(folder, "runs", f"{name}.json"), "w") as f:
-        json.dump(run, f)
+    json_path = os.path.join(folder, "runs", f"{name}.json")
+    io.write_ranks(io.ranks_path(json_path), ranks, text_to_image)   # the sweep's own writers
+    io.write_json(json_path, run)
 
 
 def configurations():

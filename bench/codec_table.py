@@ -28,10 +28,8 @@ def flat_runs(runs):
             and r["config"]["gallery_size"] == smallest}
 
 
-def cell(run, ranks, resampler, metric):
-    low, high = resampler.bounds((resampler.split(ranks.split)[0] @ ranks.numerators[:, [ranks.columns.index(metric)]])
-                                 / resampler.split(ranks.split)[1][:, [ranks.direction[ranks.columns.index(metric)]]])
-    return f"{run['metrics'][metric]:.1f} [{low[0]:.1f}, {high[0]:.1f}]"
+def cell(value, columns, metric):
+    return f"{value:.1f} [{columns[metric + '_ci_low']:.1f}, {columns[metric + '_ci_high']:.1f}]"
 
 
 def main(argv=None):
@@ -46,6 +44,8 @@ def main(argv=None):
                                                       for r in chosen.values()})
     resampler = bootstrap.Resampler(bootstrap.Settings(args.bootstrap, 0.95, args.seed))
     ids = {key: os.path.splitext(os.path.basename(run["_file"]))[0] for key, run in chosen.items()}
+    ranked, notes = bootstrap.load(args.results_dir, {ids[key]: run for key, run in chosen.items()})
+    resampler = bootstrap.Resampler(bootstrap.Settings(args.bootstrap, 0.95, args.seed))
     print("| dim | bytes/vector | naive / learned | t2i R@1 naive | t2i R@1 learned | paired difference | "
           "i2t R@1 naive | i2t R@1 learned | paired difference |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -54,14 +54,17 @@ def main(argv=None):
             if (naive, dim) not in chosen or (learned, dim) not in chosen:
                 continue
             a, b = chosen[(naive, dim)], chosen[(learned, dim)]
-            ra, rb = ranked[ids[(naive, dim)]], ranked[ids[(learned, dim)]]
+            n_id, l_id = ids[(naive, dim)], ids[(learned, dim)]
+            # The learned run paired with the naive one, on the same draws: its delta is learned - naive.
+            intervals = resampler.intervals({n_id: ranked[n_id], l_id: ranked[l_id]}, {l_id: n_id})
             cells = []
             for direction in ("t2i", "i2t"):
                 metric = f"{direction}_R@1"
-                low, high = resampler.difference(rb, ra, metric)
                 diff = b["metrics"][metric] - a["metrics"][metric]
-                cells += [cell(a, ra, resampler, metric), cell(b, rb, resampler, metric),
-                          f"{diff:+.1f} [{low:+.1f}, {high:+.1f}]"]
+                cells += [cell(a["metrics"][metric], intervals[n_id], metric),
+                          cell(b["metrics"][metric], intervals[l_id], metric),
+                          f"{diff:+.1f} [{intervals[l_id][metric + '_delta_ci_low']:+.1f}, "
+                          f"{intervals[l_id][metric + '_delta_ci_high']:+.1f}]"]
             print(f"| {dim} | {a['memory']['bytes_per_vector']} | {naive} / {learned} | " + " | ".join(cells) + " |")
     if notes:
         print(f"(no ranks for {len(notes)} runs: {sorted(set(notes.values()))})")

@@ -381,7 +381,7 @@ def knob_curves(main, recall_k, cost, path, title, xlabel):
     through the knob's values (written at the points). Only the lists without re-ranking: what the index
     itself trades (re-ranking is the candidates plot's subject). Flat indexes are the reference points."""
     plain = main[~main["rerank"] & ~main["exact"]]
-    lines = knob_lines(plain if len(knob_lines(plain)) else main)
+    lines = knob_lines(plain) or knob_lines(main)
     directions = [d for d in _directions(main.columns) if f"{d}_R@{recall_k}" in main]
     if not lines or not directions:
         return None

@@ -1,11 +1,11 @@
 """Run folders with rank files, as run_experiments.py writes them: runs/<id>.json plus runs/<id>.ranks.npz
 (t2i / i2t ranks, 1-based, inf = miss, and text_to_image). The JSON's metrics are computed from the ranks
 with the protocol's own metrics.summarize, so the pair is consistent the way the sweep's is."""
-import json
 import os
 
 import numpy as np
 
+from retrieval import io
 from retrieval import metrics as protocol
 
 DATA = {"dataset": "toyset", "split": "test", "model": "toy-model", "dim": 8}
@@ -49,10 +49,8 @@ def write_ranked_run(folder, name, precision, dim, ranks, text_to_image, *, exac
     os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
     if ranks_file:
         run["ranks_file"] = f"{name}.ranks.npz"
-        np.savez(os.path.join(folder, "runs", f"{name}.ranks.npz"), text_to_image=np.asarray(text_to_image),
-                 **{d: np.asarray(v, dtype=np.float64) for d, v in ranks.items()})
-    with open(os.path.join(folder, "runs", f"{name}.json"), "w") as f:
-        json.dump(run, f)
+        io.write_ranks(os.path.join(folder, "runs", f"{name}.ranks.npz"), ranks, text_to_image)
+    io.write_json(os.path.join(folder, "runs", f"{name}.json"), run)
     return run
 
 
