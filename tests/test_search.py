@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import search
-from retrieval.io import Embeddings, l2_normalize, make_attrs, write_embeddings
+from retrieval.io import Embeddings, l2_normalize, make_attrs, write_embeddings, write_json
 
 QUERY = "a small red circle left of a large blue square"
 PLANTED_IMAGE = 5
@@ -96,3 +96,138 @@ def test_wrong_split_and_missing_file_are_clear_errors(handoff, tmp_path, tiny_c
         search.main(["--query", "x", "--data_path", train, "--use_test_set", "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="file not found"):
         search.main(["--query", "x", "--data_path", str(tmp_path / "missing.h5"), "--output_dir", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- unreadable images (#14.5)
+
+def test_unreadable_result_images_become_placeholder_cells(handoff, tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+    from PIL import Image
+    _, images, texts, query, image_ids, image_root = handoff
+    # Limit high enough for the 96x96 synthetic images, low enough that a 150x150 one is a bomb (> 2x).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    bad_root = shutil.copytree(image_root, tmp_path / "images")
+    first, second, third = (image_ids[i] for i in np.argsort(-(images @ query), kind="stable")[:3])
+    (bad_root / first).write_bytes(b"not an image at all")
+    png = (bad_root / second).read_bytes()
+    (bad_root / second).write_bytes(png[:len(png) // 2])
+    Image.new("RGB", (150, 150)).save(bad_root / third)
+    bad = str(tmp_path / "bad_test.h5")
+    write_embeddings(bad, Embeddings(images, texts, np.repeat(np.arange(12), 3), image_ids,
+                                     [f"c{i}" for i in range(36)],
+                                     make_attrs("synthetic", "test", tiny_clip_dir, images.shape[1],
+                                                image_root=str(bad_root))))
+    cells = []
+    drawn = search.placeholder
+    monkeypatch.setattr(search, "placeholder", lambda ax, text: (cells.append(text), drawn(ax, text)))
+    record = search.main(["--query", QUERY, "--top_k", "4", "--data_path", bad, "--output_dir",
+                          str(tmp_path / "out"), "--device", "cpu"])
+    monkeypatch.undo()   # the grid picture itself is larger than the test's pixel limit
+    with Image.open(record["picture"]) as picture:
+        picture.verify()
+    assert cells == ["cannot read image"] * 3
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: 3 of 4 image files cannot be read")
+    assert str(bad_root / first) in warnings[0]
+
+
+def test_decompression_bomb_query_image_is_one_clear_error(handoff, tmp_path, monkeypatch):
+    from PIL import Image
+    bomb = str(tmp_path / "bomb.png")
+    Image.new("RGB", (40, 40)).save(bomb)   # 1600 pixels: over twice the limit below
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    assert search.Image.MAX_IMAGE_PIXELS == 500   # the very module search.py opens images with
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(bomb)
+    with pytest.raises(SystemExit) as error:
+        search.main(["--image", bomb, "--data_path", handoff[0], "--output_dir", str(tmp_path / "out"),
+                     "--device", "cpu"])
+    message = str(error.value)
+    assert message.startswith(f"error: {bomb}: cannot read the image (") and "\n" not in message
+    assert not os.path.exists(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- which file is searched (#14.11)
+
+def write_run(name, data_path, results_dir="result"):
+    """A run file as the sweep writes it, reduced to what search.py reads (config.data_path)."""
+    os.makedirs(os.path.join(results_dir, "runs"), exist_ok=True)
+    write_json(os.path.join(results_dir, "runs", f"{name}.json"), {"config": {"data_path": data_path}})
+
+
+@pytest.fixture
+def pipeline_dir(handoff, tmp_path, monkeypatch):
+    """A cwd like the repository after a sweep of data/a_test.h5: the synthetic demo's file is also
+    under coco_data/ (the file the old rule wrongly picked)."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    for copy in ("data/a_test.h5", "data/b_test.h5", "data/c_train.h5", "coco_data/synthetic/demo_test.h5"):
+        os.makedirs(os.path.dirname(copy), exist_ok=True)
+        shutil.copy(handoff[0], copy)
+    return tmp_path
+
+
+def search_default_file(*extra):
+    return search.main(["--query", QUERY, "--top_k", "2", "--output_dir", "out", "--device", "cpu", *extra])
+
+
+def test_the_file_the_sweep_evaluated_is_searched_and_said(pipeline_dir, capsys):
+    write_run("r1", "data/a_test.h5")
+    write_run("r2", "data/a_test.h5")
+    write_run("r3", str(pipeline_dir / "data" / "a_test.h5"))   # the same file spelt absolute
+    write_run("r4", "data/c_train.h5")                          # not the test split
+    record = search_default_file("--use_test_set")
+    assert record["data_path"] == "data/a_test.h5"
+    assert "searching data/a_test.h5 (the file the sweep in result/ evaluated)" in capsys.readouterr().out
+
+
+def test_several_files_the_sweep_evaluated_are_refused_by_name(pipeline_dir):
+    write_run("r1", "data/a_test.h5")
+    write_run("r2", "data/b_test.h5")
+    write_run("r3", "data/c_train.h5")
+    with pytest.raises(SystemExit) as error:
+        search_default_file("--use_test_set")
+    message = str(error.value)
+    assert message.startswith("error: result/runs: 2 ") and "\n" not in message
+    assert "data/a_test.h5, data/b_test.h5)" in message and "choose one with --data_path" in message
+    with pytest.raises(SystemExit, match=r"3 .*data/a_test.h5, data/b_test.h5, data/c_train.h5\)"):
+        search_default_file()
+    assert not os.path.exists("out")
+    assert search_default_file("--data_path", "data/b_test.h5")["data_path"] == "data/b_test.h5"
+
+
+def test_runs_naming_a_missing_file_are_ignored(pipeline_dir, capsys):
+    write_run("r1", "data/gone_test.h5")
+    os.makedirs("other/runs")
+    with open("other/runs/broken.json", "w") as f:
+        f.write("{not json")
+    write_run("r2", "data/b_test.h5", results_dir="other")
+    assert search_default_file("--results_dir", "other")["data_path"] == "data/b_test.h5"
+    capsys.readouterr()
+    # Only the missing file named: back to the single file under coco_data/, said on screen.
+    record = search_default_file("--use_test_set")
+    demo = os.path.join("coco_data", "synthetic", "demo_test.h5")
+    assert record["data_path"] == demo
+    captured = capsys.readouterr()
+    assert f"searching {demo} (the only test-split (*_test) embeddings file under coco_data/)" in captured.out
+    assert "note: the run files in result/runs/ name no existing test-split" in captured.err
+
+
+def test_several_files_under_coco_data_are_refused_without_runs(pipeline_dir):
+    import shutil
+    shutil.copy("data/a_test.h5", "coco_data/other_test.h5")
+    with pytest.raises(SystemExit, match=r"^error: coco_data: 2 test-split .*choose one with --data_path$"):
+        search_default_file("--use_test_set")
+
+
+def test_same_query_on_two_files_writes_two_pictures(pipeline_dir, capsys):
+    first = search_default_file("--data_path", "data/a_test.h5")["picture"]
+    second = search_default_file("--data_path", "data/b_test.h5")["picture"]
+    assert first != second and os.path.isfile(first) and os.path.isfile(second)
+    assert os.path.basename(first).startswith("search_a-small-red-circle-left-of-a-large-")
+    assert f"wrote {first}" in capsys.readouterr().out
+    # The same search of the same file (spelt absolute) is a redo: it overwrites its own picture.
+    redo = search_default_file("--data_path", str(pipeline_dir / "data" / "a_test.h5"))["picture"]
+    assert redo == first
+    assert sorted(os.listdir("out")) == sorted(os.path.basename(p)[:-4] + ext for p in (first, second)
+                                               for ext in (".png", ".json"))
