@@ -2,8 +2,9 @@
 # Run the whole pipeline (prepare -> train -> experiments -> analyze) locally or on a Slurm / PBS / SGE cluster.
 #
 # Reads:  the environment variables below (every knob has a default), requirements.txt, the scripts next to
-#         this file; datasets under coco_data/<dataset>/.
-# Writes: coco_data/<dataset>/*.h5 (hand-off files), checkpoints/<run>/ (train phase), result/runs/*.json,
+#         this file; the dataset in DATA_DIR (default coco_data/<dataset>/; it may be a read-only copy).
+# Writes: EXPORT_DIR/*.h5 (hand-off files; default coco_data/<dataset>/, never DATA_DIR unless you set it so),
+#         checkpoints/<run>/ (train phase), result/runs/*.json,
 #         result/experiment_summary.json + summary.csv + REPORT.md + plots/, result/logs/*.log|*.out,
 #         result/backups/result-<timestamp>.tar.gz (a copy of result/ at the end).
 #
@@ -71,7 +72,9 @@ fi
 # Every knob is an environment variable; the README lists them.
 DATASET=${DATASET:-synthetic}              # synthetic | flickr8k | coco | csv
 DATA_ROOT=${DATA_ROOT:-coco_data}
-DATA_DIR=${DATA_DIR:-$DATA_ROOT/$DATASET}
+DATA_DIR=${DATA_DIR:-$DATA_ROOT/$DATASET}       # where the dataset is read (and downloaded to with DOWNLOAD=1)
+# Hand-off files get their own folder, so a shared read-only dataset copy works as DATA_DIR.
+EXPORT_DIR=${EXPORT_DIR:-coco_data/$DATASET}
 DOWNLOAD=${DOWNLOAD:-0}                    # 1 = fetch the official archives (prefetch / prepare phase)
 SPLITS=${SPLITS:-}                         # splits to embed; empty = prepare_data.py's default for the dataset
 EVAL_SPLIT=${EVAL_SPLIT:-test}             # split the sweep evaluates
@@ -101,7 +104,8 @@ CANDIDATE_SIZES=${CANDIDATE_SIZES:-32 100}
 RECALL_K=${RECALL_K:-1 5 10}
 INDEX=${INDEX:-flat}
 THREADS=${THREADS:-0}
-DATA_PATH=${DATA_PATH:-}                   # hand-off files to sweep; empty = the ones the phases above write
+DATA_PATH=${DATA_PATH:-}                   # hand-off files to sweep (one per line, or separated by spaces);
+                                           # empty = the ones the phases above write
 FIT_PATH=${FIT_PATH:-}
 PREPARE_ARGS=${PREPARE_ARGS:-}             # extra arguments, passed on word by word
 TRAIN_ARGS=${TRAIN_ARGS:-}
@@ -131,7 +135,7 @@ fi
 PIPELINE_PHASES=${PIPELINE_PHASES:-$PHASES}
 
 TIMESTAMP=$(date +%Y%m%d-%H%M%S)
-mkdir -p "$LOG_DIR"
+mkdir -p "$LOG_DIR" || { echo "submit_job: error: LOG_DIR=$LOG_DIR: cannot create the log folder" >&2; exit 2; }
 if [[ $SCHEDULER_RUNNING == none ]]; then
     # the scheduler writes the job log itself; a local run keeps a copy of its output too
     LOCAL_LOG="$LOG_DIR/local-$TIMESTAMP-$$.log"
@@ -159,6 +163,32 @@ for phase in $PHASES; do
         *) die "PHASES: unknown phase '$phase' (choose from prefetch prepare train experiments analyze)";; esac
 done
 [[ "$ARRAY" =~ ^[0-9]+$ ]] || die "ARRAY=$ARRAY: expected a number of array tasks"
+
+# ------------------------------------------------------------------------------------------------ paths
+# A list of files from one knob (DATA_PATH, FIT_PATH) into PATHS: one path per line, or words separated by
+# spaces; a value that is itself an existing file is one path, so a single path with a space works either way.
+split_paths() {
+    local value=$1 line
+    PATHS=()
+    if [[ $value == *$'\n'* ]]; then
+        while IFS= read -r line; do [[ -n $line ]] && PATHS+=("$line"); done <<< "$value"
+    elif [[ -e $value ]]; then
+        PATHS=("$value")
+    else
+        read -r -a PATHS <<< "$value"
+    fi
+}
+
+# KNOB FOLDER: the folder (created if missing) must take a new file; checked before any model runs, so a
+# read-only folder fails here and not after hours of training.
+require_writable() {
+    local knob=$1 folder=$2 probe
+    if mkdir -p "$folder" 2>/dev/null && probe=$(mktemp "$folder/.write-test.XXXXXX" 2>/dev/null); then
+        rm -f "$probe"
+    else
+        die "$knob=$folder: not writable; set $knob to a folder you can write"
+    fi
+}
 
 # ------------------------------------------------------------------------------------------------ environment
 if [[ -n "$CACHE_DIR" ]]; then
@@ -236,7 +266,7 @@ model_tag() {
 # train_dual_encoder.py's arguments for this configuration, exporting the given splits, in TRAIN_FLAGS.
 train_flags() {
     TRAIN_FLAGS=(--recipe "$RECIPE" --dataset "$DATASET" --data_dir "$DATA_DIR" --model_dir "$MODEL_DIR"
-                 --export_dir "$DATA_DIR" --export_splits "$@" --num_workers "$NUM_WORKERS" --device "$DEVICE"
+                 --export_dir "$EXPORT_DIR" --export_splits "$@" --num_workers "$NUM_WORKERS" --device "$DEVICE"
                  --seed "$SEED")
     [[ -n "$RUN_NAME" ]] && TRAIN_FLAGS+=(--run_name "$RUN_NAME")
     [[ -n "$IMAGE_ENCODER" ]] && TRAIN_FLAGS+=(--image_encoder "$IMAGE_ENCODER")
@@ -253,16 +283,18 @@ train_flags() {
     TRAIN_FLAGS+=($TRAIN_ARGS)
 }
 
-# The hand-off files of one split that this configuration produces: the CLIP model's (MODEL set) and/or the
-# trained dual encoder's (MODEL empty, or the train phase selected too).
+# The hand-off files of one split that this configuration produces, in HANDOFF (an array: paths may hold
+# spaces): the CLIP model's (MODEL set) and/or the trained dual encoder's (MODEL empty, or the train phase too).
 handoff_files() {
-    local split=$1 files=""
-    if [[ -n "$MODEL" ]]; then files="$DATA_DIR/$(model_tag "$MODEL")_$split.h5"; fi
+    local split=$1 listed line
+    HANDOFF=()
+    if [[ -n "$MODEL" ]]; then HANDOFF+=("$EXPORT_DIR/$(model_tag "$MODEL")_$split.h5"); fi
     if [[ -z "$MODEL" || " $PIPELINE_PHASES " == *" train "* ]]; then
         train_flags "$split"
-        files="$files $("$PY" train_dual_encoder.py "${TRAIN_FLAGS[@]}" --list_exports)"
+        listed=$("$PY" train_dual_encoder.py "${TRAIN_FLAGS[@]}" --list_exports)   # one path per line
+        while IFS= read -r line; do [[ -n $line ]] && HANDOFF+=("$line"); done <<< "$listed"
     fi
-    echo $files
+    return 0
 }
 
 # ------------------------------------------------------------------------------------------------ phases
@@ -299,18 +331,18 @@ phase_prepare() {
     # shellcheck disable=SC2086
     "$PY" prepare_data.py --dataset "$DATASET" --data_dir "$DATA_DIR" ${download_args[@]+"${download_args[@]}"} \
         ${splits_args[@]+"${splits_args[@]}"} --synthetic_images "$SYNTHETIC_IMAGES" --model "$MODEL" \
+        --output_dir "$EXPORT_DIR" \
         --device "$DEVICE" --num_workers "$NUM_WORKERS" --seed "$SEED" $PREPARE_ARGS
 }
 
 phase_train() {
-    local exports="" files done=1 tag run dim
+    local exports="" done=1 tag run dim f
     for split in $FIT_SPLIT $EVAL_SPLIT; do [[ " $exports " == *" $split "* ]] || exports="$exports $split"; done
     # shellcheck disable=SC2086
-    train_flags $exports
-    files=$("$PY" train_dual_encoder.py "${TRAIN_FLAGS[@]}" --list_exports)
-    for f in $files; do [[ -f "$f" ]] || done=0; done
+    handoff_files $exports
+    for f in "${HANDOFF[@]}"; do [[ -f "$f" ]] || done=0; done
     if [[ $done == 1 ]]; then
-        tag=$(basename "${files%%$'\n'*}"); tag=${tag#dual-}; tag=${tag%_*.h5}; run=${tag%-d*}; dim=${tag##*-d}
+        tag=$(basename "${HANDOFF[0]}"); tag=${tag#dual-}; tag=${tag%_*.h5}; run=${tag%-d*}; dim=${tag##*-d}
         say "train: $run d$dim already exported (delete $MODEL_DIR/$run/d$dim to retrain), skipped"
         return
     fi
@@ -319,16 +351,20 @@ phase_train() {
 }
 
 phase_experiments() {
-    local data_path=$DATA_PATH fit_path=$FIT_PATH shard="0/1" fit_args=()
-    [[ -n "$data_path" ]] || data_path=$(handoff_files "$EVAL_SPLIT")
-    if [[ -z "$fit_path" && -n "$FIT_SPLIT" ]]; then
-        for f in $(handoff_files "$FIT_SPLIT"); do [[ -f "$f" ]] && fit_path="$fit_path $f"; done
+    local shard="0/1" data_paths=() fit_args=() f
+    if [[ -n "$DATA_PATH" ]]; then split_paths "$DATA_PATH"; data_paths=("${PATHS[@]}")
+    else handoff_files "$EVAL_SPLIT"; data_paths=("${HANDOFF[@]}"); fi
+    if [[ -n "$FIT_PATH" ]]; then
+        split_paths "$FIT_PATH"; fit_args=(--fit_path "${PATHS[@]}")
+    elif [[ -n "$FIT_SPLIT" ]]; then
+        handoff_files "$FIT_SPLIT"
+        for f in "${HANDOFF[@]}"; do [[ -f "$f" ]] && fit_args+=("$f"); done
+        [[ ${#fit_args[@]} -gt 0 ]] && fit_args=(--fit_path "${fit_args[@]}")
     fi
-    [[ -n "${fit_path// /}" ]] && fit_args=(--fit_path $fit_path)
     if [[ "$SUBMIT_JOB_ROLE" == sweep && -n "$TASK_INDEX" ]]; then shard="$TASK_INDEX/$ARRAY"; fi
-    say "experiments: shard $shard of $data_path"
+    say "experiments: shard $shard of ${data_paths[*]}"
     # shellcheck disable=SC2086
-    "$PY" run_experiments.py --data_path $data_path ${fit_args[@]+"${fit_args[@]}"} --output_dir "$RESULT_DIR" \
+    "$PY" run_experiments.py --data_path "${data_paths[@]}" ${fit_args[@]+"${fit_args[@]}"} --output_dir "$RESULT_DIR" \
         --embedding_dims $EMBEDDING_DIMS --precisions $PRECISIONS --candidate_sizes $CANDIDATE_SIZES \
         --recall_k $RECALL_K --index $INDEX --threads "$THREADS" --seed "$SEED" --shard "$shard" $EXPERIMENT_ARGS
 }
@@ -451,6 +487,14 @@ if [[ $SCHEDULER_RUNNING == none ]]; then where="local run"; else
     where="$SCHEDULER_RUNNING job $JOB_ID${TASK_INDEX:+ array task $TASK_INDEX}${SUBMIT_JOB_ROLE:+ ($SUBMIT_JOB_ROLE)}"; fi
 say "$where on $(hostname) in $REPO_DIR; phases: $PHASES; dataset $DATASET; model ${MODEL:-dual encoder, recipe $RECIPE${RUN_NAME:+, run $RUN_NAME}};" \
     "python $("$PY" -c 'import sys; print(sys.executable)'); offline=$OFFLINE"
+
+# Wrong settings fail here, in one line, before anything runs.
+DATASETS=$("$PY" -c 'from retrieval.data import DATASETS; print(*DATASETS)')
+[[ " $DATASETS " == *" $DATASET "* ]] || die "DATASET=$DATASET: unknown dataset (choose from $DATASETS)"
+if has_phase experiments || has_phase analyze; then require_writable RESULT_DIR "$RESULT_DIR"; fi
+if has_phase train || { has_phase prepare && [[ -n "$MODEL" ]]; }; then require_writable EXPORT_DIR "$EXPORT_DIR"; fi
+if has_phase train; then require_writable MODEL_DIR "$MODEL_DIR"; fi
+if [[ "$DOWNLOAD" == 1 ]] && { has_phase prefetch || has_phase prepare; }; then require_writable DATA_DIR "$DATA_DIR"; fi
 
 if [[ $ARRAY -gt 0 && -z "$SUBMIT_JOB_ROLE" ]]; then
     submit_array

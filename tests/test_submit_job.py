@@ -202,6 +202,45 @@ def test_local_failure_names_the_phase_and_stops(tmp_path, tiny_clip_dir):
     assert bad.returncode == 2 and "unknown phase 'sweep'" in bad.stderr
 
 
+def test_paths_with_spaces_and_a_separate_export_folder(tmp_path, tiny_clip_dir):
+    """A clone, a dataset copy and a result folder whose paths hold spaces; hand-off files go to EXPORT_DIR
+    (default coco_data/<dataset>/ of the clone), never into DATA_DIR; DATA_PATH / FIT_PATH take such paths."""
+    clone = make_clone(tmp_path / "my clone")
+    data_dir = tmp_path / "shared data" / "synthetic"
+    subprocess.run([sys.executable, "prepare_data.py", "--dataset", "synthetic", "--data_dir", str(data_dir),
+                    "--synthetic_images", "80", "--fetch_only", "data"], cwd=clone, check=True, capture_output=True)
+    before = sorted(os.listdir(data_dir))
+    results = tmp_path / "my results"
+    result = run_script(clone, pipeline_env(tiny_clip_dir, DATA_DIR=data_dir, RESULT_DIR=results))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(os.listdir(data_dir)) == before   # nothing written into the dataset copy
+    tag = os.path.basename(tiny_clip_dir)
+    exported = os.path.join(clone, "coco_data", "synthetic", f"{tag}_test.h5")
+    assert os.path.exists(exported) and run_files(clone, results)   # run_files joins an absolute folder as is
+    # the sweep alone on absolute paths with spaces (one file each: no splitting on the space)
+    again = tmp_path / "second results"
+    swept = run_script(clone, pipeline_env(tiny_clip_dir, PHASES="experiments analyze", DATA_PATH=exported,
+                                           FIT_PATH=exported.replace("_test.h5", "_train.h5"), RESULT_DIR=again))
+    assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
+    def configurations(folder):   # run names without their hash (it covers the path: relative vs absolute)
+        return {name.rsplit("-", 1)[0] for name in run_names(run_files(clone, folder))}
+    assert configurations(again) == configurations(results)
+
+
+def test_bad_settings_fail_before_any_phase(tmp_path, tiny_clip_dir):
+    clone = make_clone(tmp_path / "clone")
+    unknown = run_script(clone, pipeline_env(tiny_clip_dir, DATASET="nosuch"))
+    assert unknown.returncode == 2
+    assert re.search(r"DATASET=nosuch: unknown dataset \(choose from [a-z0-9 ]*synthetic", unknown.stderr)
+    assert "DOWNLOAD" not in unknown.stderr and "phase prepare" not in unknown.stdout
+    # an output folder that cannot exist (its parent is a file: fails for root too) stops before training
+    (tmp_path / "a file").write_text("")
+    blocked = run_script(clone, pipeline_env(tiny_clip_dir, MODEL="", EXPORT_DIR=tmp_path / "a file" / "out"))
+    assert blocked.returncode == 2
+    assert f"EXPORT_DIR={tmp_path / 'a file' / 'out'}: not writable" in blocked.stderr
+    assert "phase prepare" not in blocked.stdout and not os.path.exists(os.path.join(clone, "checkpoints"))
+
+
 def test_prefetch_then_offline_compute(tmp_path, tiny_clip_dir):
     clone = make_clone(tmp_path / "clone")
     # the login node: data generated, model loaded once through the code the phases use
