@@ -16,7 +16,12 @@ within an image). Loaders never touch the network; downloads live in retrieval/d
 
 Bad input (a missing folder, a file that cannot be parsed at all) raises UserError("<file>: <fault>"). Single bad lines, captions naming no image and images without captions are skipped,
 listed in DatasetSplit.skipped and reported once on stderr.
+
+Every captions file is read as strict UTF-8 (a BOM allowed; read_text), and every image name in one must
+be a relative path that stays inside its image folder (contained_name); a name that leaves it is skipped
+like a missing image, so a captions file can never make a script open files elsewhere.
 """
+import codecs
 import csv
 import json
 import os
@@ -203,6 +208,65 @@ def _fail(path, fault):
     raise UserError(f"{path}: {fault}")
 
 
+def read_text(path):
+    """The whole text of a captions file: strict UTF-8, a leading BOM dropped.
+
+    A byte that is not UTF-8 is a UserError naming its line (1-based) and byte offset in the file
+    (0-based): silently replacing it would change captions and image names.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start
+        line = raw.count(b"\n", 0, offset) + 1
+        _fail(path, f"not UTF-8 text: line {line}, byte offset {offset} "
+                    f"(0x{raw[offset]:02x}); re-encode the file as UTF-8 and run again")
+
+
+def contained_name(folder, name):
+    """`name` normalised, if it is a relative path that stays inside `folder`; else None.
+
+    The test is lexical (os.path.normpath of the joined name, no symlink resolution): an absolute
+    name or a `..` that climbs out is refused, while a symlink the user put inside the folder (say
+    to a shared read-only copy) stays allowed. Callers open the normalised name, so what is opened
+    is what was checked (`link/../x` cannot reach past a linked folder).
+    """
+    root = os.path.abspath(folder)
+    joined = os.path.normpath(os.path.join(root, name))
+    if joined == root or not joined.startswith(root.rstrip(os.sep) + os.sep):
+        return None
+    return os.path.relpath(joined, root)
+
+
+def _summarise_outside(source, folder, outside):
+    """Report (image name, where) pairs whose name leaves `folder`: one warning, one skipped note each.
+    `where` is a line number of `source` or a label such as 'image id 7'."""
+    if not outside:
+        return []
+    report(f"{source}: {len(outside)} image names leave the image folder {folder} "
+           f"(e.g. '{outside[0][0]}'); skipped")
+    base = os.path.basename(source)
+    places = [f"{base}:{where}" if isinstance(where, int) else f"{base} ({where})" for _, where in outside]
+    return [f"{place}: image '{name}' is outside the image folder {folder}"
+            for place, (name, _) in zip(places, outside)]
+
+
+def _keep_inside(source, folder, entries):
+    """Entries (image name, ..., where) whose name stays inside `folder`, renamed to the normalised
+    name, plus the skipped notes of the others (see _summarise_outside)."""
+    kept, outside = [], []
+    for name, *rest in entries:
+        safe = contained_name(folder, name)
+        if safe is None:
+            outside.append((name, rest[-1]))
+        else:
+            kept.append((safe, *rest))
+    return kept, _summarise_outside(source, folder, outside)
+
+
 def _first_existing(paths, kind="file"):
     check = os.path.isdir if kind == "dir" else os.path.isfile
     return next((p for p in paths if check(p)), None)
@@ -260,8 +324,7 @@ def read_caption_table(path, required=("image", "caption")):
         _fail(path, "caption file not found")
     rows, skipped = [], []
     base = os.path.basename(path)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        text = f.read()
+    text = read_text(path)
     if path.lower().endswith((".jsonl", ".json")) or text.lstrip()[:1] == "{":
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -299,18 +362,17 @@ def read_flickr8k_tokens(path):
     """(image, caption, line number) triples of Flickr8k.token.txt, plus malformed-line notes."""
     triples, skipped = [], []
     base = os.path.basename(path)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            key, tab, caption = line.partition("\t")
-            name, hash_sign, index = key.strip().rpartition("#")
-            if not tab or not hash_sign or not name or not index.isdigit() or not caption.strip():
-                skipped.append(f"{base}:{number}: malformed line (expected '<image>#<n><TAB><caption>'): "
-                               f"{line[:60]!r}")
-                continue
-            triples.append((name, caption.strip(), number))
+    lines = read_text(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        key, tab, caption = line.partition("\t")
+        name, hash_sign, index = key.strip().rpartition("#")
+        if not tab or not hash_sign or not name or not index.isdigit() or not caption.strip():
+            skipped.append(f"{base}:{number}: malformed line (expected '<image>#<n><TAB><caption>'): "
+                           f"{line[:60]!r}")
+            continue
+        triples.append((name, caption.strip(), number))
     if skipped:
         report(f"{path}: {len(skipped)} malformed lines skipped (first: {skipped[0]})")
     if not triples:
@@ -344,6 +406,8 @@ def load_flickr8k(data_dir, split, seed=0):
         rows, skipped = read_caption_table(kaggle_file)
         triples = [(row["image"], row["caption"], number) for row, number in rows]
         source, layout = kaggle_file, "kaggle"
+    triples, outside = _keep_inside(source, image_dir, triples)
+    skipped += outside
     orphans = [(name, number) for name, _, number in triples if name not in on_disk]
     skipped += _summarise_orphans(source, orphans)
     pairs = [(name, caption) for name, caption, _ in triples if name in on_disk]
@@ -354,8 +418,7 @@ def load_flickr8k(data_dir, split, seed=0):
     if all(split_files.values()):
         if split not in split_files:
             _fail(data_dir, f"no split '{split}' in Flickr8k (have {', '.join(FLICKR8K_SPLIT_FILES)})")
-        with open(split_files[split]) as f:
-            split_images = [line.strip() for line in f if line.strip()]
+        split_images = [line.strip() for line in read_text(split_files[split]).splitlines() if line.strip()]
         info["split_source"] = f"official {FLICKR8K_SPLIT_FILES[split]}"
     else:
         if split not in FLICKR8K_SPLIT_FILES:
@@ -379,8 +442,7 @@ def find_karpathy_file(data_dir):
 
 def _read_json(path):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         _fail(path, f"not valid JSON ({e})")
 
@@ -401,9 +463,14 @@ def load_coco(data_dir, split, seed=0):
         _fail(annotation_file, "not a COCO captions file (needs 'images' and 'annotations')")
     image_dir = os.path.join(data_dir, f"{split}2017")
     on_disk = set(_list_images(image_dir))
-    file_of = {image["id"]: image["file_name"] for image in data["images"]}
+    named = [(str(image["file_name"]), image["id"], f"image id {image['id']}") for image in data["images"]]
+    inside, outside = _keep_inside(annotation_file, image_dir, named)
+    file_of = {image_id: name for name, image_id, _ in inside}
+    refused = {image_id for _, image_id, _ in named} - set(file_of)  # already noted once per image
     pairs, skipped = [], []
     for annotation in data["annotations"]:
+        if annotation.get("image_id") in refused:
+            continue
         name = file_of.get(annotation.get("image_id"))
         caption = str(annotation.get("caption") or "").strip()
         if name is None or not caption:
@@ -415,7 +482,7 @@ def load_coco(data_dir, split, seed=0):
         report(f"{annotation_file}: {len(skipped)} unusable annotations skipped")
     info = {"layout": "coco2017", "caption_file": os.path.relpath(annotation_file, data_dir),
             "split_source": f"official COCO 2017 {split}"}
-    return build_split("coco", split, image_dir, sorted(file_of.values()), pairs, skipped, info, on_disk)
+    return build_split("coco", split, image_dir, sorted(file_of.values()), pairs, outside + skipped, info, on_disk)
 
 
 def _load_karpathy(data_dir, karpathy_file, split):
@@ -433,15 +500,22 @@ def _load_karpathy(data_dir, karpathy_file, split):
             folders[folder] = set(os.listdir(path)) if os.path.isdir(path) else set()
         return folders[folder]
 
-    split_images, pairs, skipped, on_disk = [], [], [], set()
+    split_images, pairs, skipped, on_disk, outside = [], [], [], set(), []
     for entry in data["images"]:
         if entry.get("split") != split:
             continue
-        candidates = [(entry.get("filepath", ""), entry.get("filename", ""))]
+        declared = "/".join(str(part) for part in (entry.get("filepath"), entry.get("filename")) if part)
+        candidates = []
+        if entry.get("filename"):
+            safe = contained_name(data_dir, declared)
+            if safe is None:
+                outside.append((declared, f"cocoid {entry.get('cocoid')}"))
+                continue
+            candidates.append(safe)
         if "cocoid" in entry:
-            candidates += [(folder, f"{int(entry['cocoid']):012d}.jpg") for folder in ("train2017", "val2017")]
-        name = next((f"{folder}/{file}" if folder else file for folder, file in candidates
-                     if file and file in present(folder)), None)
+            candidates += [f"{folder}/{int(entry['cocoid']):012d}.jpg" for folder in ("train2017", "val2017")]
+        # a candidate counts when its folder lists it (a folder listing per folder, not a stat per image)
+        name = next((c for c in candidates if os.path.basename(c) in present(os.path.dirname(c))), None)
         if name is None:
             wanted = f"{entry.get('filepath', '')}/{entry.get('filename', '')}".strip("/")
             skipped.append(f"image '{wanted}' (cocoid {entry.get('cocoid')}): not found under {data_dir}")
@@ -452,6 +526,7 @@ def _load_karpathy(data_dir, karpathy_file, split):
     if skipped:
         report(f"{karpathy_file}: {len(skipped)} images of split '{split}' not found on disk; skipped "
                f"(get COCO 2017 train+val with --download)")
+    skipped = _summarise_outside(karpathy_file, data_dir, outside) + skipped
     info = {"layout": "coco+karpathy", "caption_file": os.path.relpath(karpathy_file, data_dir),
             "split_source": f"Karpathy {os.path.basename(karpathy_file)} '{split}'"}
     return build_split("coco", split, data_dir, split_images, pairs, skipped, info, on_disk)
@@ -464,6 +539,9 @@ def load_csv(images, captions, split, seed=0):
     if not os.path.isdir(images):
         _fail(images, "image folder not found")
     rows, skipped = read_caption_table(captions)
+    inside, outside = _keep_inside(captions, images, [(row["image"], row, number) for row, number in rows])
+    skipped += outside
+    rows = [(dict(row, image=name), number) for name, row, number in inside]
     names = sorted({row["image"] for row, _ in rows})
     on_disk = {name for name in names if os.path.isfile(os.path.join(images, name))}
     orphans = [(row["image"], number) for row, number in rows if row["image"] not in on_disk]

@@ -1,4 +1,5 @@
-"""Shared fixtures: small data the tests make themselves (no network, no shared dataset needed)."""
+"""Shared fixtures: small data the tests make themselves (no network), and the one lookup of the optional
+shared Flickr8k copy (FLICKR8K_DIR)."""
 import json
 import os
 
@@ -8,6 +9,20 @@ import pytest
 # Tests must never reach for the Hugging Face hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# The shared Flickr8k copy for the tests that check real counts: $FLICKR8K_DIR, else shared/datasets/flickr8k
+# next to the repository (where the project's machines keep it). The one place this path is spelled.
+FLICKR8K_DIR = os.environ.get("FLICKR8K_DIR") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "datasets", "flickr8k")
+
+
+@pytest.fixture(scope="session")
+def flickr8k_dir():
+    """Path of the shared Flickr8k copy (see FLICKR8K_DIR); the test is skipped, with the path, when absent."""
+    if not os.path.isdir(FLICKR8K_DIR):
+        pytest.skip(f"shared Flickr8k copy not found at {FLICKR8K_DIR} (set FLICKR8K_DIR to use one elsewhere)")
+    return FLICKR8K_DIR
 
 
 def make_tiny_clip(path, projection_dim=16, image_size=32):

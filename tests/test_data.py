@@ -1,4 +1,5 @@
 """Dataset loaders: Flickr8k (official + Kaggle layouts), COCO (+ Karpathy), own CSV/JSONL, bad input."""
+import codecs
 import json
 import os
 
@@ -6,10 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import prepare_data
 from conftest import as_script
-from retrieval import data
-
-SHARED_FLICKR8K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "flickr8k")
+from retrieval import data, io
 
 
 def write_images(folder, names):
@@ -174,14 +174,13 @@ def test_bad_input_names_the_file(tmp_path):
         as_script(data.load_split, "flickr8k", str(tmp_path / "f8k"), "val")
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_FLICKR8K), reason="shared Flickr8k copy not present")
-def test_real_flickr8k_counts(capsys):
-    splits = {s: data.load_split("flickr8k", SHARED_FLICKR8K, s) for s in ("train", "dev", "test")}
+def test_real_flickr8k_counts(capsys, flickr8k_dir):
+    splits = {s: data.load_split("flickr8k", flickr8k_dir, s) for s in ("train", "dev", "test")}
     assert [len(splits[s].image_files) for s in ("train", "dev", "test")] == [6000, 1000, 1000]
     assert (len(splits["test"].image_files), len(splits["test"].captions)) == (1000, 5000)
     assert sum(len(s.captions) for s in splits.values()) == 40000
-    images = data._list_images(os.path.join(SHARED_FLICKR8K, "Flicker8k_Dataset"))
-    triples, malformed = data.read_flickr8k_tokens(os.path.join(SHARED_FLICKR8K, "Flickr8k_text", "Flickr8k.token.txt"))
+    images = data._list_images(os.path.join(flickr8k_dir, "Flicker8k_Dataset"))
+    triples, malformed = data.read_flickr8k_tokens(os.path.join(flickr8k_dir, "Flickr8k_text", "Flickr8k.token.txt"))
     on_disk = set(images)
     assert len(images) == 8091 and malformed == []
     assert sum(name in on_disk for name, _, _ in triples) == 40455
@@ -191,3 +190,182 @@ def test_real_flickr8k_counts(capsys):
     for split in splits.values():
         check_consistent(split)
         assert all(count == 5 for count in np.bincount(split.text_to_image))
+
+
+# ----------------------------------------------------------------------------- image names stay inside their folder
+
+def make_outside_files(tmp_path):
+    """tmp/outside/secret.jpg (a file no captions file may reach) and tmp/shared/real.jpg (a file the user
+    links into an image folder, as with a folder of links to a shared read-only copy)."""
+    write_images(tmp_path / "outside", ["secret.jpg"])
+    write_images(tmp_path / "shared", ["real.jpg"])
+    return str(tmp_path / "outside" / "secret.jpg")
+
+
+def test_csv_image_names_cannot_leave_the_image_folder(tmp_path, tiny_clip_dir, capsys):
+    secret = make_outside_files(tmp_path)
+    images = tmp_path / "imgs"
+    write_images(images, ["a.png", "b.png"])
+    os.symlink(tmp_path / "shared" / "real.jpg", images / "link.jpg")      # a link inside: allowed
+    os.symlink(tmp_path / "outside", images / "linkdir")                   # linkdir/.. is tmp/, not imgs/
+    (tmp_path / "caps.csv").write_text(
+        "image,caption\n"
+        "a.png,alpha\n"
+        "../outside/secret.jpg,secret one\n"
+        f"{secret},secret two\n"
+        "../../../etc/passwd,secret three\n"
+        "link.jpg,linked\n"
+        "sub/../b.png,beta\n"
+        "linkdir/../outside/secret.jpg,secret four\n")
+    split = data.load_split("csv", "", "all", images=str(images), captions=str(tmp_path / "caps.csv"))
+    assert split.image_files == ["a.png", "b.png", "link.jpg"]
+    assert split.captions == ["alpha", "beta", "linked"]
+    outside = [s for s in split.skipped if "outside the image folder" in s]
+    assert [s.split(": image")[0] for s in outside] == ["caps.csv:3", "caps.csv:4", "caps.csv:5"]
+    assert f"'{secret}'" in outside[1] and "'../../../etc/passwd'" in outside[2]
+    # normalised without resolving the link, the last name is imgs/outside/secret.jpg: simply not there
+    assert any(s.startswith("caps.csv:8: caption of 'outside/secret.jpg' matches no image") for s in split.skipped)
+    err = capsys.readouterr().err
+    assert err.count("image names leave the image folder") == 1
+    assert "caps.csv: 3 image names leave the image folder" in err and "(e.g. '../outside/secret.jpg')" in err
+
+    # end to end: the script embeds exactly the images inside the folder, the link included
+    written = prepare_data.main(["--quiet", "--device", "cpu", "--dataset", "csv", "--images", str(images),
+                                 "--captions", str(tmp_path / "caps.csv"), "--model", tiny_clip_dir,
+                                 "--output_dir", str(tmp_path / "out"), "--output_format", "npz",
+                                 "--splits", "all", "--num_workers", "0", "--no_eval"])
+    emb = io.read_embeddings(written["all"])
+    assert emb.image_ids == ["a.png", "b.png", "link.jpg"] and len(emb.captions) == 3
+    assert sum("outside the image folder" in s for s in emb.attrs["skipped"]) == 3
+
+
+def test_kaggle_captions_names_cannot_leave_the_image_folder(tmp_path, capsys):
+    secret = make_outside_files(tmp_path)
+    names = [f"{i}_x.jpg" for i in range(8)]
+    write_images(tmp_path / "Images", names)
+    lines = ["image,caption"] + [f"{name},a photo of {name}" for name in names]
+    lines += ["../outside/secret.jpg,secret one", f"{secret},secret two", "../../../etc/passwd,secret three"]
+    (tmp_path / "captions.txt").write_text("\n".join(lines) + "\n")
+    splits = [data.load_split("flickr8k", str(tmp_path), s) for s in ("train", "dev", "test")]
+    assert sorted(sum((s.image_files for s in splits), [])) == names
+    assert not any("secret" in c for s in splits for c in s.captions)
+    outside = [s for s in splits[0].skipped if "outside the image folder" in s]
+    assert [s.split(": image")[0] for s in outside] == ["captions.txt:10", "captions.txt:11", "captions.txt:12"]
+    assert capsys.readouterr().err.count("3 image names leave the image folder") == 1
+
+
+def test_karpathy_paths_cannot_leave_the_data_folder(tmp_path, capsys):
+    make_outside_files(tmp_path)
+    root = tmp_path / "coco"
+    make_coco(root)
+    os.symlink(tmp_path / "shared", root / "linked")   # a linked folder inside the data folder: allowed
+    entries = [{"filepath": "val2014", "filename": "COCO_val2014_000000000001.jpg", "cocoid": 1},
+               {"filepath": "../outside", "filename": "secret.jpg", "cocoid": 2},
+               {"filepath": str(tmp_path / "outside"), "filename": "secret.jpg", "cocoid": 3},
+               {"filepath": "../../../etc", "filename": "passwd"},
+               {"filepath": "linked", "filename": "real.jpg"}]
+    for entry in entries:
+        entry.update(split="test", sentences=[{"raw": f"caption of {entry['filename']}"}])
+    (root / "dataset_coco.json").write_text(json.dumps({"images": entries}))
+    test = data.load_split("coco", str(root), "test")
+    assert test.image_files == ["linked/real.jpg", "val2017/000000000001.jpg"]
+    assert test.captions == ["caption of real.jpg", "caption of COCO_val2014_000000000001.jpg"]
+    outside = [s for s in test.skipped if "outside the image folder" in s]
+    assert len(outside) == 3 and outside[0].startswith("dataset_coco.json (cocoid 2): image '../outside/secret.jpg'")
+    assert "'../../../etc/passwd'" in outside[2]
+    assert capsys.readouterr().err.count("3 image names leave the image folder") == 1
+
+
+def test_contained_name_is_lexical():
+    assert data.contained_name("imgs", "a/./b/../c.jpg") == os.path.join("a", "c.jpg")
+    for name in ("../x.jpg", "/etc/passwd", "a/../../x.jpg", "", ".", "a/.."):
+        assert data.contained_name("imgs", name) is None, name
+    assert data.contained_name("/", "etc/passwd") == os.path.join("etc", "passwd")  # a folder at the root
+
+
+# ----------------------------------------------------------------------------- captions files are strict UTF-8
+
+def kaggle_with(tmp_path, text):
+    write_images(tmp_path / "Images", ["a.jpg", "b.jpg"])
+    (tmp_path / "captions.txt").write_text(text, encoding="utf-8")
+    for split_file in data.FLICKR8K_SPLIT_FILES.values():  # beside captions.txt: both images in every split
+        (tmp_path / split_file).write_text("a.jpg\nb.jpg\n")
+    return ("flickr8k", str(tmp_path), "test"), {}, tmp_path / "captions.txt"
+
+
+def own_file_with(name):
+    def build(tmp_path, text):
+        write_images(tmp_path / "imgs", ["a.jpg", "b.jpg"])
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        return ("csv", "", "all"), dict(images=str(tmp_path / "imgs"), captions=str(tmp_path / name)), tmp_path / name
+    return build
+
+
+def token_file_with(tmp_path, _text):
+    make_official(tmp_path, orphan=False, malformed=False)
+    path = tmp_path / "Flickr8k_text" / "Flickr8k.token.txt"
+    lines = path.read_text().splitlines()
+    lines[40] = lines[40].replace("caption", "café")  # a caption of 8_abc.jpg, a test image
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return ("flickr8k", str(tmp_path), "test"), {}, path
+
+
+def karpathy_with(tmp_path, _text):
+    make_coco(tmp_path)
+    entries = [{"filepath": "val2017", "filename": "000000000001.jpg", "split": "test",
+                "sentences": [{"raw": "un café"}]}]
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"images": entries}, ensure_ascii=False), encoding="utf-8")
+    return ("coco", str(tmp_path), "test"), {}, path
+
+
+CSV_TEXT = "image,caption\na.jpg,a dog\nb.jpg,a café\n"
+JSONL_TEXT = '{"image": "a.jpg", "caption": "a dog"}\n{"image": "b.jpg", "caption": "a café"}\n'
+ENCODING_CASES = {  # name: (builder, text, line of the café)
+    "csv": (own_file_with("caps.csv"), CSV_TEXT, 3),
+    "jsonl": (own_file_with("caps.jsonl"), JSONL_TEXT, 2),
+    "kaggle captions.txt": (kaggle_with, CSV_TEXT, 3),
+    "Flickr8k token file": (token_file_with, None, 41),
+    "Karpathy json": (karpathy_with, None, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(ENCODING_CASES))
+def test_non_utf8_captions_name_line_and_byte(tmp_path, case):
+    build, text, line = ENCODING_CASES[case]
+    args, kwargs, path = build(tmp_path, text)
+    good = path.read_bytes()
+    offset = good.index("café".encode()) + 3
+    path.write_bytes(good.replace("café".encode(), "café".encode("latin-1"), 1))  # what a Windows editor saves
+    message = (f"error: {path}: not UTF-8 text: line {line}, byte offset {offset} (0xe9); "
+               f"re-encode the file as UTF-8 and run again")
+    with pytest.raises(SystemExit) as exit_info:
+        as_script(data.load_split, *args, **kwargs)
+    assert str(exit_info.value) == message
+    # with a BOM in front, the offset still counts bytes of the file as it is
+    path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+    with pytest.raises(SystemExit, match=f"line {line}, byte offset {offset + 3} "):
+        as_script(data.load_split, *args, **kwargs)
+
+
+@pytest.mark.parametrize("case", list(ENCODING_CASES))
+def test_utf8_bom_captions_read_like_plain_utf8(tmp_path, case):
+    build, text, _ = ENCODING_CASES[case]
+    args, kwargs, path = build(tmp_path, text)
+    plain = data.load_split(*args, **kwargs)
+    path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+    with_bom = data.load_split(*args, **kwargs)
+    assert (with_bom.image_files, with_bom.captions) == (plain.image_files, plain.captions)
+    assert any("café" in c for c in plain.captions)
+    assert not any("\ufeff" in s for s in with_bom.image_files + with_bom.captions + with_bom.skipped)
+
+
+def test_script_stops_on_non_utf8_captions_and_writes_nothing(tmp_path, tiny_clip_dir):
+    write_images(tmp_path / "imgs", ["a.jpg", "b.jpg"])
+    (tmp_path / "caps.csv").write_bytes(CSV_TEXT.encode("latin-1"))
+    with pytest.raises(SystemExit, match=r"^error: .*caps\.csv: not UTF-8 text: line 3, byte offset 37 \(0xe9\); "
+                                         r"re-encode the file as UTF-8 and run again$"):
+        prepare_data.main(["--quiet", "--device", "cpu", "--dataset", "csv", "--images", str(tmp_path / "imgs"),
+                           "--captions", str(tmp_path / "caps.csv"), "--model", tiny_clip_dir,
+                           "--output_dir", str(tmp_path / "out"), "--splits", "all"])
+    assert not (tmp_path / "out").exists()
