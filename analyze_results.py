@@ -4,6 +4,9 @@ Reads:  <results_dir>/runs/*.json (one per configuration, written by run_experim
 Writes: --output_path (default <results_dir>/experiment_summary.json), summary.csv and REPORT.md next
         to it, PNG plots under --plots_dir (default <results_dir>/plots/<dataset>_<split>_<model>/)
 
+A run file with a NaN or infinite number is invalid: left out of every table, ranking, frontier and operating
+point, and named (file and field) in one warning line on stderr, in REPORT.md and in the summary's invalid_runs.
+
 Examples:
     python analyze_results.py --results_dir ./result --output_path ./result/experiment_summary.json
     python analyze_results.py --require "t2i_retention_R@1>=99" --require "t2i_latency_p99_ms<=2" \
@@ -11,6 +14,7 @@ Examples:
 """
 import argparse
 import os
+import sys
 
 from retrieval import analysis, operating_points, report
 from retrieval.bootstrap import Settings
@@ -62,13 +66,16 @@ def main(argv=None):
     output_path = args.output_path or os.path.join(args.results_dir, "experiment_summary.json")
     out_dir = os.path.dirname(os.path.abspath(output_path))
     plots_dir = args.plots_dir or os.path.join(args.results_dir, "plots")
-    runs = analysis.load_runs(args.results_dir)
+    runs, invalid = analysis.split_invalid(analysis.load_runs(args.results_dir), args.results_dir)
+    for bad in invalid:
+        print(f"warning: {os.path.join(args.results_dir, bad['file'])}: {bad['reason']}; left out of the analysis",
+              file=sys.stderr)
     frame = analysis.runs_frame(runs)
     known = analysis.metric_columns(frame)
     if known and args.metric not in known:
         raise analysis.AnalysisError(f"--metric {args.metric}: not a metric of these runs (have: {', '.join(known)})")
     settings = Settings(args.bootstrap, args.confidence, args.seed)
-    frame, summary = analysis.analyse(frame, runs, args.metric, args.results_dir, settings)
+    frame, summary = analysis.analyse(frame, runs, args.metric, args.results_dir, settings, invalid)
     operating_points.check_columns(frame, requirements, objective)
     operating_points.add_to_summary(summary, frame, requirements, objective)
     summary["results_dir"] = args.results_dir
@@ -83,6 +90,8 @@ def main(argv=None):
             plots[group["group"]] = written
             group["plots"] = [os.path.relpath(path, out_dir).replace(os.sep, "/") for _, path in written]
 
+    # The summary first: write_json refuses a NaN / infinity, and then no table or report is replaced either.
+    write_json(output_path, summary)
     csv_path = os.path.join(out_dir, "summary.csv")
     with atomic_path(csv_path) as tmp:
         frame.to_csv(tmp, index=False)
@@ -90,8 +99,6 @@ def main(argv=None):
     with atomic_path(report_path) as tmp:
         with open(tmp, "w") as f:
             f.write(report.report_markdown(summary, frame, plots, out_dir))
-    summary = analysis.strict_json(summary)
-    write_json(output_path, summary)
 
     for group in summary["groups"]:
         print(f"{group['dataset']}/{group['split']}/{group['model']}: {group['runs_completed']} runs, "

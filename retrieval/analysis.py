@@ -54,6 +54,11 @@ MEMORY_COSTS = ("bytes_per_vector", "total_bytes_per_vector")
 BASELINE_COLUMNS = ["run_id", "label", "data_path", "bytes_per_vector", "total_bytes_per_vector", "qps",
                     "latency_p50_ms"]
 BASELINE_EXTRA = ["dim"] + [f"{d}_{name}" for d in DIRECTIONS for name in ("qps", "latency_p50_ms")]
+# The sections of a run file whose numbers reach a table, a ranking or the summary JSON: a NaN or infinity in
+# any of them makes the run invalid (json.load reads NaN / Infinity tokens; no measurement should give one).
+CHECKED_SECTIONS = ("config", "metrics", "speed", "memory", "env", "data")
+# Ratios of a run to its baseline (add_baseline_ratios) besides retention: ratio column -> measured column.
+BASELINE_RATIOS = {"memory_fraction": "bytes_per_vector", "qps_ratio": "qps", "latency_ratio": "latency_p50_ms"}
 
 
 class AnalysisError(UserError):
@@ -86,13 +91,57 @@ def load_runs(results_dir):
         try:
             with open(path) as f:
                 run = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8
             raise AnalysisError(f"{path}: not a readable JSON file ({e})") from None
         if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
             raise AnalysisError(f"{path}: not a run file (no 'config' object)")
         run["_file"] = os.path.relpath(path, results_dir)
         runs.append(run)
     return runs
+
+
+def non_finite_fields(run):
+    """[("memory.bytes_per_vector", "Infinity"), ...]: where the numbers of the run's CHECKED_SECTIONS are NaN or
+    infinite (or an integer too large for a float), and how the run file spells them."""
+    return [found for section in CHECKED_SECTIONS for found in _non_finite(run.get(section), section)]
+
+
+def _non_finite(value, where):
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in _non_finite(item, f"{where}.{key}")]
+    if isinstance(value, list):
+        return [found for i, item in enumerate(value) for found in _non_finite(item, f"{where}[{i}]")]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or _finite(value):
+        return []
+    if isinstance(value, int):
+        return [(where, "an integer beyond the float range")]
+    return [(where, "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity"))]
+
+
+def _finite(number):
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer too large for a float (JSON allows any number of digits)
+        return False
+
+
+def split_invalid(runs, results_dir):
+    """(valid runs, invalid): a run with a non-finite number is left out of every table, ranking, frontier and
+    operating point; invalid lists each as {"file", "run_id", "fields", "reason"}. Raises AnalysisError when
+    no run is valid."""
+    valid, invalid = [], []
+    for run in runs:
+        found = non_finite_fields(run)
+        if not found:
+            valid.append(run)
+            continue
+        reason = "; ".join(f"{where} is {shown}" for where, shown in found)
+        invalid.append({"file": run["_file"], "run_id": run_id(run), "fields": [where for where, _ in found],
+                        "reason": f"non-finite number ({reason})"})
+    if not valid:
+        raise AnalysisError(f"{results_dir}: all {len(runs)} run files are invalid, e.g. "
+                            f"{os.path.join(results_dir, invalid[0]['file'])}: {invalid[0]['reason']}")
+    return valid, invalid
 
 
 def candidate_label(row):
@@ -248,11 +297,13 @@ def metric_columns(frame):
 
 
 def _clean(value):
-    """JSON-friendly scalar: numpy → python, NaN and inf → None (the summary is strict JSON)."""
+    """JSON-friendly scalar: numpy → python, NaN (pandas' missing value) → None. An infinity is left as it is:
+    the inputs are finite (split_invalid) and every ratio is guarded, so one is a bug, which io.write_json
+    reports instead of the summary silently saying null."""
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
+        return None if math.isnan(value) else float(value)
     if isinstance(value, np.bool_):
         return bool(value)
     return value
@@ -267,13 +318,15 @@ def add_baseline_ratios(frame):
     """Add retention (% of the fp32 exact baseline) and memory/speed ratios to every completed run.
 
     The baseline of a run is the exact run of the same embeddings file and gallery size (falling back
-    to the same native dim). Columns: retention_<metric>, memory_fraction, qps_ratio, latency_ratio.
+    to the same native dim). Columns: retention_<metric>, memory_fraction, qps_ratio, latency_ratio, and
+    ratio_note: which of them are null because the baseline's value is 0 (a ratio to 0 is undefined).
     """
     frame = frame.copy()
     metrics = metric_columns(frame)
-    for col in [f"retention_{m}" for m in metrics] + ["memory_fraction", "qps_ratio", "latency_ratio",
-                                                      "baseline_run"]:
+    ratios = dict({f"retention_{m}": m for m in metrics}, **BASELINE_RATIOS)
+    for col in list(ratios) + ["baseline_run"]:
         frame[col] = None
+    frame["ratio_note"] = ""
     done = completed(frame)
     exact = done[done["exact"]]
     for i, row in done.iterrows():
@@ -285,11 +338,9 @@ def add_baseline_ratios(frame):
             continue
         base = base.iloc[0]
         frame.at[i, "baseline_run"] = base["run_id"]
-        for m in metrics:
-            frame.at[i, f"retention_{m}"] = _ratio(row[m], base[m], 100.0)
-        frame.at[i, "memory_fraction"] = _ratio(row["bytes_per_vector"], base["bytes_per_vector"])
-        frame.at[i, "qps_ratio"] = _ratio(row["qps"], base["qps"])
-        frame.at[i, "latency_ratio"] = _ratio(row["latency_p50_ms"], base["latency_p50_ms"])
+        for name, column in ratios.items():
+            frame.at[i, name] = _ratio(row[column], base[column], 100.0 if name.startswith("retention_") else 1.0)
+        frame.at[i, "ratio_note"] = zero_base_note(ratios, row, base)
     for col in [c for c in frame.columns if c.startswith("retention_") or c.endswith(("_fraction", "_ratio"))]:
         if col != "compression_ratio":
             frame[col] = pd.to_numeric(frame[col], errors="coerce")
@@ -307,9 +358,18 @@ def _same(series, value):
 
 
 def _ratio(value, base, scale=1.0):
+    """scale * value / base; None when either is missing, or base is 0 (zero_base_note says so)."""
     if value is None or base is None or pd.isna(value) or pd.isna(base) or base == 0:
         return None
     return scale * float(value) / float(base)
+
+
+def zero_base_note(ratios, row, base):
+    """Why ratios {ratio name: column} of a run to its baseline are null although both runs measured the column:
+    'memory_fraction is undefined (baseline A has bytes_per_vector 0)'; '' when there is no such ratio."""
+    zero = [f"{name} is undefined (baseline {base['run_id']} has {column} 0)" for name, column in ratios.items()
+            if pd.notna(row.get(column)) and pd.notna(base.get(column)) and base[column] == 0]
+    return "; ".join(zero)
 
 
 # ----------------------------------------------------------------------------- intervals
@@ -424,8 +484,9 @@ def budget_table(frame, metric, cost="bytes_per_vector"):
     data = frame.dropna(subset=[cost, metric])
     if data.empty:
         return []
+    # Powers of two from below the cheapest to above the dearest (a cost of 0 counts as 1e-9: log2 needs > 0).
     low = 2 ** math.floor(math.log2(max(data[cost].min(), 1e-9)))
-    high = 2 ** math.ceil(math.log2(data[cost].max()))
+    high = 2 ** math.ceil(math.log2(max(data[cost].max(), 1e-9)))
     rows, budget = [], low
     while budget <= high:
         fits = data[data[cost] <= budget]
@@ -525,7 +586,7 @@ def analyse_group(frame, runs, primary_metric=None, paired=no_pairs):
         "baseline": records(exact, BASELINE_COLUMNS + metrics + intervals + BASELINE_EXTRA),
         "means": factor_means(main, metrics) if not main.empty else {},
         "retention": records(main, ["run_id", "label"] + [f"retention_{m}" for m in metrics]
-                             + ["memory_fraction", "qps_ratio", "latency_ratio"]),
+                             + ["memory_fraction", "qps_ratio", "latency_ratio", "ratio_note"]),
         "pareto": pareto_records(fronts),
         "budgets": budget_table(main, primary) if primary else [],
         "budgets_total": budget_table(main, primary, "total_bytes_per_vector") if primary else [],
@@ -623,7 +684,10 @@ def memory_frontier_table(main, front, metric, cost="bytes_per_vector"):
                  "memory_fraction": _ratio(row[cost], base[cost]), "dim": row["dim"], "rerank": row["rerank"],
                  "candidate_size": row["candidate_size"], "gallery_size": row["gallery_size"],
                  "covers_gallery": _covers_gallery(row)}
-        rows.append(dict(entry, **_speed_comparison(row, base, direction)))
+        speed = _speed_comparison(row, base, direction)
+        qps = f"{direction}_qps" if speed["speed_direction"] else "qps"
+        note = zero_base_note({"retention": metric, "memory_fraction": cost, "qps_ratio": qps}, row, base)
+        rows.append(dict(entry, **speed, ratio_note=note))
     return _cleaned(rows)
 
 
@@ -679,11 +743,11 @@ def dim_reduction_table(main, metric):
                     for _, r in reduced.iterrows())
 
 
-def analyse(frame, runs, primary_metric=None, results_dir=None, settings=None):
+def analyse(frame, runs, primary_metric=None, results_dir=None, settings=None, invalid=()):
     """Summary dict of the whole results folder: rows, groups (one per dataset/split/model).
 
     settings: bootstrap.Settings; with resamples > 0 (and results_dir, where the rank files are) every run
-    gets intervals (add_intervals)."""
+    gets intervals (add_intervals). invalid: split_invalid's list of the run files left out, listed as they are."""
     frame = add_baseline_ratios(frame)
     paired, on = no_pairs, settings is not None and settings.resamples > 0
     if on:
@@ -697,16 +761,9 @@ def analyse(frame, runs, primary_metric=None, results_dir=None, settings=None):
         "schema": "experiment_summary/2",
         "runs_total": int(len(frame)),
         "runs_skipped": int((frame["status"] == "skipped").sum()),
+        "runs_invalid": len(invalid),
+        "invalid_runs": list(invalid),
         "intervals": settings.record() if on else {"method": None, "resamples": 0},
         "groups": groups,
         "rows": records(frame),
     }
-
-
-def strict_json(value):
-    """The summary with every NaN / inf replaced by None, so it is strict JSON (json.dump writes NaN otherwise)."""
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return _clean(value)

@@ -81,15 +81,34 @@ def read_ranks(path, metrics):
     if text_to_image is None or not ranks:
         return None, None, f"rank file {os.path.basename(path)} lacks text_to_image or ranks"
     text_to_image = np.asarray(text_to_image, dtype=np.int64)
-    n_images = int(text_to_image.max()) + 1 if text_to_image.size else 0
+    fault = _split_fault(text_to_image)
+    if fault:
+        return None, None, f"rank file {os.path.basename(path)}: {fault}"
+    n_images = int(text_to_image.max()) + 1
     expected = {"t2i": text_to_image.size, "i2t": n_images}
     for direction, values in ranks.items():
         if values.shape != (expected[direction],):
             return None, None, f"rank file: {direction} has {values.size} ranks, expected {expected[direction]}"
+        if np.isnan(values).any() or (values < 1).any():
+            # A rank below 1 would give 1/rank > 1 or infinite, NaN a NaN statistic: neither is a measurement.
+            return None, None, f"rank file: {direction} has ranks that are NaN or below 1 (1-based, inf = miss)"
         fault = _mismatch(values, metrics, direction)
         if fault:
             return None, None, f"rank file does not reproduce the run's {fault}"
     return ranks, text_to_image, None
+
+
+def _split_fault(text_to_image):
+    """Why text_to_image cannot be resampled by image, or None. Every image needs a caption: a resample of
+    only caption-less images would divide by 0 queries."""
+    if not text_to_image.size:
+        return "text_to_image is empty"
+    if text_to_image.min() < 0:
+        return "text_to_image has a negative image index"
+    missing = np.flatnonzero(np.bincount(text_to_image) == 0)
+    if missing.size:
+        return f"{missing.size} images have no caption in text_to_image (first: {int(missing[0])})"
+    return None
 
 
 def _mismatch(ranks, metrics, direction):

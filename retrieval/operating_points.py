@@ -24,7 +24,7 @@ _REQUIREMENT = re.compile(fr"^\s*(\S+?)\s*(>=|<=)\s*({_NUMBER})\s*$")
 _OBJECTIVE = re.compile(r"^\s*(min|max)\s*:\s*(\S+)\s*$")
 # Columns of a run that are text, never a requirement.
 _TEXT = ("run_id", "file", "dataset", "split", "model", "group", "status", "skipped_reason", "label", "candidate",
-         "data_path", "dim_method", "precision", "index", "baseline_run", "ci_note")
+         "data_path", "dim_method", "precision", "index", "baseline_run", "ci_note", "ratio_note")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,10 @@ def parse_requirement(text):
     if not match:
         raise AnalysisError(f"--require {text!r}: expected COLUMN>=VALUE or COLUMN<=VALUE, e.g. "
                             "t2i_retention_R@1>=99")
-    return Requirement(text.strip(), match.group(1), match.group(2), float(match.group(3)))
+    value = float(match.group(3))
+    if not np.isfinite(value):  # 1e999 reads as infinity: no run could be short of it by a finite amount
+        raise AnalysisError(f"--require {text!r}: {match.group(3)} is beyond the float range")
+    return Requirement(text.strip(), match.group(1), match.group(2), value)
 
 
 def parse_objective(text):
@@ -145,11 +148,12 @@ def _describe(row, requirements, column):
 
 
 def _plain(value):
-    """A finite float, or None (the summary is strict JSON)."""
+    """A float, or None for a missing value (NaN). The runs' numbers are finite (analysis.split_invalid) and so
+    are the shortfalls from them, so an infinity here is a bug that io.write_json reports."""
     if value is None or isinstance(value, str):
         return None
     value = float(value)
-    return value if np.isfinite(value) else None
+    return None if np.isnan(value) else value
 
 
 # ----------------------------------------------------------------------------- the default table

@@ -263,12 +263,15 @@ def _scaling_sentences(group):
 
 
 def _caveats(group):
-    """Skipped configurations, and settings the runs disagree on (their speeds do not compare)."""
+    """Skipped configurations, ratios left null because a baseline value is 0, and settings the runs disagree
+    on (their speeds do not compare)."""
     out = []
     skipped = Counter(row["skipped_reason"] for row in group["skipped"])
     if skipped:
         reasons = "; ".join(f"{n} x {reason}" for reason, n in skipped.most_common())
         out.append(f"{sum(skipped.values())} configurations were skipped: {reasons}.")
+    notes = Counter(row["ratio_note"] for row in group["retention"] if row.get("ratio_note"))
+    out += [f"{n} run{'s' if n > 1 else ''}: {note}, so null in the tables." for note, n in notes.most_common()]
     for row in group.get("whole_gallery_candidates", []):
         out.append(f"C={row['candidate_size']:,} covers the whole gallery of {row['gallery_size']:,} images: its "
                    f"{row['runs']} re-ranked runs are exact fp32 search at their dim for text→image, not a real "
@@ -436,11 +439,14 @@ def report_markdown(summary, frame, plots, report_dir):
 
     plots: {group: [(title, path), ...]}; paths are written relative to report_dir.
     """
+    invalid = summary.get("invalid_runs") or []
+    left_out = f", {len(invalid)} invalid run files left out" if invalid else ""
     lines = ["# Retrieval under compression: experiment report", "",
-             f"{summary['runs_total']} run files, {summary['runs_skipped']} skipped configurations, "
+             f"{summary['runs_total']} run files, {summary['runs_skipped']} skipped configurations{left_out}, "
              f"{len(summary['groups'])} dataset/model group(s). Every number below is read from "
              "`summary.csv` / `experiment_summary.json` next to this file; rows from different groups are "
              "never compared.", ""]
+    lines += _invalid_runs(invalid)
     for group in summary["groups"]:
         main = main_runs(frame[frame["group"] == group["group"]], group["main_gallery_size"])
         lines += [f"## {group['dataset']} / {group['split']} / {group['model']}", "", "### Summary", ""]
@@ -457,6 +463,15 @@ def report_markdown(summary, frame, plots, report_dir):
                                      ["config", "reason", "run"]), ""]
         lines += _plot_links(plots.get(group["group"]), report_dir)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _invalid_runs(invalid):
+    """The run files left out because they hold a NaN or infinite number (analysis.split_invalid)."""
+    if not invalid:
+        return []
+    return ["## Invalid run files", "",
+            "These run files hold a NaN or infinite number, so they are in no table, ranking, frontier or "
+            "operating point of this report:", "", markdown_table(invalid, ["file", "reason"]), ""]
 
 
 def _source_table(group):

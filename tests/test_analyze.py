@@ -1,13 +1,16 @@
 """analyze_results.py on hand-made results folders whose means and frontiers are computed by hand."""
 import csv
 import json
+import math
 import os
 import re
 
+import numpy as np
 import pytest
 
 import analyze_results
-from retrieval import report
+from ranked_runs import captions_of, synthetic_ranks, write_ranked_run
+from retrieval import io, report
 
 DATA = {"dataset": "toyset", "split": "test", "model": "toy-model", "dim": 8}
 
@@ -237,3 +240,153 @@ def test_a_candidate_size_covering_the_gallery_is_called_out(tmp_path):
     assert any("C=100 covers the whole gallery of 100 images" in s for s in report.findings(group))
     small = analyse(hand_made(str(tmp_path / "s")))["groups"][0]
     assert small["whole_gallery_candidates"] == [] and not any("whole gallery" in s for s in report.findings(small))
+
+
+# ----------------------------------------------------------------------------- non-finite numbers in run files
+
+def poison(folder, name, **fields):
+    """Put NaN / infinity into run `name` (fields 'section.key' = value) the way a faulty writer would:
+    json.dump writes them as NaN / Infinity tokens, which json.load reads back."""
+    path = os.path.join(folder, "runs", f"{name}.json")
+    with open(path) as f:
+        run = json.load(f)
+    for where, value in fields.items():
+        section, key = where.split(".")
+        run[section][key] = value
+    with open(path, "w") as f:
+        json.dump(run, f)
+    return path
+
+
+def strict_summary(path):
+    """The summary JSON parsed as strict JSON: a NaN / Infinity token fails the test."""
+    with open(path) as f:
+        return json.loads(f.read(), parse_constant=lambda token: pytest.fail(f"{path} holds {token}: not strict JSON"))
+
+
+def run_ids_in(value):
+    """Every run_id anywhere in a summary part (tables, frontiers, operating points)."""
+    if isinstance(value, dict):
+        return {i for v in value.values() for i in run_ids_in(v)} | ({value["run_id"]} if "run_id" in value else set())
+    if isinstance(value, list):
+        return {i for v in value for i in run_ids_in(v)}
+    return set()
+
+
+def test_infinite_bytes_per_vector_is_an_invalid_run_not_a_crash(tmp_path, capsys):
+    folder = hand_made(str(tmp_path))
+    path = poison(folder, "D", **{"memory.bytes_per_vector": math.inf})
+    assert '"bytes_per_vector": Infinity' in open(path).read()
+    summary = analyse(folder, "--no_plots")
+    assert summary["invalid_runs"] == [{
+        "file": os.path.join("runs", "D.json"), "run_id": "D", "fields": ["memory.bytes_per_vector"],
+        "reason": "non-finite number (memory.bytes_per_vector is Infinity)"}]
+    assert summary["runs_invalid"] == 1 and summary["runs_total"] == 5
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: {path}: non-finite number (memory.bytes_per_vector is Infinity); "
+                   "left out of the analysis"]
+    (group,) = summary["groups"]
+    assert "D" not in run_ids_in(group) and "D" not in {r["run_id"] for r in summary["rows"]}
+    # Without D the cheapest runs are B and C at 8 bytes; C (t2i R@1 50) wins every budget.
+    assert {b["budget_bytes_per_vector"]: b["run_id"] for b in group["budgets"]} == {8: "C", 16: "C", 32: "C"}
+    assert [p["run_id"] for p in group["pareto"]["bytes_per_vector"]["t2i_R@1"]] == ["C"]
+    assert strict_summary(os.path.join(folder, "experiment_summary.json"))["invalid_runs"][0]["run_id"] == "D"
+    with open(os.path.join(folder, "summary.csv")) as f:
+        assert "D" not in {r["run_id"] for r in csv.DictReader(f)}
+    text = open(os.path.join(folder, "REPORT.md")).read()
+    assert "1 invalid run files left out" in text and "## Invalid run files" in text
+    assert f"| {os.path.join('runs', 'D.json')} | non-finite number (memory.bytes_per_vector is Infinity) |" in text
+    assert not any(line.endswith("| D |") for line in text.splitlines())
+
+
+def test_infinite_rsum_is_never_best_and_the_summary_is_strict_json(tmp_path, capsys):
+    folder = hand_made(str(tmp_path))
+    poison(folder, "D", **{"metrics.RSUM": math.inf})
+    out = os.path.join(folder, "experiment_summary.json")
+    # RSUM picks the best per budget; the operating point asks for RSUM >= 0, which an infinite RSUM would meet
+    # at the smallest memory (D, 2 bytes).
+    summary = analyze_results.main(["--results_dir", folder, "--output_path", out, "--no_plots",
+                                    "--require", "RSUM>=0"])
+    written = strict_summary(out)
+    assert written["invalid_runs"][0]["fields"] == ["metrics.RSUM"]
+    (group,) = written["groups"]
+    assert group["primary_metric"] == "RSUM"
+    # RSUM: A 280 (32 B), C 278 (8 B), E 275 (16 B), B 266 (8 B).
+    assert {b["budget_bytes_per_vector"]: b["run_id"] for b in group["budgets"]} == {8: "C", 16: "C", 32: "A"}
+    assert "D" not in run_ids_in(group) and "D" not in run_ids_in(written["operating_points"])
+    # Smallest total memory meeting RSUM >= 0: B (8 bytes; C re-ranks, 8 + 32).
+    assert [(p["run_id"], p["meets"]) for p in written["operating_points"]] == [("B", True)]
+    assert written == json.loads(json.dumps(summary))
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_nan_recall_and_infinite_speed_give_one_warning_naming_both(tmp_path, capsys):
+    folder = hand_made(str(tmp_path))
+    path = poison(folder, "C", **{"metrics.t2i_R@1": math.nan, "speed.t2i_qps": -math.inf})
+    summary = analyse(folder, "--no_plots")
+    (bad,) = summary["invalid_runs"]
+    assert bad["fields"] == ["metrics.t2i_R@1", "speed.t2i_qps"]
+    assert bad["reason"] == "non-finite number (metrics.t2i_R@1 is NaN; speed.t2i_qps is -Infinity)"
+    assert capsys.readouterr().err == (f"warning: {path}: {bad['reason']}; left out of the analysis\n")
+    (group,) = summary["groups"]
+    assert "C" not in run_ids_in(group)
+    # Without C (8 B, 50) the memory frontier is D (2 B, 30), B (8 B, 45), E (16 B, 48), A (32 B, 50).
+    assert [p["run_id"] for p in group["pareto"]["bytes_per_vector"]["t2i_R@1"]] == ["D", "B", "E", "A"]
+    assert {b["budget_bytes_per_vector"]: b["run_id"] for b in group["budgets"]} == {2: "D", 4: "D", 8: "B",
+                                                                                   16: "E", 32: "A"}
+    strict_summary(os.path.join(folder, "experiment_summary.json"))
+
+
+def test_a_folder_of_only_invalid_runs_is_a_clear_error(tmp_path):
+    folder = str(tmp_path)
+    write_run(folder, "A", "fp32", 8, exact=True, t2i=(50, 80), i2t=(60, 90), bytes_per_vector=32, qps=1000, p50=1.0)
+    path = poison(folder, "A", **{"metrics.RSUM": math.nan})
+    with pytest.raises(SystemExit) as error:
+        analyze_results.main(["--results_dir", folder, "--no_plots"])
+    assert str(error.value) == (f"error: {folder}: all 1 run files are invalid, e.g. {path}: "
+                                "non-finite number (metrics.RSUM is NaN)")
+    assert os.listdir(folder) == ["runs"]
+
+
+def test_a_ratio_to_a_zero_baseline_is_null_with_its_reason(tmp_path):
+    folder = str(tmp_path)
+    # The baseline finds nothing at R@1 (a hard toy split): retention of t2i R@1 has no value.
+    write_run(folder, "A", "fp32", 8, exact=True, t2i=(0, 80), i2t=(60, 90), bytes_per_vector=32, qps=1000, p50=1.0)
+    write_run(folder, "B", "int8", 8, candidate_size=5, t2i=(5, 78), i2t=(55, 88), bytes_per_vector=8, qps=2000,
+              p50=0.5)
+    summary = analyse(folder, "--no_plots")
+    strict_summary(os.path.join(folder, "experiment_summary.json"))
+    rows = {r["run_id"]: r for r in summary["rows"]}
+    assert rows["B"]["retention_t2i_R@1"] is None and rows["B"]["retention_i2t_R@1"] == pytest.approx(55 / 60 * 100)
+    note = "retention_t2i_R@1 is undefined (baseline A has t2i_R@1 0); retention_t2i_MRR is undefined (baseline A " \
+           "has t2i_MRR 0)"
+    assert rows["B"]["ratio_note"] == note
+    (group,) = summary["groups"]
+    (frontier,) = [r for r in group["memory_frontier"] if r["run_id"] == "B"]
+    assert frontier["retention"] is None
+    assert frontier["ratio_note"] == "retention is undefined (baseline A has t2i_R@1 0)"
+    assert rows["A"]["ratio_note"] == note  # the baseline against itself
+    assert f"2 runs: {note}, so null in the tables." in report.findings(group)
+
+
+def test_an_infinite_requirement_is_a_clear_error(tmp_path):
+    folder = hand_made(str(tmp_path))
+    with pytest.raises(SystemExit, match=r"--require 't2i_R@1>=1e999': 1e999 is beyond the float range"):
+        analyze_results.main(["--results_dir", folder, "--no_plots", "--require", "t2i_R@1>=1e999"])
+    assert not os.path.exists(os.path.join(folder, "experiment_summary.json"))
+
+
+def test_a_rank_file_with_nan_ranks_gives_a_note_not_nan_intervals(tmp_path):
+    folder, rng = str(tmp_path), np.random.default_rng(0)
+    text_to_image = captions_of(30)
+    write_ranked_run(folder, "A", "fp32", 8, synthetic_ranks(rng, text_to_image, 0.0), text_to_image, exact=True)
+    ranks = synthetic_ranks(rng, text_to_image, -0.3)
+    write_ranked_run(folder, "B", "int8", 8, ranks, text_to_image, candidate_size=5, bytes_per_vector=8)
+    # A NaN among ranks above 5 leaves R@1 / R@5 as the JSON has them; only MRR would become NaN.
+    ranks["t2i"][np.flatnonzero(ranks["t2i"] > 5)[0]] = np.nan
+    io.write_ranks(os.path.join(folder, "runs", "B.ranks.npz"), ranks, text_to_image)
+    summary = analyse(folder, "--no_plots", "--bootstrap", "50")
+    strict_summary(os.path.join(folder, "experiment_summary.json"))
+    rows = {r["run_id"]: r for r in summary["rows"]}
+    assert rows["B"]["ci_note"] == "rank file: t2i has ranks that are NaN or below 1 (1-based, inf = miss)"
+    assert rows["B"]["t2i_MRR_ci_low"] is None and rows["A"]["t2i_MRR_ci_low"] is not None
