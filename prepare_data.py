@@ -3,8 +3,9 @@
 Reads:  <data_dir> (default coco_data/<dataset>/): Flickr8k (official or Kaggle layout), COCO 2017
         (+ optional Karpathy dataset_coco.json), your own --images DIR --captions FILE, or the
         generated synthetic set; a CLIP-family --model (hub id or local folder) or a --checkpoint.
-Writes: <output_dir>/<model-tag>_<split>.h5 (or .npz), default output_dir = data_dir; with
-        --download the official archives are fetched and extracted into data_dir first.
+Writes: <output_dir>/<model-tag>_<split>.h5 (or .npz), default output_dir = coco_data/<dataset>/ (never
+        the data folder unless asked); with --download the official archives are fetched and extracted
+        into data_dir first.
 
 Example:
     python prepare_data.py --dataset flickr8k --download --splits train dev test \
@@ -20,7 +21,7 @@ import torch
 from retrieval import data, env, io, metrics
 from retrieval.download import download_dataset
 from retrieval.encoders import embed_split
-from retrieval.errors import cli
+from retrieval.errors import HelpFormatter, cli
 from retrieval.models import DEFAULT_MODEL, load_encoder, model_tag
 
 DEFAULT_DATA_ROOT = "coco_data"
@@ -29,7 +30,7 @@ EVAL_MAX_IMAGES = 25000  # the sanity-check evaluation is an exact full ranking:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     source = p.add_argument_group("data")
     source.add_argument("--dataset", choices=data.DATASETS, default="synthetic",
                         help="which dataset to read (synthetic needs no download)")
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     source.add_argument("--download", action="store_true",
                         help="fetch the official archives into --data_dir first (already present = skipped); "
                              "without it nothing touches the network for data")
-    source.add_argument("--synthetic_images", type=int, default=500,
+    source.add_argument("--synthetic_images", type=int, default=data.SYNTHETIC_IMAGES,
                         help="--dataset synthetic: number of images to generate (5 captions each)")
     source.add_argument("--synthetic_image_size", type=int, default=96,
                         help="--dataset synthetic: image side in pixels")
@@ -61,7 +62,9 @@ def parse_args(argv=None):
     model.add_argument("--num_workers", type=int, default=-1,
                        help="DataLoader processes decoding images (-1 = min(8, CPU cores))")
     out = p.add_argument_group("output")
-    out.add_argument("--output_dir", default="", help="where the files go (default: the data folder)")
+    out.add_argument("--output_dir", default="",
+                     help="where the hand-off files go (default: coco_data/<dataset>/, also when --data_dir is "
+                          "elsewhere, so a read-only dataset copy works)")
     out.add_argument("--output_format", choices=("h5", "npz"), default="h5", help="hand-off file format")
     out.add_argument("--overwrite", action="store_true", help="redo splits whose output file already exists")
     out.add_argument("--no_eval", action="store_true",
@@ -81,7 +84,7 @@ def parse_args(argv=None):
         if getattr(args, name) < (1 if name.startswith("synthetic") else 0):
             p.error(f"--{name} must be positive")
     args.data_dir = args.data_dir or os.path.join(DEFAULT_DATA_ROOT, args.dataset)
-    args.output_dir = args.output_dir or args.data_dir
+    args.output_dir = args.output_dir or os.path.join(DEFAULT_DATA_ROOT, args.dataset)
     return args
 
 
@@ -155,6 +158,9 @@ def write_split(args, encoder, split_data, path, environment):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    if not args.fetch_only:
+        # Before any download or model: a read-only output folder must not surface only at the first write.
+        io.require_writable(args.output_dir, "--output_dir")
     fetch_data(args)
     if args.fetch_only:
         fetch_only(args)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from retrieval import indexes, metrics, sweep, timing
 from retrieval.env import pick_device, seed_everything
-from retrieval.errors import cli
+from retrieval.errors import HelpFormatter, cli
 from retrieval.io import ranks_path
 
 
@@ -26,7 +26,7 @@ def parse_args(argv=None):
     """(args, settings, (shard, shards)): the namespace as parsed (recorded in every run file as is),
     the sweep settings built from it, and the --shard block to run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--data_path", nargs="+", required=True,
                       help="hand-off file(s) to evaluate (.h5/.npz); several files with different native dims are each used for their own grid")

@@ -79,7 +79,7 @@ DOWNLOAD=${DOWNLOAD:-0}                    # 1 = fetch the official archives (pr
 SPLITS=${SPLITS:-}                         # splits to embed; empty = prepare_data.py's default for the dataset
 EVAL_SPLIT=${EVAL_SPLIT:-test}             # split the sweep evaluates
 FIT_SPLIT=${FIT_SPLIT-train}               # split the quantizers / PCA are fitted on ('' = the evaluated file)
-SYNTHETIC_IMAGES=${SYNTHETIC_IMAGES:-500}
+SYNTHETIC_IMAGES=${SYNTHETIC_IMAGES:-}    # empty = prepare_data.py's default (2,500 images, 1,000 in test)
 MODEL=${MODEL:-}                           # CLIP id or folder; empty = train a dual encoder from offline towers
 DEVICE=${DEVICE:-}
 NUM_WORKERS=${NUM_WORKERS:-2}
@@ -301,8 +301,8 @@ handoff_files() {
 fetch_data() {
     # the dataset alone (no model): generated (synthetic) or downloaded (DOWNLOAD=1); csv data is the user's own
     [[ "$DATASET" == csv ]] && return
-    local args=(--dataset "$DATASET" --data_dir "$DATA_DIR" --synthetic_images "$SYNTHETIC_IMAGES" --seed "$SEED"
-                --fetch_only "${1:-data}")
+    local args=(--dataset "$DATASET" --data_dir "$DATA_DIR" --seed "$SEED" --fetch_only "${1:-data}")
+    [[ -n "$SYNTHETIC_IMAGES" ]] && args+=(--synthetic_images "$SYNTHETIC_IMAGES")
     [[ -n "$SPLITS" ]] && args+=(--splits $SPLITS)
     [[ "$DOWNLOAD" == 1 ]] && args+=(--download)
     [[ -n "$MODEL" && "${1:-data}" == model ]] && args+=(--model "$MODEL")
@@ -321,7 +321,8 @@ phase_prefetch() {
 }
 
 phase_prepare() {
-    local splits_args=() download_args=()
+    local splits_args=() download_args=() synthetic_args=()
+    [[ -n "$SYNTHETIC_IMAGES" ]] && synthetic_args=(--synthetic_images "$SYNTHETIC_IMAGES")
     [[ -n "$SPLITS" ]] && splits_args=(--splits $SPLITS)
     [[ "$DOWNLOAD" == 1 ]] && download_args=(--download)
     if [[ -z "$MODEL" ]]; then
@@ -330,7 +331,7 @@ phase_prepare() {
     fi
     # shellcheck disable=SC2086
     "$PY" prepare_data.py --dataset "$DATASET" --data_dir "$DATA_DIR" ${download_args[@]+"${download_args[@]}"} \
-        ${splits_args[@]+"${splits_args[@]}"} --synthetic_images "$SYNTHETIC_IMAGES" --model "$MODEL" \
+        ${splits_args[@]+"${splits_args[@]}"} ${synthetic_args[@]+"${synthetic_args[@]}"} --model "$MODEL" \
         --output_dir "$EXPORT_DIR" \
         --device "$DEVICE" --num_workers "$NUM_WORKERS" --seed "$SEED" $PREPARE_ARGS
 }

@@ -1,14 +1,14 @@
 """Train a light dual encoder (image CNN + text transformer, symmetric InfoNCE) and export hand-off files.
 
 Reads:  <data_dir> (a dataset in the layout retrieval/data.py loads), a --checkpoint for --eval_only
-Writes: <model_dir>/<run>/log.jsonl (one JSON line per epoch), <model_dir>/<run>/d<dim>/{best,last}.pt
+Writes: <model_dir>/<run>/log.jsonl (one JSON line per dev evaluation: each epoch and a --max_steps stop), <model_dir>/<run>/d<dim>/{best,last}.pt
         (--head_ensemble: <model_dir>/<run>/d<dim>/member<k>/{best,last}.pt and the joined d<dim>/best.pt),
         <model_dir>/feature_cache/*.pt (frozen-tower features), <export_dir>/dual-<run>-d<dim>_{dev,test}.h5
 
 The jobs live in the package: retrieval/training.py (batches, set-up, resume, epochs),
 retrieval/features.py (frozen-tower feature cache), retrieval/distributed.py (torchrun),
 retrieval/checkpoint.py (checkpoint files), retrieval/export.py (ensemble join, hand-off files, --eval_only),
-retrieval/recipes.py (--recipe bench / demo).
+retrieval/recipes.py (--recipe bench / demo / quick).
 
 Example:
     python train_dual_encoder.py --recipe bench --dataset flickr8k --data_dir coco_data/flickr8k
@@ -23,16 +23,16 @@ import torch
 from retrieval import env, export, io, training
 from retrieval.distributed import barrier, init_distributed
 from retrieval.dual_encoder import build_model
-from retrieval.errors import UserError, cli
+from retrieval.errors import HelpFormatter, UserError, cli
 from retrieval.recipes import RECIPES
 from retrieval.towers import IMAGE_ENCODERS
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
-                   help="start from a named recipe (retrieval/recipes.py: bench, demo); flags given here still win")
+                   help="start from a named recipe (retrieval/recipes.py: bench, demo, quick); flags given here still win")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="flickr8k", help="dataset name understood by retrieval/data.py")
     g.add_argument("--data_dir", default="", help="dataset folder (default coco_data/<dataset>)")
@@ -176,6 +176,10 @@ def main(argv=None):
         return None
     if args.eval_only:
         return export.evaluate_checkpoint(args)
+    # Before any data or model: a read-only folder must not surface as a traceback after all the training.
+    io.require_writable(args.model_dir, "--model_dir")
+    if args.export_dir != "none" and args.export_splits:
+        io.require_writable(args.export_dir, "--export_dir")
     rank, world_size = init_distributed()
     check(args, world_size)
     device = env.pick_device(args.device)

@@ -146,12 +146,31 @@ def fetch(url, dest, size=None, sha256=None, timeout=TIMEOUT_S, progress=True):
     return dest
 
 
-def _safe_members(names, root):
+class UnsafeArchive(Exception):
+    """A member would be written outside the target folder (zip-slip): the archive itself is the fault."""
+
+
+# What Python's tar "data" filter refuses (links or paths out of the folder, device files); () before 3.11.4.
+TAR_FILTER_ERROR = getattr(tarfile, "FilterError", ())
+
+
+def _tar_member_paths(t):
+    """(member, path it writes or points to): a link's target counts, as a link out then a file through it
+    escapes too, even on a Python without tar extraction filters."""
+    for member in t.getmembers():
+        yield member.name, member.name
+        if member.issym():
+            yield member.name, os.path.join(os.path.dirname(member.name), member.linkname)
+        elif member.islnk():
+            yield member.name, member.linkname
+
+
+def _safe_members(member_paths, root):
     root = os.path.realpath(root)
-    for name in names:
-        path = os.path.realpath(os.path.join(root, name))
+    for name, inside in member_paths:
+        path = os.path.realpath(os.path.join(root, inside))
         if path != root and not path.startswith(root + os.sep):
-            raise ValueError(f"member {name!r} would land outside the target folder")
+            raise UnsafeArchive(name)
 
 
 def extract(archive_path, data_dir, target):
@@ -159,6 +178,8 @@ def extract(archive_path, data_dir, target):
 
     If the archive holds a single top folder, that folder becomes the target. A corrupt archive
     raises DownloadError, is deleted (the next run downloads it again) and leaves no folder behind.
+    An unsafe one (a member path or tar link that leaves the target folder) raises DownloadError and
+    extracts nothing; it is kept, since downloading it again would fetch the same bytes.
     """
     final = os.path.join(data_dir, target)
     tmp = tempfile.mkdtemp(prefix=f".extract-{target}.", dir=data_dir)
@@ -166,17 +187,22 @@ def extract(archive_path, data_dir, target):
         try:
             if zipfile.is_zipfile(archive_path):
                 with zipfile.ZipFile(archive_path) as z:
-                    _safe_members(z.namelist(), tmp)
+                    _safe_members(((name, name) for name in z.namelist()), tmp)
                     z.extractall(tmp)  # checks each member's CRC while writing
             elif tarfile.is_tarfile(archive_path):
                 with tarfile.open(archive_path) as t:
-                    _safe_members(t.getnames(), tmp)
+                    _safe_members(_tar_member_paths(t), tmp)
                     try:
                         t.extractall(tmp, filter="data")
                     except TypeError:  # Python without extraction filters
                         t.extractall(tmp)
             else:
                 raise ValueError("not a zip or tar archive")
+        except UnsafeArchive as e:
+            raise DownloadError(f"{archive_path}: unsafe archive (member '{e}' leaves the target folder); "
+                                "not extracted") from None
+        except TAR_FILTER_ERROR as e:  # e.g. a device file: the archive is unsafe, not damaged
+            raise DownloadError(f"{archive_path}: unsafe archive ({e}); not extracted") from None
         except (zipfile.BadZipFile, tarfile.TarError, ValueError, EOFError, OSError, zipfile.LargeZipFile) as e:
             os.remove(archive_path)
             raise DownloadError(f"{archive_path}: corrupt archive ({e}); it was deleted and nothing "

@@ -1,11 +1,13 @@
 """The one error type for faults a user can fix (a file, a flag, the network), and the one place
-that turns it into the `error: <file>: <fault>` line and exit code a script prints.
+that turns it into the `error: <file>: <fault>` line and exit code a script prints; plus the help
+formatter the scripts share, so `--help` shows every real default and no empty ones.
 
 Library code raises `UserError("<file or flag>: <fault>")` (or a subclass: io.HandoffError,
 analysis.AnalysisError, download.DownloadError) and never exits the process; a script wraps its
 `main` in `cli`, so a caller such as search.py or a test can catch the typed error, while a user
 at the shell sees one line and a non-zero status instead of a traceback.
 """
+import argparse
 import functools
 
 
@@ -22,3 +24,15 @@ def cli(main):
         except UserError as e:
             raise SystemExit(f"error: {e}") from None
     return run
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' to a flag's help, except where X says nothing: an empty string or None
+    (the help text then says what an empty value means) or a switch that is off by default."""
+
+    def _get_help_string(self, action):
+        # identity, not ==: a default of 0 is a real default (0 == False)
+        if action.default is None or action.default is False or action.default == "" \
+                or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)

@@ -5,7 +5,8 @@ Exports embed through the model rebuilt from the checkpoint (checkpoint.encoder_
 encoders.embed_split, the path prepare_data.py --checkpoint and --eval_only use, so an exported file
 and a later re-embedding always agree. With both towers frozen the towers' features of a split are
 computed once (features.FeatureCache) and only the trained heads run per dim: the same numbers
-(tests/test_train.py) without re-running the CNN for each dim.
+(tests/test_train.py) without re-running the CNN for each dim. The train split's are cut from the
+views cached for training (features.FeatureCache.image_from_wider), not computed a second time.
 """
 import os
 
@@ -52,6 +53,19 @@ def export_path(config, dim, split):
     return os.path.join(config.export_dir, f"{checkpoint.run_tag(config.run_name, dim)}_{split}.h5")
 
 
+def image_features(config, features, model, split):
+    """The frozen image tower's features of an exported split. The train split's come from the
+    --cache_views views training cached (its views 0 / 1 are the export's plain / mirror views), so
+    its images do not run through the tower a second time; other splits through features.image."""
+    views = split_views(config.test_flip)
+    cut = features.image_from_wider(model, split, views, config.seed, config.cache_views)
+    if cut is None:
+        return features.image(model, split, views, config.seed)
+    print(f"{split.split}: embedded from the feature cache ({views} of the {config.cache_views} views cached "
+          "in training; no image-tower pass)", flush=True)
+    return cut
+
+
 def export(config, checkpoint_path, splits, device, dim):
     """Write <export_dir>/<tag>_<split>.h5 for each export split from the given checkpoint; returns
     [(path, metrics of the split)]."""
@@ -64,7 +78,7 @@ def export(config, checkpoint_path, splits, device, dim):
         path = export_path(config, dim, split_name)
         embedded = None
         if features is not None:
-            embedded = project_features(model, features.image(model, split, split_views(config.test_flip), config.seed),
+            embedded = project_features(model, image_features(config, features, model, split),
                                         features.text(model, split), device)
         emb = embed_split(encoder, split, config.batch_size_eval, config.num_workers, embedded=embedded)
         emb.attrs.update(seed=config.seed, trained_epochs=saved["epoch"])

@@ -43,6 +43,11 @@ def split_views(test_flip):
     return 2 if test_flip else 1
 
 
+# Views 0 (the eval transform) and 1 (its mirror) of ImageViews: the same in a cache of any view count
+# and seed, so a split's first FIXED_VIEWS views can be cut from a cache of more (image_from_wider).
+FIXED_VIEWS = 2
+
+
 class ImageViews:
     """Item row -> (row, [views, 3, H, W], error): the eval transform of the image, its mirror, then
     seeded random resized crops (seed, row and view decide each crop), from one read of the file."""
@@ -62,7 +67,8 @@ class ImageViews:
             return row, None, describe_error(e)
         plain = self.files.apply(image)
         out = [plain, plain.flip(-1)][:self.views]
-        out += [self.files.apply(image, self.seed * 1_000_003 + row * 97 + v) for v in range(2, self.views)]
+        out += [self.files.apply(image, self.seed * 1_000_003 + row * 97 + v)
+                for v in range(FIXED_VIEWS, self.views)]
         return row, torch.stack(out), ""
 
 
@@ -80,10 +86,25 @@ class FeatureCache:
 
     def image(self, model, split, views, seed):
         """[views, N, F] image-tower features of the split (view 0 = the eval transform)."""
+        return self._cached(split, "image", self._image_key(model, split, views, seed),
+                            lambda: self._image_features(model, split, views, seed))
+
+    def image_from_wider(self, model, split, views, seed, wider):
+        """image(model, split, views, seed) cut from an existing cache of `wider` views of the split (the
+        train split's, cached while training), or None when there is no such file: no tower pass.
+        Only views 0 and 1 (plain, mirror) can be cut: ImageViews makes them whatever the view count and
+        seed, while the crops from view 2 on depend on both."""
+        if views > min(wider, FIXED_VIEWS):
+            return None
+        path = self._path(split, "image", self._image_key(model, split, wider, seed))
+        if not os.path.exists(path):
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)[:views].contiguous()
+
+    def _image_key(self, model, split, views, seed):
         encoder, weights, pool = self.image_source
-        key = cache_key("image", encoder, weights, pool, model.image_tower.input_norm, views, seed,
-                        os.path.abspath(split.image_root), list(split.image_files))
-        return self._cached(split, "image", key, lambda: self._image_features(model, split, views, seed))
+        return cache_key("image", encoder, weights, pool, model.image_tower.input_norm, views, seed,
+                         os.path.abspath(split.image_root), list(split.image_files))
 
     def text(self, model, split):
         """[T, F] text-tower features of the split's captions."""
@@ -92,8 +113,11 @@ class FeatureCache:
         key = cache_key("text", encoder, weights, *([layers] if layers else []), list(split.captions))
         return self._cached(split, "text", key, lambda: self._text_features(model, split.captions))
 
+    def _path(self, split, kind, key):
+        return os.path.join(self.folder, f"{split.dataset}-{split.split}-{kind}-{key}.pt")
+
     def _cached(self, split, kind, key, compute):
-        path = os.path.join(self.folder, f"{split.dataset}-{split.split}-{kind}-{key}.pt")
+        path = self._path(split, kind, key)
         start, exists = time.time(), os.path.exists(path)
         value = load_or_compute(path, compute)
         if not exists:

@@ -16,9 +16,12 @@ read_embeddings for the documented fallbacks.
 """
 import contextlib
 import datetime
+import glob
 import json
+import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +30,10 @@ from retrieval.errors import UserError
 
 SCHEMA_VERSION = 1
 NORM_TOLERANCE = 1e-3  # fp16 autocast then fp32 normalisation stays far inside this
+# A writer touches its temp file while writing and renames it seconds to minutes after creating it, so a
+# hand-off temp file unchanged for an hour belongs to a killed run. Any matching temp file could also be
+# a live write of the same output by a second job (e.g. two --overwrite runs), which must not be broken.
+STALE_TEMP_AGE_S = 3600
 
 
 class HandoffError(UserError):
@@ -76,6 +83,52 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def temp_glob(path):
+    """The glob (relative to path's folder) of the temp names atomic_path gives writes of `path`:
+    .<stem>.<8 random characters of mkstemp>.tmp<ext> (exactly 8, so 'a.b.h5' temps never match 'a.h5')."""
+    stem, ext = os.path.splitext(os.path.basename(os.fspath(path)))
+    return f".{glob.escape(stem)}.{'[a-z0-9_]' * 8}.tmp{glob.escape(ext)}"
+
+
+def remove_stale_temps(folder, patterns, older_than_s):
+    """Delete the files in `folder` matching any glob in `patterns` unchanged for more than older_than_s
+    seconds: temp files of atomic writes whose process was killed. Returns the paths removed."""
+    now, removed = time.time(), []
+    for pattern in patterns:
+        for path in glob.glob(os.path.join(glob.escape(os.fspath(folder)), pattern)):
+            try:
+                if now - os.path.getmtime(path) > older_than_s:
+                    os.remove(path)
+                    removed.append(path)
+            except OSError:  # renamed or removed by its writer meanwhile: not ours to report
+                pass
+    return removed
+
+
+def require_writable(folder, flag):
+    """Raise UserError unless files can be written in `folder`, before any slow work starts.
+
+    A missing folder is not made here (a run that then fails on its input leaves nothing behind): a
+    file is made and removed in its nearest existing parent instead, which proves the folder can be made.
+    """
+    folder = os.fspath(folder)
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(f"{existing} is not a folder")
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if existing != os.path.abspath(folder) and os.path.isdir(existing):
+            reason = f"cannot make folders in {existing}: {reason}"
+        raise UserError(f"{folder}: not writable ({reason}); choose another output folder with {flag}") from None
+    return folder
+
+
 def _json_default(obj):
     if isinstance(obj, np.integer):
         return int(obj)
@@ -89,11 +142,38 @@ def _json_default(obj):
 
 
 def write_json(path, obj):
-    """Atomically write JSON (numpy scalars/arrays converted)."""
+    """Atomically write strict JSON (numpy scalars/arrays converted).
+
+    NaN and infinity raise ValueError naming the file and where the value sits, and nothing is written:
+    Python's NaN / Infinity tokens are not JSON (other readers reject the file), and what an undefined
+    number means (null, with a reason beside it) is for the code that computed it to say.
+    """
+    try:
+        text = json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
+    except ValueError:
+        found = _non_finite(obj)
+        if found is None:
+            raise  # another fault (a circular reference): json's own message says which
+        where, value = found
+        raise ValueError(f"{path}: {where or 'the value'} is {value}, which strict JSON cannot hold; the code "
+                         "that computed it must write null (with a reason) instead") from None
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default, allow_nan=True)
-            f.write("\n")
+            f.write(text + "\n")
+
+
+def _non_finite(obj, where=""):
+    """(path such as 'groups[0].value', value) of the first NaN / infinity in obj as json would write it, or None."""
+    if isinstance(obj, np.ndarray):
+        obj = obj.tolist()
+    if isinstance(obj, dict):
+        items = ((f"{where}.{key}" if where else str(key), value) for key, value in obj.items())
+    elif isinstance(obj, (list, tuple, set)):
+        items = ((f"{where}[{i}]", value) for i, value in enumerate(obj))
+    else:
+        value = float(obj) if isinstance(obj, (float, np.floating)) else 0.0
+        return None if math.isfinite(value) else (where, value)
+    return next(filter(None, (_non_finite(value, path) for path, value in items)), None)
 
 
 def append_jsonl(path, record):
@@ -216,6 +296,8 @@ def write_embeddings(path, emb):
     attrs = dict(emb.attrs)
     attrs.setdefault("dim", emb.dim)
     attrs.setdefault("normalised", True)
+    # Every hand-off writer comes through here: the one place that sweeps up a killed write's temp file.
+    remove_stale_temps(os.path.dirname(os.path.abspath(path)), [temp_glob(path)], STALE_TEMP_AGE_S)
     with atomic_path(path) as tmp:
         if path.endswith(".npz"):
             with open(tmp, "wb") as f:
@@ -253,16 +335,68 @@ def _decode_attr(value):
     return value
 
 
+# numpy dtype kinds each dataset may have: legacy files' float16/float64 (or integer) embeddings are cast
+# on load; h5py returns strings as object arrays of bytes.
+NUMBERS, INTEGERS, TEXTS, IDS = "iuf", "iu", "USO", "USOiu"
+
+# The attributes later stages use (run names, search's model and image folder, counts), and their types.
+ATTR_TYPES = {
+    "schema_version": ((int,), "an integer"),
+    "dim": ((int,), "an integer"),
+    "dataset": ((str,), "text"),
+    "split": ((str,), "text"),
+    "model": ((str,), "text"),
+    "image_root": ((str, type(None)), "text"),
+    "checkpoint": ((str, type(None)), "text"),
+    "normalised": ((bool,), "true or false"),
+    "skipped": ((list,), "a list"),
+}
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_attrs(attrs, path):
+    """attrs must be a mapping whose known keys hold the types ATTR_TYPES names."""
+    if not isinstance(attrs, dict):
+        raise HandoffError(f"{path}: 'attrs' must be a JSON object, got {type(attrs).__name__} {_short(attrs)}")
+    for key, (types, what) in ATTR_TYPES.items():
+        if key not in attrs:
+            continue
+        value = attrs[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):  # True is an int too
+            raise HandoffError(f"{path}: attribute '{key}' must be {what}, got {_short(value)}")
+
+
+def _array(data, key, path, ndim, kinds, what):
+    """data[key] as an array, once its rank and dtype kind are the ones the schema needs."""
+    arr = np.asarray(data[key])
+    if arr.ndim != ndim or arr.dtype.kind not in kinds:
+        raise HandoffError(f"{path}: '{key}' must be a {ndim}-D array of {what}, "
+                           f"got a {arr.ndim}-D {arr.dtype} array")
+    return arr
+
+
+def _texts(data, key, path, kinds=TEXTS):
+    try:
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v)
+                for v in _array(data, key, path, 1, kinds, "text").tolist()]
+    except UnicodeDecodeError as e:
+        raise HandoffError(f"{path}: '{key}' holds text that is not UTF-8 ({e})") from None
+
+
 def _text_to_image_fallback(data, n_img, n_txt, path):
     """For files without text_to_image (the seed's npz): documented, recorded fallbacks."""
     for key in ("caption_to_image", "text_image_index", "text_to_image_index"):
         if key in data:
-            return np.asarray(data[key], dtype=np.int64), f"read from '{key}'"
+            return _array(data, key, path, 1, INTEGERS, "integers").astype(np.int64), f"read from '{key}'"
     for key in ("caption_image_ids", "text_image_ids"):
         if key in data and "image_ids" in data:
-            lookup = {str(v): i for i, v in enumerate(np.asarray(data["image_ids"]).tolist())}
+            lookup = {v: i for i, v in enumerate(_texts(data, "image_ids", path, IDS))}
             try:
-                return (np.array([lookup[str(v)] for v in np.asarray(data[key]).tolist()], dtype=np.int64),
+                return (np.array([lookup[v] for v in _texts(data, key, path, IDS)], dtype=np.int64),
                         f"mapped '{key}' through image_ids")
             except KeyError as e:
                 raise HandoffError(f"{path}: {key} names image {e} that is not in image_ids") from None
@@ -274,9 +408,36 @@ def _text_to_image_fallback(data, n_img, n_txt, path):
     raise HandoffError(f"{path}: no text_to_image and {n_txt} texts cannot be matched to {n_img} images")
 
 
+def _read_npz(path):
+    """(datasets, attrs) of an .npz; attrs is the JSON text under "attrs" ({} in a legacy file)."""
+    with np.load(path, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    if "attrs" not in data:
+        return data, {}
+    text = data.pop("attrs")
+    if text.ndim != 0 or text.dtype.kind not in "US":
+        raise HandoffError(f"{path}: 'attrs' must be one JSON text, got a {text.ndim}-D {text.dtype} array")
+    text = text.item()
+    try:
+        return data, json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HandoffError(f"{path}: 'attrs' is not valid JSON ({e})") from None
+
+
+def _read_h5(path):
+    """(datasets, attrs) of an HDF5 file; groups are no part of the schema and are left out."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        data = {k: v[()] for k, v in f.items() if isinstance(v, h5py.Dataset)}
+        attrs = {k: _decode_attr(v) for k, v in f.attrs.items()}
+    return data, attrs
+
+
 def read_embeddings(path, validate=True):
     """Read and validate a hand-off file (.h5/.hdf5 or .npz). Raises HandoffError naming the file.
 
+    The structure (attrs a mapping with typed known keys, each dataset's rank and dtype) is always
+    checked before it is used; validate=False skips only validate_embeddings' checks of the values.
     Legacy .npz files without "attrs" are accepted: missing text_to_image is rebuilt by the rules in
     _text_to_image_fallback, float16/float64 arrays are cast to float32 and unnormalised rows are
     L2-normalised; each such step is recorded in attrs["load_notes"].
@@ -284,27 +445,20 @@ def read_embeddings(path, validate=True):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise HandoffError(f"{path}: file not found")
-    notes = []
     try:
-        if path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-            attrs = json.loads(str(data.pop("attrs"))) if "attrs" in data else {}
-        else:
-            import h5py
-            with h5py.File(path, "r") as f:
-                data = {k: f[k][()] for k in f.keys()}
-                attrs = {k: _decode_attr(v) for k, v in f.attrs.items()}
+        data, attrs = _read_npz(path) if path.endswith(".npz") else _read_h5(path)
     except HandoffError:
         raise
     except Exception as e:  # h5py/numpy raise many types for a corrupt file
         raise HandoffError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    _check_attrs(attrs, path)
     legacy = "schema_version" not in attrs
     for key in ("image_embeddings", "text_embeddings"):
         if key not in data:
             raise HandoffError(f"{path}: missing dataset '{key}' (found {sorted(data)})")
-    img, txt = np.asarray(data["image_embeddings"]), np.asarray(data["text_embeddings"])
-    if legacy and img.ndim == 2 and txt.ndim == 2:
+    img, txt = (_array(data, key, path, 2, NUMBERS, "numbers") for key in ("image_embeddings", "text_embeddings"))
+    notes = []
+    if legacy:
         if img.dtype != np.float32 or txt.dtype != np.float32:
             notes.append(f"cast {img.dtype}/{txt.dtype} to float32")
             img, txt = img.astype(np.float32), txt.astype(np.float32)
@@ -313,26 +467,22 @@ def read_embeddings(path, validate=True):
             notes.append("L2-normalised rows on load")
             img, txt = l2_normalize(img), l2_normalize(txt)
     if "text_to_image" in data:
-        t2i = np.asarray(data["text_to_image"])
+        t2i = _array(data, "text_to_image", path, 1, INTEGERS, "integers").astype(np.int64)
     elif legacy:
         t2i, how = _text_to_image_fallback(data, img.shape[0], txt.shape[0], path)
         notes.append(f"text_to_image {how}")
     else:
         raise HandoffError(f"{path}: missing dataset 'text_to_image'")
-
-    def strings(key, n, prefix):
-        if key not in data:
-            return [f"{prefix}{i}" for i in range(n)]
-        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.asarray(data[key]).tolist()]
-
-    emb = Embeddings(img, txt, t2i.astype(np.int64) if np.issubdtype(t2i.dtype, np.integer) else t2i,
-                     strings("image_ids", img.shape[0], "image_"), strings("captions", txt.shape[0], "caption_"),
-                     attrs)
+    image_ids = _texts(data, "image_ids", path, IDS) if "image_ids" in data else \
+        [f"image_{i}" for i in range(img.shape[0])]
+    captions = _texts(data, "captions", path) if "captions" in data else \
+        [f"caption_{i}" for i in range(txt.shape[0])]
+    emb = Embeddings(img, txt, t2i, image_ids, captions, attrs)
     if legacy:
         attrs.setdefault("dataset", os.path.splitext(os.path.basename(path))[0])
         attrs.setdefault("split", "unknown")
         attrs.setdefault("model", "unknown")
-        attrs.setdefault("dim", int(img.shape[1]) if img.ndim == 2 else None)
+        attrs.setdefault("dim", int(img.shape[1]))
         attrs.setdefault("normalised", True)
         attrs["load_notes"] = notes
     if validate:

@@ -7,6 +7,8 @@ the README, so a recipe cannot drift between them.
            head ensemble joined into one 512-d embedding, mirror-averaged test images, 30 epochs.
     demo   the Quickstart (submit_job.sh): frozen EfficientNet-Lite0 + MiniLM, 256-d heads, 10 epochs;
            both towers' weights install from pip, so it runs offline.
+    quick  real data in about a quarter of an hour on 2 CPU cores (README "Quickstart"): the demo's towers
+           and heads with one cached view per train image (no flipped copy) and 15 epochs.
 """
 RECIPES = {
     "bench": dict(image_encoder="efficientnet_lite2", image_pool="multi", text_encoder="minilm",
@@ -17,4 +19,7 @@ RECIPES = {
     "demo": dict(image_encoder="efficientnet_lite0", image_weights="imagenet", text_encoder="minilm",
                  freeze_image=True, freeze_text=True, embedding_dim=[256], epochs=10, batch_size=64,
                  captions_per_image=5, lr=1e-3),
+    "quick": dict(image_encoder="efficientnet_lite0", image_weights="imagenet", text_encoder="minilm",
+                  freeze_image=True, freeze_text=True, cache_views=1, embedding_dim=[256], epochs=15,
+                  batch_size=128, captions_per_image=5, lr=1e-3),
 }

@@ -13,15 +13,13 @@ file and silently recomputes old result folders: keep it stable.
 import dataclasses
 import datetime
 import functools
-import glob
 import hashlib
 import json
 import os
-import time
 
 import numpy as np
 
-from retrieval import indexes, metrics, timing
+from retrieval import indexes, io, metrics, timing
 from retrieval.env import environment
 from retrieval.errors import UserError
 from retrieval.io import HandoffError, l2_normalize, ranks_path, read_embeddings, read_json, write_json, write_ranks
@@ -559,13 +557,7 @@ def write_run(json_path, record, ranks=None, text_to_image=None):
 
 def remove_stale_temp_files(runs_dir, older_than_s=60):
     """Temp files a killed run left behind (atomic writes rename within milliseconds, so old = dead)."""
-    now = time.time()
-    for path in glob.glob(os.path.join(runs_dir, ".*.tmp.json")) + glob.glob(os.path.join(runs_dir, ".*.tmp.npz")):
-        try:
-            if now - os.path.getmtime(path) > older_than_s:
-                os.remove(path)
-        except OSError:
-            pass
+    io.remove_stale_temps(runs_dir, [".*.tmp.json", ".*.tmp.npz"], older_than_s)
 
 
 def existing_result(path):

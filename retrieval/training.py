@@ -366,31 +366,56 @@ def dev_embeddings(model, split, device, cache, batch_size, num_workers):
     return emb.image_embeddings, emb.text_embeddings, emb.text_to_image
 
 
+def epoch_record(run, samples, elapsed):
+    """The log line of the epoch so far (its counters as they stand)."""
+    state = run.state
+    return {**run.log_fields, "epoch": state["epoch"] + 1, "step": state["step"], "mode": run.mode,
+            "loss": state["epoch_loss"][0] / max(1, state["epoch_loss"][1]),
+            "temperature": run.model.temperature, "samples_per_s": samples / max(elapsed, 1e-9),
+            "epoch_seconds": elapsed, "lr": run.scheduler.get_last_lr()[0]}
+
+
 def close_epoch(run, samples, elapsed):
     """The epoch's log line (before its counters are reset), then advance to the next epoch."""
-    state = run.state
-    record = {**run.log_fields, "epoch": state["epoch"] + 1, "step": state["step"], "mode": run.mode,
-              "loss": state["epoch_loss"][0] / max(1, state["epoch_loss"][1]),
-              "temperature": run.model.temperature, "samples_per_s": samples / max(elapsed, 1e-9),
-              "epoch_seconds": elapsed, "lr": run.scheduler.get_last_lr()[0]}
-    state.update(epoch=state["epoch"] + 1, batch_in_epoch=0, epoch_loss=[0.0, 0])
+    record = epoch_record(run, samples, elapsed)
+    run.state.update(epoch=run.state["epoch"] + 1, batch_in_epoch=0, epoch_loss=[0.0, 0])
     return record
 
 
-def end_of_epoch(run, record, dev_split, device):
-    """Rank 0: evaluate on dev, keep best.pt (best dev RSUM) and last.pt, append the log line."""
+def partial_epoch(run, samples, elapsed, batches):
+    """--max_steps stopped the epoch part-way: its log line, marked partial with the batches done. The
+    counters stay, so --resume finishes the same epoch."""
+    return {**epoch_record(run, samples, elapsed), "partial_epoch": True,
+            "batches_done": run.state["batch_in_epoch"], "batches_in_epoch": batches}
+
+
+def evaluate_dev(run, dev_split, device):
+    """Dev metrics of the model now. The RNG states are put back after: building the evaluation's
+    loader draws from the global RNG, and an evaluation (e.g. at a --max_steps stop) must not change
+    the dropout of the steps after it, or a resumed run would diverge from an uninterrupted one."""
+    states = rng_states()
+    dev = metrics.evaluate(*dev_embeddings(run.model, dev_split, device, run.cache["dev"],
+                                           run.config.batch_size_eval, run.config.num_workers))
+    set_rng_states(states)
+    return dev
+
+
+def end_of_epoch(run, record, dev_split, device, stopped):
+    """Rank 0, after an epoch or a --max_steps stop: evaluate on dev, keep best.pt (best dev RSUM) and
+    last.pt, append the log line (every evaluation has one)."""
     config, state = run.config, run.state
-    dev = metrics.evaluate(*dev_embeddings(run.model, dev_split, device, run.cache["dev"], config.batch_size_eval,
-                                           config.num_workers))
+    dev = evaluate_dev(run, dev_split, device)
     record["dev"] = dev
     improved = dev["RSUM"] > state["best_rsum"]
     if improved:
         state["best_rsum"] = dev["RSUM"]
         save(run, run.best_path)
-    if state["epoch"] % config.save_every == 0 or state["epoch"] == config.epochs:
+    if stopped or state["epoch"] % config.save_every == 0 or state["epoch"] == config.epochs:
         save(run, run.last_path)
     io.append_jsonl(os.path.join(run.run_dir, "log.jsonl"), record)
-    print(f"[{run.label}] epoch {record['epoch']} loss {record['loss']:.4f} T {run.model.temperature:.4f} "
+    partial = f" (partial: {record['batches_done']}/{record['batches_in_epoch']} batches)" \
+        if record.get("partial_epoch") else ""
+    print(f"[{run.label}] epoch {record['epoch']}{partial} loss {record['loss']:.4f} T {run.model.temperature:.4f} "
           f"{record['samples_per_s']:.0f} samples/s | dev {metrics.format_metrics(dev)}"
           f"{' *best*' if improved else ''}", flush=True)
 
@@ -414,11 +439,9 @@ def train_one_dim(config, dim, splits, device, rank, world_size, member=None):
         samples, elapsed, stopped, batches = train_epoch(run, step_module, splits["train"], device, rank, world_size)
         if run.state["batch_in_epoch"] >= batches:
             record = close_epoch(run, samples, elapsed)
-            if rank == 0:
-                end_of_epoch(run, record, splits["dev"], device)
-            barrier(world_size)
-    if rank == 0 and stopped:
-        save(run, run.last_path)
-        if not os.path.exists(run.best_path):
-            save(run, run.best_path)
+        else:   # only --max_steps ends an epoch early
+            record = partial_epoch(run, samples, elapsed, batches)
+        if rank == 0:
+            end_of_epoch(run, record, splits["dev"], device, stopped)
+        barrier(world_size)
     return {"best": run.best_path, "last": run.last_path, "losses": run.losses, "model": run.model}

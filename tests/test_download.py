@@ -3,6 +3,7 @@ import hashlib
 import http.server
 import io
 import os
+import tarfile
 import threading
 import zipfile
 
@@ -120,6 +121,56 @@ def test_corrupt_archive_clear_error_nothing_left(server, tmp_path):
     assert "SHA-256" in str(e.value)
     assert not (data_dir / "x").exists()
     assert not any(name.endswith((".zip", ".part")) for _, _, files in os.walk(data_dir) for name in files)
+
+
+def make_tar(path, members):
+    """A .tar.gz of (name, content or ('symlink', target)) members."""
+    with tarfile.open(path, "w:gz") as t:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(content, tuple):
+                info.type, info.linkname = tarfile.SYMTYPE, content[1]
+                t.addfile(info)
+            else:
+                info.size = len(content)
+                t.addfile(info, io.BytesIO(content))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("kind, member", [
+    ("zip", "../escaped.txt"),
+    ("zip", "/tmp/escaped-absolute.txt"),
+    ("tar", "../escaped.txt"),
+    ("tar", "val2017/link"),  # a symlink out of the folder: a later member could be written through it
+])
+def test_unsafe_archive_is_named_so_and_not_extracted(server, tmp_path, kind, member):
+    root, base_url, httpd = server
+    name = f"unsafe.{'zip' if kind == 'zip' else 'tar.gz'}"
+    inner = [("val2017/1.jpg", b"z" * 100)]
+    if kind == "zip":
+        make_zip(root / name, dict(inner + [(member, b"gotcha")]))
+    elif member.endswith("link"):
+        make_tar(root / name, inner + [(member, ("symlink", "../../outside"))])
+    else:
+        make_tar(root / name, inner + [(member, b"gotcha")])
+    data_dir = tmp_path / "coco"
+    archive = download.Archive(name, "unused", "val2017")
+    with pytest.raises(SystemExit) as e:
+        as_script(download.download_dataset, "coco", str(data_dir), base_url=base_url, archives=[archive],
+                  progress=False)
+    kept = data_dir / ".downloads" / name
+    assert str(e.value) == (f"error: {kept}: unsafe archive (member '{member}' leaves the target folder); "
+                            "not extracted")
+    assert "corrupt" not in str(e.value) and "run again" not in str(e.value)
+    assert os.listdir(data_dir) == [".downloads"] and os.listdir(kept.parent) == [name]  # kept, nothing extracted
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "outside").exists()
+
+    # a second run does not download the same bytes again: it names the same fault at once
+    before = len(httpd.requests)
+    with pytest.raises(SystemExit, match="unsafe archive"):
+        as_script(download.download_dataset, "coco", str(data_dir), base_url=base_url, archives=[archive],
+                  progress=False)
+    assert len(httpd.requests) == before
 
 
 def test_network_failure_is_one_clear_line(tmp_path):

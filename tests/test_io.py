@@ -1,10 +1,14 @@
 """The hand-off file: round trip in both formats, and validation that names the file and fault."""
+import fnmatch
 import os
 
+import h5py
 import numpy as np
 import pytest
 
+import run_experiments
 from retrieval import io
+from retrieval.errors import UserError
 
 
 def make(random_split, **attrs):
@@ -78,3 +82,171 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask  # readable like a plain open(), not 0600
+
+
+def tamper_npz(path, **changes):
+    """Rewrite an .npz with some arrays replaced (None removes one)."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {key: z[key] for key in z.files}
+    for key, value in changes.items():
+        if value is None:
+            arrays.pop(key)
+        else:
+            arrays[key] = value
+    np.savez(path, **arrays)
+
+
+def replace_h5_dataset(key, value):
+    def change(f):
+        del f[key]
+        f[key] = value
+    return change
+
+
+def set_h5_attr(key, value):
+    def change(f):
+        if value is None:
+            del f.attrs[key]
+        else:
+            f.attrs[key] = value
+    return change
+
+
+MALFORMED = {
+    "npz attrs 5": (".npz", dict(attrs=np.array("5")), "'attrs' must be a JSON object, got int 5"),
+    "npz attrs list": (".npz", dict(attrs=np.array("[1, 2]")), "'attrs' must be a JSON object, got list"),
+    "npz attrs string": (".npz", dict(attrs=np.array('"abc"')), "'attrs' must be a JSON object, got str"),
+    "npz attrs not JSON": (".npz", dict(attrs=np.array("{oops")), "'attrs' is not valid JSON"),
+    "npz attrs array": (".npz", dict(attrs=np.array(["{}", "{}"])), "'attrs' must be one JSON text, got a 1-D"),
+    "npz attr wrong type": (".npz", dict(attrs=np.array('{"schema_version": 1, "skipped": 3}')),
+                            "attribute 'skipped' must be a list, got 3"),
+    "npz 0-d image_embeddings": (".npz", dict(image_embeddings=np.array(0.5, dtype=np.float32)),
+                                 "'image_embeddings' must be a 2-D array of numbers, got a 0-D float32 array"),
+    "npz 0-d captions": (".npz", dict(captions=np.array("one caption")), "'captions' must be a 1-D array of text"),
+    "npz 0-d text_to_image": (".npz", dict(text_to_image=np.array(3)),
+                              "'text_to_image' must be a 1-D array of integers, got a 0-D"),
+    "legacy npz string embeddings": (".npz", dict(attrs=None, image_embeddings=np.full((40, 16), "abc")),
+                                     "'image_embeddings' must be a 2-D array of numbers, got a 2-D <U3 array"),
+    "legacy npz 0-d texts": (".npz", dict(attrs=None, text_to_image=None, text_embeddings=np.array(1.0)),
+                             "'text_embeddings' must be a 2-D array of numbers, got a 0-D"),
+    "legacy npz string index": (".npz", dict(attrs=None, text_to_image=None, caption_to_image=np.full(200, "x")),
+                                "'caption_to_image' must be a 1-D array of integers"),
+    "h5 attr number for list": (".h5", set_h5_attr("skipped", 5), "attribute 'skipped' must be a list, got 5"),
+    "h5 attr array for text": (".h5", set_h5_attr("model", np.arange(3)), "attribute 'model' must be text"),
+    "h5 attr text for integer": (".h5", set_h5_attr("dim", "sixteen"), "attribute 'dim' must be an integer"),
+    "h5 1-D embeddings": (".h5", replace_h5_dataset("image_embeddings", np.ones(16, dtype=np.float32)),
+                          "'image_embeddings' must be a 2-D array of numbers, got a 1-D float32 array"),
+    "h5 0-d embeddings": (".h5", replace_h5_dataset("text_embeddings", np.float32(1)),
+                          "'text_embeddings' must be a 2-D array of numbers, got a 0-D"),
+    "h5 string embeddings": (".h5", replace_h5_dataset("image_embeddings", np.full((40, 16), b"abc")),
+                             "'image_embeddings' must be a 2-D array of numbers"),
+    "h5 float text_to_image": (".h5", replace_h5_dataset("text_to_image", np.zeros(200)),
+                               "'text_to_image' must be a 1-D array of integers, got a 1-D float64 array"),
+    "legacy h5 string embeddings": (".h5", lambda f: (set_h5_attr("schema_version", None)(f),
+                                                      replace_h5_dataset("text_embeddings",
+                                                                         np.full((200, 16), b"x"))(f)),
+                                    "'text_embeddings' must be a 2-D array of numbers"),
+}
+
+
+def malformed_file(tmp_path, random_split, case):
+    suffix, change, message = MALFORMED[case]
+    path = io.write_embeddings(tmp_path / f"bad{suffix}", make(random_split))
+    if suffix == ".npz":
+        tamper_npz(path, **change)
+    else:
+        with h5py.File(path, "a") as f:
+            change(f)
+    return path, message
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_structure_is_one_error_naming_the_file(tmp_path, random_split, case):
+    path, message = malformed_file(tmp_path, random_split, case)
+    with pytest.raises(io.HandoffError) as err:
+        io.read_embeddings(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_file_through_run_experiments(tmp_path, random_split, case):
+    path, message = malformed_file(tmp_path, random_split, case)
+    with pytest.raises(SystemExit) as err:
+        run_experiments.main(["--data_path", path, "--output_dir", str(tmp_path / "result")])
+    assert str(err.value).startswith(f"error: {path}: ") and message in str(err.value)
+    assert "\n" not in str(err.value) and not (tmp_path / "result").exists()
+
+
+def test_write_removes_stale_temps_of_that_output_only(tmp_path, random_split):
+    target = tmp_path / "clip_test.h5"
+    hour_ago = os.path.getmtime(tmp_path) - 2 * io.STALE_TEMP_AGE_S
+    stale = tmp_path / ".clip_test.k3j_9x0a.tmp.h5"        # a killed --overwrite of this output
+    fresh = tmp_path / ".clip_test.abcdefgh.tmp.h5"        # a live write of it by another job
+    other = tmp_path / ".clip_dev.k3j_9x0a.tmp.h5"         # another output's temp
+    longer = tmp_path / ".clip_test.x.k3j_9x0a.tmp.h5"     # the temp of clip_test.x.h5, not of clip_test.h5
+    for temp in (stale, fresh, other, longer):
+        temp.write_bytes(b"half-written")
+    for temp in (stale, other, longer):
+        os.utime(temp, (hour_ago, hour_ago))
+    io.write_embeddings(target, make(random_split))
+    assert not stale.exists()
+    assert fresh.exists() and other.exists() and longer.exists()
+    assert io.read_embeddings(target).dim == 16
+
+
+def test_temp_glob_matches_atomic_path_names(tmp_path):
+    for name in ("clip_test.h5", "a[1]*.npz", "run.json"):
+        with io.atomic_path(tmp_path / name) as tmp:
+            assert fnmatch.fnmatchcase(os.path.basename(tmp), io.temp_glob(name))
+
+
+def test_require_writable(tmp_path):
+    made_later = tmp_path / "new" / "deeper"
+    assert io.require_writable(made_later, "--output_dir") == str(made_later)
+    assert not (tmp_path / "new").exists() and os.listdir(tmp_path) == []  # checked, nothing left behind
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError) as err:
+        io.require_writable(tmp_path / "file" / "out", "--export_dir")
+    assert str(err.value) == (f"{tmp_path / 'file' / 'out'}: not writable ({tmp_path / 'file'} is not a folder); "
+                              "choose another output folder with --export_dir")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_require_writable_read_only_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        for folder in (locked, locked / "sub"):
+            with pytest.raises(UserError, match=r"not writable \(.*Permission denied\); choose another output "
+                                                   r"folder with --model_dir"):
+                io.require_writable(folder, "--model_dir")
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("value, where, shown", [
+    ({"groups": [{"value": 1.0}, {"value": float("nan")}]}, "groups[1].value", "nan"),
+    ({"ratio": np.float32("inf")}, "ratio", "inf"),
+    ({"ranks": np.array([1.0, -np.inf])}, "ranks[1]", "-inf"),
+    (float("nan"), "the value", "nan"),
+])
+def test_write_json_refuses_nan_and_infinity_naming_where(tmp_path, value, where, shown):
+    target = tmp_path / "summary.json"
+    io.write_json(target, {"kept": True})
+    with pytest.raises(ValueError) as err:
+        io.write_json(target, value)
+    assert str(err.value).startswith(f"{target}: {where} is {shown}, which strict JSON cannot hold")
+    assert io.read_json(target) == {"kept": True}  # the old file is untouched, no temp file is left
+    assert os.listdir(tmp_path) == ["summary.json"]
+    with pytest.raises(ValueError, match="cannot hold"):
+        io.write_json(tmp_path / "new.json", value)
+    assert not (tmp_path / "new.json").exists()
+
+
+def test_write_json_writes_numpy_values_as_strict_json(tmp_path):
+    target = tmp_path / "out.json"
+    io.write_json(target, {"a": np.float32(1.5), "b": np.arange(3), "c": None, "d": np.int64(7)})
+    text = target.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert io.read_json(target) == {"a": 1.5, "b": [0, 1, 2], "c": None, "d": 7}

@@ -1,7 +1,11 @@
 """The package's shape: imports flow one way (no cycle, also counting imports inside functions), and
-library code raises typed errors instead of exiting the process."""
+library code raises typed errors instead of exiting the process; the scripts' --help shows real defaults."""
 import ast
+import importlib
 import os
+import re
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "retrieval")
@@ -80,3 +84,17 @@ def test_library_code_never_exits_the_process():
             if {"SystemExit", "sys.exit"} & set(names) and module != "errors":
                 offenders.append(f"{module}.py:{node.lineno}")
     assert offenders == []
+
+
+@pytest.mark.parametrize("script", ["prepare_data", "train_dual_encoder", "run_experiments", "analyze_results",
+                                    "search"])
+def test_help_shows_real_defaults_only(script, capsys):
+    """--help of every script: no empty '(default: )', and the real defaults where there are some."""
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "(default: )" not in text and "(default: None)" not in text and "(default: False)" not in text
+    if script in ("prepare_data", "train_dual_encoder", "run_experiments"):
+        assert re.search(r"--seed SEED\s.*\(default: 0\)", text, re.S)

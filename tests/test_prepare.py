@@ -7,8 +7,15 @@ import torch
 from PIL import Image
 
 import prepare_data
+import train_dual_encoder
 from conftest import as_script
 from retrieval import data, io, models
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own folder: default outputs (coco_data/<dataset>/) land there, not in the repo."""
+    monkeypatch.chdir(tmp_path)
 
 
 def run(*argv):
@@ -20,7 +27,9 @@ def test_synthetic_to_file_matches_direct_clip(tmp_path, tiny_clip_dir):
     written = run("--dataset", "synthetic", "--data_dir", str(data_dir), "--synthetic_images", "40",
                   "--model", tiny_clip_dir, "--splits", "dev", "test", "--num_workers", "0")
     tag = models.model_tag(tiny_clip_dir)
-    assert written == {s: str(data_dir / f"{tag}_{s}.h5") for s in ("dev", "test")}
+    # outputs go to coco_data/<dataset>/ (of the working folder), never into the data folder unless asked
+    assert written == {s: os.path.join("coco_data", "synthetic", f"{tag}_{s}.h5") for s in ("dev", "test")}
+    assert not list(data_dir.glob("*.h5"))
     emb = io.read_embeddings(written["test"])  # validates shapes, norms, index range
     split = data.load_split("synthetic", str(data_dir), "test")
     assert emb.image_ids == split.image_files and emb.captions == split.captions
@@ -98,6 +107,57 @@ def test_bad_input_fails_with_the_file_and_writes_nothing(tmp_path, tiny_clip_di
     with pytest.raises(SystemExit, match=r"error: .*nowhere: dataset folder not found"):
         run("--dataset", "flickr8k", "--data_dir", str(tmp_path / "nowhere"), "--model", tiny_clip_dir)
     assert not (tmp_path / "out").exists()
+
+
+def never_called(what):
+    def fail(*args, **kwargs):
+        pytest.fail(f"{what} ran although an output folder is not writable")  # not caught by @cli
+    return fail
+
+
+def test_unwritable_output_dir_fails_before_data_or_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_data, "load_encoder", never_called("the model loader"))
+    monkeypatch.setattr(prepare_data.data, "make_synthetic", never_called("the data generator"))
+    (tmp_path / "file").write_text("a regular file, so this fails even for root")
+    out = tmp_path / "file" / "out"
+    with pytest.raises(SystemExit) as e:
+        run("--dataset", "synthetic", "--data_dir", str(tmp_path / "syn"), "--model", "never/loaded",
+            "--output_dir", str(out))
+    assert str(e.value) == (f"error: {out}: not writable ({tmp_path / 'file'} is not a folder); "
+                            "choose another output folder with --output_dir")
+    assert sorted(os.listdir(tmp_path)) == ["file"]  # no data generated, no folder made
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_read_only_output_dir_fails_before_data_or_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_data, "load_encoder", never_called("the model loader"))
+    monkeypatch.setattr(prepare_data.data, "make_synthetic", never_called("the data generator"))
+    locked = tmp_path / "read_only_copy"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(SystemExit, match=rf"^error: {locked}: not writable \(Permission denied\); choose "
+                                             r"another output folder with --output_dir$"):
+            run("--dataset", "synthetic", "--data_dir", str(tmp_path / "syn"), "--output_dir", str(locked))
+    finally:
+        locked.chmod(0o755)
+    assert not (tmp_path / "syn").exists()
+
+
+# train_dual_encoder.py's early check sits next to prepare_data's: both are io.require_writable before any model.
+@pytest.mark.parametrize("flag", ["--model_dir", "--export_dir"])
+def test_train_unwritable_folder_fails_before_training(tmp_path, monkeypatch, flag):
+    monkeypatch.setattr(train_dual_encoder, "train", never_called("training"))
+    monkeypatch.setattr(train_dual_encoder, "init_distributed", never_called("the process group"))
+    (tmp_path / "file").write_text("a regular file")
+    bad = tmp_path / "file" / "sub"
+    folders = {"--model_dir": str(tmp_path / "checkpoints"), "--export_dir": str(tmp_path / "exports"), flag: str(bad)}
+    with pytest.raises(SystemExit) as e:
+        train_dual_encoder.main(["--dataset", "synthetic", "--data_dir", str(tmp_path / "syn"),
+                                 *[item for pair in folders.items() for item in pair]])
+    assert str(e.value) == (f"error: {bad}: not writable ({tmp_path / 'file'} is not a folder); "
+                            f"choose another output folder with {flag}")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
 def test_unreachable_hub_is_one_clear_error(tmp_path, monkeypatch):

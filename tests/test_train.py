@@ -104,6 +104,25 @@ def test_resume_reproduces_the_next_step_loss(synthetic_dir, tiny_bert_dir, tmp_
     assert resumed == [straight[2]]     # bit-for-bit on CPU, mid-epoch, with random crops
 
 
+def test_max_steps_inside_an_epoch_logs_its_dev_evaluation_as_partial(synthetic_dir, tiny_bert_dir, tmp_path):
+    # --max_steps 2 stops epoch 1 part-way; the stop is evaluated on dev and that evaluation is logged,
+    # marked partial with the batches done, and best.pt is the model it measured.
+    results = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "2"))
+    log = [json.loads(line) for line in open(tmp_path / "tiny" / "log.jsonl")]
+    assert len(log) == 1
+    line = log[0]
+    assert line["partial_epoch"] is True and line["epoch"] == 1 and line["step"] == 2
+    assert line["batches_done"] == 2 < line["batches_in_epoch"]
+    assert {"loss", "temperature", "samples_per_s", "lr"} <= set(line) and line["loss"] > 0
+    saved = ckpt.load_checkpoint(results[16]["best"])
+    assert saved["best_rsum"] == line["dev"]["RSUM"] and saved["step"] == 2 and saved["batch_in_epoch"] == 2
+    again = train_dual_encoder.main(["--eval_only", "--checkpoint", results[16]["best"], "--dataset", "synthetic",
+                                     "--data_dir", synthetic_dir, "--split", "dev", "--num_workers", "0",
+                                     "--batch_size_eval", "32", "--device", "cpu"])
+    assert again["RSUM"] == pytest.approx(line["dev"]["RSUM"])
+    assert again["t2i_R@1"] == pytest.approx(line["dev"]["t2i_R@1"])
+
+
 def _global_batch_grads(bert_dir, rank, world_size):
     """Gradients of one global batch (8 images, 2 captions each) with this rank's slice embedded locally."""
     torch.manual_seed(0)
@@ -197,6 +216,43 @@ def test_frozen_towers_export_from_cached_features_equals_re_embedding(synthetic
         np.testing.assert_allclose(exported.image_embeddings, again.image_embeddings, atol=1e-5)
         np.testing.assert_allclose(exported.text_embeddings, again.text_embeddings, atol=1e-5)
         assert exported.attrs["model"] == again.attrs["model"] == f"dual-tiny-d{dim}"
+
+
+def test_frozen_towers_export_the_train_split_from_the_training_cache(synthetic_dir, tiny_bert_dir, tmp_path,
+                                                                      capsys):
+    # Training cached 3 views of each train image (plain, mirror, a crop). The train export cuts its
+    # views (plain + mirror with --test_flip) from that file instead of running the tower over the
+    # images again, and writes what the old path wrote: fresh export-view features through the tower.
+    from argparse import Namespace
+    from retrieval.data import load_synthetic
+    from retrieval.features import project_features
+    args = base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "2", "--freeze_image", "--freeze_text",
+                     "--test_flip", "--cache_views", "3", "--export_splits", "train", "test")
+    export_dir = tmp_path / "export"
+    results = train_dual_encoder.main(args + ["--export_dir", str(export_dir)])
+    out = capsys.readouterr().out
+    assert "train: embedded from the feature cache" in out and "test: embedded from the feature cache" not in out
+    assert sum("-train-image-" in name for name in os.listdir(tmp_path / "feature_cache")) == 1  # one tower pass
+    config = train_dual_encoder.parse_args(args)
+    model, _ = ckpt.build_from_checkpoint(results[16]["best"])
+    split = load_synthetic(synthetic_dir, "train")
+    cache = training.feature_cache(config, torch.device("cpu"))
+    fresh = training.feature_cache(Namespace(**{**vars(config), "model_dir": str(tmp_path / "fresh")}),
+                                   torch.device("cpu"))
+    cut, tower = cache.image_from_wider(model, split, 2, 0, 3), fresh.image(model, split, 2, 0)
+    assert cut.shape == tower.shape == (2, len(split.image_files), model.image_tower.feature_dim)
+    torch.testing.assert_close(cut, tower, rtol=0, atol=1e-5)
+    assert cache.image_from_wider(model, split, 2, 0, 1) is None     # 1 cached view holds no mirror
+    assert cache.image_from_wider(model, split, 1, 0, 4) is None     # no 4-view cache of train
+    exported = io.read_embeddings(str(export_dir / "dual-tiny-d16_train.h5"))
+    old_images, old_texts = project_features(model, tower, fresh.text(model, split), torch.device("cpu"))
+    np.testing.assert_allclose(exported.image_embeddings, old_images, atol=1e-5)
+    np.testing.assert_allclose(exported.text_embeddings, old_texts, atol=1e-5)
+    # ... and what prepare_data.py --checkpoint computes from the pixels.
+    again = embed_split(ckpt.encoder_from_checkpoint(results[16]["best"], device="cpu"), split, batch_size=16,
+                        num_workers=0, progress=False)
+    assert exported.image_ids == again.image_ids and exported.attrs["split"] == "train"
+    np.testing.assert_allclose(exported.image_embeddings, again.image_embeddings, atol=1e-5)
 
 
 def test_missing_hub_model_fails_fast_naming_offline_towers(tmp_path, monkeypatch):
