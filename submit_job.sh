@@ -283,17 +283,29 @@ train_flags() {
     TRAIN_FLAGS+=($TRAIN_ARGS)
 }
 
-# The hand-off files of one split that this configuration produces, in HANDOFF (an array: paths may hold
-# spaces): the CLIP model's (MODEL set) and/or the trained dual encoder's (MODEL empty, or the train phase too).
+# The hand-off files of the given splits that this configuration produces, in HANDOFF (an array: paths may
+# hold spaces): the CLIP model's (MODEL set) and/or the trained dual encoder's (MODEL empty, or the train phase
+# too). Leaves TRAIN_FLAGS set for those splits.
 handoff_files() {
-    local split=$1 listed line
+    local split
     HANDOFF=()
-    if [[ -n "$MODEL" ]]; then HANDOFF+=("$EXPORT_DIR/$(model_tag "$MODEL")_$split.h5"); fi
-    if [[ -z "$MODEL" || " $PIPELINE_PHASES " == *" train "* ]]; then
-        train_flags "$split"
-        listed=$("$PY" train_dual_encoder.py "${TRAIN_FLAGS[@]}" --list_exports)   # one path per line
-        while IFS= read -r line; do [[ -n $line ]] && HANDOFF+=("$line"); done <<< "$listed"
+    if [[ -n "$MODEL" ]]; then
+        for split in "$@"; do HANDOFF+=("$EXPORT_DIR/$(model_tag "$MODEL")_$split.h5"); done
     fi
+    if [[ -z "$MODEL" || " $PIPELINE_PHASES " == *" train "* ]]; then
+        trained_exports "$@"
+        HANDOFF+=(${EXPORTS[@]+"${EXPORTS[@]}"})
+    fi
+    return 0
+}
+
+# The files train_dual_encoder.py exports for the given splits, in EXPORTS; leaves TRAIN_FLAGS set for them.
+trained_exports() {
+    local listed line
+    EXPORTS=()
+    train_flags "$@"
+    listed=$("$PY" train_dual_encoder.py "${TRAIN_FLAGS[@]}" --list_exports)   # one path per line
+    while IFS= read -r line; do [[ -n $line ]] && EXPORTS+=("$line"); done <<< "$listed"
     return 0
 }
 
@@ -340,10 +352,10 @@ phase_train() {
     local exports="" done=1 tag run dim f
     for split in $FIT_SPLIT $EVAL_SPLIT; do [[ " $exports " == *" $split "* ]] || exports="$exports $split"; done
     # shellcheck disable=SC2086
-    handoff_files $exports
-    for f in "${HANDOFF[@]}"; do [[ -f "$f" ]] || done=0; done
+    trained_exports $exports
+    for f in "${EXPORTS[@]}"; do [[ -f "$f" ]] || done=0; done
     if [[ $done == 1 ]]; then
-        tag=$(basename "${HANDOFF[0]}"); tag=${tag#dual-}; tag=${tag%_*.h5}; run=${tag%-d*}; dim=${tag##*-d}
+        tag=$(basename "${EXPORTS[0]}"); tag=${tag#dual-}; tag=${tag%_*.h5}; run=${tag%-d*}; dim=${tag##*-d}
         say "train: $run d$dim already exported (delete $MODEL_DIR/$run/d$dim to retrain), skipped"
         return
     fi

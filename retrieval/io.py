@@ -180,7 +180,7 @@ def append_jsonl(path, record):
     """Append one JSON line to a log (a log is appended to, not rewritten, so it is not atomic)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(record, default=_json_default) + "\n")
+        f.write(json.dumps(record, default=_json_default, allow_nan=False) + "\n")   # strict, as write_json
 
 
 def ranks_path(json_path):

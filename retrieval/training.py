@@ -338,6 +338,7 @@ def train_epoch(run, step_module, train, device, rank, world_size):
         image_all, text_all = gather_with_grad(image_emb), gather_with_grad(text_emb)
         text_to_image = torch.arange(image_all.shape[0], device=device).repeat_interleave(config.captions_per_image)
         loss = contrastive_loss(image_all, text_all, text_to_image, scale)
+        require_finite(loss.item(), run, state)
         run.scaler.scale(loss / config.grad_accum).backward()
         state["batch_in_epoch"] += 1
         state["epoch_loss"][0] += loss.item()
@@ -350,6 +351,14 @@ def train_epoch(run, step_module, train, device, rank, world_size):
             if config.max_steps and state["step"] >= config.max_steps:
                 return samples, time.time() - start, True, len(plan)
     return samples, time.time() - start, False, len(plan)
+
+
+def require_finite(loss, run, state):
+    """Stop on a NaN / infinite loss: later steps would only spread it into every weight (and the log
+    and checkpoints would hold NaN); what was written before stays as it was."""
+    if not math.isfinite(loss):
+        raise UserError(f"{run.run_dir}: training diverged: the loss is {loss} at step {state['step'] + 1} "
+                        f"(epoch {state['epoch'] + 1}); lower --lr / --head_lr, or try --amp off")
 
 
 def dev_embeddings(model, split, device, cache, batch_size, num_workers):

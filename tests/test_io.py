@@ -1,5 +1,6 @@
 """The hand-off file: round trip in both formats, and validation that names the file and fault."""
 import fnmatch
+import json
 import os
 
 import h5py
@@ -250,3 +251,11 @@ def test_write_json_writes_numpy_values_as_strict_json(tmp_path):
     text = target.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert io.read_json(target) == {"a": 1.5, "b": [0, 1, 2], "c": None, "d": 7}
+
+
+def test_append_jsonl_is_strict_json(tmp_path):
+    log = tmp_path / "log.jsonl"
+    io.append_jsonl(log, {"epoch": 1, "loss": 0.5})
+    with pytest.raises(ValueError):
+        io.append_jsonl(log, {"epoch": 2, "loss": float("nan")})
+    assert [json.loads(line) for line in open(log)] == [{"epoch": 1, "loss": 0.5}]

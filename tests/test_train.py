@@ -123,6 +123,20 @@ def test_max_steps_inside_an_epoch_logs_its_dev_evaluation_as_partial(synthetic_
     assert again["t2i_R@1"] == pytest.approx(line["dev"]["t2i_R@1"])
 
 
+def test_a_diverging_loss_stops_with_one_error(synthetic_dir, tiny_bert_dir, tmp_path, monkeypatch):
+    # a loss that turns NaN at the third batch (as a too-large --lr does, but deterministic here)
+    calls = []
+
+    def diverging(*args):
+        calls.append(1)
+        loss = de.contrastive_loss(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(training, "contrastive_loss", diverging)
+    with pytest.raises(SystemExit, match=r"error: .*tiny: training diverged: the loss is nan at step 3 \(epoch 1\)"):
+        train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "5"))
+    assert len(calls) == 3     # stopped at once
+
+
 def _global_batch_grads(bert_dir, rank, world_size):
     """Gradients of one global batch (8 images, 2 captions each) with this rank's slice embedded locally."""
     torch.manual_seed(0)
