@@ -3,7 +3,7 @@
 Reads:  a hand-off file from prepare_data.py / train_dual_encoder.py (which one: see "The file searched"),
         the images under the file's `image_root` attribute, and the encoder named by its `model` /
         `checkpoint` attributes
-Writes: <output_dir>/search_<slug>-<hash>.png (grid: rank, score, one ground-truth caption per image) and
+Writes: <output_dir> (default result/search/)/search_<slug>-<hash>.png (grid: rank, score, one ground-truth caption per image) and
         <output_dir>/search_<slug>-<hash>.json (ranks, scores, image paths); --image writes the JSON only.
         <slug> is the query text (--image: the image's file name) cut to 40 characters; <hash> covers the
         query and the data file, so a search of another file never overwrites this picture, while the
@@ -27,7 +27,7 @@ Image.MAX_IMAGE_PIXELS pixels but below twice that is read (PIL only warns, Deco
 above twice that PIL refuses it (DecompressionBombError), which is the error above.
 
 Example:
-    python search.py --query "a dog runs on the beach" --top_k 9 --use_test_set --output_dir results --show
+    python search.py --query "a dog runs on the beach" --top_k 9 --use_test_set --show
 """
 import argparse
 import glob
@@ -83,7 +83,8 @@ def parse_args(argv=None):
                        help="dual-encoder checkpoint (default: the file's `checkpoint` attribute, if any)")
     model.add_argument("--device", default="", help="cuda, mps or cpu (empty = auto: cuda → mps → cpu)")
     output = parser.add_argument_group("output")
-    output.add_argument("--output_dir", default="results", help="folder for the grid PNG and the JSON of results")
+    output.add_argument("--output_dir", default=os.path.join("result", "search"),
+                        help="folder for the grid PNG and the JSON of results (next to the sweep's result/)")
     output.add_argument("--show", action="store_true", help="also open the grid in a window (only when a display exists)")
     args = parser.parse_args(argv)
     if (args.query is None) == (args.image is None):

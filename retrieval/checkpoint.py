@@ -78,7 +78,7 @@ def build_from_checkpoint(path_or_checkpoint):
     config = record["config"]
     # Checkpoints written before image_norm was recorded were all trained on ImageNet-normalised pixels.
     image_tower = ImageTower(config["image_encoder"], config.get("image_pool", "last"),
-                             config.get("image_norm") or "imagenet")
+                             config.get("image_norm") or "imagenet", config.get("image_size"))
     text_tower = text_tower_from_stored(record["text_config"], record["tokenizer_files"], config.get("text_layers"))
     model = model_from_config(image_tower, text_tower, config)
     model.load_state_dict(checkpoint["model"])

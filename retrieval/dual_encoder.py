@@ -137,7 +137,7 @@ def contrastive_loss(image_embeddings, text_embeddings, text_to_image, logit_sca
 
 # ----------------------------------------------------------------------------- build
 
-MODEL_KEYS = ("image_encoder", "image_weights", "image_pool", "text_encoder", "text_weights", "text_layers",
+MODEL_KEYS = ("image_encoder", "image_weights", "image_pool", "image_size", "text_encoder", "text_weights", "text_layers",
               "embedding_dim", "temperature", "head", "head_hidden", "head_dropout", "test_flip",
               "head_input_dropout", "head_ensemble")
 
@@ -152,7 +152,8 @@ def model_from_config(image_tower, text_tower, config):
 
 def build_model(config):
     """A DualEncoder from the model part of the training args (dict with MODEL_KEYS)."""
-    image_tower = ImageTower(config["image_encoder"], config.get("image_pool", "last"))
+    image_tower = ImageTower(config["image_encoder"], config.get("image_pool", "last"),
+                             image_size=config.get("image_size"))
     image_tower.load_pretrained(config.get("image_weights", "imagenet"))
     text_tower = build_text_tower(config["text_encoder"], config.get("text_weights", "pretrained"),
                                   config.get("text_layers"))

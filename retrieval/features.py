@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from retrieval import io
 from retrieval.encoders import ImageFiles, autocast, describe_error, image_loader, raise_unreadable
-from retrieval.towers import image_transforms
+from retrieval.towers import IMAGE_SIZES, image_transforms
 
 
 def cache_key(*parts):
@@ -103,7 +103,10 @@ class FeatureCache:
 
     def _image_key(self, model, split, views, seed):
         encoder, weights, pool = self.image_source
-        return cache_key("image", encoder, weights, pool, model.image_tower.input_norm, views, seed,
+        # image_size joins the key only when it is not the tower's own, so existing caches keep their names.
+        tower = model.image_tower
+        size = [tower.image_size] if tower.image_size != IMAGE_SIZES[tower.name] else []
+        return cache_key("image", encoder, weights, pool, tower.input_norm, *size, views, seed,
                          os.path.abspath(split.image_root), list(split.image_files))
 
     def text(self, model, split):

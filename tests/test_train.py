@@ -7,6 +7,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train_dual_encoder
 from conftest import as_script
@@ -230,6 +231,26 @@ def test_frozen_towers_export_from_cached_features_equals_re_embedding(synthetic
         np.testing.assert_allclose(exported.image_embeddings, again.image_embeddings, atol=1e-5)
         np.testing.assert_allclose(exported.text_embeddings, again.text_embeddings, atol=1e-5)
         assert exported.attrs["model"] == again.attrs["model"] == f"dual-tiny-d{dim}"
+
+
+def test_image_size_is_trained_stored_and_rebuilt(synthetic_dir, tiny_bert_dir, tmp_path):
+    # --image_size 64: the features cached, the checkpoint's rebuilt encoder and the export all use 64 px
+    from retrieval.data import load_synthetic
+    export_dir = tmp_path / "export"
+    results = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "1",
+                                                "--freeze_image", "--freeze_text", "--image_size", "64")
+                                      + ["--export_dir", str(export_dir)])
+    encoder = ckpt.encoder_from_checkpoint(results[16]["best"], device="cpu")
+    split = load_synthetic(synthetic_dir, "test")
+    with Image.open(os.path.join(split.image_root, split.image_files[0])) as image:
+        assert tuple(encoder.image_transform(image.convert("RGB")).shape) == (3, 64, 64)
+    exported = io.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
+    again = embed_split(encoder, split, batch_size=5, num_workers=0, progress=False)
+    np.testing.assert_allclose(exported.image_embeddings, again.image_embeddings, atol=1e-5)
+    # the cached training features were made at 64 px too: [views, images, features] of the train split
+    assert ckpt.load_checkpoint(results[16]["best"])["model_record"]["config"]["image_size"] == 64
+    with pytest.raises(SystemExit):
+        train_dual_encoder.parse_args(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--image_size", "8"))
 
 
 def test_frozen_towers_export_the_train_split_from_the_training_cache(synthetic_dir, tiny_bert_dir, tmp_path,
