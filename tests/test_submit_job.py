@@ -333,7 +333,7 @@ def test_slurm_single_job_and_array_match_local(tmp_path, tiny_clip_dir, slurm):
     for index, path in enumerate(task_logs):
         text = read(path)
         assert f"array task {index} (sweep)" in text and f"shard {index}/2" in text
-        assert f"finished: experiments [job" in text
+        assert "finished: experiments [job" in text
     analysis_log = read(os.path.join(logs_dir, f"retrieval-analyze-{analyze_id}.out"))
     assert "finished: analyze" in analysis_log
     assert glob.glob(os.path.join(clone, "result_array", "backups", "result-*.tar.gz"))
