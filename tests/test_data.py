@@ -369,3 +369,12 @@ def test_script_stops_on_non_utf8_captions_and_writes_nothing(tmp_path, tiny_cli
                            "--captions", str(tmp_path / "caps.csv"), "--model", tiny_clip_dir,
                            "--output_dir", str(tmp_path / "out"), "--splits", "all"])
     assert not (tmp_path / "out").exists()
+
+
+def test_default_synthetic_test_split_is_a_real_gallery():
+    # the demo's test gallery: >= 1,000 images, so the default candidate sizes (32, 100) re-rank a small
+    # part of it instead of half or all of it
+    names = [f"synth_{i:05d}.png" for i in range(data.SYNTHETIC_IMAGES)]
+    splits = data.seeded_split(names, 0, data.SYNTHETIC_SPLITS)
+    assert len(splits["test"]) >= 1000 >= 10 * 100
+    assert sorted(sum(splits.values(), [])) == names      # disjoint and complete

