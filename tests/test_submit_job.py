@@ -317,7 +317,9 @@ def test_slurm_single_job_and_array_match_local(tmp_path, tiny_clip_dir, slurm):
     assert glob.glob(os.path.join(clone, "result", "backups", f"result-*-job{job_id}.tar.gz"))
 
     # 2. array mode with the prepare job in front: setup -> 2-task sweep array -> analysis (afterok chain)
+    # its own data and hand-off folders (hand-off files never go under DATA_ROOT unless EXPORT_DIR says so)
     array_env = slurm_env(slurm, tiny_clip_dir, ARRAY=2, WAIT=1, DATA_ROOT="coco_data_array",
+                          EXPORT_DIR="coco_data_array/synthetic",
                           RESULT_DIR="result_array", SUBMIT_ARGS=SMALL_JOB)
     chain = run_script(clone, array_env)
     logs_dir = os.path.join(clone, "result_array", "logs")
@@ -344,6 +346,7 @@ def test_slurm_single_job_and_array_match_local(tmp_path, tiny_clip_dir, slurm):
 
     # 3. the same grid on the same files, locally: the same summary
     local_env = pipeline_env(tiny_clip_dir, PHASES="experiments analyze", DATA_ROOT="coco_data_array",
+                             EXPORT_DIR="coco_data_array/synthetic",
                              RESULT_DIR="result_local")
     local = run_script(clone, local_env)
     assert local.returncode == 0, local.stderr[-3000:]
