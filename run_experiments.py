@@ -1,6 +1,6 @@
 """Sweep embedding dim x precision x candidate size over FAISS indexes; measure quality, speed, memory.
 
-Reads:  hand-off files (--data_path, --fit_path, --distractors FILE), .h5 or .npz (retrieval/io.py).
+Reads:  hand-off files (--data_path, --fit_path, --distractors FILE...), .h5 or .npz (retrieval/io.py).
 Writes: <output_dir>/runs/<slug>-<hash8>.json, one per configuration (skipped ones included).
 
 Example:
@@ -49,8 +49,13 @@ def parse_args(argv=None):
                       help="stage-1 index structure(s)")
     grid.add_argument("--gallery_sizes", type=int, nargs="*", default=[],
                       help="pad the image gallery to these sizes with distractors (same number of extra captions for i2t); default: the real gallery")
-    grid.add_argument("--distractors", default="gaussian",
-                      help="'gaussian' (fitted to the fit set per modality) or a hand-off FILE whose first rows are used")
+    grid.add_argument("--distractors", nargs="+", default=["gaussian"],
+                      help="'gaussian' (synthetic: fitted to the fit set per modality), or hand-off FILEs and "
+                           "split:NAME (the evaluated file's _NAME sibling, e.g. split:train) whose rows are "
+                           "used in the order given (images pad text->image, captions image->text)")
+    grid.add_argument("--max_queries", type=int, default=0, metavar="N",
+                      help="at most N query images (and all their captions) per file, drawn with --seed; the gallery "
+                           "keeps every item (0 = every image and caption is a query)")
     knobs = parser.add_argument_group("index settings")
     knobs.add_argument("--sq_ranges", default="per_dim", choices=("per_dim", "uniform"),
                        help="int8/int4 scalar quantizer ranges: one [min,max] per dimension, or one for all")
@@ -80,7 +85,8 @@ def parse_args(argv=None):
     run.add_argument("--shard", default="0/1", help="I/N: run block I (0-based) of N contiguous blocks of the grid")
     run.add_argument("--dry_run", action="store_true", help="list the grid (and what is done) and exit")
     run.add_argument("--overwrite", action="store_true", help="recompute configurations whose JSON exists")
-    run.add_argument("--seed", type=int, default=0, help="seeds PCA/random projection, distractors, latency sample")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seeds PCA/random projection, distractors, the --max_queries sample, latency sample")
     run.add_argument("--device", default="", help="'' = auto (cuda -> mps -> cpu); FAISS GPU indexes need faiss-gpu, else CPU")
     args = parser.parse_args(argv)
     for name in ("recall_k", "candidate_sizes", "embedding_dims", "gallery_sizes", "nprobe", "hnsw_m", "ef_search"):
@@ -88,6 +94,8 @@ def parse_args(argv=None):
             parser.error(f"--{name} values must be positive")
     if any(v < 0 for v in args.nlist):
         parser.error("--nlist values must be positive (or 0 = about 4*sqrt(gallery size))")
+    if args.max_queries < 0:
+        parser.error("--max_queries must be positive (or 0 = every image)")
     if args.batch_size <= 0 or args.pq_subdim <= 0:
         parser.error("--batch_size and --pq_subdim must be positive")
     try:
@@ -127,7 +135,7 @@ def main(argv=None):
     device = pick_device(args.device)
     threads = timing.set_threads(settings.threads)
     with concurrent.futures.ThreadPoolExecutor(max(1, args.num_workers)) as pool:
-        files, fits, distractor_file = sweep.load_inputs(settings, args.data_path, args.fit_path, pool)
+        files, fits, distractors = sweep.load_inputs(settings, args.data_path, args.fit_path, pool)
         grid = sweep.build_grid(settings, files, fits)
         todo = sweep.shard_block(list(enumerate(grid)), *shard)
         runs_dir = os.path.join(args.output_dir, "runs")
@@ -152,11 +160,13 @@ def main(argv=None):
                 key = (file_index, config["gallery_size"], config["dim"])
                 if key != group_key:
                     group, group_key = None, key  # free the previous group's indexes first
-                    group = sweep.Group(settings, emb, fit, config, distractor_file, pool, device)
+                    group = sweep.Group(settings, emb, fit, config, distractors[file_index], pool, device)
                 evaluated = sweep.evaluate_config(settings, group, config)
                 record = sweep.result_record(config, evaluated, emb, fit, env, vars(args), time.perf_counter() - start,
                                              os.path.basename(ranks_path(path)))
-            sweep.write_run(path, record, None if skip else evaluated[3], emb.text_to_image)
+            # The rank file's caption -> image map is the queries' own (a --max_queries sample's images are 0..n-1).
+            ranks, text_to_image = (None, None) if skip else (evaluated[3], group.query_sample.text_to_image)
+            sweep.write_run(path, record, ranks, text_to_image)
             written.append(path)
             progress.write(summary_line(names[i], config, record))
         progress.close()

@@ -45,6 +45,9 @@ COST_COLUMNS = ("bytes_per_vector", "total_bytes_per_vector", "index_bytes", "co
                 "qps", "latency_p50_ms",
                 "latency_p95_ms", "latency_p99_ms", "build_s")
 ENV_KEYS = ("hostname", "cpu", "cpu_count", "threads", "gpu", "git_commit", "python", "numpy", "faiss", "torch")
+# The out-of-distribution numbers the sweep stores under metrics.ood of an fp32 exact run on a padded gallery
+# (mean top-1 cosine to the image gallery of the text queries and of the real images; gap = image - text).
+OOD_KEYS = ("text_top1_cosine", "image_top1_cosine", "gap")
 # Frontier costs, and whether less of that cost is better. total_bytes_per_vector adds the fp32 vectors that
 # a re-ranked configuration reads in stage 2 to the index's bytes.
 PARETO_COSTS = (("bytes_per_vector", True), ("total_bytes_per_vector", True), ("latency_p50_ms", True),
@@ -218,6 +221,9 @@ def run_row(run):
     row["exact"], row["rerank"] = bool(config.get("exact")), bool(config.get("rerank"))
     row["candidate"] = candidate_label(row)
     row["label"] = config_label(row)
+    row["distractors"], row["distractors_synthetic"] = distractor_source(config.get("distractors"))
+    ood = (run.get("metrics") or {}).get("ood")
+    row.update({f"ood_{key}": _number((ood if isinstance(ood, dict) else {}).get(key)) for key in OOD_KEYS})
     for name in COST_COLUMNS:  # per-direction values are filled in below; this fixes the column order
         row[name] = _number(memory.get(name)) if name in MEMORY_KEYS else None
     if row["total_bytes_per_vector"] is None and not skipped:
@@ -233,6 +239,17 @@ def run_row(run):
         if isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
             row[same_dim_name(key)] = value
     return row
+
+
+def distractor_source(entry):
+    """(source, synthetic) of a run's config.distractors: "gaussian" or its files joined with ' + ' (runs from
+    before the list recorded one file), and whether they are synthetic; (None, None) on the real gallery."""
+    if not isinstance(entry, dict):
+        return None, None
+    source = entry.get("source")
+    files = source if isinstance(source, list) else None
+    synthetic = entry.get("synthetic", source == "gaussian")
+    return (" + ".join(map(str, files)) if files is not None else str(source)), bool(synthetic)
 
 
 def total_bytes(row):
@@ -541,6 +558,9 @@ def source_summary(runs):
                 merged[key].append(value)
     out = {k: (v[0] if len(v) == 1 else v) for k, v in merged.items() if k != "skipped"}
     out["data_paths"] = _distinct([run["config"]["data_path"] for run in runs if run["config"].get("data_path")])
+    # run_experiments.py --max_queries: each distinct query sample as its config records it; None = every
+    # image and caption of the file was a query.
+    out["query_samples"] = _distinct([run["config"].get("query_sample") for run in runs])
     return out
 
 
@@ -591,6 +611,7 @@ def analyse_group(frame, runs, primary_metric=None, paired=no_pairs):
         "budgets": budget_table(main, primary) if primary else [],
         "budgets_total": budget_table(main, primary, "total_bytes_per_vector") if primary else [],
         "scaling": scaling_table(done, recalls, paired) if len(gallery_sizes) > 1 else [],
+        "ood_gap": ood_gap_table(done, main_gallery),
         "recall_metrics": recalls, "head_metric": head,
         "memory_frontier": memory_frontier_table(main, fronts["bytes_per_vector"][head][1], head) if head else [],
         "memory_frontier_total": memory_frontier_table(main, fronts["total_bytes_per_vector"][head][1], head,
@@ -642,7 +663,7 @@ def scaling_table(done, recalls, paired=no_pairs):
         if part["gallery_size"].nunique() < 2:
             continue
         part = part.sort_values("gallery_size")
-        table = records(part, ["label", "gallery_size", "run_id"] + recalls[:1]
+        table = records(part, ["label", "gallery_size", "distractors", "distractors_synthetic", "run_id"] + recalls[:1]
                         + [r for r in recalls if r.startswith("i2t")][:1]
                         + ["qps", "latency_p50_ms", "index_bytes", "bytes_per_vector"])
         if head:
@@ -653,6 +674,17 @@ def scaling_table(done, recalls, paired=no_pairs):
                                       "change_ci_low": interval[0], "change_ci_high": interval[1]}])[0])
         rows += table
     return rows
+
+
+def ood_gap_table(done, main_gallery):
+    """Per gallery size above the real one, from its fp32 exact run: the distractors and the sweep's
+    out-of-distribution numbers (ood_text_top1_cosine, ood_image_top1_cosine, ood_gap)."""
+    columns = [f"ood_{key}" for key in OOD_KEYS]
+    if main_gallery is None or not set(columns) <= set(done.columns):
+        return []
+    rows = done[done["exact"] & (done["gallery_size"] > main_gallery) & done[columns[0]].notna()]
+    return records(rows.sort_values(["gallery_size", "run_id"]),
+                   ["gallery_size", "distractors", "distractors_synthetic", "dim", "run_id"] + columns)
 
 
 def _covers_gallery(row):

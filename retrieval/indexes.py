@@ -13,7 +13,9 @@ Precision -> FAISS (all inner-product indexes on L2-normalised vectors, so score
     itq     IndexBinaryFlat on sign bits     D/8   of a learnt ITQ rotation (itq_rotation); score = D - 2*hamming
 
 Each has a flat, an IVF and an HNSW form (make_index); FAISS builds all of them, so no index type is
-a recorded skip (`unsupported` only rejects dims the code size cannot divide).
+a recorded skip (`unsupported` only rejects dims the code size cannot divide). The IVF forms of fp32,
+fp16, bf16, int8, int4 and pq train the same coarse quantizer, so one (train_coarse) can be given to
+all of them (build_index's `coarse`); decode_key says which indexes decode a gallery identically.
 
 `--sq_ranges uniform` swaps QT_8bit/QT_4bit for QT_8bit_uniform/QT_4bit_uniform (one range for all
 dimensions). The query is never quantised for fp16/bf16/int8/int4/pq/opq (FAISS scores the float query
@@ -335,12 +337,13 @@ def core_index(index):
 
 
 def clusterings(index):
-    """The k-means parameter blocks (ClusteringParameters, and the centroids each trains) of an index:
-    IVF's coarse quantizer, and the 256 codewords per sub-space of a PQ (also inside HNSW / OPQ)."""
+    """The k-means parameter blocks (ClusteringParameters, and the centroids each trains) that training the
+    index will run: IVF's coarse quantizer unless it was given one (set_coarse), and the 256 codewords per
+    sub-space of a PQ (also inside HNSW / OPQ)."""
     faiss = _faiss()
     core = core_index(index)
     found = []
-    if hasattr(core, "cp") and hasattr(core, "nlist"):
+    if hasattr(core, "cp") and hasattr(core, "nlist") and core.quantizer.ntotal != core.nlist:
         found.append((core.cp, int(core.nlist)))
     storage = faiss.downcast_index(core.storage) if isinstance(core, faiss.IndexHNSW) else core
     pq = getattr(storage, "pq", None)
@@ -362,33 +365,109 @@ def quiet_clustering(index, fit_count):
               f"(FAISS recommends at least {39 * max(short)}); recorded as fit_vectors", file=sys.stderr)
 
 
-def build_index(precision, gallery, fit_vectors, index_type="flat", params=None):
-    """Train (on fit_vectors) and fill an index with `gallery`. Returns (index, timings dict)."""
+class Coarse(NamedTuple):
+    """An IVF coarse quantizer trained once (train_coarse), for every IVF index of one fit set and nlist."""
+    centroids: np.ndarray  # [nlist, D] float32, or [nlist, D/8] uint8 for the sign codes' IndexBinaryIVF
+    train_s: float  # seconds its k-means took
+
+
+def shares_coarse(precision, index_type):
+    """Whether the index is IVF over the float vectors as they are (fp32, fp16, bf16, int8, int4, pq): those
+    all train the same coarse quantizer on the fit vectors, so one (train_coarse) can serve them all. opq
+    clusters the OPQ-rotated vectors, and the sign codes their bits (binary's fixed rotation, itq's learnt
+    one): each trains its own (set_coarse)."""
+    return index_type == "ivf" and precision not in SIGN_CODES + ("opq",)
+
+
+def train_coarse(fit_codes, nlist):
+    """The coarse quantizer IndexIVF.train (float32 fit_codes) or IndexBinaryIVF.train (packed sign bits,
+    uint8) would learn: FAISS's own k-means, run by an empty IVF index of the same family, so with the same
+    parameters (the index's ClusteringParameters: spherical for inner product, 10 iterations, seed 1234).
+    Every float IVF index (IVF,Flat / IVF,SQ* / IVF,PQ) trains exactly this, and training it first is
+    deterministic, so a build given it equals a build that trains its own (tests/test_indexes.py)."""
+    faiss = _faiss()
+    binary = fit_codes.dtype == np.uint8
+    dim = fit_codes.shape[1] * (8 if binary else 1)
+    template = faiss.index_binary_factory(dim, f"BIVF{nlist}") if binary else \
+        faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    quiet_clustering(template, fit_codes.shape[0])
+    start = time.perf_counter()
+    template.train(fit_codes)
+    return Coarse(template.quantizer.reconstruct_n(0, nlist), time.perf_counter() - start)
+
+
+def set_coarse(index, fit_codes, coarse=None):
+    """Give an empty IVF index its coarse quantizer, `coarse` or one trained here (train_coarse on fit_codes,
+    what the index is trained on), so that its train() learns only the rest (IndexIVF and IndexBinaryIVF skip
+    their k-means when the quantizer already holds nlist centroids). Returns (the coarse quantizer, seconds of
+    the index's own training done here).
+
+    opq: its lists live in the OPQ-rotated space, so the rotation is trained first, as IndexPreTransform.train
+    would (the index's own training), and the k-means runs on the rotated fit vectors; a coarse quantizer of
+    the unrotated vectors is refused (rotated, it would differ from that k-means by float rounding).
+    """
+    faiss = _faiss()
+    core, seconds = core_index(index), 0.0
+    if isinstance(index, faiss.IndexPreTransform):
+        if coarse is not None:
+            raise ValueError("opq trains its coarse quantizer on the OPQ-rotated vectors: none can be given")
+        start = time.perf_counter()
+        rotation = faiss.downcast_VectorTransform(index.chain.at(0))
+        rotation.train(fit_codes)
+        fit_codes = rotation.apply(fit_codes)
+        seconds = time.perf_counter() - start
+    if coarse is None:
+        coarse = train_coarse(fit_codes, core.nlist)
+    binary = isinstance(core, faiss.IndexBinaryIVF)
+    centroids, width = coarse.centroids, core.d // 8 if binary else core.d
+    if (centroids.dtype == np.uint8) != binary or centroids.shape != (core.nlist, width) or core.quantizer.ntotal:
+        raise ValueError(f"a coarse quantizer {centroids.shape} {centroids.dtype} cannot serve "
+                         f"{type(core).__name__} (nlist {core.nlist}, d {core.d}, {core.quantizer.ntotal} centroids)")
+    core.quantizer.add(centroids)
+    return coarse, seconds
+
+
+def build_index(precision, gallery, fit_vectors, index_type="flat", params=None, coarse=None):
+    """Train (on fit_vectors) and fill an index with `gallery`. Returns (index, timings dict).
+
+    IVF: the coarse quantizer is `coarse` (train_coarse of the same fit vectors and nlist: one serves every
+    precision that shares_coarse) or trained here (set_coarse). Timings: train_s = what this index
+    learns for itself (SQ ranges, PQ codebooks, OPQ / ITQ rotation), never the coarse k-means, which is
+    coarse_train_s (its seconds, given or run here; None without IVF); build_s = coarse_train_s + train_s +
+    add_s, what building this index alone costs, whether its coarse quantizer was shared or not.
+    """
     params = params or {}
     index = make_index(precision, gallery.shape[1], index_type, params, gallery.shape[0])
+    trained = not index.is_trained or precision == "itq"  # learnt something from the fit set
     start = time.perf_counter()
-    trained = not index.is_trained
     if precision == "itq":
         # The learnt rotation lives on the index object (FAISS has no field for it): the searcher
         # binarises queries with it, decoded_gallery / compressed_queries / serialized_bytes read it
         # (code_rotation). object.__setattr__: FAISS's Python wrapper refuses unknown attributes on
         # float indexes (a guard against typos such as nprobe on a wrapper) and may on binary ones.
         object.__setattr__(index, "sign_rotation", itq_rotation(fit_vectors))
-        trained = True
     if precision in SIGN_CODES:
         rotation = code_rotation(index, precision)
         to_codes = functools.partial(sign_bits, rotation=rotation)
     else:
         to_codes = functools.partial(np.ascontiguousarray, dtype=np.float32)
+    fit_codes = to_codes(fit_vectors) if trained else None
+    train_s = time.perf_counter() - start
+    coarse_s = None
+    if index_type == "ivf":
+        coarse, own_s = set_coarse(index, fit_codes, coarse)
+        train_s, coarse_s = train_s + own_s, coarse.train_s
+    start = time.perf_counter()
     if not index.is_trained:
         quiet_clustering(index, fit_vectors.shape[0])
-        index.train(to_codes(fit_vectors))
-    train_s = time.perf_counter() - start
+        index.train(fit_codes)
+    train_s += time.perf_counter() - start
     start = time.perf_counter()
     index.add(to_codes(gallery))
     add_s = time.perf_counter() - start
     set_search_params(index, index_type, params, k=1)
-    return index, {"train_s": train_s if trained else 0.0, "add_s": add_s, "build_s": train_s + add_s,
+    return index, {"train_s": train_s if trained else 0.0, "add_s": add_s,
+                   "build_s": (coarse_s or 0.0) + (train_s if trained else 0.0) + add_s, "coarse_train_s": coarse_s,
                    "trained": trained, "fit_vectors": int(fit_vectors.shape[0]) if trained else 0}
 
 
@@ -475,6 +554,21 @@ def decoded_gallery(index, precision, gallery):
     if isinstance(core, faiss.IndexIVF):
         core.make_direct_map()
     return index.reconstruct_n(0, index.ntotal)  # opq: IndexPreTransform applies R^T after decoding
+
+
+def decode_key(precision, index_type, build_knobs=()):
+    """What decoded_gallery (and so the full ranking under the compressed scores) depends on besides the
+    gallery, the dim and the fit set: indexes with equal keys decode a gallery identically, so one decode and
+    one full ranking serve them all.
+
+    fp32 stores the vectors and the sign codes their bits in every structure (binary's rotation is fixed,
+    itq's learnt from the fit set alone); the other codecs in a flat or an HNSW index: HNSW's storage is the
+    flat index of the precision, trained the same way on the same fit set (tests/test_indexes.py checks the
+    decodes are equal). IVF on those codecs encodes each item's residual from its list's centroid, so its
+    decode also depends on the coarse quantizer: build_knobs (nlist) are part of its key."""
+    if precision == "fp32" or precision in SIGN_CODES or index_type != "ivf":
+        return (precision,)
+    return (precision, index_type) + tuple(build_knobs)
 
 
 def compressed_queries(precision, queries, index=None):

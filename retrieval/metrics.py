@@ -44,8 +44,11 @@ def exact_ranks(queries, gallery, text_to_image, direction, chunk_size=1024):
     """Exact 1-based rank of each query's best relevant item under dot-product scores.
 
     queries: [Q, D] (captions for t2i, images for i2t); gallery: [N, D]. Scores are computed in
-    chunks of queries so memory stays bounded for large galleries (extra distractor rows may follow
-    the real gallery: they are never relevant). Ties go to the lower gallery index.
+    chunks of chunk_size queries, and counted in blocks of at most chunk_size (query, relevant item)
+    pairs, so memory stays bounded for large galleries whatever the number of relevant items per query:
+    about 12 x chunk_size x N bytes at a time, never a [Q, N] matrix (extra distractor rows may follow
+    the real gallery: they are never relevant). Ties go to the lower gallery index; the ranks do not
+    depend on chunk_size.
     """
     pair_query, pair_item, num_queries = relevant_pairs(text_to_image, direction)
     queries = np.asarray(queries, dtype=np.float32)
@@ -59,13 +62,21 @@ def exact_ranks(queries, gallery, text_to_image, direction, chunk_size=1024):
     gallery_index = np.arange(gallery.shape[0])
     for start_q, (lo, hi) in zip(range(0, num_queries, chunk_size), zip(bounds[:-1], bounds[1:])):
         scores = queries[start_q:start_q + chunk_size] @ gallery.T
-        rows = pair_query[lo:hi] - start_q
-        relevant_score = scores[rows, pair_item[lo:hi]][:, None]
-        row_scores = scores[rows]
-        higher = (row_scores > relevant_score).sum(axis=1)
-        tied_before = ((row_scores == relevant_score) & (gallery_index[None, :] < pair_item[lo:hi, None])).sum(axis=1)
-        pair_rank[lo:hi] = 1 + higher + tied_before
+        # i2t has several relevant captions per query: a row of scores per pair for all of them at once
+        # would multiply the chunk's memory by that number.
+        for a in range(lo, hi, chunk_size):
+            b = min(a + chunk_size, hi)
+            pair_rank[a:b] = _pair_ranks(scores, pair_query[a:b] - start_q, pair_item[a:b], gallery_index)
     return _best_per_query(pair_query, pair_rank, num_queries)
+
+
+def _pair_ranks(scores, rows, items, gallery_index):
+    """1 + the items scored higher + the items tied before, per (row of scores, relevant item) pair."""
+    row_scores = scores if np.array_equal(rows, np.arange(scores.shape[0])) else scores[rows]  # t2i: no copy
+    relevant_score = row_scores[np.arange(rows.size), items][:, None]
+    higher = (row_scores > relevant_score).sum(axis=1)
+    tied_before = ((row_scores == relevant_score) & (gallery_index[None, :] < items[:, None])).sum(axis=1)
+    return 1 + higher + tied_before
 
 
 def candidate_ranks(candidates, text_to_image, direction):

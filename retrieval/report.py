@@ -255,11 +255,39 @@ def _scaling_sentences(group):
             verdict = _verdict(last["change"], last["change_ci_low"], last["change_ci_high"], level, reference, head,
                                digits)
             change = f" ({verdict})"
+        padded = f"; the extra items are {distractor_label(last)}" if distractor_label(last) else ""
         out.append(f"{label}: growing the gallery from {int(first['gallery_size']):,} to "
                    f"{int(last['gallery_size']):,} items moves {_name(head)} from {_fmt(first[head], digits)} to "
                    f"{_fmt(last[head], digits)}{change} and batch throughput from {_fmt(first['qps'], 0)} to "
-                   f"{_fmt(last['qps'], 0)} queries/s.")
+                   f"{_fmt(last['qps'], 0)} queries/s{padded}.")
     return out
+
+
+def distractor_label(row):
+    """What padded a gallery, in words, or None (the real gallery, or a run file that did not record it):
+    Gaussian ones are flagged synthetic (drawn from a Gaussian fitted to the fit set, not real photos or
+    captions, so they say little about text→image at that size)."""
+    if not row.get("distractors"):
+        return None
+    if row.get("distractors_synthetic"):
+        return "Gaussian distractors (synthetic; not realistic for text→image)"
+    return f"distractors from {row['distractors']}"
+
+
+def _ood_lines(group):
+    """The out-of-distribution table: per padded gallery size, how near the text queries get to the image
+    gallery next to how near the real images get to its other rows."""
+    rows = group.get("ood_gap") or []
+    if not rows:
+        return []
+    table = [dict(row, distractors=distractor_label(row)) for row in rows]
+    return ["### Distractors: out-of-distribution gap", "",
+            "Mean top-1 cosine against the padded image gallery (exact fp32 at the run's dim): of the text queries, "
+            "and of the real images against the gallery's other rows; gap = image - text.", "",
+            markdown_table(table, ["gallery_size", "distractors", "dim", "ood_text_top1_cosine",
+                                   "ood_image_top1_cosine", "ood_gap", "run_id"],
+                           ["gallery size", "distractors", "dim", "text top-1 cosine", "image top-1 cosine", "gap",
+                            "run"]), ""]
 
 
 def _caveats(group):
@@ -455,8 +483,10 @@ def report_markdown(summary, frame, plots, report_dir):
         lines += ["### Findings in detail", ""] + [f"- {s}" for s in findings(group)] + [""]
         lines += _run_table(group, main) + _pareto_tables(group) + _budget_table(group) + _means_tables(group)
         if group["scaling"]:
-            cols = list(group["scaling"][0])
-            lines += ["### Gallery-size scaling", "", markdown_table(group["scaling"], cols), ""]
+            cols = [c for c in group["scaling"][0] if c != "distractors_synthetic"]
+            scaling = [dict(row, distractors=distractor_label(row)) for row in group["scaling"]]
+            lines += ["### Gallery-size scaling", "", markdown_table(scaling, cols), ""]
+        lines += _ood_lines(group)
         if group["skipped"]:
             lines += ["### Skipped configurations", "",
                       markdown_table(group["skipped"], ["label", "skipped_reason", "run_id"],
@@ -478,10 +508,19 @@ def _source_table(group):
     facts = [("dataset", group["dataset"]), ("split", group["split"]), ("model", group["model"]),
              ("embeddings file(s)", ", ".join(map(str, group["source"].get("data_paths", [])))),
              ("gallery sizes", ", ".join(f"{g:,}" for g in group["gallery_sizes"]) or "–"),
+             ("queries", "; ".join(map(_query_sample, group["source"].get("query_samples") or [None]))),
              ("runs", f"{group['runs_completed']} completed, {group['runs_skipped']} skipped")]
     facts += [(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
               for key, value in group["environment"].items()]
     return [markdown_table([{"what": k, "value": v} for k, v in facts], ["what", "value"]), ""]
+
+
+def _query_sample(sample):
+    """'200 of 1,000 images, 1,000 of 5,000 captions, seeded 0 (--max_queries 200)' from a run's config."""
+    if not sample:
+        return "every image and caption of the file"
+    return (f"{sample['images']:,} of {sample['images_total']:,} images, {sample['captions']:,} of "
+            f"{sample['captions_total']:,} captions, seeded {sample['seed']} (--max_queries {sample['max_queries']:,})")
 
 
 def _run_table(group, main):

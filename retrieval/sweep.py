@@ -40,7 +40,8 @@ class SweepSettings:
     directions: tuple
     index: tuple
     gallery_sizes: tuple
-    distractors: str  # "gaussian" or a hand-off file
+    distractors: tuple  # ("gaussian",) or hand-off files / "split:NAME" shorthands, padded in this order
+    max_queries: int  # query images per file, with all their captions (0 = every image)
     # index knobs; the IVF / HNSW ones take several values, each value its own configuration
     sq_ranges: str
     pq_subdim: int
@@ -104,6 +105,8 @@ def slug(config, attrs):
         (f"c{config['candidate_size']}" if config["rerank"] else f"k{config['candidate_size']}-norerank")
     parts = [attrs.get("dataset"), attrs.get("model"), attrs.get("split"), f"d{config['dim']}", config["dim_method"],
              config["precision"], candidates, config["index"], knob_label(config), f"g{config['gallery_size']}"]
+    if config.get("query_sample"):  # --max_queries: how many query images ('q200'); absent otherwise
+        parts.append(f"q{config['query_sample']['images']}")
     text = "-".join(str(p) for p in parts if p not in (None, ""))
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:150]
 
@@ -127,10 +130,13 @@ def build_grid(settings, files, fits):
         fit = fits[file_index]
         # The native dim first: its fp32 flat run is the exact reference of the file.
         dims = [emb.dim] + [d for d in dict.fromkeys(settings.embedding_dims) if d != emb.dim]
+        query_sample = sample_queries(emb.text_to_image, settings.max_queries, settings.seed)
         for gallery_size in (settings.gallery_sizes or [real_gallery]):
             gallery_skip = gallery_skip_reason(settings, gallery_size, real_gallery, fit)
             for dim in dims:
                 common = common_config(settings, path, emb.dim, dim, gallery_size, real_gallery)
+                if settings.max_queries:  # only then: the names of runs without --max_queries stay as they were
+                    common["query_sample"] = query_sample.record(settings.max_queries, settings.seed)
                 for config, skip in group_configs(settings, common, fit_size(fit)):
                     grid.append((config, gallery_skip or skip, file_index))
     return grid
@@ -141,7 +147,7 @@ def common_config(settings, path, native, dim, gallery_size, real_gallery):
     extra = gallery_size - real_gallery
     return {"dim": dim, "native_dim": native, "dim_method": "none" if dim == native else settings.dim_method,
             "k_values": sorted(set(settings.recall_k)), "gallery_size": gallery_size,
-            "distractors": {"source": settings.distractors, "count": extra} if extra > 0 else None,
+            "distractors": distractor_record(settings, path, extra) if extra > 0 else None,
             "directions": list(settings.directions), "data_path": os.path.normpath(path),
             "seed": settings.seed, "batch_size": settings.batch_size, "threads": settings.threads}
 
@@ -180,9 +186,12 @@ def gallery_skip_reason(settings, gallery_size, real_gallery, fit):
     extra = gallery_size - real_gallery
     if extra < 0:
         return f"gallery size {gallery_size} is below the real gallery ({real_gallery} images)"
-    have = fit.get("distractor_rows")  # only set for a distractor file
-    if extra > 0 and settings.distractors != "gaussian" and have is not None and have < extra:
-        return f"distractor file {settings.distractors} has only {have} rows, {extra} needed"
+    have = fit.get("distractor_rows")  # only set for distractor files
+    if extra > 0 and have is not None and have < extra:
+        paths = fit["distractor_paths"]
+        named = f"distractor file {paths[0]} has" if len(paths) == 1 else \
+            f"distractor files {' + '.join(paths)} have"
+        return f"{named} only {have} rows, {extra} needed"
     return None
 
 
@@ -210,18 +219,31 @@ def shard_block(items, shard, shards):
 
 # ----------------------------------------------------------------------------- inputs
 
+GAUSSIAN = "gaussian"
+SPLIT_PREFIX = "split:"
+# The gallery a direction searches, as (modality in a fit set / distractor record, Embeddings field).
+GALLERY_ROWS = {"t2i": ("images", "image_embeddings"), "i2t": ("texts", "text_embeddings")}
+
+
 def load_inputs(settings, data_paths, fit_paths, pool):
-    """(files, fits, distractor file or None); files are (path, Embeddings). Raises UserError."""
+    """(files, fits, distractors); files are (path, Embeddings); distractors: per file its distractor_rows
+    (None = Gaussian distractors, or no gallery size above the real one). Raises UserError."""
     files = list(zip(data_paths, pool.map(read_embeddings, data_paths)))
     fit_files = list(zip(fit_paths, pool.map(read_embeddings, fit_paths)))
-    # The distractor file is read only when some gallery size could need it.
-    distractor_file = None if settings.distractors == "gaussian" or not settings.gallery_sizes \
-        else read_embeddings(settings.distractors)
-    return files, fit_sets(settings, files, fit_files, distractor_file), distractor_file
+    paths = {path: distractor_paths(settings, path) for path in data_paths}  # checks the flag before any reading
+    # Distractor files are read (once each) only when some gallery size could need them.
+    wanted = list(dict.fromkeys(p for ps in paths.values() for p in ps)) if settings.gallery_sizes else []
+    loaded = dict(zip(wanted, pool.map(read_embeddings, wanted)))
+    fits = fit_sets(settings, files, fit_files, loaded)
+    most = max(settings.gallery_sizes, default=0)
+    distractors = [distractor_rows(settings, [loaded[p] for p in paths[path]], most - emb.image_embeddings.shape[0])
+                   if loaded else None for path, emb in files]
+    return files, fits, distractors
 
 
-def fit_sets(settings, files, fit_files, distractor_file):
-    """Per evaluated file: the vectors its quantizers/PCA/distractors are fitted on, and where they came from."""
+def fit_sets(settings, files, fit_files, loaded):
+    """Per evaluated file: the vectors its quantizers/PCA/distractors are fitted on, and where they came from;
+    loaded: the distractor files read ({path: Embeddings}), whose rows each file may use are counted."""
     fits = []
     for path, emb in files:
         match = [(p, e) for p, e in fit_files if e.dim == emb.dim]
@@ -231,13 +253,76 @@ def fit_sets(settings, files, fit_files, distractor_file):
         fit_path, fit_emb = match[0] if match else (path, emb)
         fit = {"source": "--fit_path" if match else "gallery (no --fit_path)", "path": os.path.normpath(fit_path),
                "images": fit_emb.image_embeddings, "texts": fit_emb.text_embeddings}
-        if distractor_file is not None:
-            if distractor_file.dim != emb.dim:
-                raise UserError(f"{settings.distractors}: dim {distractor_file.dim} != {path} dim {emb.dim}")
-            fit["distractor_rows"] = min(distractor_file.image_embeddings.shape[0],
-                                         distractor_file.text_embeddings.shape[0])
+        if loaded:
+            fit["distractor_paths"] = distractor_paths(settings, path)
+            fit["distractor_rows"] = available_rows(settings, path, emb, fit["distractor_paths"], loaded)
         fits.append(fit)
     return fits
+
+
+def distractor_paths(settings, data_path):
+    """The distractor files that pad `data_path`'s galleries, in order ([] = Gaussian distractors)."""
+    values = list(settings.distractors)
+    if GAUSSIAN in values:
+        if len(values) > 1:
+            raise UserError(f"--distractors: '{GAUSSIAN}' cannot be mixed with files (got {' '.join(values)})")
+        return []
+    paths = []
+    for value in values:
+        path = os.path.normpath(sibling_split(data_path, value[len(SPLIT_PREFIX):])
+                                if value.startswith(SPLIT_PREFIX) else value)
+        if path == os.path.normpath(data_path):
+            raise UserError(f"{data_path}: --distractors {value} is the evaluated file itself "
+                            "(its rows would duplicate the real items)")
+        paths.append(path)
+    return paths
+
+
+def sibling_split(data_path, split):
+    """'split:NAME': the evaluated file's path with its _<split>.h5/.npz suffix replaced by _NAME."""
+    stem, ext = os.path.splitext(data_path)
+    folder, name = os.path.split(stem)
+    head, underscore, own = name.rpartition("_")
+    if not split:
+        raise UserError(f"--distractors {SPLIT_PREFIX}: names no split (e.g. {SPLIT_PREFIX}train)")
+    if ext not in (".h5", ".hdf5", ".npz") or not underscore or not head or not own:
+        raise UserError(f"{data_path}: --distractors {SPLIT_PREFIX}{split} needs a file named <name>_<split>.h5 "
+                        "or .npz, as prepare_data.py writes them")
+    return os.path.join(folder, f"{head}_{split}{ext}")
+
+
+def distractor_record(settings, path, extra):
+    """The config's distractors entry: their source (the files, in order, or "gaussian"), synthetic or not, and
+    how many pad each gallery."""
+    paths = distractor_paths(settings, path)
+    return {"source": paths or GAUSSIAN, "synthetic": not paths, "count": extra}
+
+
+def available_rows(settings, path, emb, paths, loaded):
+    """Distractor rows the files hold for every gallery that runs (captions pad i2t, images t2i)."""
+    for p in paths:
+        if loaded[p].dim != emb.dim:
+            raise UserError(f"{p}: dim {loaded[p].dim} != {path} dim {emb.dim}")
+    return min(sum(getattr(loaded[p], GALLERY_ROWS[d][1]).shape[0] for p in paths) for d in settings.directions)
+
+
+def distractor_rows(settings, files, need):
+    """{"images": rows, "texts": rows}: the first `need` rows of the files concatenated in order, only for the
+    modalities whose direction runs (None when no gallery needs any)."""
+    if need <= 0:
+        return None
+    out = {}
+    for direction in settings.directions:
+        modality, field = GALLERY_ROWS[direction]
+        parts, have = [], 0
+        for emb in files:
+            if have >= need:
+                break
+            part = getattr(emb, field)[:need - have]
+            parts.append(part)
+            have += part.shape[0]
+        out[modality] = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one file: a view, no copy
+    return out
 
 
 def gaussian_like(vectors, count, rng):
@@ -253,18 +338,106 @@ def gaussian_like(vectors, count, rng):
     return l2_normalize(out)
 
 
-def padded_gallery(emb, fit, extra, distractor_file, seed):
-    """(images, texts) galleries: the real rows first, then `extra` distractors of each modality."""
-    images, texts = emb.image_embeddings, emb.text_embeddings
-    if not extra:
-        return images, texts
-    if distractor_file is None:
-        rng = np.random.default_rng(seed)  # images then texts from one stream: fixed by the seed
-        extra_images, extra_texts = gaussian_like(fit["images"], extra, rng), gaussian_like(fit["texts"], extra, rng)
+def padded_gallery(emb, fit, extra, distractors, seed, directions):
+    """{direction: gallery} for the directions that run: the real rows first (images for t2i, captions for
+    i2t), then `extra` distractors of that modality, rows of the distractor files (distractor_rows) or, when
+    `distractors` is None, Gaussian ones; none are made for a direction that does not run."""
+    galleries = {}
+    for direction in directions:
+        modality, field = GALLERY_ROWS[direction]
+        real = getattr(emb, field)
+        if not extra:
+            galleries[direction] = real
+        elif distractors is None:
+            # One stream per modality: a direction's distractors do not depend on which other directions run.
+            rng = np.random.default_rng([seed, list(GALLERY_ROWS).index(direction)])
+            galleries[direction] = np.concatenate([real, gaussian_like(fit[modality], extra, rng)])
+        else:
+            galleries[direction] = np.concatenate([real, distractors[modality][:extra]])
+    return galleries
+
+
+def top1_cosines(queries, gallery, chunk, exclude_own=False):
+    """Each query's largest cosine to the gallery (unit rows), `chunk` queries at a time so no full score matrix
+    is held; exclude_own: query i is gallery row i, which does not count."""
+    best = np.empty(queries.shape[0], dtype=np.float64)
+    for start in range(0, queries.shape[0], chunk):
+        scores = queries[start:start + chunk] @ gallery.T
+        if exclude_own:
+            rows = np.arange(scores.shape[0])
+            scores[rows, start + rows] = -np.inf
+        best[start:start + scores.shape[0]] = scores.max(axis=1)
+    return best
+
+
+# ----------------------------------------------------------------------------- query sample
+
+@dataclasses.dataclass(frozen=True)
+class QuerySample:
+    """The queries of one evaluated file: whole images and every caption of each, so the bootstrap, which
+    resamples images and takes all captions of a drawn image, stays valid for a sample.
+
+    images / captions: the file's rows, ascending. They are also the gallery rows of the queries' relevant
+    items, since a gallery keeps the file's rows first (distractors after). text_to_image: per sampled
+    caption, its image's position in `images` (what the rank file stores, so the bootstrap sees a split
+    of len(images) images). With every image a query, ranks are computed exactly as without a sample.
+    """
+    images: np.ndarray
+    captions: np.ndarray
+    file_text_to_image: np.ndarray
+    relevant_images: np.ndarray  # per sampled caption, its image's gallery row (t2i relevance)
+    text_to_image: np.ndarray
+
+    @property
+    def complete(self):
+        return self.captions.size == self.file_text_to_image.size
+
+    def pick(self, vectors, direction):
+        """The query rows of a direction (captions for t2i, images for i2t); no copy when complete."""
+        if self.complete:
+            return vectors
+        return vectors[self.captions if direction == "t2i" else self.images]
+
+    def exact_ranks(self, queries, gallery, direction, chunk_size):
+        """metrics.exact_ranks of the picked queries against the whole gallery (the protocol's ranks)."""
+        if direction == "t2i" or self.complete:
+            return metrics.exact_ranks(queries, gallery, self.relevant_images, direction, chunk_size=chunk_size)
+        return self._best_per_image(metrics.exact_ranks(queries[self.text_to_image], gallery, self.captions,
+                                                        "t2i", chunk_size=chunk_size))
+
+    def candidate_ranks(self, candidates, direction):
+        """metrics.candidate_ranks of the picked queries' candidate lists (gallery rows)."""
+        if direction == "t2i" or self.complete:
+            return metrics.candidate_ranks(candidates, self.relevant_images, direction)
+        return self._best_per_image(metrics.candidate_ranks(candidates[self.text_to_image], self.captions, "t2i"))
+
+    def _best_per_image(self, caption_ranks):
+        # The protocol's i2t rank is the best rank among the image's captions. metrics' i2t pairs assume the
+        # captions are gallery rows 0..T-1, so a sampled image is ranked once per caption (as a query with that
+        # one relevant row) and keeps its best rank: the same pairs, the same tie rule.
+        best = np.full(self.images.size, np.inf)
+        np.minimum.at(best, self.text_to_image, caption_ranks)
+        return best
+
+    def record(self, max_queries, seed):
+        """What a run's config states about its queries."""
+        return {"max_queries": max_queries, "seed": seed, "images": int(self.images.size),
+                "images_total": int(self.file_text_to_image.max()) + 1, "captions": int(self.captions.size),
+                "captions_total": int(self.file_text_to_image.size)}
+
+
+def sample_queries(text_to_image, max_queries, seed):
+    """QuerySample of `max_queries` images drawn without replacement (numpy default_rng(seed)) and all
+    their captions; every image when max_queries is 0 or the file has no more images than that."""
+    text_to_image = np.asarray(text_to_image, dtype=np.int64)
+    n_images = int(text_to_image.max()) + 1  # every image has a caption (io.validate_embeddings)
+    if not max_queries or max_queries >= n_images:
+        images, captions = np.arange(n_images), np.arange(text_to_image.size)
     else:
-        extra_images = distractor_file.image_embeddings[:extra]
-        extra_texts = distractor_file.text_embeddings[:extra]
-    return np.concatenate([images, extra_images]), np.concatenate([texts, extra_texts])
+        images = np.sort(np.random.default_rng(seed).choice(n_images, size=max_queries, replace=False))
+        captions = np.flatnonzero(np.isin(text_to_image, images))
+    relevant = text_to_image[captions]
+    return QuerySample(images, captions, text_to_image, relevant, np.searchsorted(images, relevant))
 
 
 # ----------------------------------------------------------------------------- one group of configs
@@ -272,28 +445,32 @@ def padded_gallery(emb, fit, extra, distractor_file, seed):
 class Group:
     """What configurations of one (file, gallery size, dim) share: vectors, baseline, built indexes."""
 
-    def __init__(self, settings, emb, fit, config, distractor_file, pool, device):
+    def __init__(self, settings, emb, fit, config, distractors, pool, device):
         self.settings, self.pool, self.device = settings, pool, device
         dim, extra = config["dim"], (config["distractors"] or {}).get("count", 0)
         both = np.concatenate([fit["images"], fit["texts"]])
         self.projection = indexes.fit_reduction(both, dim, settings.dim_method, settings.seed)
-        gallery_images, gallery_texts = padded_gallery(emb, fit, extra, distractor_file, settings.seed)
+        galleries = padded_gallery(emb, fit, extra, distractors, settings.seed, settings.directions)
+        self.extra, self.real_images = extra, emb.image_embeddings.shape[0]
         self.reduce = reduce = functools.partial(indexes.reduce, projection=self.projection)
-        # Queries are the real items only; galleries may carry distractors after the real rows. The
-        # native queries are kept for timing the query-side transform (projection to the dim).
+        # Queries are real items only (with --max_queries a sample of whole images, the same for every
+        # configuration of the file); galleries keep every real row and may carry distractors after them.
+        # The native queries are kept for timing the query-side transform (projection to the dim).
+        self.query_sample = sample = sample_queries(emb.text_to_image, settings.max_queries, settings.seed)
+        texts, images = sample.pick(emb.text_embeddings, "t2i"), sample.pick(emb.image_embeddings, "i2t")
         directions = {
-            "t2i": {"native_queries": emb.text_embeddings, "queries": reduce(emb.text_embeddings),
-                    "gallery": reduce(gallery_images), "fit": reduce(fit["images"])},
-            "i2t": {"native_queries": emb.image_embeddings, "queries": reduce(emb.image_embeddings),
-                    "gallery": reduce(gallery_texts), "fit": reduce(fit["texts"])},
+            "t2i": {"native_queries": texts, "queries": reduce(texts), "fit": reduce(fit["images"])},
+            "i2t": {"native_queries": images, "queries": reduce(images), "fit": reduce(fit["texts"])},
         }
         self.directions = {d: directions[d] for d in settings.directions}
-        for data in self.directions.values():  # cut once: the timed loops do nothing but their own work
+        for direction, data in self.directions.items():  # cut once: the timed loops do nothing but their own work
+            data["gallery"] = reduce(galleries[direction])  # only the galleries that run exist
             data["native_batches"] = timing.batches(data["native_queries"], settings.batch_size)
             data["query_batches"] = timing.batches(data["queries"], settings.batch_size)
-        self.text_to_image = emb.text_to_image
         self.k_values = config["k_values"]
         self.indexes = {}
+        self.coarse = {}  # (direction, nlist) -> the indexes.Coarse every float IVF index of the group gets
+        self.ranks = {}  # (direction,) + indexes.decode_key -> full ranks under that decode's compressed scores
         self._baseline = None
 
     def query_transform(self, encode):
@@ -307,8 +484,20 @@ class Group:
         return max(1, min(1024, (1 << 26) // max(1, gallery_rows)))  # <= 256 MB of scores per chunk
 
     def full_ranks(self, direction, queries, gallery):
-        return metrics.exact_ranks(queries, gallery, self.text_to_image, direction,
-                                   chunk_size=self.chunk(gallery.shape[0]))
+        return self.query_sample.exact_ranks(queries, gallery, direction, self.chunk(gallery.shape[0]))
+
+    def ood_gap(self):
+        """How far the text queries sit from the padded image gallery next to the real images (exact fp32 at this
+        dim, untimed): mean top-1 cosine of the text queries, of the real images to the gallery's other rows, and
+        gap = image - text. None without distractors or without text→image (no padded image gallery)."""
+        if not self.extra or "t2i" not in self.directions:
+            return None
+        data = self.directions["t2i"]
+        gallery = data["gallery"]
+        chunk = self.chunk(gallery.shape[0])
+        text = float(np.mean(top1_cosines(data["queries"], gallery, chunk)))
+        image = float(np.mean(top1_cosines(gallery[:self.real_images], gallery, chunk, exclude_own=True)))
+        return {"text_top1_cosine": text, "image_top1_cosine": image, "gap": image - text}
 
     def baseline(self):
         """fp32 exact search at this dim: ranks, metrics and top-max(K) lists (reference for overlap)."""
@@ -328,7 +517,9 @@ class Group:
         """Indexes (one per direction) with build timings, memory and compressed full ranks.
 
         Built once per build-time knob (IVF lists, HNSW links) and shared by the search-time knob
-        values (nprobe, efSearch) of the same index: index_params is the configuration's."""
+        values (nprobe, efSearch) of the same index: index_params is the configuration's. Float IVF
+        indexes get the group's coarse quantizer (coarse_quantizer), and indexes that decode the gallery
+        alike share one full ranking (shared_full_ranks)."""
         build_knobs = {"nlist": index_params.get("nlist")} if index_type == "ivf" else \
             {"hnsw_m": index_params.get("hnsw_m")} if index_type == "hnsw" else {}
         key = (precision, index_type, tuple(sorted(build_knobs.items())))
@@ -337,16 +528,19 @@ class Group:
             entry = {}
             for direction, data in self.directions.items():
                 params["fit_size"] = data["fit"].shape[0]
-                index, timing = indexes.build_index(precision, data["gallery"], data["fit"], index_type, params)
+                coarse, reused = self.coarse_quantizer(direction, precision, index_type, params)
+                index, timing = indexes.build_index(precision, data["gallery"], data["fit"], index_type, params,
+                                                    coarse)
+                if index_type == "ivf":
+                    timing["coarse_shared"] = reused  # its k-means ran for an earlier index of the group
                 entry[direction] = {"index": index, "timing": timing,
                                     "bytes": indexes.serialized_bytes(index),
                                     "bytes_per_vector": indexes.bytes_per_vector(index, precision,
-                                                                                 data["gallery"].shape[1]),
-                                    "decoded": indexes.decoded_gallery(index, precision, data["gallery"])}
+                                                                                 data["gallery"].shape[1])}
             # Full ranking under the compressed scores: untimed, in parallel, finished before any timing.
-            jobs = {d: self.pool.submit(self.full_ranks, d,
-                                        indexes.compressed_queries(precision, v["queries"], entry[d]["index"]),
-                                        entry[d].pop("decoded")) for d, v in self.directions.items()}
+            decode = indexes.decode_key(precision, index_type, key[2])
+            jobs = {d: self.pool.submit(self.shared_full_ranks, d, precision, entry[d]["index"], decode)
+                    for d in self.directions}
             for direction, job in jobs.items():
                 entry[direction]["full_ranks"] = job.result()
                 searcher = indexes.device_searcher(entry[direction]["index"], precision, self.device)
@@ -356,6 +550,31 @@ class Group:
                                         if searcher.encode else batches)
             self.indexes[key] = entry
         return self.indexes[key]
+
+    def coarse_quantizer(self, direction, precision, index_type, params):
+        """(the coarse quantizer a build gets, whether an earlier build of the group trained it): one k-means
+        per direction and nlist serves every float IVF index (indexes.shares_coarse); (None, False) for the
+        others (flat, HNSW, and IVF over sign bits, which trains its own in build_index)."""
+        if not indexes.shares_coarse(precision, index_type):
+            return None, False
+        data = self.directions[direction]
+        key = (direction, indexes.ivf_lists(data["gallery"].shape[0], params))
+        reused = key in self.coarse
+        if not reused:
+            self.coarse[key] = indexes.train_coarse(np.ascontiguousarray(data["fit"], dtype=np.float32), key[1])
+        return self.coarse[key], reused
+
+    def shared_full_ranks(self, direction, precision, index, decode):
+        """The full ranking of a direction under the compressed scores of `index`, computed once per decode
+        (indexes.decode_key: fp32 IVF / HNSW reuse the exact baseline's ranks, an HNSW index its flat twin's).
+        The decoded gallery exists only while its ranking is computed."""
+        key = (direction,) + decode
+        if key not in self.ranks:  # each direction is one job: no two threads fill the same key
+            data = self.directions[direction]
+            queries = indexes.compressed_queries(precision, data["queries"], index)
+            self.ranks[key] = self.full_ranks(direction, queries,
+                                              indexes.decoded_gallery(index, precision, data["gallery"]))
+        return self.ranks[key]
 
 
 # ----------------------------------------------------------------------------- one configuration
@@ -435,6 +654,10 @@ def evaluate_config(settings, group, config):
         ranks[direction] = direction_ranks
     result_metrics["RSUM"] = metrics.rsum(result_metrics, config["k_values"], list(group.directions))
     memory.update(memory_summary(config, built))
+    baseline_run = config["precision"] == "fp32" and config["index"] == "flat" and config["candidate_size"] is None
+    ood = group.ood_gap() if baseline_run else None  # once per group: on its fp32 exact run only
+    if ood is not None:
+        result_metrics["ood"] = ood
     speed.update({"threads": settings.threads or timing.set_threads(0), "batch_size": settings.batch_size,
                   "min_time_s": settings.min_time, "min_passes": settings.min_passes,
                   "blas_threads": timing.BLAS_THREADS, "warmup_batches": settings.warmup,
@@ -458,6 +681,8 @@ def time_directions(settings, group, config, built):
         indexes.set_search_params(entry["searcher"].index, config["index"], config["index_params"], k_search)
         dir_speed, stage1, final = timed_search(settings, group, direction, entry, k_search, config["rerank"])
         dir_speed.update({k: entry["timing"][k] for k in ("train_s", "add_s", "build_s")})
+        # IVF only (None otherwise): its coarse k-means' seconds, and whether it ran for an earlier index.
+        dir_speed.update({k: entry["timing"].get(k) for k in ("coarse_train_s", "coarse_shared")})
         speed.update({f"{direction}_{k}": v for k, v in dir_speed.items()})
         memory[f"{direction}_index_bytes"] = entry["bytes"]
         lists[direction] = (stage1, final, k_search)
@@ -476,13 +701,13 @@ def direction_metrics(group, config, baseline, entry, lists, direction):
         summary = metrics.summarize(listed, k_values)
         out["stage1_recall"] = None
     else:
-        listed = metrics.candidate_ranks(final, group.text_to_image, direction)
+        listed = group.query_sample.candidate_ranks(final, direction)
         summary = metrics.summarize(listed, k_values)
         # The full ranking this system implies: its list, then the rest by compressed score.
         implied = np.where(np.isfinite(listed), listed, np.maximum(entry["full_ranks"], k_search + 1))
         implied_summary = metrics.summarize(implied, k_values)
         summary["mean_rank"], summary["median_rank"] = implied_summary["mean_rank"], implied_summary["median_rank"]
-        stage1_ranks = metrics.candidate_ranks(stage1, group.text_to_image, direction)
+        stage1_ranks = group.query_sample.candidate_ranks(stage1, direction)
         out["stage1_recall"] = float(100.0 * np.mean(np.isfinite(stage1_ranks)))
     out.update(summary)
     for key in [f"R@{k}" for k in k_values] + ["MRR"]:

@@ -390,3 +390,37 @@ def test_a_rank_file_with_nan_ranks_gives_a_note_not_nan_intervals(tmp_path):
     rows = {r["run_id"]: r for r in summary["rows"]}
     assert rows["B"]["ci_note"] == "rank file: t2i has ranks that are NaN or below 1 (1-based, inf = miss)"
     assert rows["B"]["t2i_MRR_ci_low"] is None and rows["A"]["t2i_MRR_ci_low"] is not None
+
+
+def test_distractors_are_labelled_and_the_ood_gap_is_reported_per_gallery_size(tmp_path):
+    folder = hand_made(str(tmp_path))  # the real gallery: 100 items
+    padded = {"G": (1000, {"source": "gaussian", "synthetic": True, "count": 900},
+                    {"text_top1_cosine": 0.31, "image_top1_cosine": 0.83, "gap": 0.52}),
+              "H": (400, {"source": ["coco_data/toyset/m_train.h5", "extra.h5"], "synthetic": False, "count": 300},
+                    {"text_top1_cosine": 0.42, "image_top1_cosine": 0.71, "gap": 0.29})}
+    for name, (size, distractors, ood) in padded.items():
+        write_run(folder, name, "fp32", 8, exact=True, t2i=(40, 70), i2t=(50, 80), bytes_per_vector=32, qps=500,
+                  p50=2.0, gallery_size=size)
+        path = os.path.join(folder, "runs", f"{name}.json")
+        with open(path) as f:
+            run = json.load(f)
+        run["config"]["distractors"] = distractors
+        run["metrics"]["ood"] = ood
+        with open(path, "w") as f:
+            json.dump(run, f)
+    (group,) = analyse(folder, "--no_plots")["groups"]
+    files = "coco_data/toyset/m_train.h5 + extra.h5"
+    assert group["ood_gap"] == [
+        {"gallery_size": 400, "distractors": files, "distractors_synthetic": False, "dim": 8, "run_id": "H",
+         "ood_text_top1_cosine": 0.42, "ood_image_top1_cosine": 0.71, "ood_gap": 0.29},
+        {"gallery_size": 1000, "distractors": "gaussian", "distractors_synthetic": True, "dim": 8, "run_id": "G",
+         "ood_text_top1_cosine": 0.31, "ood_image_top1_cosine": 0.83, "ood_gap": 0.52}]
+    assert [(r["gallery_size"], r["distractors"], r["distractors_synthetic"]) for r in group["scaling"]] == \
+        [(100, None, None), (400, files, False), (1000, "gaussian", True)]
+    report_text = open(os.path.join(folder, "REPORT.md")).read()
+    synthetic = "Gaussian distractors (synthetic; not realistic for text→image)"
+    assert f"queries/s; the extra items are {synthetic}." in report_text  # the scaling sentence (largest gallery)
+    assert f"| 1000 | {synthetic} | 8 | 0.31 | 0.83 | 0.52 | G |" in report_text  # the out-of-distribution table
+    assert f"| 400 | distractors from {files} | 8 | 0.42 | 0.71 | 0.29 | H |" in report_text
+    scaling = report_text.split("### Gallery-size scaling")[1].split("###")[0]
+    assert f"| fp32 8d exact | 1000 | {synthetic} |" in scaling and f"| 400 | distractors from {files} |" in scaling

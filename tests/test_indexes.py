@@ -198,3 +198,98 @@ def test_small_fit_sets_give_one_note_not_a_flood_and_the_same_codes(precision, 
         loud.add(fit)
         np.testing.assert_array_equal(indexes.decoded_gallery(index, precision, fit),
                                       indexes.decoded_gallery(loud, precision, fit))
+
+
+# ----------------------------------------------------------------------------- shared coarse quantizers, decodes
+
+def faiss_own_ivf(precision, gallery, fit, params):
+    """The IVF index FAISS builds when it trains everything itself (its own k-means, no shared quantizer)."""
+    index = indexes.make_index(precision, gallery.shape[1], "ivf", params, gallery.shape[0])
+    for cp, _ in indexes.clusterings(index):
+        cp.min_points_per_centroid = 1  # what build_index does (only decides FAISS's warning)
+    index.train(np.ascontiguousarray(fit))
+    index.add(np.ascontiguousarray(gallery))
+    indexes.set_search_params(index, "ivf", params, k=10)
+    return index
+
+
+def test_one_coarse_quantizer_serves_every_float_ivf_precision_as_its_own_would(vectors, monkeypatch):
+    gallery, fit, queries = vectors[:300], vectors[:500], vectors[500:]
+    params = {"nlist": 8, "nprobe": 3, "pq_subdim": 16}  # nprobe < nlist: the lists decide what is found
+    coarse = indexes.train_coarse(fit, 8)
+    calls = []
+    real_train_coarse = indexes.train_coarse
+    monkeypatch.setattr(indexes, "train_coarse", lambda *a: calls.append(a) or real_train_coarse(*a))
+    shared_precisions = [p for p in indexes.PRECISIONS if indexes.shares_coarse(p, "ivf")]
+    assert shared_precisions == ["fp32", "fp16", "bf16", "int8", "int4", "pq"]
+    for precision in ["fp32", "fp16", "int8", "int4", "pq"]:
+        index, timing = indexes.build_index(precision, gallery, fit, "ivf", params, coarse)
+        own = faiss_own_ivf(precision, gallery, fit, params)
+        core, own_core = indexes.core_index(index), indexes.core_index(own)
+        np.testing.assert_array_equal(core.quantizer.reconstruct_n(0, 8), own_core.quantizer.reconstruct_n(0, 8))
+        np.testing.assert_array_equal(indexes.decoded_gallery(index, precision, gallery),
+                                      indexes.decoded_gallery(own, precision, gallery))
+        scores, ids = indexes.make_searcher(index, precision)(queries, 10)
+        own_scores, own_ids = indexes.make_searcher(own, precision)(queries, 10)
+        np.testing.assert_array_equal(ids, own_ids)
+        np.testing.assert_array_equal(scores, own_scores)
+        assert timing["coarse_train_s"] == coarse.train_s
+        assert timing["build_s"] == pytest.approx(coarse.train_s + timing["train_s"] + timing["add_s"])
+    assert calls == []  # five precisions, one k-means (the one above)
+    # The index keeps what it is given: FAISS does not train its quantizer again.
+    planted = indexes.Coarse(l2_normalize(np.random.default_rng(1).normal(size=(8, 32))).astype(np.float32), 0.5)
+    index, _ = indexes.build_index("int8", gallery, fit, "ivf", params, planted)
+    np.testing.assert_array_equal(indexes.core_index(index).quantizer.reconstruct_n(0, 8), planted.centroids)
+    # Without one, the build trains its own (once), timed apart from the rest of its training.
+    index, timing = indexes.build_index("int8", gallery, fit, "ivf", params)
+    assert len(calls) == 1 and timing["coarse_train_s"] > 0 and "coarse_shared" not in timing
+    np.testing.assert_array_equal(indexes.core_index(index).quantizer.reconstruct_n(0, 8), coarse.centroids)
+    # opq (rotated space) and the sign codes (bits) cannot take a quantizer of the plain vectors.
+    for precision in ("opq", "binary"):
+        with pytest.raises(ValueError, match="coarse quantizer"):
+            indexes.build_index(precision, gallery, fit, "ivf", params, coarse)
+
+
+@pytest.mark.parametrize("precision", ["opq", "binary", "itq"])
+def test_ivf_that_trains_its_own_coarse_quantizer_equals_faiss_own_build(vectors, precision):
+    gallery, fit, queries = vectors[:300], vectors[:500], vectors[500:]
+    params = {"nlist": 8, "nprobe": 3, "pq_subdim": 16}
+    index, timing = indexes.build_index(precision, gallery, fit, "ivf", params)
+    if precision in indexes.SIGN_CODES:  # FAISS's own build of the same bits
+        rotation = indexes.code_rotation(index, precision)
+        own = indexes.make_index(precision, 32, "ivf", params, 300)
+        indexes.quiet_clustering(own, 500)
+        own.train(indexes.sign_bits(fit, rotation))
+        own.add(indexes.sign_bits(gallery, rotation))
+        indexes.set_search_params(own, "ivf", params, k=10)
+        searchers = [indexes.make_searcher(i, precision, rotation) for i in (index, own)]
+    else:
+        own = faiss_own_ivf(precision, gallery, fit, params)
+        searchers = [indexes.make_searcher(i, precision) for i in (index, own)]
+    np.testing.assert_array_equal(indexes.core_index(index).quantizer.reconstruct_n(0, 8),
+                                  indexes.core_index(own).quantizer.reconstruct_n(0, 8))
+    (scores, ids), (own_scores, own_ids) = (s(queries, 10) for s in searchers)
+    np.testing.assert_array_equal(ids, own_ids)
+    np.testing.assert_array_equal(scores, own_scores)
+    assert timing["coarse_train_s"] > 0 and timing["train_s"] >= 0
+
+
+def test_equal_decode_keys_mean_equal_decoded_galleries(vectors):
+    gallery, fit = vectors[:200], vectors[200:500]
+    params = {"nlist": 4, "hnsw_m": 8, "pq_subdim": 16}
+    for precision in indexes.PRECISIONS:
+        decodes = {}
+        for index_type, knobs in (("flat", ()), ("hnsw", (("hnsw_m", 8),)), ("ivf", (("nlist", 4),))):
+            index, _ = indexes.build_index(precision, gallery, fit, index_type, params)
+            key = indexes.decode_key(precision, index_type, knobs)
+            decoded = indexes.decoded_gallery(index, precision, gallery)
+            if key in decodes:
+                np.testing.assert_array_equal(decoded, decodes[key], err_msg=f"{precision} {index_type}")
+            decodes[key] = decoded
+        # fp32 and the sign codes decode alike in every structure; the others share flat and HNSW, and IVF
+        # (residuals from the list centroids) has its own decode per nlist.
+        assert len(decodes) == (1 if precision == "fp32" or precision in indexes.SIGN_CODES else 2), precision
+        if len(decodes) == 2:
+            flat, ivf = decodes.values()
+            assert not np.array_equal(flat, ivf), precision
+    assert indexes.decode_key("int8", "ivf", (("nlist", 4),)) != indexes.decode_key("int8", "ivf", (("nlist", 8),))

@@ -261,14 +261,17 @@ def test_gallery_distractors_and_approximate_indexes(tmp_path):
     run_experiments.main(common + ["--gallery_sizes", "30", "300", "10"])
     run_experiments.main(common + ["--gallery_sizes", "100", "200", "--distractors", other])
     runs = load_runs(out)
-    exact = {(r["config"]["gallery_size"], r["config"]["distractors"]["source"] if r["config"]["distractors"] else None): r
+    exact = {(r["config"]["gallery_size"],
+              str(r["config"]["distractors"]["source"]) if r["config"]["distractors"] else None): r
              for r in runs if r["config"]["exact"] and "skipped" not in r}
     small, large = exact[(30, None)], exact[(300, "gaussian")]
     assert large["config"]["distractors"]["count"] == 270
     assert large["metrics"]["t2i_R@5"] <= small["metrics"]["t2i_R@5"]
     assert large["metrics"]["t2i_mean_rank"] >= small["metrics"]["t2i_mean_rank"]
     assert large["memory"]["t2i_index_bytes"] > small["memory"]["t2i_index_bytes"]
-    assert exact[(100, other)]["config"]["distractors"]["count"] == 70
+    from_file = exact[(100, str([os.path.normpath(other)]))]
+    assert from_file["config"]["distractors"]["count"] == 70
+    assert large["config"]["distractors"]["synthetic"] and not from_file["config"]["distractors"]["synthetic"]
     too_many = [r for r in runs if r["config"]["gallery_size"] == 200]
     assert too_many and all("has only 80 rows" in r["skipped"] for r in too_many)
     assert all("below the real gallery" in r["skipped"] for r in runs if r["config"]["gallery_size"] == 10)
@@ -339,10 +342,10 @@ def test_knob_lists_give_one_config_each_and_build_each_index_once(tmp_path, mon
     builds = []
     real_build = indexes.build_index
 
-    def counting_build(precision, gallery, fit_vectors, index_type="flat", params=None):
+    def counting_build(precision, gallery, fit_vectors, index_type="flat", params=None, coarse=None):
         knob = {"ivf": params.get("nlist"), "hnsw": params.get("hnsw_m")}.get(index_type)
         builds.append((precision, index_type, knob))
-        return real_build(precision, gallery, fit_vectors, index_type, params)
+        return real_build(precision, gallery, fit_vectors, index_type, params, coarse)
 
     monkeypatch.setattr(indexes, "build_index", counting_build)
     out = str(tmp_path / "result")
@@ -414,3 +417,431 @@ def test_query_transform_is_its_own_timed_stage_and_search_excludes_binarising(t
     assert sum(1 for name, n in stages if name == "transform_step" and n > 0) == 4
     assert all(n == 0 for name, n in stages if name != "transform_step")
     assert speeds[("binary", 16, 1)]["blas_threads"] == timing.BLAS_THREADS
+
+
+# ----------------------------------------------------------------------------- distractors
+
+def sweep_inputs(argv, pool):
+    """(settings, files, fits, distractors) as run_experiments.main loads them."""
+    from retrieval import sweep
+    args, settings, _ = run_experiments.parse_args(argv)
+    return (settings, *sweep.load_inputs(settings, args.data_path, args.fit_path, pool))
+
+
+def first_group(settings, files, fits, distractors, pool):
+    """The Group of the grid's first configuration (the fp32 exact run of the first gallery size)."""
+    from retrieval import sweep
+    from retrieval.env import pick_device
+    config, skip, _ = sweep.build_grid(settings, files, fits)[0]
+    return config, skip, sweep.Group(settings, files[0][1], fits[0], config, distractors[0], pool, pick_device("cpu"))
+
+
+def test_distractor_files_pad_in_the_order_given_and_split_names_the_sibling(tmp_path):
+    import concurrent.futures
+    from retrieval import sweep
+    from retrieval.errors import UserError
+    from retrieval.io import read_embeddings
+    data = random_file(tmp_path / "toy_test.npz", num_images=20, dim=16)
+    train = random_file(tmp_path / "toy_train.npz", num_images=7, dim=16, seed=3, split="train")
+    extra = random_file(tmp_path / "extra.npz", num_images=6, dim=16, seed=4)
+    paths = [os.path.normpath(train), os.path.normpath(extra)]
+    argv = ["--data_path", data, "--gallery_sizes", "30", "--distractors", "split:train", extra]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        settings, files, fits, distractors = sweep_inputs(argv, pool)
+        config, skip, group = first_group(settings, files, fits, distractors, pool)
+    assert config["distractors"] == {"source": paths, "synthetic": False, "count": 10} and skip is None
+    assert fits[0]["distractor_paths"] == paths and fits[0]["distractor_rows"] == 13  # 7 + 6 images bound both
+    real, first, second = (read_embeddings(p) for p in (data, train, extra))
+    # 10 image rows: the sibling train file's 7, then 3 of the next file; 10 caption rows: the train file's.
+    want_images = np.concatenate([real.image_embeddings, first.image_embeddings, second.image_embeddings])[:30]
+    want_texts = np.concatenate([real.text_embeddings, first.text_embeddings, second.text_embeddings])[:110]
+    np.testing.assert_array_equal(group.directions["t2i"]["gallery"], want_images)
+    np.testing.assert_array_equal(group.directions["i2t"]["gallery"], want_texts)
+    assert sweep.sibling_split(os.path.join("coco_data", "flickr8k", "dual-x-d512_test.h5"), "train") == \
+        os.path.join("coco_data", "flickr8k", "dual-x-d512_train.h5")
+    with pytest.raises(UserError, match="needs a file named <name>_<split>"):
+        sweep.sibling_split(os.path.join("coco_data", "embeddings.npz"), "train")
+    # A gallery the files cannot fill is skipped with its reason; the one they can is run from them.
+    out = str(tmp_path / "result")
+    written = run_experiments.main(["--data_path", data, "--output_dir", out, "--gallery_sizes", "30", "40",
+                                    "--distractors", "split:train", extra, "--precisions", "fp32", "--candidate_sizes",
+                                    "--recall_k", "1", "--min_time", "0", "--latency_queries", "2",
+                                    "--num_workers", "1"])
+    runs = {r["config"]["gallery_size"]: r for r in (json.load(open(p)) for p in written)}
+    assert sorted(runs) == [30, 40] and "skipped" not in runs[30]
+    assert runs[40]["skipped"] == f"distractor files {paths[0]} + {paths[1]} have only 13 rows, 20 needed"
+
+
+@pytest.mark.parametrize("distractors, message", [
+    (["split:test"], "{data}: --distractors split:test is the evaluated file itself"),
+    (["split:val"], "{val}: file not found"),
+    (["gaussian", "{other}"], "--distractors: 'gaussian' cannot be mixed with files"),
+    (["{other}", "{narrow}"], "{narrow}: dim 8 != {data} dim 16"),
+])
+def test_bad_distractors_are_one_error_line_naming_the_file(tmp_path, distractors, message):
+    names = {"data": random_file(tmp_path / "toy_test.npz", num_images=20, dim=16),
+             "val": os.path.normpath(str(tmp_path / "toy_val.npz")),
+             "other": random_file(tmp_path / "other.npz", num_images=20, dim=16, seed=1),
+             "narrow": os.path.normpath(random_file(tmp_path / "narrow.npz", num_images=20, dim=8, seed=2))}
+    out = tmp_path / "result"
+    with pytest.raises(SystemExit) as raised:
+        run_experiments.main(["--data_path", names["data"], "--output_dir", str(out), "--gallery_sizes", "30",
+                              "--distractors", *[d.format(**names) for d in distractors]])
+    shown = str(raised.value)
+    assert shown.startswith("error: " + message.format(**names)) and "\n" not in shown
+    assert not out.exists()
+
+
+def test_ood_gap_equals_numpy_on_the_padded_image_gallery(tmp_path):
+    from retrieval import sweep
+    from retrieval.io import read_embeddings
+    data = random_file(tmp_path / "toy_test.npz", num_images=20, dim=16)
+    extra = random_file(tmp_path / "extra.npz", num_images=30, dim=16, seed=5)
+    out = str(tmp_path / "result")
+    written = run_experiments.main(["--data_path", data, "--output_dir", out, "--gallery_sizes", "20", "45",
+                                    "--distractors", extra, "--embedding_dims", "8", "--precisions", "fp32", "int8",
+                                    "--candidate_sizes", "--recall_k", "1", "--min_time", "0",
+                                    "--latency_queries", "2", "--num_workers", "1"])
+    runs = [json.load(open(p)) for p in written]
+    with_ood = [r for r in runs if "ood" in r.get("metrics", {})]
+    # Once per padded group (dims 16 and 8), on its fp32 exact run; never on the real gallery nor on int8.
+    assert sorted((r["config"]["dim"], r["config"]["gallery_size"]) for r in with_ood) == [(8, 45), (16, 45)]
+    assert all(r["config"]["precision"] == "fp32" and r["config"]["candidate_size"] is None for r in with_ood)
+    assert any(r["config"]["precision"] == "int8" and r["config"]["gallery_size"] == 45 for r in runs)
+    real, pad = read_embeddings(data), read_embeddings(extra)
+    gallery = np.concatenate([real.image_embeddings, pad.image_embeddings[:25]]).astype(np.float64)
+    text = (real.text_embeddings.astype(np.float64) @ gallery.T).max(axis=1).mean()
+    image_scores = real.image_embeddings.astype(np.float64) @ gallery.T
+    np.fill_diagonal(image_scores[:, :20], -np.inf)  # an image is not its own neighbour
+    image = image_scores.max(axis=1).mean()
+    (native,) = [r for r in with_ood if r["config"]["dim"] == 16]
+    assert native["metrics"]["ood"] == pytest.approx(
+        {"text_top1_cosine": text, "image_top1_cosine": image, "gap": image - text}, abs=1e-5)
+    assert image > text  # the modality gap: texts sit farther from the images than the images from each other
+    # Chunks that cut through the excluded diagonal give the same numbers as one block.
+    rng = np.random.default_rng(0)
+    queries, rows = l2_normalize(rng.normal(size=(7, 5))), l2_normalize(rng.normal(size=(11, 5)))
+    rows[:7] = queries
+    direct = queries @ rows.T
+    np.fill_diagonal(direct, -np.inf)
+    np.testing.assert_allclose(sweep.top1_cosines(queries, rows, 3, exclude_own=True), direct.max(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(sweep.top1_cosines(queries, rows, 2), (queries @ rows.T).max(axis=1), rtol=1e-6)
+
+
+def test_only_the_directions_that_run_get_distractors(tmp_path, monkeypatch):
+    import concurrent.futures
+    from retrieval import sweep
+    data = random_file(tmp_path / "toy_test.npz", num_images=20, dim=16)
+    extra = random_file(tmp_path / "extra.npz", num_images=6, dim=16, seed=4)  # 6 images, 30 captions
+    made = []
+    real_gaussian_like = sweep.gaussian_like
+
+    def recording_gaussian_like(vectors, count, rng):
+        made.append((vectors.shape[0], count))
+        return real_gaussian_like(vectors, count, rng)
+
+    monkeypatch.setattr(sweep, "gaussian_like", recording_gaussian_like)
+    run_experiments.main(["--data_path", data, "--output_dir", str(tmp_path / "result"), "--gallery_sizes", "45",
+                          "--embedding_dims", "8", "--precisions", "fp32", "--candidate_sizes", "--recall_k", "1",
+                          "--min_time", "0", "--latency_queries", "2", "--num_workers", "1", "--directions", "t2i"])
+    # One group per dim (16, 8), each padding its image gallery from the fit images (20 rows): no caption
+    # distractors (the fit set's 100 captions) were made.
+    assert made == [(20, 25), (20, 25)]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        galleries = {}
+        for directions in (["t2i"], ["i2t"], ["t2i", "i2t"]):
+            argv = ["--data_path", data, "--gallery_sizes", "30", "--directions", *directions]
+            settings, files, fits, distractors = sweep_inputs(argv + ["--distractors", extra], pool)
+            # File rows: only the modalities of the directions that run are gathered, and only they bound the count.
+            assert set(distractors[0]) == {sweep.GALLERY_ROWS[d][0] for d in directions}
+            assert fits[0]["distractor_rows"] == min({"t2i": 6, "i2t": 30}[d] for d in directions)
+            settings, files, fits, distractors = sweep_inputs(argv, pool)
+            _, _, group = first_group(settings, files, fits, distractors, pool)
+            assert list(group.directions) == directions
+            galleries[tuple(directions)] = {d: group.directions[d]["gallery"] for d in directions}
+    # Gaussian distractors of a direction do not depend on which other directions run.
+    for direction in ("t2i", "i2t"):
+        np.testing.assert_array_equal(galleries[(direction,)][direction], galleries[("t2i", "i2t")][direction])
+
+
+# ----------------------------------------------------------------------------- --max_queries (query sample)
+
+def sample_of(text_to_image, n, seed):
+    """The documented rule, written out: n images drawn by numpy default_rng(seed) without replacement,
+    ascending, and every caption of each."""
+    images = np.sort(np.random.default_rng(seed).choice(int(text_to_image.max()) + 1, size=n, replace=False))
+    return images, np.flatnonzero(np.isin(text_to_image, images))
+
+
+def stage1_vectors(precision, queries, gallery):
+    """The vectors stage 1 scores with (as reference_metrics: FAISS decodes, numpy ranks)."""
+    if precision == "binary":
+        return indexes.binary_signs(queries), indexes.binary_signs(gallery)
+    if precision == "fp32":
+        return queries, gallery
+    index, _ = indexes.build_index(precision, gallery, gallery)
+    return queries, index.reconstruct_n(0, index.ntotal)
+
+
+def sampled_reference(emb, config, images, captions):
+    """reference_metrics of the sampled queries against the whole gallery (native dim, no distractors)."""
+    t2i, out = emb.text_to_image, {}
+    for direction, queries, gallery, relevant in (
+            ("t2i", emb.text_embeddings[captions], emb.image_embeddings, [{int(t2i[c])} for c in captions]),
+            ("i2t", emb.image_embeddings[images], emb.text_embeddings,
+             [set(np.flatnonzero(t2i == i).tolist()) for i in images])):
+        got = reference_direction(queries, gallery, *stage1_vectors(config["precision"], queries, gallery), relevant,
+                                  config["k_values"], config)
+        out.update({f"{direction}_{k}": v for k, v in got.items()})
+    return out
+
+
+def test_query_sample_keeps_whole_images_and_follows_the_seed():
+    from retrieval import sweep
+    rng = np.random.default_rng(0)
+    # 1 to 6 captions per image, captions in shuffled order: nothing relies on 5 captions in image order.
+    text_to_image = rng.permutation(np.repeat(np.arange(50), rng.integers(1, 7, size=50)))
+    sample = sweep.sample_queries(text_to_image, 20, seed=3)
+    images, captions = sample_of(text_to_image, 20, 3)
+    np.testing.assert_array_equal(sample.images, images)
+    np.testing.assert_array_equal(sample.captions, captions)
+    assert set(text_to_image[sample.captions].tolist()) == set(sample.images.tolist())  # whole images, both ways
+    assert sample.captions.size == np.isin(text_to_image, sample.images).sum()
+    # The rank file's map numbers the sampled images 0..19, each with all its captions.
+    np.testing.assert_array_equal(sample.images[sample.text_to_image], text_to_image[sample.captions])
+    np.testing.assert_array_equal(np.bincount(sample.text_to_image), np.bincount(text_to_image)[sample.images])
+    np.testing.assert_array_equal(sweep.sample_queries(text_to_image, 20, seed=3).captions, sample.captions)
+    assert not np.array_equal(sweep.sample_queries(text_to_image, 20, seed=4).images, sample.images)
+    vectors = rng.normal(size=(text_to_image.size, 4))
+    np.testing.assert_array_equal(sample.pick(vectors, "t2i"), vectors[captions])
+    # 0, or no fewer than the file's images: every image and caption, in the file's order, no copy.
+    for n in (0, 50, 500):
+        every = sweep.sample_queries(text_to_image, n, seed=3)
+        assert every.complete and every.pick(vectors, "t2i") is vectors
+        np.testing.assert_array_equal(every.images, np.arange(50))
+        np.testing.assert_array_equal(every.text_to_image, text_to_image)
+
+
+def test_sampled_run_metrics_equal_the_sampled_queries_against_the_whole_gallery(tmp_path):
+    from retrieval import io, metrics
+    data = random_file(tmp_path / "toy.npz", num_images=40, dim=16)
+    emb = io.read_embeddings(data)
+    out = str(tmp_path / "result")
+    written = run_experiments.main(["--data_path", data, "--output_dir", out, "--precisions", "fp16", "binary",
+                                    "--candidate_sizes", "10", "--recall_k", "1", "5", "--min_time", "0",
+                                    "--latency_queries", "2", "--num_workers", "1", "--max_queries", "12"])
+    images, captions = sample_of(emb.text_to_image, 12, 0)
+    checked = 0
+    for path in written:
+        record = json.load(open(path))
+        if "skipped" in record:
+            continue
+        config = record["config"]
+        assert config["query_sample"] == {"max_queries": 12, "seed": 0, "images": 12, "images_total": 40,
+                                          "captions": 60, "captions_total": 200}
+        assert record["speed"]["t2i_timed_queries"] == 60 and record["speed"]["i2t_timed_queries"] == 12
+        assert_metrics_match(record, sampled_reference(emb, config, images, captions))
+        ranks = io.read_ranks(io.ranks_path(path))
+        np.testing.assert_array_equal(ranks["text_to_image"], np.repeat(np.arange(12), 5))
+        if config["exact"]:  # retrieval.metrics itself on the sampled captions against every image
+            np.testing.assert_array_equal(ranks["t2i"], metrics.exact_ranks(
+                emb.text_embeddings[captions], emb.image_embeddings, emb.text_to_image[captions], "t2i"))
+        checked += 1
+    assert checked == 1 + 2 * 2  # the baseline; fp16 and binary each without re-ranking and with C = 10
+
+
+def runs_by_config(output_dir):
+    """{config without its query sample (JSON text): run file path} of the completed runs of a folder."""
+    out = {}
+    for path in glob.glob(os.path.join(output_dir, "runs", "*.json")):
+        record = json.load(open(path))
+        if "skipped" not in record:
+            config = {k: v for k, v in record["config"].items() if k != "query_sample"}
+            out[json.dumps(config, sort_keys=True)] = path
+    return out
+
+
+def test_sampled_sweep_has_the_full_sweeps_ranks_of_its_queries_on_the_same_gallery(tmp_path):
+    # PCA, two codecs, re-ranking and Gaussian distractors: the gallery (and every index over it) is the
+    # full sweep's, so every query's rank is the one it has in the full sweep.
+    from retrieval import io, metrics
+    data = random_file(tmp_path / "toy.npz", num_images=40, dim=16)
+    common = ["--data_path", data, "--embedding_dims", "8", "--precisions", "int8", "binary", "--candidate_sizes",
+              "10", "--gallery_sizes", "60", "--recall_k", "1", "5", "--min_time", "0", "--latency_queries", "2",
+              "--num_workers", "1"]
+    run_experiments.main(common + ["--output_dir", str(tmp_path / "full")])
+    run_experiments.main(common + ["--output_dir", str(tmp_path / "sampled"), "--max_queries", "12"])
+    full, sampled = runs_by_config(str(tmp_path / "full")), runs_by_config(str(tmp_path / "sampled"))
+    assert set(sampled) == set(full) and len(sampled) == 2 * (1 + 2 * 2)
+    images, captions = sample_of(io.read_embeddings(data).text_to_image, 12, 0)
+    for config, path in sampled.items():
+        ranks, reference = io.read_ranks(io.ranks_path(path)), io.read_ranks(io.ranks_path(full[config]))
+        np.testing.assert_array_equal(ranks["t2i"], reference["t2i"][captions])
+        np.testing.assert_array_equal(ranks["i2t"], reference["i2t"][images])
+        record = json.load(open(path))
+        assert record["config"]["gallery_size"] == 60 and record["config"]["distractors"]["count"] == 20
+        for direction in ("t2i", "i2t"):
+            summary = metrics.summarize(ranks[direction], [1, 5])
+            for key in ("R@1", "R@5", "MRR"):
+                assert record["metrics"][f"{direction}_{key}"] == summary[key], (path, direction, key)
+
+
+def test_run_names_without_max_queries_are_unchanged_and_a_small_file_is_all_queries(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --data_path: the path is part of every config
+    random_file("toy.npz", num_images=40, dim=16)
+    common = ["--data_path", "toy.npz", "--embedding_dims", "8", "--precisions", "int8", "--candidate_sizes", "10",
+              "--min_time", "0", "--latency_queries", "2", "--num_workers", "1"]
+    # Written by run_experiments.py before --max_queries existed.
+    before = ["toy-random-test-" + name for name in (
+        "d16-none-fp32-full-flat-g40-7762dabe", "d16-none-int8-k10-norerank-flat-g40-3464b27c",
+        "d16-none-int8-c10-flat-g40-7905321f", "d8-pca-fp32-full-flat-g40-c37eff4b",
+        "d8-pca-int8-k10-norerank-flat-g40-63f73d63", "d8-pca-int8-c10-flat-g40-d27e85df")]
+    for extra in ([], ["--max_queries", "0"]):
+        planned = run_experiments.main(common + ["--output_dir", "out", "--dry_run"] + extra)
+        assert [os.path.basename(p)[:-len(".json")] for p in planned] == before
+    sampled = run_experiments.main(common + ["--output_dir", "out", "--dry_run", "--max_queries", "12"])
+    assert all("-g40-q12-" in p for p in sampled) and not {os.path.basename(p) for p in sampled} & set(before)
+    # No more images than --max_queries: every image and caption, no error, the full sweep's numbers.
+    run_experiments.main(common + ["--output_dir", "full"])
+    run_experiments.main(common + ["--output_dir", "all", "--max_queries", "500"])
+    full, every = runs_by_config("full"), runs_by_config("all")
+    assert set(full) == set(every) and len(full) == 6
+    for config, path in every.items():
+        record, reference = json.load(open(path)), json.load(open(full[config]))
+        assert record["config"]["query_sample"] == {"max_queries": 500, "seed": 0, "images": 40, "images_total": 40,
+                                                    "captions": 200, "captions_total": 200}
+        for key in ("t2i_R@1", "t2i_MRR", "i2t_R@5", "i2t_MRR", "i2t_overlap@5"):
+            assert record["metrics"][key] == reference["metrics"][key], (path, key)
+
+
+def test_bootstrap_and_report_on_a_sampled_sweep(tmp_path):
+    import analyze_results
+    from retrieval import bootstrap, io
+    data = random_file(tmp_path / "toy.npz", num_images=40, dim=16)
+    out = str(tmp_path / "result")
+    written = run_experiments.main(["--data_path", data, "--output_dir", out, "--precisions", "int8",
+                                    "--candidate_sizes", "10", "--recall_k", "1", "5", "--min_time", "0",
+                                    "--latency_queries", "2", "--num_workers", "1", "--max_queries", "12",
+                                    "--seed", "7"])
+    for path in written:  # the bootstrap trusts each rank file: it gives the JSON's numbers back, over 12 images
+        ranks, text_to_image, reason = bootstrap.read_ranks(io.ranks_path(path), json.load(open(path))["metrics"])
+        assert reason is None and int(text_to_image.max()) + 1 == 12 and ranks["t2i"].size == 60
+    summary = analyze_results.main(["--results_dir", out, "--bootstrap", "200", "--no_plots"])
+    (group,) = summary["groups"]
+    assert group["runs_completed"] == 3
+    assert group["intervals"]["runs_with_intervals"] == group["intervals"]["runs_paired"] == 3
+    assert group["source"]["query_samples"] == [{"max_queries": 12, "seed": 7, "images": 12, "images_total": 40,
+                                                 "captions": 60, "captions_total": 200}]
+    report = open(os.path.join(out, "REPORT.md")).read()
+    assert "| queries | 12 of 40 images, 60 of 200 captions, seeded 7 (--max_queries 12) |" in report
+
+
+# ----------------------------------------------------------------------------- shared quantizers, decodes, chunks
+
+def count_calls(monkeypatch, name, calls, key):
+    """Wrap indexes.<name> so that every call appends key(*args) to calls."""
+    real = getattr(indexes, name)
+
+    def counted(*args, **kwargs):
+        calls.append(key(*args, **kwargs))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(indexes, name, counted)
+
+
+def structure(index):
+    name = type(indexes.core_index(index)).__name__
+    return "ivf" if "IVF" in name else "hnsw" if "HNSW" in name else "flat"
+
+
+def test_shared_coarse_quantizers_and_decodes_give_the_metrics_of_unshared_builds(tmp_path, monkeypatch):
+    from retrieval import io
+    data = random_file(tmp_path / "toy.npz", num_images=40, dim=16)
+    common = ["--data_path", data, "--precisions", "fp32", "fp16", "int8", "binary", "--index", "flat", "ivf", "hnsw",
+              "--nlist", "4", "8", "--nprobe", "2", "--hnsw_m", "8", "--candidate_sizes", "10", "--recall_k", "1", "5",
+              "--min_time", "0", "--latency_queries", "2", "--num_workers", "2"]
+    coarse, decodes = [], []
+    count_calls(monkeypatch, "train_coarse", coarse, lambda fit_codes, nlist: (fit_codes.dtype.name, nlist))
+    count_calls(monkeypatch, "decoded_gallery", decodes,
+                lambda index, precision, gallery: (precision, structure(index)))
+    shared = run_experiments.main(common + ["--output_dir", str(tmp_path / "shared")])
+    # Per direction and nlist: one k-means for fp32, fp16 and int8, and binary's own on its bits.
+    assert sorted(coarse) == sorted([("float32", n) for n in (4, 8)] * 2 + [("uint8", n) for n in (4, 8)] * 2)
+    # Per direction: fp32 once (the baseline; IVF and HNSW reuse it), fp16 and int8 once for flat + HNSW and
+    # once per nlist, binary once for all structures.
+    assert sorted(decodes) == sorted([("fp32", "flat"), ("fp16", "flat"), ("fp16", "ivf"), ("fp16", "ivf"),
+                                      ("int8", "flat"), ("int8", "ivf"), ("int8", "ivf"), ("binary", "flat")] * 2)
+    # The same sweep with every build training its own coarse quantizer and decoding its own gallery.
+    unshared_coarse, unshared_decodes = [], []
+    monkeypatch.setattr(indexes, "shares_coarse", lambda precision, index_type: False)
+    monkeypatch.setattr(indexes, "decode_key", lambda precision, index_type, knobs=(): (precision, index_type) + knobs)
+    count_calls(monkeypatch, "train_coarse", unshared_coarse, lambda fit_codes, nlist: nlist)
+    count_calls(monkeypatch, "decoded_gallery", unshared_decodes, lambda index, precision, gallery: precision)
+    unshared = run_experiments.main(common + ["--output_dir", str(tmp_path / "unshared")])
+    assert len(unshared_coarse) == 2 * 2 * 4 and len(unshared_decodes) == 2 * 16
+    assert [os.path.basename(p) for p in shared] == [os.path.basename(p) for p in unshared]
+    ivf = 0
+    for a, b in zip(shared, unshared):
+        with_sharing, without = json.load(open(a)), json.load(open(b))
+        if "skipped" in with_sharing:
+            continue
+        assert with_sharing["metrics"] == without["metrics"], a
+        ranks_a, ranks_b = io.read_ranks(io.ranks_path(a)), io.read_ranks(io.ranks_path(b))
+        for direction in ("t2i", "i2t"):
+            np.testing.assert_array_equal(ranks_a[direction], ranks_b[direction])
+        config, speed = with_sharing["config"], with_sharing["speed"]
+        for direction in ("t2i", "i2t"):
+            if config["index"] != "ivf":
+                assert speed[f"{direction}_coarse_train_s"] is None and speed[f"{direction}_coarse_shared"] is None
+                continue
+            ivf += 1
+            # fp32 (first in the grid) trains the quantizer that fp16 and int8 reuse; binary trains its own.
+            assert speed[f"{direction}_coarse_shared"] == (config["precision"] in ("fp16", "int8"))
+            assert speed[f"{direction}_coarse_train_s"] > 0 and without["speed"][f"{direction}_coarse_shared"] is False
+            assert speed[f"{direction}_build_s"] == pytest.approx(
+                speed[f"{direction}_coarse_train_s"] + speed[f"{direction}_train_s"] + speed[f"{direction}_add_s"])
+    assert ivf == 2 * 4 * 2 * 2  # directions x precisions x nlist x (no re-ranking, C = 10)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_chunked_full_ranking_equals_one_chunk_and_brute_force_with_ties(direction):
+    from retrieval import metrics
+    # Entries 0 or +-0.5 (four non-zeros): every dot product is exact, so the many ties are real ties. Images
+    # have 1 to several captions; 7 distractor rows follow each real gallery (never relevant).
+    rng = np.random.default_rng(11)
+    patterns = np.zeros((6, 8), dtype=np.float32)
+    for row in patterns:
+        row[rng.choice(8, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+    text_to_image = np.sort(np.r_[np.arange(13), rng.integers(0, 13, size=40)])
+    images, texts = patterns[rng.integers(0, 6, size=13)], patterns[rng.integers(0, 6, size=53)]
+    extra = patterns[rng.integers(0, 6, size=7)]
+    queries, gallery = (texts, np.r_[images, extra]) if direction == "t2i" else (images, np.r_[texts, extra])
+    relevant = relevant_sets(text_to_image, direction)
+    scores = queries @ gallery.T
+    want = [first_hit(stable_order(scores[q], np.arange(gallery.shape[0])), relevant[q]) for q in range(len(queries))]
+    assert sum((scores[q] == scores[q, r]).sum() > 1 for q in range(len(queries)) for r in relevant[q]) > 10
+    count = queries.shape[0]
+    whole = metrics.exact_ranks(queries, gallery, text_to_image, direction, chunk_size=count)
+    np.testing.assert_array_equal(whole, want)
+    for chunk in (1, 2, 4, count - 1, count + 3):  # 4 divides neither 53 nor 13
+        np.testing.assert_array_equal(metrics.exact_ranks(queries, gallery, text_to_image, direction, chunk), whole)
+
+
+def test_full_ranking_memory_is_bounded_by_the_chunk_not_the_gallery():
+    import tracemalloc
+    from retrieval import metrics, sweep
+    rng = np.random.default_rng(0)
+    text_to_image = np.repeat(np.arange(2000), 5)
+    images = l2_normalize(rng.normal(size=(20000, 8))).astype(np.float32)  # 2000 real images + distractors
+    texts = l2_normalize(rng.normal(size=(20000, 8))).astype(np.float32)  # 10000 real captions + distractors
+    for direction, queries, gallery in (("t2i", texts[:10000], images), ("i2t", images[:2000], texts)):
+        full_matrix = queries.shape[0] * gallery.shape[0] * 4
+        tracemalloc.start()
+        ranks = metrics.exact_ranks(queries, gallery, text_to_image, direction, chunk_size=50)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 16 * 50 * gallery.shape[0] < full_matrix / 2, (direction, peak)
+        np.testing.assert_array_equal(ranks, metrics.exact_ranks(queries, gallery, text_to_image, direction, 400))
+    # The sweep's chunk keeps a chunk's scores at 2^26 floats (256 MB) whatever the gallery.
+    for rows in (1, 5000, 10 ** 6, 10 ** 8):
+        chunk = sweep.Group.chunk(None, rows)
+        assert chunk >= 1 and (chunk == 1 or chunk * rows <= 1 << 26)
