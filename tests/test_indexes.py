@@ -293,3 +293,23 @@ def test_equal_decode_keys_mean_equal_decoded_galleries(vectors):
             flat, ivf = decodes.values()
             assert not np.array_equal(flat, ivf), precision
     assert indexes.decode_key("int8", "ivf", (("nlist", 4),)) != indexes.decode_key("int8", "ivf", (("nlist", 8),))
+
+
+def test_default_lists_leave_residual_codecs_something_to_learn():
+    # A fit set of 200 vectors and a 4,000-item gallery: the rule of thumb (4 sqrt(N) = 253 lists) would make
+    # every fit vector its own centroid, train the int8 codec on zero residuals and rank every probed item
+    # as its centroid. With the default capped at fit / 39 lists, probing every list gives the flat int8 lists.
+    rng = np.random.default_rng(3)
+    fit, gallery = l2_normalize(rng.normal(size=(200, 32))), l2_normalize(rng.normal(size=(4000, 32)))
+    queries = l2_normalize(gallery[:50] + 0.05 * rng.normal(size=(50, 32)))
+    params = {"fit_size": fit.shape[0], "sq_ranges": "per_dim"}
+    nlist = indexes.ivf_lists(gallery.shape[0], params)
+    assert nlist == 200 // indexes.MIN_POINTS_PER_LIST
+    assert indexes.ivf_lists(gallery.shape[0], dict(params, nlist=300)) == 200   # asked for: only capped by fit
+    ivf, _ = indexes.build_index("int8", gallery, fit, "ivf", dict(params, nlist=nlist))
+    ivf.nprobe = nlist
+    flat, _ = indexes.build_index("int8", gallery, fit, "flat", params)
+    _, ivf_ids = ivf.search(queries, 10)
+    _, flat_ids = flat.search(queries, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ivf_ids, flat_ids)]) > 0.9
+    assert np.mean(ivf_ids[:, 0] == np.arange(50)) > 0.9      # the noisy copies find their item
