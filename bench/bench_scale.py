@@ -1,0 +1,206 @@
+"""Benchmark the sweep as the gallery grows: recall and speed of every codec and index at 10k / 100k / 1M items.
+
+The evaluated file gives the queries and the real gallery items; `--gallery_sizes` pads the gallery with
+distractors (default: Gaussian, synthetic). The sweep itself (run_experiments.py) does the work, so the
+numbers are the ones a user's sweep would give; this script adds the machine's read bandwidth (what a flat
+fp32 search of one query must at least take: the gallery read once), the summary table, the crossover
+points where a compressed index overtakes fp32 in speed, and the plot.
+
+Reads:  --data_path (hand-off file: queries + real items), --fit_path (fits quantizers / PCA; default the
+        evaluated file itself), --distractors as run_experiments.py takes them.
+Writes: <output_dir>/inputs/*-pca<dim>_<split>.h5 (the two files projected to --dim by PCA fitted on the fit
+        file, so the sweep's grid is that one dim: it always adds a file's native dim, which at 1M items would
+        double the work), <output_dir>/runs/*.json (the sweep's run files: skip-if-exists, so a stopped bench resumes),
+        <output_dir>/bench_scale.json (table, crossovers, bandwidth, wall time, peak RSS, load, environment),
+        <output_dir>/scale_recall_qps.png.
+
+Example (the README's budgeted part: text->image, flat + IVF, up to 1M items, 1,000 query images):
+    E=../shared/embeddings/flickr8k-efflite2-minilm-d512
+    /usr/bin/time -v python bench/bench_scale.py --data_path $E/dual-flickr8k-efflite2-minilm-d512_test.h5 \
+        --fit_path $E/dual-flickr8k-efflite2-minilm-d512_dev.h5 --directions t2i --index flat ivf
+"""
+import argparse
+import glob
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import run_experiments  # noqa: E402  (the sweep under test)
+from retrieval import indexes, timing  # noqa: E402
+from retrieval.env import environment  # noqa: E402
+from retrieval.io import Embeddings, atomic_path, read_embeddings, read_json, write_embeddings, write_json  # noqa: E402
+
+DEFAULT_PRECISIONS = ["fp32", "fp16", "int8", "int4", "binary", "pq", "opq", "itq"]
+
+
+def read_bandwidth_gbs(num_bytes, repeats=3):
+    """Best-of-N GB/s of one thread reading a float32 array once (a matrix-vector product with a vector of
+    ones: what a flat fp32 search of one query does, on one thread like the latency measurement). At least
+    1 GB, so the array is far larger than any cache."""
+    rows = max(num_bytes, 1 << 30) // (4 * 256)
+    array = np.ones((rows, 256), dtype=np.float32)
+    ones = np.ones(256, dtype=np.float32)
+    best = float("inf")
+    with timing.pinned_threads(1):
+        for _ in range(repeats):
+            start = time.perf_counter()
+            array @ ones
+            best = min(best, time.perf_counter() - start)
+    return array.nbytes / best / 1e9
+
+
+def projected_inputs(data_path, fit_path, dim, folder, seed):
+    """(data, fit) hand-off files at `dim`: PCA fitted on the fit file's images and captions, as the sweep's
+    own --dim_method pca does (indexes.fit_reduction / reduce), written once under folder."""
+    fit = read_embeddings(fit_path or data_path)
+    if fit.dim == dim:
+        return data_path, fit_path
+    projection = indexes.fit_reduction(np.concatenate([fit.image_embeddings, fit.text_embeddings]), dim, "pca", seed)
+    out = []
+    for path in (data_path, fit_path or data_path):
+        stem, split = os.path.basename(path).rsplit(".", 1)[0].rsplit("_", 1)
+        target = os.path.join(folder, f"{stem}-pca{dim}_{split}.h5")
+        if not os.path.exists(target):
+            emb = read_embeddings(path)
+            attrs = dict(emb.attrs, dim=dim, note=f"bench_scale: PCA to {dim} fitted on {fit_path or data_path}")
+            write_embeddings(target, Embeddings(indexes.reduce(emb.image_embeddings, projection),
+                                                indexes.reduce(emb.text_embeddings, projection), emb.text_to_image,
+                                                emb.image_ids, emb.captions, attrs))
+        out.append(target)
+    return out[0], out[1]
+
+
+def sweep_argv(args, data_path, fit_path):
+    argv = ["--data_path", data_path, "--fit_path", fit_path, "--output_dir", args.output_dir,
+            "--embedding_dims", str(args.dim), "--precisions", *args.precisions,
+            "--candidate_sizes", str(args.candidate_size), "--recall_k", "1", "10",
+            "--index", *args.index, "--nprobe", *map(str, args.nprobe), "--ef_search", *map(str, args.ef_search),
+            "--gallery_sizes", *map(str, args.gallery_sizes), "--distractors", *args.distractors,
+            "--directions", *args.directions, "--max_queries", str(args.max_queries),
+            "--threads", str(args.threads), "--min_time", str(args.min_time), "--seed", str(args.seed)]
+    return argv
+
+
+def label(config):
+    knobs = config.get("index_params") or {}
+    knob = f" nprobe={knobs['nprobe']}" if "nprobe" in knobs else f" ef={knobs['ef_search']}" \
+        if "ef_search" in knobs else ""
+    rerank = f" C={config['candidate_size']}" if config.get("rerank") else ""
+    return f"{config['precision']} {config['index']}{knob}{rerank}"
+
+
+def table_rows(run_files, dim, directions):
+    """One row per completed run at the benchmark's dim: what the README table shows."""
+    rows = []
+    for path in run_files:
+        run = read_json(path)
+        config = run["config"]
+        if "metrics" not in run or config["dim"] != dim:
+            continue
+        # the reference is fp32 exact flat search at this dim (config "exact" means exact at the native dim)
+        reference = config["precision"] == "fp32" and config["index"] == "flat" and not config.get("rerank")
+        row = {"gallery_size": config["gallery_size"], "label": label(config), "precision": config["precision"],
+               "index": config["index"], "rerank": bool(config.get("rerank")), "reference": reference,
+               "bytes_per_vector": run["memory"]["bytes_per_vector"]}
+        for d in directions:
+            row.update({f"{d}_R@1": run["metrics"].get(f"{d}_R@1"), f"{d}_R@10": run["metrics"].get(f"{d}_R@10"),
+                        f"{d}_qps": run["speed"].get(f"{d}_qps"),
+                        f"{d}_latency_p50_ms": run["speed"].get(f"{d}_latency_p50_ms"),
+                        f"{d}_build_s": run["speed"].get(f"{d}_build_s")})
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["gallery_size"], r["label"]))
+
+
+def crossovers(rows, direction):
+    """Per configuration label: the smallest gallery size at which it searches faster than fp32 exact flat."""
+    exact = {r["gallery_size"]: r[f"{direction}_qps"] for r in rows if r["reference"]}
+    found = {}
+    for row in rows:
+        if row["reference"] or row["gallery_size"] not in exact or row[f"{direction}_qps"] is None:
+            continue
+        if row[f"{direction}_qps"] > exact[row["gallery_size"]]:
+            size = found.get(row["label"])
+            found[row["label"]] = row["gallery_size"] if size is None else min(size, row["gallery_size"])
+    return dict(sorted(found.items()))
+
+
+def plot(rows, direction, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (recall_ax, speed_ax) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    for name in sorted({r["label"] for r in rows if r["index"] == "flat" and not r["rerank"]}):
+        line = sorted((r for r in rows if r["label"] == name), key=lambda r: r["gallery_size"])
+        sizes = [r["gallery_size"] for r in line]
+        recall_ax.plot(sizes, [r[f"{direction}_R@10"] for r in line], marker="o", label=name)
+        speed_ax.plot(sizes, [r[f"{direction}_qps"] for r in line], marker="o", label=name)
+    for ax, what in ((recall_ax, f"{direction} R@10 (%)"), (speed_ax, f"{direction} queries/s (batch)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("gallery size (items)")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    speed_ax.set_yscale("log")
+    speed_ax.legend(fontsize=8)
+    fig.suptitle(f"flat indexes, no re-ranking: {direction} recall and speed vs gallery size")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data_path", required=True, help="hand-off file: the queries and the real gallery items")
+    p.add_argument("--fit_path", default="", help="hand-off file the quantizers / PCA are fitted on")
+    p.add_argument("--gallery_sizes", type=int, nargs="+", default=[10000, 100000, 1000000])
+    p.add_argument("--distractors", nargs="+", default=["gaussian"], help="as run_experiments.py --distractors")
+    p.add_argument("--dim", type=int, default=256, help="embedding dim of every configuration (PCA from the file)")
+    p.add_argument("--precisions", nargs="+", default=DEFAULT_PRECISIONS, choices=indexes.PRECISIONS)
+    p.add_argument("--index", nargs="+", default=["flat", "ivf", "hnsw"], choices=("flat", "ivf", "hnsw"))
+    p.add_argument("--nprobe", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--ef_search", type=int, nargs="+", default=[16, 64, 256])
+    p.add_argument("--directions", nargs="+", default=["t2i", "i2t"], choices=("t2i", "i2t"))
+    p.add_argument("--candidate_size", type=int, default=100, help="re-ranked candidates (no re-ranking always runs)")
+    p.add_argument("--max_queries", type=int, default=1000, help="query images (and all their captions)")
+    p.add_argument("--threads", type=int, default=2, help="FAISS threads")
+    p.add_argument("--min_time", type=float, default=0.3, help="as run_experiments.py --min_time")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default=os.path.join("result", "bench", "scale"))
+    args = p.parse_args(argv)
+    load_before, start = os.getloadavg(), time.time()
+    bandwidth = read_bandwidth_gbs(max(args.gallery_sizes) * args.dim * 4)
+    print(f"read bandwidth: {bandwidth:.1f} GB/s (one thread reading a float32 array once); "
+          f"load average {load_before[0]:.2f}")
+    data_path, fit_path = projected_inputs(args.data_path, args.fit_path, args.dim,
+                                           os.path.join(args.output_dir, "inputs"), args.seed)
+    command = sweep_argv(args, data_path, fit_path)
+    run_experiments.main(command)
+    rows = table_rows(sorted(glob.glob(os.path.join(args.output_dir, "runs", "*.json"))), args.dim, args.directions)
+    direction = args.directions[0]
+    floor = {n: n * args.dim * 4 / (bandwidth * 1e9) * 1e3 for n in args.gallery_sizes}   # ms to read it once
+    exact = {r["gallery_size"]: r for r in rows if r["reference"]}
+    latency = {n: {"fp32_flat_p50_ms": exact[n][f"{direction}_latency_p50_ms"], "read_once_ms": floor[n],
+                   "ratio": exact[n][f"{direction}_latency_p50_ms"] / floor[n]} for n in args.gallery_sizes if n in exact}
+    record = {"command": command, "rows": rows, "crossovers": {d: crossovers(rows, d) for d in args.directions},
+              "read_bandwidth_gbs": bandwidth, "fp32_flat_latency_vs_read": latency,
+              "wall_s": time.time() - start, "peak_rss_bytes": timing.peak_rss_bytes(),
+              "load_average_before": load_before, "load_average_after": os.getloadavg(), "environment": environment()}
+    write_json(os.path.join(args.output_dir, "bench_scale.json"), record)
+    plot(rows, direction, os.path.join(args.output_dir, "scale_recall_qps.png"))
+    for n, item in latency.items():
+        print(f"{n:>9,} items: fp32 flat single-query p50 {item['fp32_flat_p50_ms']:.2f} ms, reading the gallery "
+              f"once {item['read_once_ms']:.2f} ms (ratio {item['ratio']:.2f})")
+    for d, found in record["crossovers"].items():
+        for name, size in found.items():
+            print(f"{d}: {name} is faster than fp32 exact flat from {size:,} items")
+    print(f"wall {record['wall_s']:.0f} s, peak RSS {record['peak_rss_bytes'] / 1e9:.2f} GB; "
+          f"wrote {os.path.join(args.output_dir, 'bench_scale.json')}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
