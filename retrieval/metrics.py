@@ -23,10 +23,13 @@ DIRECTIONS = ("t2i", "i2t")
 DIRECTION_NAMES = {"t2i": "text→image", "i2t": "image→text"}  # how reports and plots name them
 
 
-def relevant_pairs(text_to_image, direction):
-    """(query index, relevant gallery index) pairs and the number of queries for a direction."""
+def relevant_pairs(text_to_image, direction, caption_rows=None):
+    """(query index, relevant gallery index) pairs and the number of queries for a direction.
+    caption_rows: i2t, the gallery row of each caption (default: caption j is row j; a query sample passes
+    the rows of its captions, which sit among all the file's captions)."""
     text_to_image = np.asarray(text_to_image, dtype=np.int64)
-    captions = np.arange(text_to_image.size, dtype=np.int64)
+    captions = np.arange(text_to_image.size, dtype=np.int64) if caption_rows is None \
+        else np.asarray(caption_rows, dtype=np.int64)
     if direction == "t2i":
         return captions, text_to_image, text_to_image.size
     if direction == "i2t":
@@ -40,7 +43,7 @@ def _best_per_query(pair_query, pair_rank, num_queries):
     return best
 
 
-def exact_ranks(queries, gallery, text_to_image, direction, chunk_size=1024):
+def exact_ranks(queries, gallery, text_to_image, direction, chunk_size=1024, caption_rows=None):
     """Exact 1-based rank of each query's best relevant item under dot-product scores.
 
     queries: [Q, D] (captions for t2i, images for i2t); gallery: [N, D]. Scores are computed in
@@ -50,7 +53,7 @@ def exact_ranks(queries, gallery, text_to_image, direction, chunk_size=1024):
     the real gallery: they are never relevant). Ties go to the lower gallery index; the ranks do not
     depend on chunk_size.
     """
-    pair_query, pair_item, num_queries = relevant_pairs(text_to_image, direction)
+    pair_query, pair_item, num_queries = relevant_pairs(text_to_image, direction, caption_rows)
     queries = np.asarray(queries, dtype=np.float32)
     gallery = np.asarray(gallery, dtype=np.float32)
     if queries.shape[0] != num_queries:
@@ -79,14 +82,14 @@ def _pair_ranks(scores, rows, items, gallery_index):
     return 1 + higher + tied_before
 
 
-def candidate_ranks(candidates, text_to_image, direction):
+def candidate_ranks(candidates, text_to_image, direction, caption_rows=None):
     """1-based rank of each query's best relevant item inside a returned candidate list.
 
     candidates: [Q, C] gallery indices in ranked order (-1 = empty slot, as FAISS pads). A relevant
     item that is not in the list gives inf (a miss).
     """
     candidates = np.asarray(candidates)
-    pair_query, pair_item, num_queries = relevant_pairs(text_to_image, direction)
+    pair_query, pair_item, num_queries = relevant_pairs(text_to_image, direction, caption_rows)
     if candidates.shape[0] != num_queries:
         raise ValueError(f"{direction}: expected {num_queries} candidate rows, got {candidates.shape[0]}")
     match = candidates[pair_query] == pair_item[:, None]

@@ -398,26 +398,22 @@ class QuerySample:
             return vectors
         return vectors[self.captions if direction == "t2i" else self.images]
 
+    def relevance(self, direction):
+        """metrics' relevance arguments for the picked queries: t2i, each caption's image row; i2t, each
+        caption's sampled image and its gallery row (the file's captions are the i2t gallery's first rows)."""
+        if direction == "t2i":
+            return self.relevant_images, {}
+        return self.text_to_image, {"caption_rows": self.captions}
+
     def exact_ranks(self, queries, gallery, direction, chunk_size):
         """metrics.exact_ranks of the picked queries against the whole gallery (the protocol's ranks)."""
-        if direction == "t2i" or self.complete:
-            return metrics.exact_ranks(queries, gallery, self.relevant_images, direction, chunk_size=chunk_size)
-        return self._best_per_image(metrics.exact_ranks(queries[self.text_to_image], gallery, self.captions,
-                                                        "t2i", chunk_size=chunk_size))
+        text_to_image, rows = self.relevance(direction)
+        return metrics.exact_ranks(queries, gallery, text_to_image, direction, chunk_size=chunk_size, **rows)
 
     def candidate_ranks(self, candidates, direction):
         """metrics.candidate_ranks of the picked queries' candidate lists (gallery rows)."""
-        if direction == "t2i" or self.complete:
-            return metrics.candidate_ranks(candidates, self.relevant_images, direction)
-        return self._best_per_image(metrics.candidate_ranks(candidates[self.text_to_image], self.captions, "t2i"))
-
-    def _best_per_image(self, caption_ranks):
-        # The protocol's i2t rank is the best rank among the image's captions. metrics' i2t pairs assume the
-        # captions are gallery rows 0..T-1, so a sampled image is ranked once per caption (as a query with that
-        # one relevant row) and keeps its best rank: the same pairs, the same tie rule.
-        best = np.full(self.images.size, np.inf)
-        np.minimum.at(best, self.text_to_image, caption_ranks)
-        return best
+        text_to_image, rows = self.relevance(direction)
+        return metrics.candidate_ranks(candidates, text_to_image, direction, **rows)
 
     def record(self, max_queries, seed):
         """What a run's config states about its queries."""
