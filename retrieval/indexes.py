@@ -34,6 +34,8 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
+from retrieval.io import l2_normalize
+
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "binary", "pq", "opq", "itq")
 SIGN_CODES = ("binary", "itq")  # sign bits in an IndexBinary*, compared by Hamming distance
 INDEX_TYPES = ("flat", "ivf", "hnsw")
@@ -82,7 +84,6 @@ def fit_reduction(fit_vectors, dim, method, seed=0):
 
 def reduce(vectors, projection):
     """Project and re-normalise (a projection shrinks norms unevenly; the indexes assume unit rows)."""
-    from retrieval.io import l2_normalize
     if projection is None:
         return np.ascontiguousarray(vectors, dtype=np.float32)
     return l2_normalize(np.asarray(vectors, dtype=np.float32) @ projection)
