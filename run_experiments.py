@@ -74,6 +74,9 @@ def parse_args(argv=None):
                        help="repeat whole timed passes of a stage until this many seconds (and --min_passes)")
     speed.add_argument("--min_passes", type=int, default=3,
                        help="at least this many timed passes per stage: their spread is recorded (noise of the machine)")
+    speed.add_argument("--max_time", type=float, default=10.0,
+                       help="stop repeating a stage's passes once this many seconds are spent, even below --min_passes "
+                            "(a large gallery: then one pass, its spread over blocks of batches)")
     speed.add_argument("--warmup", type=int, default=1, help="untimed warm-up batches before each timed section")
     speed.add_argument("--latency_queries", type=int, default=100, help="sampled single queries for latency percentiles")
     speed.add_argument("--latency_threads", type=int, default=1,

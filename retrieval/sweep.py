@@ -54,6 +54,7 @@ class SweepSettings:
     min_time: float
     warmup: int
     min_passes: int
+    max_time: float
     latency_queries: int
     latency_threads: int
     threads: int
@@ -513,13 +514,16 @@ class Group:
         """Indexes (one per direction) with build timings, memory and compressed full ranks.
 
         Built once per build-time knob (IVF lists, HNSW links) and shared by the search-time knob
-        values (nprobe, efSearch) of the same index: index_params is the configuration's. Float IVF
-        indexes get the group's coarse quantizer (coarse_quantizer), and indexes that decode the gallery
-        alike share one full ranking (shared_full_ranks)."""
+        values (nprobe, efSearch) of the same index: index_params is the configuration's; only the latest
+        built index is kept. Float IVF indexes get the group's coarse quantizer (coarse_quantizer), and
+        indexes that decode the gallery alike share one full ranking (shared_full_ranks)."""
         build_knobs = {"nlist": index_params.get("nlist")} if index_type == "ivf" else \
             {"hnsw_m": index_params.get("hnsw_m")} if index_type == "hnsw" else {}
         key = (precision, index_type, tuple(sorted(build_knobs.items())))
         if key not in self.indexes:
+            # The grid lists an index's configurations one after another: the indexes built before are done
+            # with, and at a million items each holds up to a GB (rebuilt if a later configuration needs one).
+            self.indexes.clear()
             params = dict(self.settings.index_settings("flat")[0], **build_knobs)
             entry = {}
             for direction, data in self.directions.items():
@@ -589,7 +593,9 @@ def timed_search(settings, group, direction, entry, k_search, rerank):
     query_batches, native_batches = data["query_batches"], data["native_batches"]
     stage1, final = [None] * len(codes), [None] * len(codes)
     timed = functools.partial(timing.time_batches, num_batches=len(codes), num_queries=data["queries"].shape[0],
-                              min_time=settings.min_time, warmup=settings.warmup, min_passes=settings.min_passes)
+                              min_time=settings.min_time, warmup=settings.warmup, min_passes=settings.min_passes,
+                              max_time=settings.max_time, batch_sizes=[len(b) for b in query_batches])
+    dim = data["queries"].shape[1]
     transform = group.query_transform(searcher.encode)
 
     def transform_step(i):
@@ -603,7 +609,7 @@ def timed_search(settings, group, direction, entry, k_search, rerank):
             else indexes.sort_candidates(*stage1[i])
 
     stages = {}
-    with timing.pinned_threads(settings.threads):
+    with timing.pinned_threads(settings.threads, dim):
         if transform is not None:
             stages["transform"] = timed(transform_step)
         stages["search"] = timed(search_step)
@@ -616,7 +622,7 @@ def timed_search(settings, group, direction, entry, k_search, rerank):
         return indexes.rerank(query, data["gallery"], ids) if rerank else indexes.sort_candidates(scores, ids)
 
     latency = timing.latency_ms(single, data["native_queries"], settings.latency_queries, settings.seed,
-                                settings.latency_threads)
+                                settings.latency_threads, dim)
     return stage_speed(stages, latency, k_search), np.concatenate([ids for _, ids in stage1]), np.concatenate(final)
 
 
@@ -624,6 +630,7 @@ def stage_speed(stages, latency, k_search):
     """The speed record of one direction: queries/s per stage and their spread, end-to-end qps, latency."""
     speed = {f"{name}_qps": stage["qps"] for name, stage in stages.items()}
     speed.update({f"{name}_qps_spread_pct": stage["spread_pct"] for name, stage in stages.items()})
+    speed.update({f"{name}_spread_over": stage["spread_over"] for name, stage in stages.items()})
     speed["transform_qps"] = speed.get("transform_qps")
     speed["qps"] = 1.0 / sum(1.0 / stage["qps"] for stage in stages.values())
     speed.update(timed_passes=stages["search"]["passes"], timed_queries=stages["search"]["queries_per_pass"],
@@ -655,7 +662,9 @@ def evaluate_config(settings, group, config):
     if ood is not None:
         result_metrics["ood"] = ood
     speed.update({"threads": settings.threads or timing.set_threads(0), "batch_size": settings.batch_size,
-                  "min_time_s": settings.min_time, "min_passes": settings.min_passes,
+                  "min_time_s": settings.min_time, "min_passes": settings.min_passes, "max_time_s": settings.max_time,
+                  "faiss_blas_threshold": timing.blas_threshold(config["dim"]),
+                  "faiss_default_blas_threshold": timing.FAISS_DEFAULT_BLAS_THRESHOLD,
                   "blas_threads": timing.BLAS_THREADS, "warmup_batches": settings.warmup,
                   "latency_threads": settings.latency_threads or timing.set_threads(0),
                   "device": str(group.device)})

@@ -1,4 +1,6 @@
 """retrieval/indexes.py: reduction, FAISS precision mapping, list ordering, re-ranking, timing helpers."""
+import time
+
 import numpy as np
 import pytest
 
@@ -119,6 +121,41 @@ def test_time_batches_runs_whole_passes_and_warmup():
     latency = timing.latency_ms(lambda q: q.sum(), np.ones((50, 4)), sample=30)
     assert latency["latency_queries"] == 30
     assert latency["latency_p50_ms"] <= latency["latency_p95_ms"] <= latency["latency_p99_ms"]
+
+
+def test_time_batches_stops_after_one_long_pass_and_spreads_over_blocks():
+    calls = []
+
+    def slow_step(i):
+        calls.append(i)
+        time.sleep(0.002 * (1 + i % 2))
+
+    result = timing.time_batches(slow_step, 6, 600, min_time=10.0, warmup=0, min_passes=3, max_time=0.001,
+                                 batch_sizes=[100] * 6)
+    assert calls == list(range(6)) and result["passes"] == 1 and result["spread_over"] == "blocks"
+    assert result["qps_min"] <= result["qps"] <= result["qps_max"] and result["spread_pct"] >= 0
+    # Without max_time the same stage repeats whole passes until min_passes, and spreads over them.
+    calls.clear()
+    result = timing.time_batches(slow_step, 6, 600, min_time=0.0, warmup=0, min_passes=3)
+    assert calls == list(range(6)) * 3 and result["passes"] == 3 and result["spread_over"] == "passes"
+
+
+def test_pinned_threads_keeps_faiss_threads_and_restores_the_blas_switch():
+    import faiss
+    from threadpoolctl import threadpool_info
+    before_threads, before_switch = faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold
+    with timing.pinned_threads(2, dim=256):
+        # An OpenMP build of BLAS (FAISS's wheel bundles one) must not drag FAISS's own pool down to 1 thread.
+        assert faiss.omp_get_max_threads() == 2
+        assert faiss.cvar.distance_compute_blas_threshold == timing.blas_threshold(256)
+        for lib in threadpool_info():
+            if lib.get("user_api") == "blas":
+                assert lib["num_threads"] == (2 if timing.faiss_owned(lib) else timing.BLAS_THREADS)
+    assert faiss.omp_get_max_threads() == before_threads
+    assert faiss.cvar.distance_compute_blas_threshold == before_switch
+    # 20 queries go to BLAS and one query does not, in the unit this FAISS counts in.
+    unit = 1 if timing.FAISS_DEFAULT_BLAS_THRESHOLD <= timing.BLAS_MIN_QUERIES else 256
+    assert 1 * unit < timing.blas_threshold(256) <= timing.BLAS_MIN_QUERIES * unit
 
 
 @pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
