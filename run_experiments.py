@@ -36,8 +36,9 @@ def parse_args(argv=None):
     grid = parser.add_argument_group("grid")
     grid.add_argument("--embedding_dims", type=int, nargs="*", default=[],
                       help="target dims; the native dim is always run; dims above native are skipped (never padded)")
-    grid.add_argument("--dim_method", default="pca", choices=indexes.DIM_METHODS,
-                      help="how to reduce below the native dim (PCA is fitted on the fit set)")
+    grid.add_argument("--dim_method", nargs="+", default=["pca"], choices=indexes.DIM_METHODS,
+                      help="how to reduce below the native dim (PCA is fitted on the fit set); several: each "
+                           "is its own configuration at every reduced dim (truncate suits Matryoshka models)")
     grid.add_argument("--precisions", nargs="+", default=list(indexes.PRECISIONS), choices=indexes.PRECISIONS,
                       help="stage-1 precisions (fp32 exact flat search always runs as the baseline)")
     grid.add_argument("--candidate_sizes", type=int, nargs="*", default=[32, 100, 1000],
@@ -160,7 +161,7 @@ def main(argv=None):
             else:
                 start = time.perf_counter()
                 # The grid keeps a group's configurations together: build its vectors/indexes once.
-                key = (file_index, config["gallery_size"], config["dim"])
+                key = (file_index, config["gallery_size"], config["dim"], config["dim_method"])
                 if key != group_key:
                     group, group_key = None, key  # free the previous group's indexes first
                     group = sweep.Group(settings, emb, fit, config, distractors[file_index], pool, device)

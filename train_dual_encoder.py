@@ -5,9 +5,15 @@ Writes: <model_dir>/<run>/log.jsonl (one JSON line per dev evaluation: each epoc
         (--head_ensemble: <model_dir>/<run>/d<dim>/member<k>/{best,last}.pt and the joined d<dim>/best.pt),
         <model_dir>/feature_cache/*.pt (frozen-tower features), <export_dir>/dual-<run>-d<dim>_{dev,test}.h5
 
+Compression-aware training: --matryoshka_dims trains nested prefixes (the first d dims, renormalised,
+are an embedding at every nested dim d; the log adds "dev_nested" metrics per dim, best.pt is chosen by
+their mean RSUM, exports record attrs "nested_dims"); --quantization_aware binary|int4 adds the loss of
+the vectors the sweep's index would store (attrs "trained_quantization").
+
 The jobs live in the package: retrieval/training.py (batches, set-up, resume, epochs),
 retrieval/features.py (frozen-tower feature cache), retrieval/distributed.py (torchrun),
 retrieval/checkpoint.py (checkpoint files), retrieval/export.py (ensemble join, hand-off files, --eval_only),
+retrieval/dual_encoder.py (model, nested loss), retrieval/quantize_aware.py (straight-through quantizers),
 retrieval/recipes.py (--recipe bench / demo / quick).
 
 Example:
@@ -22,8 +28,9 @@ import torch
 
 from retrieval import env, export, io, training
 from retrieval.distributed import barrier, init_distributed
-from retrieval.dual_encoder import build_model
+from retrieval.dual_encoder import build_model, check_nested_weights, nested_dims
 from retrieval.errors import HelpFormatter, UserError, cli
+from retrieval.quantize_aware import QUANTIZERS
 from retrieval.recipes import RECIPES
 from retrieval.towers import IMAGE_ENCODERS
 
@@ -64,6 +71,10 @@ def build_parser():
     g.add_argument("--head_ensemble", type=int, default=1,
                    help="K separate runs (seeds seed..seed+K-1, frozen towers) of embedding_dim/K-wide heads, "
                         "joined by concatenation: the score is the mean of theirs")
+    g.add_argument("--matryoshka_dims", type=int, nargs="+", default=None,
+                   help="also train these prefix lengths of each --embedding_dim (Matryoshka): the first d dims, "
+                        "renormalised, are an embedding of their own; each <= the dim and divisible by "
+                        "--head_ensemble (a joined ensemble's first d dims are its members' first d/K)")
     g.add_argument("--test_flip", action=argparse.BooleanOptionalAction, default=False,
                    help="evaluate/export an image as the mean embedding of it and its mirror image")
     g.add_argument("--temperature", type=float, default=0.07, help="initial InfoNCE temperature (learnable, clamped)")
@@ -84,6 +95,12 @@ def build_parser():
                    help="freeze the text tower (its features are cached)")
     g.add_argument("--cache_views", type=int, default=2,
                    help="frozen image tower: cached views per train image (1 = plain, 2 = +flip, more = +random crops)")
+    g.add_argument("--matryoshka_weights", type=float, nargs="+", default=None,
+                   help="loss weight of each nested dim, ascending, the full dim included (default: all 1); "
+                        "loss = sum(w_d * InfoNCE_d) / sum(w_d)")
+    g.add_argument("--quantization_aware", default=None, choices=sorted(QUANTIZERS),
+                   help="the loss is the mean of the float loss and the same loss on the vectors the sweep's "
+                        "index of this precision stores, at every nested dim (straight-through gradients)")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                    help="mixed precision (retrieval/encoders.py autocast_dtype): on CUDA auto = bf16 if supported "
                         "else fp16 (+ loss scaling); training on CPU/MPS is fp32, embedding on MPS fp16")
@@ -166,6 +183,7 @@ def check(args, world_size):
     for dim in args.embedding_dim:
         if dim % args.head_ensemble:
             raise UserError(f"--head_ensemble {args.head_ensemble} does not divide --embedding_dim {dim}")
+        check_nested_weights(nested_dims(dim, args.matryoshka_dims, args.head_ensemble), args.matryoshka_weights)
 
 
 @cli

@@ -11,7 +11,8 @@ Reads:  --data_path (hand-off file: queries + real items), --fit_path (fits quan
 Writes: <output_dir>/inputs/*-pca<dim>_<split>.h5 (the two files projected to --dim by PCA fitted on the fit
         file, so the sweep's grid is that one dim: it always adds a file's native dim, which at 1M items would
         double the work), <output_dir>/runs/*.json (the sweep's run files: skip-if-exists, so a stopped bench resumes),
-        <output_dir>/bench_scale.json (table, crossovers, bandwidth, wall time, peak RSS, load, environment),
+        <output_dir>/bench_scale[-<tag>].json (table, crossovers, projections, bandwidth, wall time, peak RSS,
+        load, environment),
         <output_dir>/scale_recall_qps_<direction>.png.
 
 Example (the README's budgeted part: text->image, flat + IVF, up to 1M items, 1,000 query images):
@@ -204,10 +205,12 @@ def main(argv=None):
     p.add_argument("--max_time", type=float, default=10.0, help="as run_experiments.py --max_time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default=os.path.join("result", "bench", "scale"))
+    p.add_argument("--tag", default="", help="names this invocation's record: bench_scale-<tag>.json (the table "
+                   "and plots always cover every run in the folder, so invocations with other sizes add up)")
     args = p.parse_args(argv)
     load_before, start = os.getloadavg(), time.time()
     bandwidth = read_bandwidth_gbs(max(args.gallery_sizes) * args.dim * 4)
-    print(f"read bandwidth: {bandwidth:.1f} GB/s (one thread reading a float32 array once); "
+    print(f"read bandwidth: {bandwidth:.1f} GB/s (one thread reading a 1 GB array once); "
           f"load average {load_before[0]:.2f}")
     data_path, fit_path = projected_inputs(args.data_path, args.fit_path, args.dim,
                                            os.path.join(args.output_dir, "inputs"), args.seed)
@@ -224,7 +227,8 @@ def main(argv=None):
               "read_bandwidth_gbs": bandwidth, "fp32_flat_latency_vs_read": latency,
               "wall_s": time.time() - start, "peak_rss_bytes": timing.peak_rss_bytes(),
               "load_average_before": load_before, "load_average_after": os.getloadavg(), "environment": environment()}
-    write_json(os.path.join(args.output_dir, "bench_scale.json"), record)
+    record_path = os.path.join(args.output_dir, f"bench_scale{'-' + args.tag if args.tag else ''}.json")
+    write_json(record_path, record)
     for d in args.directions:
         plot(rows, d, os.path.join(args.output_dir, f"scale_recall_qps_{d}.png"), record["crossovers"][d])
     for n, item in latency.items():
@@ -234,7 +238,7 @@ def main(argv=None):
         for name, size in found.items():
             print(f"{d}: {name} is faster than fp32 exact flat from {size:,} items")
     print(f"wall {record['wall_s']:.0f} s, peak RSS {record['peak_rss_bytes'] / 1e9:.2f} GB; "
-          f"wrote {os.path.join(args.output_dir, 'bench_scale.json')}")
+          f"wrote {record_path}")
     return record
 
 

@@ -618,6 +618,7 @@ def analyse_group(frame, runs, primary_metric=None, paired=no_pairs):
                                                        "total_bytes_per_vector") if head else [],
         "reranking": reranking_table(main, head, paired) if head else [],
         "dim_reduction": dim_reduction_table(main, head) if head else [],
+        "dim_methods": dim_methods_table(main, head, paired) if head else [],
         "whole_gallery_candidates": whole_gallery_candidates(main),
     }
 
@@ -764,15 +765,40 @@ def reranking_table(main, metric, paired=no_pairs):
     return _cleaned(rows)
 
 
+def reduced_fp32(main):
+    """fp32 flat runs at a reduced dim without re-ranking: what a dim reduction alone does."""
+    return main[(main["precision"] == "fp32") & ~main["exact"] & ~main["rerank"]
+                & (main["dim"] < main["native_dim"]) & (main["index"].fillna("flat") == "flat")]
+
+
 def dim_reduction_table(main, metric):
     """fp32 flat runs at a reduced dim without re-ranking, largest dim first: what the reduction alone keeps."""
-    reduced = main[(main["precision"] == "fp32") & ~main["exact"] & ~main["rerank"]
-                   & (main["dim"] < main["native_dim"]) & (main["index"].fillna("flat") == "flat")]
-    reduced = reduced.sort_values("dim", ascending=False).dropna(subset=[f"retention_{metric}"])
+    reduced = reduced_fp32(main).sort_values(["dim", "dim_method"], ascending=[False, True])
+    reduced = reduced.dropna(subset=[f"retention_{metric}"])
     return _cleaned({"run_id": r["run_id"], "native_dim": r["native_dim"], "dim": r["dim"],
                      "dim_method": r["dim_method"], "value": r[metric], "retention": r[f"retention_{metric}"],
                      **_delta_interval(r, metric)}
                     for _, r in reduced.iterrows())
+
+
+def dim_methods_table(main, metric, paired):
+    """Per reduced dim run with two or more --dim_method values (fp32 flat, no re-ranking): the best method by
+    `metric` against each other one, with the paired interval of best - other (same queries, same gallery)."""
+    rows = []
+    reduced = reduced_fp32(main).dropna(subset=[metric])
+    for dim, part in sorted(reduced.groupby("dim"), key=lambda item: -item[0]):
+        if part["dim_method"].nunique() < 2:
+            continue
+        ordered = part.sort_values([metric, "dim_method"], ascending=[False, True])
+        best = ordered.iloc[0]
+        for _, other in ordered.iloc[1:].iterrows():
+            interval = paired(best["run_id"], other["run_id"], metric) or (None, None)
+            rows.append({"dim": dim, "native_dim": best["native_dim"], "best_method": best["dim_method"],
+                         "best_run": best["run_id"], "best_value": best[metric], "other_method": other["dim_method"],
+                         "other_run": other["run_id"], "other_value": other[metric],
+                         "difference": best[metric] - other[metric],
+                         "difference_ci_low": interval[0], "difference_ci_high": interval[1]})
+    return _cleaned(rows)
 
 
 def analyse(frame, runs, primary_metric=None, results_dir=None, settings=None, invalid=()):

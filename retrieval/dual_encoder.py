@@ -5,6 +5,11 @@ projection head into one shared space, and the symmetric InfoNCE loss that train
 `join_members` makes one model of K separately trained head-ensemble members; `encoder_from_model`
 wraps a model as the retrieval.encoders.Encoder every embedding path uses. Checkpoints (which
 rebuild a model from the file alone) live in retrieval/checkpoint.py.
+
+Nested (Matryoshka) embeddings (train_dual_encoder.py --matryoshka_dims; Kusupati et al., NeurIPS
+2022): the first d dims of an embedding, renormalised, are an embedding of their own at every nested
+dim d (`nested_dims`), because `nested_loss` trains each prefix; --quantization_aware adds the loss
+of the quantized vectors (retrieval/quantize_aware.py).
 """
 import math
 
@@ -14,6 +19,7 @@ import torch.nn.functional as F
 
 from retrieval.encoders import Encoder, autocast
 from retrieval.errors import UserError
+from retrieval.quantize_aware import QUANTIZERS
 from retrieval.towers import ImageTower, build_text_tower, image_transforms
 
 # Learnable temperature is kept inside [0.01, 1] (logit scale 1..100, the CLIP clamp).
@@ -53,37 +59,79 @@ class HeadEnsemble(nn.Module):
     """K heads, each out_dim / K wide, trained as separate runs (train_dual_encoder.py --head_ensemble).
     The output concatenates their L2-normalised outputs scaled by 1/sqrt(K): a unit vector whose cosine
     with another such vector is the MEAN of the members' cosines, so the ensemble is one embedding that
-    FAISS indexes like any other."""
+    FAISS indexes like any other.
 
-    def __init__(self, members):
+    member_nested_dims (the members' nested dims, ascending, their full width last): the output is
+    ordered by nested segment instead, segment [previous, d) of every member in turn, so the joined
+    embedding stays nested: its first K*d dims are the members' first d dims (over sqrt(K)). Without
+    nested dims it is [member 1 | member 2 | ...]."""
+
+    def __init__(self, members, member_nested_dims=None):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.bounds = [0, *member_nested_dims] if member_nested_dims else None
 
     def forward(self, x):
-        return torch.cat([F.normalize(m(x).float(), dim=-1) for m in self.members], -1) / len(self.members) ** 0.5
+        outputs = [F.normalize(m(x).float(), dim=-1) for m in self.members]
+        if self.bounds:
+            outputs = [out[..., start:end] for start, end in zip(self.bounds, self.bounds[1:]) for out in outputs]
+        return torch.cat(outputs, -1) / len(self.members) ** 0.5
 
 
-def make_heads(in_dim, out_dim, kind, hidden, dropout, input_dropout, ensemble=1):
+def make_heads(in_dim, out_dim, kind, hidden, dropout, input_dropout, ensemble=1, nested=None):
     if ensemble == 1:
         return make_head(in_dim, out_dim, kind, hidden, dropout, input_dropout)
     if ensemble < 1 or out_dim % ensemble:
         raise UserError(f"--head_ensemble {ensemble}: must be >= 1 and divide --embedding_dim {out_dim}")
     return HeadEnsemble([make_head(in_dim, out_dim // ensemble, kind, hidden, dropout, input_dropout)
-                         for _ in range(ensemble)])
+                         for _ in range(ensemble)], nested and [d // ensemble for d in nested])
+
+
+def nested_dims(embedding_dim, matryoshka_dims, ensemble=1):
+    """The dims a nested model is trained and evaluated at: --matryoshka_dims plus the full dim,
+    ascending; None without --matryoshka_dims (a plain model). Each must be a prefix length that
+    every --head_ensemble member can give (d / K of its dims)."""
+    if not matryoshka_dims:
+        return None
+    for dim in matryoshka_dims:
+        if dim <= 0:
+            raise UserError(f"--matryoshka_dims {dim}: must be positive")
+        if dim > embedding_dim:
+            raise UserError(f"--matryoshka_dims {dim}: larger than --embedding_dim {embedding_dim}")
+        if dim % ensemble:
+            raise UserError(f"--matryoshka_dims {dim}: not divisible by --head_ensemble {ensemble} "
+                            "(each member gives d / K of the first d dims)")
+    return sorted(set(matryoshka_dims) | {embedding_dim})
+
+
+def check_nested_weights(dims, weights):
+    """--matryoshka_weights: one positive weight per nested dim (`dims`, as nested_dims gives them)."""
+    if not weights:
+        return
+    if dims is None:
+        raise UserError("--matryoshka_weights: needs --matryoshka_dims")
+    if len(weights) != len(dims):
+        raise UserError(f"--matryoshka_weights: {len(weights)} values for the {len(dims)} nested dims {dims} "
+                        "(one per dim, ascending, the full dim included)")
+    for weight in weights:
+        if not (math.isfinite(weight) and weight > 0):
+            raise UserError(f"--matryoshka_weights {weight}: must be positive")
 
 
 class DualEncoder(nn.Module):
     def __init__(self, image_tower, text_tower, embedding_dim, temperature=0.07, head="mlp", head_hidden=2048,
-                 head_dropout=0.1, test_flip=False, head_input_dropout=None, head_ensemble=1):
+                 head_dropout=0.1, test_flip=False, head_input_dropout=None, head_ensemble=1, matryoshka_dims=None):
         super().__init__()
         # test_flip: an image's embedding at evaluation is the mean of its own and its mirror's.
         self.test_flip = bool(test_flip)
         self.image_tower, self.text_tower = image_tower, text_tower
         self.image_norm, self.text_norm = FeatureNorm(image_tower.feature_dim), FeatureNorm(text_tower.feature_dim)
+        # nested_dims: None for a plain model; else the dims its prefixes were trained at (full dim last).
+        self.nested_dims = nested_dims(embedding_dim, matryoshka_dims, head_ensemble)
         self.image_head = make_heads(image_tower.feature_dim, embedding_dim, head, head_hidden, head_dropout,
-                                     head_input_dropout, head_ensemble)
+                                     head_input_dropout, head_ensemble, self.nested_dims)
         self.text_head = make_heads(text_tower.feature_dim, embedding_dim, head, head_hidden, head_dropout,
-                                    head_input_dropout, head_ensemble)
+                                    head_input_dropout, head_ensemble, self.nested_dims)
         self.log_inverse_temperature = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         self.embedding_dim = embedding_dim
 
@@ -135,11 +183,43 @@ def contrastive_loss(image_embeddings, text_embeddings, text_to_image, logit_sca
     return 0.5 * (text_to_image_loss + image_to_text_loss)
 
 
+def prefix(embeddings, dim):
+    """The first `dim` dims of unit embeddings, renormalised (the full width as it is)."""
+    if dim == embeddings.shape[-1]:
+        return embeddings
+    return F.normalize(embeddings[..., :dim], dim=-1)
+
+
+def nested_loss(image_embeddings, text_embeddings, text_to_image, logit_scale, dims=None, weights=None,
+                quantization=None, pair_loss=contrastive_loss):
+    """The training loss of a batch of unit embeddings: sum_d w_d L_d / sum_d w_d over the nested dims
+    d (`dims`, ascending; weights default 1), L_d = pair_loss of the first d dims renormalised. With
+    `quantization` ("binary" / "int4"): the mean of that and the same loss on the quantized vectors
+    at every nested dim (straight-through, retrieval/quantize_aware.py; images and texts each quantized
+    with their own batch ranges, as the sweep fits each gallery on its own modality).
+
+    dims None: the full dim only, so without quantization this is exactly pair_loss(...). pair_loss:
+    the caller's name for contrastive_loss (tests/test_train.py swaps the trainer's to make a run diverge)."""
+    dims = dims or [image_embeddings.shape[-1]]
+    weights = weights or [1.0] * len(dims)
+
+    def weighted(transform):
+        total = sum(w * pair_loss(transform(prefix(image_embeddings, d)), transform(prefix(text_embeddings, d)),
+                                  text_to_image, logit_scale) for d, w in zip(dims, weights))
+        return total / sum(weights)
+
+    loss = weighted(lambda x: x)
+    if quantization is None:
+        return loss
+    quantize = QUANTIZERS[quantization]
+    return 0.5 * (loss + weighted(lambda x: F.normalize(quantize(x), dim=-1)))
+
+
 # ----------------------------------------------------------------------------- build
 
 MODEL_KEYS = ("image_encoder", "image_weights", "image_pool", "image_size", "text_encoder", "text_weights", "text_layers",
               "embedding_dim", "temperature", "head", "head_hidden", "head_dropout", "test_flip",
-              "head_input_dropout", "head_ensemble")
+              "head_input_dropout", "head_ensemble", "matryoshka_dims")
 
 
 def model_from_config(image_tower, text_tower, config):
@@ -147,7 +227,7 @@ def model_from_config(image_tower, text_tower, config):
     return DualEncoder(image_tower, text_tower, config["embedding_dim"], config.get("temperature", 0.07),
                        config.get("head", "mlp"), config.get("head_hidden", 2048), config.get("head_dropout", 0.1),
                        config.get("test_flip", False), config.get("head_input_dropout"),
-                       config.get("head_ensemble") or 1)
+                       config.get("head_ensemble") or 1, config.get("matryoshka_dims"))
 
 
 def build_model(config):
@@ -162,8 +242,8 @@ def build_model(config):
 
 def join_members(members, config):
     """One DualEncoder with a HeadEnsemble per side from K trained members (config["head_ensemble"] = K,
-    config["embedding_dim"] = K x a member's dim): the members' shared towers and feature
-    standardisation, their heads side by side, their mean temperature."""
+    config["embedding_dim"] = K x a member's dim, config["matryoshka_dims"] = K x the members'): the
+    members' shared towers and feature standardisation, their heads side by side, their mean temperature."""
     first = members[0]
     model = model_from_config(first.image_tower, first.text_tower, config)
     model.image_norm.load_state_dict(first.image_norm.state_dict())

@@ -14,28 +14,29 @@ from retrieval import checkpoint, io, metrics
 from retrieval.dual_encoder import join_members
 from retrieval.encoders import embed_split
 from retrieval.features import project_features, split_views
-from retrieval.training import dev_embeddings, feature_cache, load_split
+from retrieval.training import dev_embeddings, dev_results, feature_cache, load_split, selection_rsum
 
 
 def join_ensemble(config, dim, member_paths, dev_split, device):
     """<run>/d<dim>/best.pt: the members' best checkpoints joined into one HeadEnsemble model
-    (dual_encoder.join_members), evaluated on dev from the cached features."""
+    (dual_encoder.join_members), evaluated on dev from the cached features (per nested dim too)."""
     members = [checkpoint.build_from_checkpoint(path) for path in member_paths]
     model_config = dict(vars(config), embedding_dim=dim)
     model = join_members([member for member, _ in members], model_config).to(device)
     features = feature_cache(config, device)
     cache = {"image": features.image(model, dev_split, split_views(config.test_flip), config.seed),
              "text": features.text(model, dev_split)}
-    dev = metrics.evaluate(*dev_embeddings(model, dev_split, device, cache, config.batch_size_eval,
-                                           config.num_workers))
+    results = dev_results(*dev_embeddings(model, dev_split, device, cache, config.batch_size_eval,
+                                          config.num_workers), model.nested_dims)
+    dev = results["dev"]
     run_dir = os.path.join(config.model_dir, config.run_name)
     best_path = os.path.join(run_dir, f"d{dim}", "best.pt")
     member_epochs = [saved["epoch"] for _, saved in members]
     checkpoint.write_checkpoint(best_path, model, checkpoint.model_record(model, model_config), vars(config),
                                 checkpoint.run_tag(config.run_name, dim), epoch=max(member_epochs),
-                                best_rsum=dev["RSUM"], members=[os.path.relpath(p, run_dir) for p in member_paths],
-                                member_epochs=member_epochs)
-    io.append_jsonl(os.path.join(run_dir, "log.jsonl"), {"dim": dim, "ensemble_of": len(members), "dev": dev})
+                                best_rsum=selection_rsum(results), member_epochs=member_epochs,
+                                members=[os.path.relpath(p, run_dir) for p in member_paths])
+    io.append_jsonl(os.path.join(run_dir, "log.jsonl"), {"dim": dim, "ensemble_of": len(members), **results})
     print(f"[d{dim}] ensemble of {len(members)} (member epochs {member_epochs}): "
           f"dev {metrics.format_metrics(dev)} -> {best_path}", flush=True)
     return best_path
@@ -66,6 +67,14 @@ def image_features(config, features, model, split):
     return cut
 
 
+def trained_for(model, saved):
+    """The attrs that say what the embeddings were trained to survive: "nested_dims" (the prefixes
+    trained, the full dim last; a prefix is used truncated and renormalised) and "trained_quantization"
+    (--quantization_aware), each only when set."""
+    attrs = {"nested_dims": model.nested_dims, "trained_quantization": saved["args"].get("quantization_aware")}
+    return {key: value for key, value in attrs.items() if value is not None}
+
+
 def export(config, checkpoint_path, splits, device, dim):
     """Write <export_dir>/<tag>_<split>.h5 for each export split from the given checkpoint; returns
     [(path, metrics of the split)]."""
@@ -81,7 +90,7 @@ def export(config, checkpoint_path, splits, device, dim):
             embedded = project_features(model, image_features(config, features, model, split),
                                         features.text(model, split), device)
         emb = embed_split(encoder, split, config.batch_size_eval, config.num_workers, embedded=embedded)
-        emb.attrs.update(seed=config.seed, trained_epochs=saved["epoch"])
+        emb.attrs.update(seed=config.seed, trained_epochs=saved["epoch"], **trained_for(model, saved))
         io.write_embeddings(path, emb)
         result = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
         print(f"[d{dim}] {split_name}: {metrics.format_metrics(result)} -> {path}", flush=True)

@@ -350,6 +350,8 @@ ATTR_TYPES = {
     "checkpoint": ((str, type(None)), "text"),
     "normalised": ((bool,), "true or false"),
     "skipped": ((list,), "a list"),
+    "nested_dims": ((list,), "a list of dims"),          # train_dual_encoder.py --matryoshka_dims
+    "trained_quantization": ((str,), "text"),            # train_dual_encoder.py --quantization_aware
 }
 
 

@@ -33,7 +33,7 @@ class SweepSettings:
     """
     # grid
     embedding_dims: tuple
-    dim_method: str
+    dim_method: tuple  # one or more of indexes.DIM_METHODS, each its own configuration below the native dim
     precisions: tuple
     candidate_sizes: tuple
     recall_k: tuple
@@ -134,8 +134,8 @@ def build_grid(settings, files, fits):
         query_sample = sample_queries(emb.text_to_image, settings.max_queries, settings.seed)
         for gallery_size in (settings.gallery_sizes or [real_gallery]):
             gallery_skip = gallery_skip_reason(settings, gallery_size, real_gallery, fit)
-            for dim in dims:
-                common = common_config(settings, path, emb.dim, dim, gallery_size, real_gallery)
+            for dim, method in dim_plan(settings, dims, emb.dim):
+                common = common_config(settings, path, emb.dim, dim, method, gallery_size, real_gallery)
                 if settings.max_queries:  # only then: the names of runs without --max_queries stay as they were
                     common["query_sample"] = query_sample.record(settings.max_queries, settings.seed)
                 for config, skip in group_configs(settings, common, fit_size(fit)):
@@ -143,10 +143,16 @@ def build_grid(settings, files, fits):
     return grid
 
 
-def common_config(settings, path, native, dim, gallery_size, real_gallery):
-    """The config keys shared by every configuration of one (file, gallery size, dim)."""
+def dim_plan(settings, dims, native):
+    """(dim, dim method) pairs in grid order: the native dim once ("none"), every other dim once per method."""
+    methods = list(dict.fromkeys(settings.dim_method))
+    return [(dim, method) for dim in dims for method in (["none"] if dim == native else methods)]
+
+
+def common_config(settings, path, native, dim, method, gallery_size, real_gallery):
+    """The config keys shared by every configuration of one (file, gallery size, dim, dim method)."""
     extra = gallery_size - real_gallery
-    return {"dim": dim, "native_dim": native, "dim_method": "none" if dim == native else settings.dim_method,
+    return {"dim": dim, "native_dim": native, "dim_method": method,
             "k_values": sorted(set(settings.recall_k)), "gallery_size": gallery_size,
             "distractors": distractor_record(settings, path, extra) if extra > 0 else None,
             "directions": list(settings.directions), "data_path": os.path.normpath(path),
@@ -440,13 +446,13 @@ def sample_queries(text_to_image, max_queries, seed):
 # ----------------------------------------------------------------------------- one group of configs
 
 class Group:
-    """What configurations of one (file, gallery size, dim) share: vectors, baseline, built indexes."""
+    """What configurations of one (file, gallery size, dim, dim method) share: vectors, baseline, built indexes."""
 
     def __init__(self, settings, emb, fit, config, distractors, pool, device):
         self.settings, self.pool, self.device = settings, pool, device
         dim, extra = config["dim"], (config["distractors"] or {}).get("count", 0)
         both = np.concatenate([fit["images"], fit["texts"]])
-        self.projection = indexes.fit_reduction(both, dim, settings.dim_method, settings.seed)
+        self.projection = indexes.fit_reduction(both, dim, config["dim_method"], settings.seed)
         galleries = padded_gallery(emb, fit, extra, distractors, settings.seed, settings.directions)
         self.extra, self.real_images = extra, emb.image_embeddings.shape[0]
         self.reduce = reduce = functools.partial(indexes.reduce, projection=self.projection)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from retrieval import checkpoint, data, env, io, metrics
 from retrieval.distributed import (average_gradients, barrier, broadcast_from_first, gather_with_grad,
                                    rank_slice)
-from retrieval.dual_encoder import build_model, contrastive_loss, encoder_from_model, set_frozen
+from retrieval.dual_encoder import build_model, contrastive_loss, encoder_from_model, nested_loss, set_frozen
 from retrieval.encoders import ImageFiles, autocast, autocast_dtype, embed_split, image_loader, raise_unreadable
 from retrieval.errors import UserError
 from retrieval.features import FeatureCache, project_features, split_views
@@ -171,7 +171,8 @@ class Run:
 
 def new_run(config, dim, member=None):
     """The Run's names and paths. member=k: member k of the --head_ensemble for `dim`, an ordinary run
-    dim/K wide with seed + k in <run>/d<dim>/member<k>/ (its own batches, views and initial heads)."""
+    dim/K wide with seed + k in <run>/d<dim>/member<k>/ (its own batches, views and initial heads), and
+    --matryoshka_dims d/K (its own nested loss; the joined model's first d dims are its first d/K)."""
     run_dir = os.path.join(config.model_dir, config.run_name)
     dim_dir = os.path.join(run_dir, f"d{dim}")
     label, log_fields = f"d{dim}", {"dim": dim}
@@ -180,7 +181,9 @@ def new_run(config, dim, member=None):
         label = f"d{dim} member {member + 1}/{config.head_ensemble}"
         log_fields = {"dim": dim, "member": member}
         dim //= config.head_ensemble
-        config = argparse.Namespace(**{**vars(config), "seed": config.seed + member, "head_ensemble": 1})
+        member_nested = [d // config.head_ensemble for d in config.matryoshka_dims or ()] or None
+        config = argparse.Namespace(**{**vars(config), "seed": config.seed + member, "head_ensemble": 1,
+                                       "matryoshka_dims": member_nested})
     run = Run(config, dim, label, log_fields, run_dir, os.path.join(dim_dir, "best.pt"),
               os.path.join(dim_dir, "last.pt"))
     if os.path.exists(run.last_path) and not (config.resume or config.overwrite):
@@ -244,11 +247,21 @@ def set_up(run, splits, device, world_size):
     run.scaler = torch.amp.GradScaler("cuda", enabled=run.amp_dtype == torch.float16)
 
 
+# Flags that change the loss but not the weights' shapes: a resume with other values would load and
+# silently continue under another objective, so restore refuses it.
+LOSS_FLAGS = ("matryoshka_dims", "matryoshka_weights", "quantization_aware")
+
+
 def restore(run, rank):
     """--resume: continue from last.pt (validated by checkpoint.load_checkpoint) exactly where it stopped."""
     if not (run.config.resume and os.path.exists(run.last_path)):
         return
     saved = checkpoint.load_checkpoint(run.last_path)
+    for flag in LOSS_FLAGS:
+        trained, given = saved["args"].get(flag), getattr(run.config, flag)
+        if trained != given:
+            raise UserError(f"--resume: {run.last_path} was trained with --{flag} {trained or '(not set)'}, "
+                            f"not {given or '(not set)'}; give the same value or --overwrite")
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
@@ -337,7 +350,8 @@ def train_epoch(run, step_module, train, device, rank, world_size):
             image_emb, text_emb, scale = step_module(*inputs)
         image_all, text_all = gather_with_grad(image_emb), gather_with_grad(text_emb)
         text_to_image = torch.arange(image_all.shape[0], device=device).repeat_interleave(config.captions_per_image)
-        loss = contrastive_loss(image_all, text_all, text_to_image, scale)
+        loss = nested_loss(image_all, text_all, text_to_image, scale, run.model.nested_dims,
+                           config.matryoshka_weights, config.quantization_aware, pair_loss=contrastive_loss)
         require_finite(loss.item(), run, state)
         run.scaler.scale(loss / config.grad_accum).backward()
         state["batch_in_epoch"] += 1
@@ -398,34 +412,60 @@ def partial_epoch(run, samples, elapsed, batches):
             "batches_done": run.state["batch_in_epoch"], "batches_in_epoch": batches}
 
 
+def dev_results(images, texts, text_to_image, nested):
+    """The dev fields of a log line: "dev" (the full dim) and, for a nested model (`nested`, its nested
+    dims), "dev_nested" {str(d): metrics of the first d dims renormalised} and their mean RSUM."""
+    results = {"dev": metrics.evaluate(images, texts, text_to_image)}
+    if nested:
+        results["dev_nested"] = {str(d): metrics.evaluate(prefix(images, d), prefix(texts, d), text_to_image)
+                                 for d in nested}
+        results["dev_nested_mean_rsum"] = float(np.mean([m["RSUM"] for m in results["dev_nested"].values()]))
+    return results
+
+
+def prefix(vectors, dim):
+    """The first `dim` dims of unit vectors (numpy), renormalised, as the sweep truncates; the full width
+    as it is (as dual_encoder.prefix, so the full dim's nested metrics are the plain dev metrics)."""
+    return vectors if dim == vectors.shape[1] else io.l2_normalize(vectors[:, :dim])
+
+
+def selection_rsum(results):
+    """What best.pt is chosen by (the highest wins): without --matryoshka_dims the dev RSUM; with them
+    the MEAN dev RSUM over the nested dims, the full dim included, as the model is meant to be used at
+    every one of them (the full dim's RSUM alone would pick a model whose short prefixes lag)."""
+    return results.get("dev_nested_mean_rsum", results["dev"]["RSUM"])
+
+
 def evaluate_dev(run, dev_split, device):
-    """Dev metrics of the model now. The RNG states are put back after: building the evaluation's
-    loader draws from the global RNG, and an evaluation (e.g. at a --max_steps stop) must not change
-    the dropout of the steps after it, or a resumed run would diverge from an uninterrupted one."""
+    """Dev results of the model now (dev_results). The RNG states are put back after: building the
+    evaluation's loader draws from the global RNG, and an evaluation (e.g. at a --max_steps stop) must
+    not change the dropout of the steps after it, or a resumed run would diverge from an uninterrupted one."""
     states = rng_states()
-    dev = metrics.evaluate(*dev_embeddings(run.model, dev_split, device, run.cache["dev"],
-                                           run.config.batch_size_eval, run.config.num_workers))
+    embedded = dev_embeddings(run.model, dev_split, device, run.cache["dev"], run.config.batch_size_eval,
+                              run.config.num_workers)
     set_rng_states(states)
-    return dev
+    return dev_results(*embedded, run.model.nested_dims)
 
 
 def end_of_epoch(run, record, dev_split, device, stopped):
-    """Rank 0, after an epoch or a --max_steps stop: evaluate on dev, keep best.pt (best dev RSUM) and
-    last.pt, append the log line (every evaluation has one)."""
+    """Rank 0, after an epoch or a --max_steps stop: evaluate on dev, keep best.pt (the best
+    selection_rsum) and last.pt, append the log line (every evaluation has one)."""
     config, state = run.config, run.state
-    dev = evaluate_dev(run, dev_split, device)
-    record["dev"] = dev
-    improved = dev["RSUM"] > state["best_rsum"]
+    results = evaluate_dev(run, dev_split, device)
+    record.update(results)
+    dev = results["dev"]
+    improved = selection_rsum(results) > state["best_rsum"]
     if improved:
-        state["best_rsum"] = dev["RSUM"]
+        state["best_rsum"] = selection_rsum(results)
         save(run, run.best_path)
     if stopped or state["epoch"] % config.save_every == 0 or state["epoch"] == config.epochs:
         save(run, run.last_path)
     io.append_jsonl(os.path.join(run.run_dir, "log.jsonl"), record)
     partial = f" (partial: {record['batches_done']}/{record['batches_in_epoch']} batches)" \
         if record.get("partial_epoch") else ""
+    nested = f" | nested mean RSUM {results['dev_nested_mean_rsum']:.1f}" if "dev_nested" in results else ""
     print(f"[{run.label}] epoch {record['epoch']}{partial} loss {record['loss']:.4f} T {run.model.temperature:.4f} "
-          f"{record['samples_per_s']:.0f} samples/s | dev {metrics.format_metrics(dev)}"
+          f"{record['samples_per_s']:.0f} samples/s | dev {metrics.format_metrics(dev)}{nested}"
           f"{' *best*' if improved else ''}", flush=True)
 
 

@@ -99,7 +99,7 @@ def reference_metrics(path, config, fit_path=None):
     emb = read_embeddings(path)
     fit = read_embeddings(fit_path) if fit_path else emb
     projection = indexes.fit_reduction(np.concatenate([fit.image_embeddings, fit.text_embeddings]), config["dim"],
-                                       "pca") if config["dim"] < emb.dim else None
+                                       config["dim_method"]) if config["dim"] < emb.dim else None
     images, texts = indexes.reduce(emb.image_embeddings, projection), indexes.reduce(emb.text_embeddings, projection)
     fit_images, fit_texts = indexes.reduce(fit.image_embeddings, projection), indexes.reduce(fit.text_embeddings, projection)
     k_values = config["k_values"]
@@ -163,6 +163,38 @@ def test_every_metric_equals_brute_force(tmp_path):
     assert int4["memory"]["t2i_index_bytes"] > 40 * 8 and int4["memory"]["peak_rss_bytes"] > 0
     assert int4["env"]["faiss"] and int4["data"]["dataset"] == "toy"
     assert int4["fit"]["source"].startswith("gallery")
+
+
+def test_several_dim_methods_are_configurations_of_their_own_and_match_brute_force(tmp_path):
+    data = random_file(tmp_path / "toy.npz", num_images=40, dim=16)
+    out = str(tmp_path / "result")
+    run_experiments.main(["--data_path", data, "--output_dir", out, "--embedding_dims", "16", "8",
+                          "--dim_method", "truncate", "pca", "random", "truncate", "--precisions", "int8", "binary",
+                          "--candidate_sizes", "20", "--recall_k", "1", "5", "--min_time", "0",
+                          "--latency_queries", "2", "--num_workers", "1"])
+    runs = [r for r in load_runs(out) if "skipped" not in r]
+    methods = {(r["config"]["dim"], r["config"]["dim_method"]) for r in runs}
+    # The native dim once (nothing to reduce), the reduced dim once per method (a repeated method once).
+    assert methods == {(16, "none"), (8, "truncate"), (8, "pca"), (8, "random")}
+    assert len(runs) == 4 * (1 + 2 * 2)
+    for result in runs:
+        assert_metrics_match(result, reference_metrics(data, result["config"]))
+    reduced = [r for r in runs if r["config"]["dim"] == 8 and r["config"]["precision"] == "fp32"]
+    assert len({r["metrics"]["t2i_MRR"] for r in reduced}) == 3  # three projections, three different rankings
+    by_method = {r["config"]["dim_method"]: r["metrics"]["t2i_R@1"] for r in reduced}
+    # The report compares the methods at the dim: the best one against each other, paired over the same queries.
+    import analyze_results
+    summary = analyze_results.main(["--results_dir", out, "--bootstrap", "200", "--no_plots"])
+    (group,) = summary["groups"]
+    rows = group["dim_methods"]
+    order = sorted(by_method, key=lambda m: (-by_method[m], m))  # best first, ties by name
+    best = order[0]
+    assert [(r["best_method"], r["other_method"]) for r in rows] == [(best, m) for m in order[1:]]
+    for row in rows:
+        assert row["difference"] == pytest.approx(by_method[best] - by_method[row["other_method"]])
+        assert row["difference_ci_low"] <= row["difference_ci_high"]
+    report_text = open(os.path.join(out, "REPORT.md")).read()
+    assert f"At 8 dims (fp32, no re-ranking) {best} gives t2i R@1" in report_text
 
 
 def test_ties_and_fit_path_match_brute_force(tmp_path):
