@@ -3,7 +3,6 @@ the nested loss, the quantizers against the sweep's, nested head ensembles, the 
 attrs, dev selection, resume, DDP and the flag checks."""
 import json
 import re
-import socket
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from PIL import Image
 
 import train_dual_encoder
 from retrieval import checkpoint as ckpt
-from retrieval import distributed, indexes, io, training
+from retrieval import indexes, io
 from retrieval import dual_encoder as de
 from retrieval import quantize_aware as qa
 from retrieval.data import load_synthetic
@@ -201,7 +200,7 @@ def test_dev_metrics_per_nested_dim_and_best_is_the_highest_mean_rsum(synthetic_
     assert saved["best_rsum"] == log[best]["dev_nested_mean_rsum"] and saved["epoch"] == best + 1
 
 
-# ----------------------------------------------------------------------------- resume, DDP
+# ----------------------------------------------------------------------------- resume (DDP: tests/test_train.py's nested case)
 
 @pytest.mark.parametrize("flags", [
     ["--matryoshka_dims", "4", "8", "--matryoshka_weights", "1", "2", "3", "--quantization_aware", "int4"],
@@ -219,53 +218,6 @@ def test_resume_with_nested_flags_reproduces_the_next_step_loss(flags, synthetic
     resumed = run("split", 3, "--resume")
     assert first == straight[:2]
     assert resumed == [straight[2]]
-
-
-NESTED = dict(dims=[2, 4, 8], weights=[1.0, 2.0, 3.0], quantization="int4")
-
-
-def _global_batch_grads(bert_dir, rank, world_size):
-    """As tests/test_train.py's, with the nested, int4-aware loss (its ranges are the gathered batch's)."""
-    torch.manual_seed(0)
-    model = de.build_model(dict(TOWERS, text_encoder=bert_dir, embedding_dim=8, matryoshka_dims=[2, 4])).eval()
-    step = training.EmbedStep(model, False, False)
-    pixels = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    captions = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle",
-                                                                                  "shape")]
-    per = 8 // world_size
-    lo, hi = rank * per, (rank + 1) * per
-    tokens = model.text_tower.tokenize(captions[2 * lo:2 * hi])
-    images, texts, scale = step(pixels[lo:hi], tokens["input_ids"], tokens["attention_mask"], None)
-    loss = de.nested_loss(distributed.gather_with_grad(images), distributed.gather_with_grad(texts),
-                          torch.arange(8).repeat_interleave(2), scale, **NESTED)
-    loss.backward()
-    distributed.average_gradients(model, world_size)
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
-def _ddp_worker(rank, world_size, port, bert_dir, out_path):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        torch.save(_global_batch_grads(bert_dir, rank, world_size), f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_ddp_gradients_of_the_nested_quantized_loss_match_single_process(tiny_bert_dir, tmp_path):
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "grads.pt")
-    mp.spawn(_ddp_worker, args=(2, port, tiny_bert_dir, out), nprocs=2, join=True)
-    single = _global_batch_grads(tiny_bert_dir, 0, 1)
-    assert sum(float(g.abs().sum()) for n, g in single.items() if n.startswith("image_tower")) > 0
-    for rank in (0, 1):
-        ddp = torch.load(f"{out}.{rank}")
-        assert set(ddp) == set(single)
-        for name, grad in single.items():
-            torch.testing.assert_close(ddp[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # ----------------------------------------------------------------------------- flags

@@ -139,10 +139,18 @@ def test_a_diverging_loss_stops_with_one_error(synthetic_dir, tiny_bert_dir, tmp
     assert len(calls) == 3     # stopped at once
 
 
-def _global_batch_grads(bert_dir, rank, world_size):
+# The loss of each DDP case: today's plain InfoNCE, and the nested (Matryoshka) int4-aware loss, whose
+# quantizer ranges are the gathered batch's (so the processes must see the whole batch alike).
+DDP_CASES = {"plain": ({}, {}),
+             "nested-int4": ({"matryoshka_dims": [2, 4]}, {"dims": [2, 4, 8], "weights": [1.0, 2.0, 3.0],
+                                                           "quantization": "int4"})}
+
+
+def _global_batch_grads(bert_dir, rank, world_size, case="plain"):
     """Gradients of one global batch (8 images, 2 captions each) with this rank's slice embedded locally."""
+    model_extra, loss_extra = DDP_CASES[case]
     torch.manual_seed(0)
-    model = de.build_model(dict(TOWERS, text_encoder=bert_dir, embedding_dim=8)).eval()  # eval: BN per sample
+    model = de.build_model(dict(TOWERS, text_encoder=bert_dir, embedding_dim=8, **model_extra)).eval()  # BN per sample
     step = training.EmbedStep(model, False, False)
     pixels = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     captions = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle",
@@ -151,31 +159,32 @@ def _global_batch_grads(bert_dir, rank, world_size):
     lo, hi = rank * per, (rank + 1) * per
     tokens = model.text_tower.tokenize(captions[2 * lo:2 * hi])
     images, texts, scale = step(pixels[lo:hi], tokens["input_ids"], tokens["attention_mask"], None)
-    loss = de.contrastive_loss(distributed.gather_with_grad(images), distributed.gather_with_grad(texts),
-                               torch.arange(8).repeat_interleave(2), scale)
+    loss = de.nested_loss(distributed.gather_with_grad(images), distributed.gather_with_grad(texts),
+                          torch.arange(8).repeat_interleave(2), scale, **loss_extra)
     loss.backward()
     distributed.average_gradients(model, world_size)
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def _ddp_worker(rank, world_size, port, bert_dir, out_path):
+def _ddp_worker(rank, world_size, port, bert_dir, out_path, case):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        grads = _global_batch_grads(bert_dir, rank, world_size)
+        grads = _global_batch_grads(bert_dir, rank, world_size, case)
         torch.save(grads, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_gradients_match_single_process(tiny_bert_dir, tmp_path):
+@pytest.mark.parametrize("case", sorted(DDP_CASES))
+def test_ddp_gradients_match_single_process(tiny_bert_dir, tmp_path, case):
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_ddp_worker, args=(2, port, tiny_bert_dir, out), nprocs=2, join=True)
-    single = _global_batch_grads(tiny_bert_dir, 0, 1)
+    mp.spawn(_ddp_worker, args=(2, port, tiny_bert_dir, out, case), nprocs=2, join=True)
+    single = _global_batch_grads(tiny_bert_dir, 0, 1, case)
     for rank in (0, 1):
         ddp = torch.load(f"{out}.{rank}")
         assert set(ddp) == set(single)
