@@ -100,6 +100,8 @@ def parse_args(argv=None):
         parser.error("--nlist values must be positive (or 0 = about 4*sqrt(gallery size))")
     if args.max_queries < 0:
         parser.error("--max_queries must be positive (or 0 = every image)")
+    if args.max_time <= 0:
+        parser.error("--max_time must be positive")
     if args.batch_size <= 0 or args.pq_subdim <= 0:
         parser.error("--batch_size and --pq_subdim must be positive")
     try:

@@ -191,21 +191,21 @@ def prefix(embeddings, dim):
 
 
 def nested_loss(image_embeddings, text_embeddings, text_to_image, logit_scale, dims=None, weights=None,
-                quantization=None, pair_loss=contrastive_loss):
+                quantization=None):
     """The training loss of a batch of unit embeddings: sum_d w_d L_d / sum_d w_d over the nested dims
-    d (`dims`, ascending; weights default 1), L_d = pair_loss of the first d dims renormalised. With
+    d (`dims`, ascending; weights default 1), L_d = contrastive_loss of the first d dims renormalised. With
     `quantization` ("binary" / "int4"): the mean of that and the same loss on the quantized vectors
     at every nested dim (straight-through, retrieval/quantize_aware.py; images and texts each quantized
     with their own batch ranges, as the sweep fits each gallery on its own modality).
 
-    dims None: the full dim only, so without quantization this is exactly pair_loss(...). pair_loss:
-    the caller's name for contrastive_loss (tests/test_train.py swaps the trainer's to make a run diverge)."""
+    dims None: the full dim only, so without quantization this is exactly contrastive_loss(...)."""
     dims = dims or [image_embeddings.shape[-1]]
     weights = weights or [1.0] * len(dims)
 
     def weighted(transform):
-        total = sum(w * pair_loss(transform(prefix(image_embeddings, d)), transform(prefix(text_embeddings, d)),
-                                  text_to_image, logit_scale) for d, w in zip(dims, weights))
+        total = sum(w * contrastive_loss(transform(prefix(image_embeddings, d)),
+                                         transform(prefix(text_embeddings, d)), text_to_image, logit_scale)
+                    for d, w in zip(dims, weights))
         return total / sum(weights)
 
     loss = weighted(lambda x: x)

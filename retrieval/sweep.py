@@ -598,9 +598,9 @@ def timed_search(settings, group, direction, entry, k_search, rerank):
     data, searcher, codes = group.directions[direction], entry["searcher"], entry["codes"]
     query_batches, native_batches = data["query_batches"], data["native_batches"]
     stage1, final = [None] * len(codes), [None] * len(codes)
-    timed = functools.partial(timing.time_batches, num_batches=len(codes), num_queries=data["queries"].shape[0],
+    timed = functools.partial(timing.time_batches, batch_sizes=[len(b) for b in query_batches],
                               min_time=settings.min_time, warmup=settings.warmup, min_passes=settings.min_passes,
-                              max_time=settings.max_time, batch_sizes=[len(b) for b in query_batches])
+                              max_time=settings.max_time)
     dim = data["queries"].shape[1]
     transform = group.query_transform(searcher.encode)
 

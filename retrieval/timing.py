@@ -77,7 +77,8 @@ def pinned_threads(faiss_threads, dim=None):
 
 
 def blas_libraries():
-    """The BLAS libraries numpy uses and their thread counts right now (for the environment record)."""
+    """The BLAS libraries loaded (numpy's, FAISS's own) and their thread counts right now (for the environment
+    record)."""
     return [{"library": info.get("internal_api"), "version": info.get("version"), "threads": info.get("num_threads"),
              "file": os.path.basename(info.get("filepath") or ""), "faiss_owned": faiss_owned(info)}
             for info in threadpool_info() if info.get("user_api") == "blas"]
@@ -88,24 +89,25 @@ def batches(queries, batch_size):
     return [np.ascontiguousarray(queries[s:s + batch_size]) for s in range(0, queries.shape[0], batch_size)]
 
 
-def time_batches(step, num_batches, num_queries, min_time=0.1, warmup=1, min_passes=1, max_time=None,
-                 batch_sizes=None):
-    """Call step(i) for every batch i = 0..num_batches-1, in whole passes, until at least `min_passes`
-    passes and `min_time` seconds, or, once `max_time` seconds are spent, after the pass that crossed it.
+def time_batches(step, batch_sizes, min_time=0.1, warmup=1, min_passes=1, max_time=None):
+    """Call step(i) for every batch i (batch_sizes: the queries of each), in whole passes, until at least
+    `min_passes` passes and `min_time` seconds, or, once `max_time` seconds are spent, after the pass that
+    crossed it.
 
     The first `warmup` batches run once untimed (page faults, thread pool start-up, lazy tables).
     Whole passes only, so every query counts the same number of times; step can keep its last
     result, so the timed pass also yields the lists that are evaluated (no second search). Returns
     the overall queries/s and the spread of the passes' queries/s (a shared machine's noise shows
     there: the spread says how far one number can be trusted). When `max_time` stopped the timing after
-    one pass (a large gallery), the spread is that of `min_passes` contiguous blocks of its batches
-    (batch_sizes: the queries of each batch; equal sizes when not given).
+    one pass (a large gallery), the spread is that of `min_passes` contiguous blocks of its batches.
     """
+    sizes = np.asarray(batch_sizes, dtype=np.float64)
+    num_batches, num_queries = sizes.size, int(sizes.sum())
     for i in range(min(warmup, num_batches)):
         step(i)
-    clock, passes = time.perf_counter, []
-    while len(passes) < max(1, min_passes) or sum(map(sum, passes)) < min_time:
-        if max_time is not None and passes and sum(map(sum, passes)) >= max_time:
+    clock, passes, total = time.perf_counter, [], 0.0
+    while len(passes) < max(1, min_passes) or total < min_time:
+        if max_time is not None and passes and total >= max_time:
             break
         seconds = np.empty(num_batches)
         for i in range(num_batches):
@@ -113,9 +115,7 @@ def time_batches(step, num_batches, num_queries, min_time=0.1, warmup=1, min_pas
             step(i)
             seconds[i] = clock() - start
         passes.append(seconds)
-    total = float(sum(map(sum, passes)))
-    sizes = np.full(num_batches, num_queries / max(num_batches, 1)) if batch_sizes is None else \
-        np.asarray(batch_sizes, dtype=np.float64)
+        total += float(seconds.sum())
     if len(passes) > 1 or num_batches < 2:
         spread_over, rates = "passes", np.array([num_queries / max(p.sum(), 1e-12) for p in passes])
     else:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from retrieval import checkpoint, data, env, io, metrics
 from retrieval.distributed import (average_gradients, barrier, broadcast_from_first, gather_with_grad,
                                    rank_slice)
-from retrieval.dual_encoder import build_model, contrastive_loss, encoder_from_model, nested_loss, set_frozen
+from retrieval.dual_encoder import build_model, encoder_from_model, nested_loss, set_frozen
 from retrieval.encoders import ImageFiles, autocast, autocast_dtype, embed_split, image_loader, raise_unreadable
 from retrieval.errors import UserError
 from retrieval.features import FeatureCache, project_features, split_views
@@ -351,7 +351,7 @@ def train_epoch(run, step_module, train, device, rank, world_size):
         image_all, text_all = gather_with_grad(image_emb), gather_with_grad(text_emb)
         text_to_image = torch.arange(image_all.shape[0], device=device).repeat_interleave(config.captions_per_image)
         loss = nested_loss(image_all, text_all, text_to_image, scale, run.model.nested_dims,
-                           config.matryoshka_weights, config.quantization_aware, pair_loss=contrastive_loss)
+                           config.matryoshka_weights, config.quantization_aware)
         require_finite(loss.item(), run, state)
         run.scaler.scale(loss / config.grad_accum).backward()
         state["batch_in_epoch"] += 1
@@ -454,9 +454,10 @@ def end_of_epoch(run, record, dev_split, device, stopped):
     results = evaluate_dev(run, dev_split, device)
     record.update(results)
     dev = results["dev"]
-    improved = selection_rsum(results) > state["best_rsum"]
+    score = selection_rsum(results)
+    improved = score > state["best_rsum"]
     if improved:
-        state["best_rsum"] = selection_rsum(results)
+        state["best_rsum"] = score
         save(run, run.best_path)
     if stopped or state["epoch"] % config.save_every == 0 or state["epoch"] == config.epochs:
         save(run, run.last_path)

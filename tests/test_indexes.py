@@ -115,7 +115,7 @@ def test_overlap_at_k():
 
 def test_time_batches_runs_whole_passes_and_warmup():
     calls = []
-    result = timing.time_batches(calls.append, 4, 40, min_time=0.0, warmup=2)
+    result = timing.time_batches(calls.append, [10] * 4, min_time=0.0, warmup=2)
     assert calls == [0, 1, 0, 1, 2, 3]
     assert result["passes"] == 1 and result["queries_per_pass"] == 40 and result["qps"] > 0
     latency = timing.latency_ms(lambda q: q.sum(), np.ones((50, 4)), sample=30)
@@ -130,13 +130,12 @@ def test_time_batches_stops_after_one_long_pass_and_spreads_over_blocks():
         calls.append(i)
         time.sleep(0.002 * (1 + i % 2))
 
-    result = timing.time_batches(slow_step, 6, 600, min_time=10.0, warmup=0, min_passes=3, max_time=0.001,
-                                 batch_sizes=[100] * 6)
+    result = timing.time_batches(slow_step, [100] * 6, min_time=10.0, warmup=0, min_passes=3, max_time=0.001)
     assert calls == list(range(6)) and result["passes"] == 1 and result["spread_over"] == "blocks"
     assert result["qps_min"] <= result["qps"] <= result["qps_max"] and result["spread_pct"] >= 0
     # Without max_time the same stage repeats whole passes until min_passes, and spreads over them.
     calls.clear()
-    result = timing.time_batches(slow_step, 6, 600, min_time=0.0, warmup=0, min_passes=3)
+    result = timing.time_batches(slow_step, [100] * 6, min_time=0.0, warmup=0, min_passes=3)
     assert calls == list(range(6)) * 3 and result["passes"] == 3 and result["spread_over"] == "passes"
 
 

@@ -131,9 +131,9 @@ def test_a_diverging_loss_stops_with_one_error(synthetic_dir, tiny_bert_dir, tmp
 
     def diverging(*args):
         calls.append(1)
-        loss = de.contrastive_loss(*args)
+        loss = de.nested_loss(*args)
         return loss * float("nan") if len(calls) == 3 else loss
-    monkeypatch.setattr(training, "contrastive_loss", diverging)
+    monkeypatch.setattr(training, "nested_loss", diverging)
     with pytest.raises(SystemExit, match=r"error: .*tiny: training diverged: the loss is nan at step 3 \(epoch 1\)"):
         train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "5"))
     assert len(calls) == 3     # stopped at once
