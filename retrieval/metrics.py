@@ -62,23 +62,28 @@ def exact_ranks(queries, gallery, text_to_image, direction, chunk_size=1024, cap
     pair_query, pair_item = pair_query[order], pair_item[order]
     bounds = np.searchsorted(pair_query, np.arange(0, num_queries + chunk_size, chunk_size))
     pair_rank = np.empty(pair_query.size, dtype=np.float64)
-    gallery_index = np.arange(gallery.shape[0])
     for start_q, (lo, hi) in zip(range(0, num_queries, chunk_size), zip(bounds[:-1], bounds[1:])):
         scores = queries[start_q:start_q + chunk_size] @ gallery.T
         # i2t has several relevant captions per query: a row of scores per pair for all of them at once
         # would multiply the chunk's memory by that number.
         for a in range(lo, hi, chunk_size):
             b = min(a + chunk_size, hi)
-            pair_rank[a:b] = _pair_ranks(scores, pair_query[a:b] - start_q, pair_item[a:b], gallery_index)
+            pair_rank[a:b] = _pair_ranks(scores, pair_query[a:b] - start_q, pair_item[a:b])
     return _best_per_query(pair_query, pair_rank, num_queries)
 
 
-def _pair_ranks(scores, rows, items, gallery_index):
-    """1 + the items scored higher + the items tied before, per (row of scores, relevant item) pair."""
+def _pair_ranks(scores, rows, items):
+    """1 + the items scored higher + the items tied before, per (row of scores, relevant item) pair.
+
+    Two counting passes over the scores, and the items before the relevant one are scanned only in rows
+    where another item ties with it (coarse codes: binary, int4): at a million items the counting, not
+    the matrix product, was a third of the time."""
     row_scores = scores if np.array_equal(rows, np.arange(scores.shape[0])) else scores[rows]  # t2i: no copy
     relevant_score = row_scores[np.arange(rows.size), items][:, None]
-    higher = (row_scores > relevant_score).sum(axis=1)
-    tied_before = ((row_scores == relevant_score) & (gallery_index[None, :] < items[:, None])).sum(axis=1)
+    higher = np.count_nonzero(row_scores > relevant_score, axis=1)
+    tied_before = np.zeros_like(higher)
+    for i in np.flatnonzero(np.count_nonzero(row_scores == relevant_score, axis=1) > 1):
+        tied_before[i] = np.count_nonzero(row_scores[i, :items[i]] == relevant_score[i, 0])
     return 1 + higher + tied_before
 
 

@@ -174,7 +174,8 @@ def group_configs(settings, common, fit_count):
             if precision == "fp32" and index_type == "flat":
                 continue  # identical to the baseline: fp32 re-ranking of an exact fp32 list
             for knobs in settings.index_settings(index_type):
-                params = dict(knobs, fit_size=fit_count)
+                params = dict(knobs, fit_size=fit_count + (indexes.ivf_distractor_rows(
+                    gallery_size, (common["distractors"] or {}).get("count", 0), knobs) if index_type == "ivf" else 0))
                 unsupported = indexes.unsupported(precision, dim, index_type, params)
                 reason = dim_skip or unsupported or pq_fit_reason(precision, fit_count)
                 description = {} if unsupported else \
@@ -468,11 +469,13 @@ class Group:
         self.directions = {d: directions[d] for d in settings.directions}
         for direction, data in self.directions.items():  # cut once: the timed loops do nothing but their own work
             data["gallery"] = reduce(galleries[direction])  # only the galleries that run exist
+            data["real_rows"] = galleries[direction].shape[0] - extra  # the file's rows; distractors follow
             data["native_batches"] = timing.batches(data["native_queries"], settings.batch_size)
             data["query_batches"] = timing.batches(data["queries"], settings.batch_size)
         self.k_values = config["k_values"]
         self.indexes = {}
         self.coarse = {}  # (direction, nlist) -> the indexes.Coarse every float IVF index of the group gets
+        self.ivf_fit = {}  # (direction, distractor rows) -> fit set + that sample of distractors (fit_vectors)
         self.ranks = {}  # (direction,) + indexes.decode_key -> full ranks under that decode's compressed scores
         self._baseline = None
 
@@ -533,10 +536,10 @@ class Group:
             params = dict(self.settings.index_settings("flat")[0], **build_knobs)
             entry = {}
             for direction, data in self.directions.items():
-                params["fit_size"] = data["fit"].shape[0]
-                coarse, reused = self.coarse_quantizer(direction, precision, index_type, params)
-                index, timing = indexes.build_index(precision, data["gallery"], data["fit"], index_type, params,
-                                                    coarse)
+                fit = self.fit_vectors(direction, index_type, params)
+                params["fit_size"] = fit.shape[0]
+                coarse, reused = self.coarse_quantizer(direction, precision, index_type, params, fit)
+                index, timing = indexes.build_index(precision, data["gallery"], fit, index_type, params, coarse)
                 if index_type == "ivf":
                     timing["coarse_shared"] = reused  # its k-means ran for an earlier index of the group
                 entry[direction] = {"index": index, "timing": timing,
@@ -557,17 +560,32 @@ class Group:
             self.indexes[key] = entry
         return self.indexes[key]
 
-    def coarse_quantizer(self, direction, precision, index_type, params):
+    def fit_vectors(self, direction, index_type, params):
+        """What an index of a direction trains on: the fit set; for IVF on a padded gallery also a seeded sample
+        of its distractor rows (indexes.ivf_distractor_rows says how many and why), the same for every IVF
+        index of the direction with these lists."""
+        data = self.directions[direction]
+        extra = data["gallery"].shape[0] - data["real_rows"]
+        count = indexes.ivf_distractor_rows(data["gallery"].shape[0], extra, params) if index_type == "ivf" else 0
+        if not count:
+            return data["fit"]
+        key = (direction, count)
+        if key not in self.ivf_fit:
+            rng = np.random.default_rng([self.settings.seed, list(GALLERY_ROWS).index(direction), count])
+            rows = data["real_rows"] + np.sort(rng.choice(extra, size=count, replace=False))
+            self.ivf_fit[key] = np.concatenate([data["fit"], data["gallery"][rows]])
+        return self.ivf_fit[key]
+
+    def coarse_quantizer(self, direction, precision, index_type, params, fit):
         """(the coarse quantizer a build gets, whether an earlier build of the group trained it): one k-means
-        per direction and nlist serves every float IVF index (indexes.shares_coarse); (None, False) for the
-        others (flat, HNSW, and IVF over sign bits, which trains its own in build_index)."""
+        per direction and nlist (on `fit`, fit_vectors') serves every float IVF index (indexes.shares_coarse);
+        (None, False) for the others (flat, HNSW, and IVF over sign bits, which trains its own in build_index)."""
         if not indexes.shares_coarse(precision, index_type):
             return None, False
-        data = self.directions[direction]
-        key = (direction, indexes.ivf_lists(data["gallery"].shape[0], params))
+        key = (direction, indexes.ivf_lists(self.directions[direction]["gallery"].shape[0], params))
         reused = key in self.coarse
         if not reused:
-            self.coarse[key] = indexes.train_coarse(np.ascontiguousarray(data["fit"], dtype=np.float32), key[1])
+            self.coarse[key] = indexes.train_coarse(np.ascontiguousarray(fit, dtype=np.float32), key[1])
         return self.coarse[key], reused
 
     def shared_full_ranks(self, direction, precision, index, decode):

@@ -10,7 +10,9 @@ Also the pixel transforms each image tower needs, and the text tower rebuilt fro
 and tokenizer (what a checkpoint holds). A tower that cannot be had offline fails at once with a
 UserError naming the offline alternatives.
 """
+import functools
 import importlib
+import math
 import os
 import tempfile
 
@@ -115,29 +117,89 @@ class ImageTower(nn.Module):
         # stay in cache (EfficientNet-Lite0, 2 cores, channels_last: 60-95 img/s in batches of 4-8,
         # about 20 img/s in batches of 128). Only in eval mode: in train mode BatchNorm statistics
         # depend on the batch.
-        if not self.training and pixels.device.type == "cpu" and pixels.shape[0] > CPU_CHUNK:
-            return torch.cat([self._forward(chunk) for chunk in pixels.split(CPU_CHUNK)])
-        return self._forward(pixels)
+        return self._chunked(self._forward, pixels)
+
+    def _chunked(self, forward, x):
+        if not self.training and x.device.type == "cpu" and x.shape[0] > CPU_CHUNK:
+            return torch.cat([forward(chunk) for chunk in x.split(CPU_CHUNK)])
+        return forward(x)
 
     def _forward(self, pixels):
-        pooled = []
+        _, pooled = self._run(pixels, self._layers(), [])
+        return self._pool(pooled)
+
+    def _layers(self):
+        """The tower in order as (module, call, tap): the stem, every block, then the head conv (the 1x1
+        convolution to the last feature map); `tap`: its output is pooled into the feature vector."""
         if self.name == "mobilenet_v3_small":
-            x = pixels
-            for i, layer in enumerate(self.backbone.features):
-                x = layer(x)
-                if i in self.taps:
-                    pooled.append(x.mean(dim=(2, 3)))
-        else:
-            net = self.backbone
-            x = net._swish(net._bn0(net._conv_stem(pixels)))
-            for i, block in enumerate(net._blocks):
-                rate = net._global_params.drop_connect_rate
-                x = block(x, drop_connect_rate=rate * i / len(net._blocks) if rate else rate)
-                if i in self.taps:
-                    pooled.append(x.mean(dim=(2, 3)))
-            x = net._swish(net._bn1(net._conv_head(x)))
-            pooled.append(x.mean(dim=(2, 3)))
+            return [(layer, layer, i in self.taps) for i, layer in enumerate(self.backbone.features)]
+        net = self.backbone
+        rate = net._global_params.drop_connect_rate
+        stem = nn.ModuleList([net._conv_stem, net._bn0])
+        head = nn.ModuleList([net._conv_head, net._bn1])
+        return ([(stem, lambda x: net._swish(net._bn0(net._conv_stem(x))), False)]
+                + [(block, functools.partial(block, drop_connect_rate=rate * i / len(net._blocks) if rate else rate),
+                    i in self.taps) for i, block in enumerate(net._blocks)]
+                + [(head, lambda x: net._swish(net._bn1(net._conv_head(x))), True)])
+
+    @staticmethod
+    def _run(x, layers, pooled):
+        for _, call, tap in layers:
+            x = call(x)
+            if tap:
+                pooled.append(x.mean(dim=(2, 3)))
+        return x, pooled
+
+    def _pool(self, pooled):
         return torch.cat(pooled, dim=1) if self.pool == "multi" else pooled[-1]
+
+    # -- partial fine-tuning (train_dual_encoder.py --train_image_blocks N): the tower cut before its last N
+    # blocks. The frozen part runs once per cached view (block_input); training runs the rest (from_block_input).
+
+    @property
+    def num_blocks(self):
+        """How many blocks --train_image_blocks may train (every block between the stem and the head conv)."""
+        return len(self._layers()) - 2
+
+    def trained_modules(self, blocks):
+        """The modules --train_image_blocks `blocks` trains: the last `blocks` blocks and the head conv."""
+        return [module for module, _, _ in self._layers()[-(self._check_blocks(blocks) + 1):]]
+
+    def block_input(self, pixels, blocks):
+        """[B, F'] the frozen part's output for `pixels`, flat: the input feature map of the last `blocks`
+        blocks ([B, C, H, W] flattened), then the pooled taps before it (multi pooling; none for 'last')."""
+        frozen = self._layers()[:-(self._check_blocks(blocks) + 1)]
+
+        def forward(chunk):
+            x, pooled = self._run(chunk, frozen, [])
+            return torch.cat([x.flatten(1), *(pooled if self.pool == "multi" else [])], dim=1)
+        return self._chunked(forward, pixels)
+
+    def from_block_input(self, flat, blocks):
+        """The feature vector forward() gives, from block_input's rows: the last `blocks` blocks and the
+        head conv run on the cached map (tests/test_train.py: equal to a full forward within 1e-5)."""
+        layers = self._layers()
+        frozen, trained = layers[:-(self._check_blocks(blocks) + 1)], layers[-(blocks + 1):]
+        channels = next(m for m in trained[0][0].modules() if isinstance(m, nn.Conv2d)).in_channels
+        pooled_width = sum(self._out_channels(module) for module, _, tap in frozen if tap) \
+            if self.pool == "multi" else 0
+        side = math.isqrt((flat.shape[1] - pooled_width) // channels)
+        cut = channels * side * side
+
+        def forward(rows):
+            x = rows[:, :cut].reshape(-1, channels, side, side).contiguous(memory_format=torch.channels_last)
+            _, pooled = self._run(x, trained, [rows[:, cut:]] if pooled_width else [])
+            return self._pool(pooled)
+        return self._chunked(forward, flat)
+
+    @staticmethod
+    def _out_channels(module):
+        return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+
+    def _check_blocks(self, blocks):
+        if not 1 <= blocks <= self.num_blocks:
+            raise UserError(f"--train_image_blocks {blocks}: {self.name} has blocks 1..{self.num_blocks} to train")
+        return blocks
 
 
 def image_transforms(train, input_norm, size):

@@ -28,7 +28,7 @@ from retrieval.distributed import (average_gradients, barrier, broadcast_from_fi
 from retrieval.dual_encoder import build_model, encoder_from_model, nested_loss, set_frozen
 from retrieval.encoders import ImageFiles, autocast, autocast_dtype, embed_split, image_loader, raise_unreadable
 from retrieval.errors import UserError
-from retrieval.features import FeatureCache, project_features, split_views
+from retrieval.features import FeatureCache, image_tower_features, project_features, split_views
 from retrieval.towers import image_transforms
 
 
@@ -42,7 +42,8 @@ def feature_cache(config, device):
     return FeatureCache(os.path.join(config.model_dir, "feature_cache"), device, config.batch_size_eval,
                         config.num_workers, config.amp,
                         (config.image_encoder, config.image_weights, config.image_pool),
-                        (config.text_encoder, config.text_weights, config.text_layers))
+                        (config.text_encoder, config.text_weights, config.text_layers),
+                        config.train_image_blocks)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -83,15 +84,18 @@ def plan_epoch(groups, captions_per_image, batch_size, world_size, seed, epoch, 
 # ----------------------------------------------------------------------------- optimisation
 
 class EmbedStep(nn.Module):
-    """One forward for a training step: cached features (frozen tower) or raw inputs -> both embeddings."""
+    """One forward for a training step: cached features (frozen tower; with image_blocks cached block
+    inputs through the trained blocks) or raw inputs -> both embeddings."""
 
-    def __init__(self, model, image_frozen, text_frozen):
+    def __init__(self, model, image_frozen, text_frozen, image_blocks=0):
         super().__init__()
         self.model, self.image_frozen, self.text_frozen = model, image_frozen, text_frozen
+        self.image_blocks = image_blocks
 
     def forward(self, image_input, input_ids, attention_mask, text_input):
         m = self.model
-        image_feats = image_input if self.image_frozen else m.image_tower(image_input)
+        image_feats = image_tower_features(m, image_input, self.image_blocks) if self.image_frozen \
+            else m.image_tower(image_input)
         text_feats = text_input if self.text_frozen else m.text_tower(input_ids, attention_mask)
         return m.project_images(image_feats), m.project_texts(text_feats), m.logit_scale()
 
@@ -165,8 +169,9 @@ class Run:
 
     @property
     def mode(self):
-        return {(True, True): "features", (True, False): "image-frozen", (False, True): "text-frozen",
+        mode = {(True, True): "features", (True, False): "image-frozen", (False, True): "text-frozen",
                 (False, False): "full"}[(self.config.freeze_image, self.config.freeze_text)]
+        return f"{mode}+image-blocks{self.config.train_image_blocks}" if self.config.train_image_blocks else mode
 
 
 def new_run(config, dim, member=None):
@@ -203,6 +208,9 @@ def build_run_model(run, feature_seed, member):
                 layer.reset_parameters()
     set_frozen(run.model.image_tower, run.config.freeze_image)
     set_frozen(run.model.text_tower, run.config.freeze_text)
+    if run.config.train_image_blocks:  # the last N blocks and the head conv train on cached block inputs
+        for module in run.model.image_tower.trained_modules(run.config.train_image_blocks):
+            set_frozen(module, False)
 
 
 def rank_zero_first(rank, world_size, compute):
@@ -227,7 +235,20 @@ def cache_frozen_features(run, splits, features, feature_seed, rank, world_size)
             run.cache[split_name][kind] = rank_zero_first(rank, world_size, compute)
         train_feats = run.cache["train"][kind]
         norm = run.model.image_norm if kind == "image" else run.model.text_norm
-        norm.set(train_feats.flatten(0, 1) if kind == "image" else train_feats)
+        norm.set(initial_image_features(run.model, train_feats, config.train_image_blocks) if kind == "image"
+                 else train_feats)
+
+
+def initial_image_features(model, train_views, blocks):
+    """[views x N, F] the image tower's features of the cached train views, as the model is now (with
+    --train_image_blocks: the pretrained blocks run once on the cached inputs), to standardise them by.
+    Trained blocks change their features later; the standardisation stays that of the pretrained tower."""
+    rows = train_views.flatten(0, 1)
+    if not blocks:
+        return rows
+    with torch.no_grad():
+        model.image_tower.eval()
+        return torch.cat([image_tower_features(model, chunk, blocks) for chunk in rows.split(1024)])
 
 
 def set_up(run, splits, device, world_size):
@@ -247,9 +268,9 @@ def set_up(run, splits, device, world_size):
     run.scaler = torch.amp.GradScaler("cuda", enabled=run.amp_dtype == torch.float16)
 
 
-# Flags that change the loss but not the weights' shapes: a resume with other values would load and
-# silently continue under another objective, so restore refuses it.
-LOSS_FLAGS = ("matryoshka_dims", "matryoshka_weights", "quantization_aware")
+# Flags that change the loss or what trains but not the weights' shapes: a resume with other values would
+# load and silently continue under another objective (or fail on the optimizer's groups), so restore refuses it.
+LOSS_FLAGS = ("matryoshka_dims", "matryoshka_weights", "quantization_aware", "train_image_blocks")
 
 
 def restore(run, rank):
@@ -258,7 +279,7 @@ def restore(run, rank):
         return
     saved = checkpoint.load_checkpoint(run.last_path)
     for flag in LOSS_FLAGS:
-        trained, given = saved["args"].get(flag), getattr(run.config, flag)
+        trained, given = saved["args"].get(flag) or None, getattr(run.config, flag) or None
         if trained != given:
             raise UserError(f"--resume: {run.last_path} was trained with --{flag} {trained or '(not set)'}, "
                             f"not {given or '(not set)'}; give the same value or --overwrite")
@@ -375,7 +396,7 @@ def require_finite(loss, run, state):
                         f"(epoch {state['epoch'] + 1}); lower --lr / --head_lr, or try --amp off")
 
 
-def dev_embeddings(model, split, device, cache, batch_size, num_workers):
+def dev_embeddings(model, split, device, cache, batch_size, num_workers, blocks=0):
     """(image [N, D], text [T, D], text_to_image) numpy arrays for the per-epoch dev evaluation.
 
     With both towers frozen it projects the cached features (an epoch's evaluation then costs only the
@@ -384,7 +405,7 @@ def dev_embeddings(model, split, device, cache, batch_size, num_workers):
     prepare_data.py --checkpoint."""
     model.eval()
     if "image" in cache and "text" in cache:
-        return (*project_features(model, cache["image"], cache["text"], device), split.text_to_image)
+        return (*project_features(model, cache["image"], cache["text"], device, blocks), split.text_to_image)
     emb = embed_split(encoder_from_model(model, "dev", device), split, batch_size, num_workers, progress=False)
     return emb.image_embeddings, emb.text_embeddings, emb.text_to_image
 
@@ -442,7 +463,7 @@ def evaluate_dev(run, dev_split, device):
     not change the dropout of the steps after it, or a resumed run would diverge from an uninterrupted one."""
     states = rng_states()
     embedded = dev_embeddings(run.model, dev_split, device, run.cache["dev"], run.config.batch_size_eval,
-                              run.config.num_workers)
+                              run.config.num_workers, run.config.train_image_blocks)
     set_rng_states(states)
     return dev_results(*embedded, run.model.nested_dims)
 
@@ -478,7 +499,8 @@ def train_one_dim(config, dim, splits, device, rank, world_size, member=None):
     cache_frozen_features(run, splits, feature_cache(config, device), config.seed, rank, world_size)
     set_up(run, splits, device, world_size)
     restore(run, rank)
-    step_module = EmbedStep(run.model, run.config.freeze_image, run.config.freeze_text)
+    step_module = EmbedStep(run.model, run.config.freeze_image, run.config.freeze_text,
+                            run.config.train_image_blocks)
     broadcast_from_first(run.model, world_size)
     if rank == 0:
         trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)

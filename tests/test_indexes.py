@@ -310,6 +310,27 @@ def test_ivf_that_trains_its_own_coarse_quantizer_equals_faiss_own_build(vectors
     assert timing["coarse_train_s"] > 0 and timing["train_s"] >= 0
 
 
+@pytest.mark.parametrize("precision", ["pq", "opq"])
+def test_ivf_pq_skips_polysemous_training_and_scores_as_faiss_default_build(vectors, precision):
+    # index_factory's IVF-PQ relabels each sub-space's centroids for Hamming search (polysemous training, over
+    # 10 minutes for OPQ IVF on 10,000 vectors); ADC scores do not depend on the labels, so the lists are equal.
+    gallery, fit, queries = vectors[:300], vectors[:500], vectors[500:]
+    params = {"nlist": 8, "nprobe": 3, "pq_subdim": 16}
+    ours = faiss_own_ivf(precision, gallery, fit, params)
+    assert indexes.core_index(ours).do_polysemous_training is False
+    default = indexes.make_index(precision, 32, "ivf", params, 300)
+    indexes.core_index(default).do_polysemous_training = True  # what index_factory leaves on
+    for cp, _ in indexes.clusterings(default):
+        cp.min_points_per_centroid = 1
+    default.train(np.ascontiguousarray(fit))
+    default.add(np.ascontiguousarray(gallery))
+    indexes.set_search_params(default, "ivf", params, k=10)
+    (scores, ids), (default_scores, default_ids) = (indexes.make_searcher(i, precision)(queries, 10)
+                                                    for i in (ours, default))
+    np.testing.assert_array_equal(ids, default_ids)
+    np.testing.assert_allclose(scores, default_scores, rtol=1e-5, atol=1e-6)
+
+
 def test_equal_decode_keys_mean_equal_decoded_galleries(vectors):
     gallery, fit = vectors[:200], vectors[200:500]
     params = {"nlist": 4, "hnsw_m": 8, "pq_subdim": 16}

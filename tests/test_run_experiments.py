@@ -834,6 +834,42 @@ def test_shared_coarse_quantizers_and_decodes_give_the_metrics_of_unshared_build
     assert ivf == 2 * 4 * 2 * 2  # directions x precisions x nlist x (no re-ranking, C = 10)
 
 
+def test_ivf_on_a_padded_gallery_trains_on_the_fit_set_and_a_seeded_sample_of_distractors(tmp_path, monkeypatch):
+    from retrieval import io, sweep
+    data = random_file(tmp_path / "toy.npz", num_images=20, dim=16)
+    fits = []
+    count_calls(monkeypatch, "train_coarse", fits, lambda fit_codes, nlist: (fit_codes.copy(), nlist))
+    common = ["--data_path", data, "--precisions", "fp32", "int8", "--index", "ivf", "--nprobe", "4",
+              "--candidate_sizes", "--recall_k", "1", "5", "--min_time", "0", "--latency_queries", "2",
+              "--directions", "t2i", "--gallery_sizes", "2000"]
+    paths = run_experiments.main(common + ["--output_dir", str(tmp_path / "a")])
+    runs = [json.load(open(p)) for p in paths if "skipped" not in json.load(open(p))]
+    # 4 sqrt(2000) = 179 lists wanted; the 20 fit images alone would allow 20 // 39 -> 1 list; with the
+    # 1,980 distractors (fewer than 39 x 179) the training set is 2,000 vectors: 2000 // 39 = 51 lists.
+    assert {r["config"]["index_params"]["nlist"] for r in runs if r["config"]["index"] == "ivf"} == {51}
+    (fit_codes, nlist), = fits  # one k-means serves fp32 and int8
+    emb = io.read_embeddings(data)
+    fit = {"images": emb.image_embeddings, "texts": emb.text_embeddings}
+    gallery = sweep.padded_gallery(emb, fit, 1980, None, 0, ["t2i"])["t2i"]
+    assert nlist == 51 and fit_codes.shape == (2000, 16)
+    np.testing.assert_array_equal(fit_codes[:20], emb.image_embeddings)
+    # the rest: every distractor row (the sample is all of them here), never a real gallery item
+    np.testing.assert_array_equal(fit_codes[20:], gallery[20:])
+    # A gallery with more distractors than 39 per wanted list samples them: 4 sqrt(40000) = 800 lists from
+    # 20 + 39 x 800 vectors. Seeded, so a second sweep trains on the same rows and gives the same ranks.
+    fits.clear()
+    bigger = [a if a != "2000" else "40000" for a in common] + ["--precisions", "fp32"]
+    first = run_experiments.main(bigger + ["--output_dir", str(tmp_path / "b")])
+    second = run_experiments.main(bigger + ["--output_dir", str(tmp_path / "c")])
+    (one, lists), (two, _) = fits
+    assert lists == 800 and one.shape[0] == 20 + 39 * 800
+    np.testing.assert_array_equal(one, two)
+    big = sweep.padded_gallery(emb, fit, 39980, None, 0, ["t2i"])["t2i"]
+    assert not (one[20:, None, :] == big[None, :20, :]).all(axis=2).any()  # no real image among the sample
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(io.read_ranks(io.ranks_path(a))["t2i"], io.read_ranks(io.ranks_path(b))["t2i"])
+
+
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_chunked_full_ranking_equals_one_chunk_and_brute_force_with_ties(direction):
     from retrieval import metrics

