@@ -42,7 +42,7 @@ DEFAULT_PRECISIONS = ["fp32", "fp16", "int8", "int4", "binary", "pq", "opq", "it
 def read_timings(num_bytes, repeats=7):
     """Seconds of one thread reading an array of at least 1 GB once, `repeats` times: the largest byte of it,
     which numpy computes with SIMD compares that never wait on arithmetic, the fastest one-thread read found
-    here (float32 max is 5-10 % slower, a float32 matrix-vector product through numpy's BLAS half as fast).
+    here (float32 max is 10-20 % slower, a float32 matrix-vector product through numpy's BLAS half as fast).
     At least 1 GB, so the array is far larger than any cache; the latency it is compared with is one thread's.
     Returns (bytes read, the timings)."""
     array = np.ones(max(num_bytes, 1 << 30), dtype=np.uint8)
