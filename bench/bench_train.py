@@ -47,21 +47,15 @@ def frontier(dev_path, test_path, folder, method):
     analyze_results.main(["--results_dir", folder, "--metric", "t2i_R@1", "--no_plots"])
     frame = analysis.completed(analysis.runs_frame(analysis.load_runs(folder)))
     dev, test = frame[frame["split"] == "dev"], frame[frame["split"] == "test"].set_index("label")
-    rows = []
-    for budget in FRONTIER_BUDGETS:
-        row = {"bytes_per_vector": budget}
-        for direction in ("t2i", "i2t"):
-            metric = f"{direction}_R@1"
-            fits = dev[dev["bytes_per_vector"] <= budget].sort_values([metric, "bytes_per_vector"],
-                                                                     ascending=[False, True], kind="stable")
-            if fits.empty:
-                continue
-            best = fits.iloc[0]
-            row[direction] = {"label": best["label"], "dev_R@1": float(best[metric]),
-                              "test_R@1": float(test.loc[best["label"], metric])}
-        rows.append(row)
-    return rows
-
+    rows = {budget: {"bytes_per_vector": budget} for budget in FRONTIER_BUDGETS}
+    for direction in ("t2i", "i2t"):
+        metric = f"{direction}_R@1"
+        for best in analysis.budget_table(dev, metric):  # per power-of-two budget, the best on dev
+            budget = best["budget_bytes_per_vector"]
+            if budget in rows:
+                rows[budget][direction] = {"label": best["label"], "dev_R@1": best["value"],
+                                           "test_R@1": float(test.loc[best["label"], metric])}
+    return list(rows.values())
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

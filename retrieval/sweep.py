@@ -174,8 +174,8 @@ def group_configs(settings, common, fit_count):
             if precision == "fp32" and index_type == "flat":
                 continue  # identical to the baseline: fp32 re-ranking of an exact fp32 list
             for knobs in settings.index_settings(index_type):
-                params = dict(knobs, fit_size=fit_count + (indexes.ivf_distractor_rows(
-                    gallery_size, (common["distractors"] or {}).get("count", 0), knobs) if index_type == "ivf" else 0))
+                extra = (common["distractors"] or {}).get("count", 0)
+                params = dict(knobs, fit_size=fit_count + ivf_sample_size(index_type, gallery_size, extra, knobs))
                 unsupported = indexes.unsupported(precision, dim, index_type, params)
                 reason = dim_skip or unsupported or pq_fit_reason(precision, fit_count)
                 description = {} if unsupported else \
@@ -187,6 +187,12 @@ def group_configs(settings, common, fit_count):
                                exact=False, index=index_type, index_params=description), skip
                 if unsupported:
                     break  # one skipped record says it for every knob value (their configs would be equal)
+
+
+def ivf_sample_size(index_type, gallery_size, distractors, params):
+    """Distractor rows an index trains on besides the fit set: indexes.ivf_distractor_rows for IVF, none for
+    the others (the grid and Group.fit_vectors both count with it, so a config's nlist is its build's)."""
+    return indexes.ivf_distractor_rows(gallery_size, distractors, params) if index_type == "ivf" else 0
 
 
 def gallery_skip_reason(settings, gallery_size, real_gallery, fit):
@@ -566,7 +572,7 @@ class Group:
         index of the direction with these lists."""
         data = self.directions[direction]
         extra = data["gallery"].shape[0] - data["real_rows"]
-        count = indexes.ivf_distractor_rows(data["gallery"].shape[0], extra, params) if index_type == "ivf" else 0
+        count = ivf_sample_size(index_type, data["gallery"].shape[0], extra, params)
         if not count:
             return data["fit"]
         key = (direction, count)
