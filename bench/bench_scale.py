@@ -26,6 +26,7 @@ import os
 import sys
 import time
 
+import faiss
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +54,39 @@ def read_timings(num_bytes, repeats=7):
             array.max()
             seconds.append(time.perf_counter() - start)
     return array.nbytes, seconds
+
+
+def paired_latency(size, dim, k=10, pairs=15, seed=0):
+    """fp32 flat single-query latency and the time to read the same gallery once, measured in turns (read,
+    query, read, query, ...) on one thread, as the sweep times a single query. In turns because this VM's
+    memory bandwidth drifts by tens of percent within an hour (medians of 10.2 to 16.7 GB/s seen here), so a
+    latency and a bandwidth measured minutes apart differ by the drift alone; measured in turns both see the
+    same machine. The read is of the index's own storage (the bytes a query streams), as bytes: the fastest
+    one-thread read (read_timings). The gallery is Gaussian: a flat search's time does not depend on values.
+    Returns medians, the ratio of the medians and the spread of the per-pair ratios."""
+    rng, index = np.random.default_rng(seed), faiss.IndexFlatIP(dim)
+    for start in range(0, size, 100_000):   # in blocks: no second gallery-sized temporary
+        index.add(rng.standard_normal((min(100_000, size - start), dim), dtype=np.float32))
+    stored = faiss.rev_swig_ptr(index.get_xb(), size * dim).view(np.uint8)
+    query = rng.standard_normal((1, dim), dtype=np.float32)
+    reads, searches = np.empty(pairs), np.empty(pairs)
+    with timing.pinned_threads(1, dim):
+        stored.max(), index.search(query, k)   # warm-up: page faults, thread pool
+        for i in range(pairs):
+            start = time.perf_counter()
+            stored.max()
+            reads[i] = time.perf_counter() - start
+            start = time.perf_counter()
+            index.search(query, k)
+            searches[i] = time.perf_counter() - start
+    ratios = searches / reads
+    return {"gallery_size": size, "dim": dim, "k": k, "pairs": pairs, "bytes": stored.nbytes,
+            "search_p50_ms": float(np.median(searches)) * 1e3, "read_p50_ms": float(np.median(reads)) * 1e3,
+            "read_gbs": stored.nbytes / float(np.median(reads)) / 1e9,
+            "search_gbs": stored.nbytes / float(np.median(searches)) / 1e9,
+            "ratio": float(np.median(searches) / np.median(reads)),
+            "pair_ratio_min": float(ratios.min()), "pair_ratio_median": float(np.median(ratios)),
+            "pair_ratio_max": float(ratios.max())}
 
 
 def bandwidth_record(before, after):
@@ -214,6 +248,8 @@ def main(argv=None):
     p.add_argument("--min_time", type=float, default=0.3, help="as run_experiments.py --min_time")
     p.add_argument("--max_time", type=float, default=10.0, help="as run_experiments.py --max_time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latency_pairs", type=int, default=15,
+                   help="turns of (read the largest gallery once, one fp32 flat query) for the paired latency check")
     p.add_argument("--output_dir", default=os.path.join("result", "bench", "scale"))
     p.add_argument("--tag", default="", help="names this invocation's record: bench_scale-<tag>.json (the table "
                    "and plots always cover every run in the folder, so invocations with other sizes add up)")
@@ -237,9 +273,12 @@ def main(argv=None):
                    "ratio": exact[n][f"{direction}_latency_p50_ms"] / floor[n],
                    "ratio_at_best_read": exact[n][f"{direction}_latency_p50_ms"] * read["best_gbs"] * 1e6
                    / (n * args.dim * 4)} for n in args.gallery_sizes if n in exact}
+    # The budget's latency check: the same kernel and a read of the same bytes, in turns (paired_latency).
+    paired = paired_latency(max(args.gallery_sizes), args.dim, pairs=args.latency_pairs, seed=args.seed)
     record = {"command": command, "rows": rows, "crossovers": {d: crossovers(rows, d) for d in args.directions},
               "projections": {d: projections(rows, d) for d in args.directions},
               "read_bandwidth_gbs": bandwidth, "read_bandwidth": read, "fp32_flat_latency_vs_read": latency,
+              "paired_latency": paired,
               "wall_s": time.time() - start, "peak_rss_bytes": timing.peak_rss_bytes(),
               "load_average_before": load_before, "load_average_after": os.getloadavg(), "environment": environment()}
     record_path = os.path.join(args.output_dir, f"bench_scale{'-' + args.tag if args.tag else ''}.json")
@@ -250,6 +289,10 @@ def main(argv=None):
         print(f"{n:>9,} items: fp32 flat single-query p50 {item['fp32_flat_p50_ms']:.2f} ms, reading the gallery "
               f"once {item['read_once_ms']:.2f} ms (ratio {item['ratio']:.2f}; {item['ratio_at_best_read']:.2f} "
               "at the fastest read)")
+    print(f"{paired['gallery_size']:>9,} items, in {paired['pairs']} turns: fp32 flat single query "
+          f"{paired['search_p50_ms']:.2f} ms, reading the gallery once {paired['read_p50_ms']:.2f} ms "
+          f"({paired['read_gbs']:.1f} GB/s): ratio {paired['ratio']:.2f} (per turn {paired['pair_ratio_min']:.2f}"
+          f"-{paired['pair_ratio_max']:.2f})")
     for d, found in record["crossovers"].items():
         for name, size in found.items():
             print(f"{d}: {name} is faster than fp32 exact flat from {size:,} items")
