@@ -3,7 +3,8 @@
 The evaluated file gives the queries and the real gallery items; `--gallery_sizes` pads the gallery with
 distractors (default: Gaussian, synthetic). The sweep itself (run_experiments.py) does the work, so the
 numbers are the ones a user's sweep would give; this script adds the machine's read bandwidth (what a flat
-fp32 search of one query must at least take: the gallery read once), the summary table, the crossover
+fp32 search of one query must at least take: the gallery read once), a paired check of that latency against a
+read of the same bytes (paired_latency), the summary table, the crossover
 points where a compressed index overtakes fp32 in speed, and the plot.
 
 Reads:  --data_path (hand-off file: queries + real items), --fit_path (fits quantizers / PCA; default the
