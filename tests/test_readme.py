@@ -28,12 +28,21 @@ def readme_commands():
 
 
 def script_calls():
-    """(script path, flags) for every `python[3] <script>.py ...` in the README."""
+    """(script path, flags) for every `python[3] <script>.py ...` in the README. bench/bench_train.py passes
+    what follows its --extra to train_dual_encoder.py, so those flags are checked against that script."""
     calls = []
     for command in readme_commands():
         for match in re.finditer(r"(?:python3?|torchrun(?: --\S+)*) ((?:bench/)?[a-z_]+\.py)([^|;&]*)", command):
-            calls.append((match.group(1), sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z_]*", match.group(2))))))
+            own, _, extra = match.group(2).partition(" --extra ") if match.group(1) == "bench/bench_train.py" \
+                else (match.group(2), "", "")
+            calls.append((match.group(1), flags_in(own + (" --extra" if extra else ""))))
+            if extra:
+                calls.append(("train_dual_encoder.py", flags_in(extra)))
     return calls
+
+
+def flags_in(text):
+    return sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z_]*", text)))
 
 
 def help_text(script):
