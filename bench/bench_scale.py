@@ -60,7 +60,7 @@ def read_timings(num_bytes, repeats=7):
 def paired_latency(size, dim, k=10, pairs=15, seed=0):
     """fp32 flat single-query latency and the time to read the same gallery once, measured in turns (read,
     query, read, query, ...) on one thread, as the sweep times a single query. In turns because this VM's
-    memory bandwidth drifts by tens of percent within an hour (medians of 10.2 to 16.7 GB/s seen here), so a
+    memory bandwidth drifts by tens of percent within hours (medians of 10.2 to 22.4 GB/s on one day here), so a
     latency and a bandwidth measured minutes apart differ by the drift alone; measured in turns both see the
     same machine. The read is of the index's own storage (the bytes a query streams), as bytes: the fastest
     one-thread read (read_timings). The gallery is Gaussian: a flat search's time does not depend on values.
@@ -72,7 +72,8 @@ def paired_latency(size, dim, k=10, pairs=15, seed=0):
     query = rng.standard_normal((1, dim), dtype=np.float32)
     reads, searches = np.empty(pairs), np.empty(pairs)
     with timing.pinned_threads(1, dim):
-        stored.max(), index.search(query, k)   # warm-up: page faults, thread pool
+        stored.max()   # warm-up: page faults, thread pool
+        index.search(query, k)
         for i in range(pairs):
             start = time.perf_counter()
             stored.max()
