@@ -60,7 +60,9 @@ def parse_args(argv=None):
     knobs = parser.add_argument_group("index settings")
     knobs.add_argument("--sq_ranges", default="per_dim", choices=("per_dim", "uniform"),
                        help="int8/int4 scalar quantizer ranges: one [min,max] per dimension, or one for all")
-    knobs.add_argument("--pq_subdim", type=int, default=8, help="PQ: dims per sub-quantizer (M = dim / pq_subdim, 8 bits each)")
+    knobs.add_argument("--pq_subdim", type=int, nargs="+", default=[8],
+                       help="pq/opq: dims per sub-quantizer (M = dim / pq_subdim sub-quantizers of 8 bits = M bytes "
+                            "a vector), one configuration per value")
     # Several values of a knob: each is its own configuration (a recall-vs-speed curve per index). The
     # index is built once per build-time value (--nlist, --hnsw_m) and searched at every search-time value.
     knobs.add_argument("--nlist", type=int, nargs="+", default=[0],
@@ -93,7 +95,8 @@ def parse_args(argv=None):
                      help="seeds PCA/random projection, distractors, the --max_queries sample, latency sample")
     run.add_argument("--device", default="", help="'' = auto (cuda -> mps -> cpu); FAISS GPU indexes need faiss-gpu, else CPU")
     args = parser.parse_args(argv)
-    for name in ("recall_k", "candidate_sizes", "embedding_dims", "gallery_sizes", "nprobe", "hnsw_m", "ef_search"):
+    for name in ("recall_k", "candidate_sizes", "embedding_dims", "gallery_sizes", "nprobe", "hnsw_m", "ef_search",
+                 "pq_subdim"):
         if any(v <= 0 for v in getattr(args, name)):
             parser.error(f"--{name} values must be positive")
     if any(v < 0 for v in args.nlist):
@@ -102,8 +105,8 @@ def parse_args(argv=None):
         parser.error("--max_queries must be positive (or 0 = every image)")
     if args.max_time <= 0:
         parser.error("--max_time must be positive")
-    if args.batch_size <= 0 or args.pq_subdim <= 0:
-        parser.error("--batch_size and --pq_subdim must be positive")
+    if args.batch_size <= 0:
+        parser.error("--batch_size must be positive")
     try:
         shard = tuple(int(v) for v in args.shard.split("/"))
         assert len(shard) == 2 and 0 <= shard[0] < shard[1]

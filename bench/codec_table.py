@@ -20,10 +20,11 @@ PAIRS = (("pq", "opq"), ("binary", "itq"))
 
 
 def flat_runs(runs):
-    """{(precision, dim): run} of the flat, no-re-ranking runs at the real gallery (smallest gallery size)."""
+    """{(precision, dim, pq_m): run} of the flat, no-re-ranking runs at the real gallery (smallest gallery size);
+    pq_m: a product code's sub-quantizer count (--pq_subdim can give several per dim), None for sign codes."""
     done = [r for r in runs if not r.get("skipped")]
     smallest = min(r["config"]["gallery_size"] for r in done)
-    return {(r["config"]["precision"], r["config"]["dim"]): r for r in done
+    return {(r["config"]["precision"], r["config"]["dim"], r["config"]["index_params"].get("pq_m")): r for r in done
             if r["config"]["index"] == "flat" and not r["config"]["rerank"] and r["config"]["candidate_size"]
             and r["config"]["gallery_size"] == smallest}
 
@@ -40,21 +41,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     runs = analysis.load_runs(args.results_dir)
     chosen = flat_runs(runs)
-    ranked, notes = bootstrap.load(args.results_dir, {os.path.splitext(os.path.basename(r["_file"]))[0]: r
-                                                      for r in chosen.values()})
-    resampler = bootstrap.Resampler(bootstrap.Settings(args.bootstrap, 0.95, args.seed))
     ids = {key: os.path.splitext(os.path.basename(run["_file"]))[0] for key, run in chosen.items()}
     ranked, notes = bootstrap.load(args.results_dir, {ids[key]: run for key, run in chosen.items()})
     resampler = bootstrap.Resampler(bootstrap.Settings(args.bootstrap, 0.95, args.seed))
     print("| dim | bytes/vector | naive / learned | t2i R@1 naive | t2i R@1 learned | paired difference | "
           "i2t R@1 naive | i2t R@1 learned | paired difference |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for dim in sorted({dim for _, dim in chosen}, reverse=True):
+    for dim, pq_m in sorted({(dim, pq_m or 0) for _, dim, pq_m in chosen}, reverse=True):
         for naive, learned in PAIRS:
-            if (naive, dim) not in chosen or (learned, dim) not in chosen:
+            pair = [(precision, dim, pq_m or None) for precision in (naive, learned)]
+            if not all(key in chosen for key in pair):
                 continue
-            a, b = chosen[(naive, dim)], chosen[(learned, dim)]
-            n_id, l_id = ids[(naive, dim)], ids[(learned, dim)]
+            a, b = (chosen[key] for key in pair)
+            n_id, l_id = (ids[key] for key in pair)
             # The learned run paired with the naive one, on the same draws: its delta is learned - naive.
             intervals = resampler.intervals({n_id: ranked[n_id], l_id: ranked[l_id]}, {l_id: n_id})
             cells = []

@@ -32,6 +32,8 @@ CONFIG_KEYS = ("dim", "native_dim", "dim_method", "precision", "candidate_size",
                "data_path")
 # IVF / HNSW knobs read from the run's config.index_params (each value of a search knob is its own run).
 KNOB_KEYS = ("nlist", "nprobe", "hnsw_m", "ef_search")
+# Read from config.index_params too: a pq / opq code's sub-quantizer count (run_experiments.py --pq_subdim).
+CODEC_KEYS = ("pq_m",)
 BUILD_KNOB = {"ivf": "nlist", "hnsw": "hnsw_m"}
 SEARCH_KNOB = {"ivf": "nprobe", "hnsw": "ef_search"}
 KNOB_NAMES = {"hnsw_m": "M"}  # how a label shows a knob (HNSW's M is what FAISS and papers call it)
@@ -163,8 +165,13 @@ def config_label(row):
 
 
 def family_label(row):
-    """'int8 256d (pca)': precision and dim, the part of a label that neither candidates nor index change."""
-    label = f"{row['precision']} {int(row['dim'])}d" if row.get("dim") is not None else str(row["precision"])
+    """'int8 256d (pca)': precision and dim, the part of a label that neither candidates nor index change.
+    A product code names its sub-quantizers as FAISS does ('pq8x8 64d': 8 of 8 bits), since --pq_subdim can
+    put several codes of one dim in a sweep."""
+    precision = str(row["precision"])
+    if _number(row.get("pq_m")) is not None:
+        precision += f"{int(row['pq_m'])}x8"
+    label = f"{precision} {int(row['dim'])}d" if row.get("dim") is not None else precision
     if row.get("dim_method") and row.get("native_dim") is not None and row.get("dim") is not None \
             and int(row["dim"]) < int(row["native_dim"]):
         label += f" ({row['dim_method']})"
@@ -217,7 +224,7 @@ def run_row(run):
     row["skipped_reason"] = str(skipped) if skipped else ""
     row.update({name: config.get(name) for name in CONFIG_KEYS})
     params = config.get("index_params") if isinstance(config.get("index_params"), dict) else {}
-    row.update({name: _number(params.get(name)) for name in KNOB_KEYS})
+    row.update({name: _number(params.get(name)) for name in KNOB_KEYS + CODEC_KEYS})
     row["exact"], row["rerank"] = bool(config.get("exact")), bool(config.get("rerank"))
     row["candidate"] = candidate_label(row)
     row["label"] = config_label(row)
@@ -274,7 +281,8 @@ def runs_frame(runs):
     frame["_cand_order"] = frame.apply(
         lambda r: -1 if r["exact"] else (0 if not r["rerank"] else int(r["candidate_size"])), axis=1)
     frame["_precision_order"] = frame["precision"].map(precision_rank)
-    order = ["group", "gallery_size", "dim", "_precision_order", "_cand_order", "index"] + list(KNOB_KEYS) + ["run_id"]
+    order = ["group", "gallery_size", "dim", "_precision_order", "_cand_order", "index"] + list(KNOB_KEYS + CODEC_KEYS) + \
+        ["run_id"]
     frame = frame.sort_values(order, na_position="first", kind="stable")
     return frame.drop(columns=["_cand_order", "_precision_order"]).reset_index(drop=True)
 

@@ -38,6 +38,7 @@ from retrieval.io import l2_normalize
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "binary", "pq", "opq", "itq")
 SIGN_CODES = ("binary", "itq")  # sign bits in an IndexBinary*, compared by Hamming distance
+PQ_CODES = ("pq", "opq")  # product codes: M = D / pq_subdim sub-quantizers of 8 bits
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 DIM_METHODS = ("pca", "truncate", "random")
 
@@ -205,7 +206,7 @@ def unsupported(precision, dim, index_type, params):
         return f"unknown index {index_type!r}"
     if precision in SIGN_CODES and dim % 8:
         return f"{precision} needs dim divisible by 8, got {dim}"
-    if precision in ("pq", "opq") and dim % params.get("pq_subdim", 8):
+    if precision in PQ_CODES and dim % params.get("pq_subdim", 8):
         return f"{precision} needs dim divisible by pq_subdim={params.get('pq_subdim', 8)}, got {dim}"
     return None
 
@@ -234,7 +235,7 @@ def index_description(precision, dim, index_type, params, gallery_size):
         out.update(hnsw_m=m, ef_search=params.get("ef_search", 64), ef_construction=params.get("ef_construction", 40))
     if precision in ("int8", "int4"):
         out["sq_ranges"] = params.get("sq_ranges", "per_dim")
-    if precision in ("pq", "opq"):
+    if precision in PQ_CODES:
         out.update(pq_m=pq_m, pq_nbits=8)
     if precision == "itq":
         out.update(itq_iterations=ITQ_ITERATIONS, itq_centred=False)
@@ -605,9 +606,12 @@ def decode_key(precision, index_type, build_knobs=()):
     itq's learnt from the fit set alone); the other codecs in a flat or an HNSW index: HNSW's storage is the
     flat index of the precision, trained the same way on the same fit set (tests/test_indexes.py checks the
     decodes are equal). IVF on those codecs encodes each item's residual from its list's centroid, so its
-    decode also depends on the coarse quantizer: build_knobs (nlist) are part of its key."""
-    if precision == "fp32" or precision in SIGN_CODES or index_type != "ivf":
+    decode also depends on the coarse quantizer: build_knobs (nlist) are part of its key. A product code's
+    decode depends on its sub-quantizer count in every structure (its pq_subdim build knob)."""
+    if precision == "fp32" or precision in SIGN_CODES:
         return (precision,)
+    if index_type != "ivf":
+        return (precision,) + tuple(knob for knob in build_knobs if knob[0] == "pq_subdim")
     return (precision, index_type) + tuple(build_knobs)
 
 

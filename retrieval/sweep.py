@@ -44,7 +44,7 @@ class SweepSettings:
     max_queries: int  # query images per file, with all their captions (0 = every image)
     # index knobs; the IVF / HNSW ones take several values, each value its own configuration
     sq_ranges: str
-    pq_subdim: int
+    pq_subdim: tuple   # build-time, pq / opq only (dims per sub-quantizer)
     nlist: tuple       # build-time (IVF lists; 0 = about 4 sqrt(N))
     nprobe: tuple      # search-time
     hnsw_m: tuple      # build-time
@@ -67,21 +67,25 @@ class SweepSettings:
             if isinstance(value, list):
                 object.__setattr__(self, field.name, tuple(value))
 
-    def index_settings(self, index_type="flat"):
+    def index_settings(self, index_type="flat", precision=None):
         """The knobs retrieval.indexes reads to describe, build and search an index: one dict per
-        (build-time, search-time) knob setting of `index_type`, build-time settings outermost.
+        (build-time, search-time) knob setting of `index_type`, build-time settings outermost; for pq / opq
+        once per --pq_subdim value (outermost of all: it is a build-time knob of the codec, not the index).
 
         A flat index has no such knobs (it gets the first values, which it ignores). The per-group
         "fit_size" (which caps IVF lists) is added by the caller where it is known.
         """
-        base = {"sq_ranges": self.sq_ranges, "pq_subdim": self.pq_subdim, "nlist": self.nlist[0],
-                "nprobe": self.nprobe[0], "hnsw_m": self.hnsw_m[0], "ef_search": self.ef_search[0]}
-        values = {name: list(dict.fromkeys(getattr(self, name))) for name in ("nlist", "nprobe", "hnsw_m", "ef_search")}
+        values = {name: list(dict.fromkeys(getattr(self, name)))
+                  for name in ("pq_subdim", "nlist", "nprobe", "hnsw_m", "ef_search")}
+        base = {"sq_ranges": self.sq_ranges, **{name: v[0] for name, v in values.items()}}
         if index_type == "ivf":
-            return [dict(base, nlist=b, nprobe=s) for b in values["nlist"] for s in values["nprobe"]]
-        if index_type == "hnsw":
-            return [dict(base, hnsw_m=b, ef_search=s) for b in values["hnsw_m"] for s in values["ef_search"]]
-        return [base]
+            knobs = [dict(base, nlist=b, nprobe=s) for b in values["nlist"] for s in values["nprobe"]]
+        elif index_type == "hnsw":
+            knobs = [dict(base, hnsw_m=b, ef_search=s) for b in values["hnsw_m"] for s in values["ef_search"]]
+        else:
+            knobs = [base]
+        subdims = values["pq_subdim"] if precision in indexes.PQ_CODES else values["pq_subdim"][:1]
+        return [dict(k, pq_subdim=sub) for sub in subdims for k in knobs]
 
 
 # ----------------------------------------------------------------------------- naming
@@ -173,10 +177,14 @@ def group_configs(settings, common, fit_count):
         for precision in settings.precisions:
             if precision == "fp32" and index_type == "flat":
                 continue  # identical to the baseline: fp32 re-ranking of an exact fp32 list
-            for knobs in settings.index_settings(index_type):
+            said_unsupported = False
+            for knobs in settings.index_settings(index_type, precision):
                 extra = (common["distractors"] or {}).get("count", 0)
                 params = dict(knobs, fit_size=fit_count + ivf_sample_size(index_type, gallery_size, extra, knobs))
                 unsupported = indexes.unsupported(precision, dim, index_type, params)
+                if unsupported and said_unsupported:
+                    continue  # one skipped record says it (the configs of an unbuildable index would be equal)
+                said_unsupported = said_unsupported or bool(unsupported)
                 reason = dim_skip or unsupported or pq_fit_reason(precision, fit_count)
                 description = {} if unsupported else \
                     indexes.index_description(precision, dim, index_type, params, gallery_size)
@@ -185,8 +193,6 @@ def group_configs(settings, common, fit_count):
                                       if candidate_size < max_k else None)
                     yield dict(common, precision=precision, candidate_size=candidate_size, rerank=rerank,
                                exact=False, index=index_type, index_params=description), skip
-                if unsupported:
-                    break  # one skipped record says it for every knob value (their configs would be equal)
 
 
 def ivf_sample_size(index_type, gallery_size, distractors, params):
@@ -211,7 +217,7 @@ def gallery_skip_reason(settings, gallery_size, real_gallery, fit):
 
 def pq_fit_reason(precision, fit_count):
     # k-means of 256 centroids per sub-quantizer needs at least 256 training points.
-    if precision in ("pq", "opq") and fit_count < 256:
+    if precision in indexes.PQ_CODES and fit_count < 256:
         return f"{precision} with 8-bit codes needs >= 256 fit vectors, fit set has {fit_count}"
     return None
 
@@ -458,6 +464,7 @@ class Group:
     def __init__(self, settings, emb, fit, config, distractors, pool, device):
         self.settings, self.pool, self.device = settings, pool, device
         dim, extra = config["dim"], (config["distractors"] or {}).get("count", 0)
+        self.dim = dim
         both = np.concatenate([fit["images"], fit["texts"]])
         self.projection = indexes.fit_reduction(both, dim, config["dim_method"], settings.seed)
         galleries = padded_gallery(emb, fit, extra, distractors, settings.seed, settings.directions)
@@ -534,6 +541,8 @@ class Group:
         indexes that decode the gallery alike share one full ranking (shared_full_ranks)."""
         build_knobs = {"nlist": index_params.get("nlist")} if index_type == "ivf" else \
             {"hnsw_m": index_params.get("hnsw_m")} if index_type == "hnsw" else {}
+        if precision in indexes.PQ_CODES:  # the config records M, the sub-quantizer count: M = dim / pq_subdim
+            build_knobs["pq_subdim"] = self.dim // index_params["pq_m"]
         key = (precision, index_type, tuple(sorted(build_knobs.items())))
         if key not in self.indexes:
             # The grid lists an index's configurations one after another: the indexes built before are done

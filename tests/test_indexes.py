@@ -350,6 +350,13 @@ def test_equal_decode_keys_mean_equal_decoded_galleries(vectors):
             flat, ivf = decodes.values()
             assert not np.array_equal(flat, ivf), precision
     assert indexes.decode_key("int8", "ivf", (("nlist", 4),)) != indexes.decode_key("int8", "ivf", (("nlist", 8),))
+    # A product code of another sub-quantizer count decodes differently; flat and HNSW of one count alike.
+    subdim = {s: indexes.decoded_gallery(indexes.build_index("pq", gallery, fit, "flat", {"pq_subdim": s})[0], "pq",
+                                         gallery) for s in (4, 8)}
+    assert not np.array_equal(subdim[4], subdim[8])
+    assert indexes.decode_key("pq", "flat", (("pq_subdim", 4),)) != indexes.decode_key("pq", "flat", (("pq_subdim", 8),))
+    assert indexes.decode_key("pq", "flat", (("pq_subdim", 4),)) == \
+        indexes.decode_key("pq", "hnsw", (("hnsw_m", 8), ("pq_subdim", 4)))
 
 
 def test_default_lists_leave_residual_codecs_something_to_learn():

@@ -111,7 +111,9 @@ def reference_metrics(path, config, fit_path=None):
         elif precision == "fp32":
             stage1_queries, stage1_gallery = queries, gallery
         else:  # the FAISS codec decodes; the ranking itself is recomputed here
-            index, _ = indexes.build_index(precision, gallery, fit_vectors)
+            pq_m = config["index_params"].get("pq_m")
+            index, _ = indexes.build_index(precision, gallery, fit_vectors,
+                                           params={"pq_subdim": config["dim"] // pq_m} if pq_m else None)
             stage1_queries, stage1_gallery = queries, index.reconstruct_n(0, index.ntotal)
         relevant = relevant_sets(emb.text_to_image, direction)
         got = reference_direction(queries, gallery, stage1_queries, stage1_gallery, relevant, k_values, config)
@@ -163,6 +165,33 @@ def test_every_metric_equals_brute_force(tmp_path):
     assert int4["memory"]["t2i_index_bytes"] > 40 * 8 and int4["memory"]["peak_rss_bytes"] > 0
     assert int4["env"]["faiss"] and int4["data"]["dataset"] == "toy"
     assert int4["fit"]["source"].startswith("gallery")
+
+
+def test_pq_subdim_values_are_codes_of_their_own_and_match_brute_force(tmp_path):
+    from retrieval import analysis
+    data = random_file(tmp_path / "toy.npz", num_images=300, dim=16, noise=0.5)
+    out = str(tmp_path / "result")
+    run_experiments.main(["--data_path", data, "--output_dir", out, "--precisions", "pq", "--index", "flat", "hnsw",
+                          "--pq_subdim", "2", "8", "5", "4", "--hnsw_m", "8", "--candidate_sizes", "20",
+                          "--recall_k", "1", "5", "--min_time", "0", "--latency_queries", "2", "--num_workers", "2"])
+    runs = load_runs(out)
+    pq = [r for r in runs if r["config"]["precision"] == "pq"]
+    done, skipped = [r for r in pq if "skipped" not in r], [r for r in pq if "skipped" in r]
+    # 3 usable sub-dims x 2 indexes x (no re-ranking, C = 20); 5 does not divide 16: one skipped record per index
+    # for each candidate count, not one per value.
+    assert len(done) == 3 * 2 * 2 and len(skipped) == 2 * 2
+    assert all("pq_subdim=5" in r["skipped"] for r in skipped)
+    assert sorted({r["config"]["index_params"]["pq_m"] for r in done}) == [2, 4, 8]
+    for result in done:
+        assert result["memory"]["bytes_per_vector"] == result["config"]["index_params"]["pq_m"]
+        if result["config"]["index"] == "flat":  # HNSW ranks approximately; its full ranking is the flat twin's
+            assert_metrics_match(result, reference_metrics(data, result["config"]))
+    r1 = {r["config"]["index_params"]["pq_m"]: r["metrics"]["t2i_R@1"] for r in done
+          if r["config"]["index"] == "flat" and not r["config"]["rerank"]}
+    assert r1[8] > r1[2]  # 2 dims per 8-bit code keep far more than 8 dims per code
+    frame = analysis.completed(analysis.runs_frame(analysis.load_runs(out)))
+    labels = frame[frame["precision"] == "pq"]["label"]
+    assert labels.is_unique and "pq8x8 16d C=20 [hnsw M=8 ef_search=64]" in set(labels), sorted(labels)
 
 
 def test_several_dim_methods_are_configurations_of_their_own_and_match_brute_force(tmp_path):
