@@ -1,15 +1,16 @@
 """Benchmark train_dual_encoder.py on Flickr8k: train on train, select on dev, report TEST recall + wall time.
 
 Reads:  ../shared/datasets/flickr8k (official layout; read in place, never copied)
-Writes: checkpoints/bench/ (runs + feature cache), coco_data/flickr8k/dual-<run>-d<dim>_{dev,test}.h5,
-        result/bench/bench_train.json (numbers, command, environment),
-        with --frontier also <output stem>-frontier/ (the sweep's runs/, REPORT.md, summary) and the frontier
-        table in the result JSON
+Writes: checkpoints/bench/ (runs + feature cache), coco_data/flickr8k/dual-<run>-d<dim>_{dev,test}.h5 (with
+        --frontier and --frontier_fit train also _train.h5), result/bench/bench_train.json (numbers, command,
+        environment), with --frontier also <output stem>-frontier-d<dim>-fit<split>/ (the sweep's runs/,
+        REPORT.md, summary) and the frontier table in the result JSON
 
 The recipe is train_dual_encoder.py --recipe bench (retrieval/recipes.py); --extra overrides parts of it.
---frontier METHOD then sweeps the exports (run_experiments.py: dims 16-512 x fp32/int8/int4/binary/pq with 2-16
-dims per sub-quantizer, flat, no re-ranking, quantizers fitted on dev, dims reduced by METHOD) and reports, per
-memory budget of 4-64 bytes/vector and direction, the configuration with the best dev R@1 and its test R@1 (selected on dev only).
+--frontier METHOD then sweeps the exports (run_experiments.py: dims 16-512 x fp32/int8/int4/binary/pq with
+2-16 dims per sub-quantizer, flat, no re-ranking, quantizers and PCA fitted on the train split's export, or
+dev with --frontier_fit dev; dims reduced by METHOD) and reports, per memory budget of 4-64 bytes/vector and
+direction, the configuration with the best dev R@1 and its test R@1 (selected on dev only).
 
 Example:
     python bench/bench_train.py --embedding_dim 512 256 1024
@@ -41,14 +42,26 @@ FRONTIER_PQ_SUBDIMS = (2, 4, 8, 16)
 FRONTIER_BUDGETS = (4, 8, 16, 32, 64)
 
 
-def frontier(dev_path, test_path, folder, method):
+def frontier(dev_path, test_path, folder, method, fit_path=None):
     """The memory frontier of one exported model: sweep both splits (quantizers and dim reduction fitted on
-    dev), then per budget and direction the configuration with the best dev R@1 within the budget (ties: the
-    smaller) and what it gives on test; analyze_results.py writes the test sweep's REPORT.md."""
-    run_experiments.main(["--data_path", dev_path, test_path, "--fit_path", dev_path, "--output_dir", folder,
-                          "--embedding_dims", *map(str, FRONTIER_DIMS), "--dim_method", method,
-                          "--precisions", *FRONTIER_PRECISIONS, "--pq_subdim", *map(str, FRONTIER_PQ_SUBDIMS),
-                          "--candidate_sizes", "--index", "flat"])
+    fit_path, default dev), then per budget and direction the configuration with the best dev R@1 within the
+    budget (ties: the smaller) and what it gives on test; analyze_results.py writes the test sweep's REPORT.md.
+
+    Why fit on train (--frontier_fit train): a dev sweep fitted on dev trains its codebooks on the very gallery
+    it is scored on, which flatters the codes that learn most (PQ with 256 centroids per sub-quantizer from the
+    1,000 dev images), so dev selection leans to them and test disagrees; the train split's 6,000 images are
+    neither evaluated split and give PQ six times the training vectors."""
+    # One sweep per set of PQ codes that fit the largest budget: M = dim / pq_subdim bytes at most (pq of 256
+    # 2-dim codes on 512 dims would cost minutes of training for a 256 B code no budget takes).
+    by_codes = {}
+    for dim in FRONTIER_DIMS:
+        codes = tuple(sub for sub in FRONTIER_PQ_SUBDIMS if dim // sub <= max(FRONTIER_BUDGETS))
+        by_codes.setdefault(codes, []).append(dim)
+    for codes, dims in by_codes.items():
+        run_experiments.main(["--data_path", dev_path, test_path, "--fit_path", fit_path or dev_path,
+                              "--output_dir", folder, "--embedding_dims", *map(str, dims), "--dim_method", method,
+                              "--precisions", *FRONTIER_PRECISIONS, "--pq_subdim", *map(str, codes),
+                              "--candidate_sizes", "--index", "flat"])
     analyze_results.main(["--results_dir", folder, "--metric", "t2i_R@1", "--no_plots"])
     frame = analysis.completed(analysis.runs_frame(analysis.load_runs(folder)))
     dev, test = frame[frame["split"] == "dev"], frame[frame["split"] == "test"].set_index("label")
@@ -61,6 +74,11 @@ def frontier(dev_path, test_path, folder, method):
                 rows[budget][direction] = {"label": best["label"], "dev_R@1": best["value"],
                                            "test_R@1": float(test.loc[best["label"], metric])}
     return list(rows.values())
+
+def export_split(path):
+    """'train' / 'dev' / 'test' of an export <tag>_<split>.h5."""
+    return os.path.splitext(path)[0].rsplit("_", 1)[-1]
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -76,6 +94,8 @@ def main(argv=None):
     p.add_argument("--embedding_dim", type=int, nargs="+", default=None, help="dims to train; default: the recipe's")
     p.add_argument("--frontier", choices=("pca", "truncate"), default=None,
                    help="then sweep the d<dim> exports with this dim reduction and report the 4-64 B/vector frontier")
+    p.add_argument("--frontier_fit", choices=("train", "dev"), default="train",
+                   help="the split the frontier's quantizers / PCA are fitted on (train: also exported)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="more train_dual_encoder.py flags; they override the recipe (e.g. --epochs 15)")
     args = p.parse_args(argv)
@@ -88,7 +108,9 @@ def main(argv=None):
                   "--model_dir", args.model_dir, "--export_dir", args.export_dir, "--run_name", args.run_name,
                   "--save_every", "1000", "--num_workers", "2", "--device", "cpu", "--overwrite",
                   *(["--image_encoder", args.image_encoder] if args.image_encoder else []),
-                  *(["--embedding_dim", *map(str, args.embedding_dim)] if args.embedding_dim else []), *args.extra]
+                  *(["--embedding_dim", *map(str, args.embedding_dim)] if args.embedding_dim else []),
+                  *(["--export_splits", "train", "dev", "test"] if args.frontier and args.frontier_fit == "train" else []),
+                  *args.extra]
     load_before = os.getloadavg()
     start = time.time()
     results = train_dual_encoder.main(train_argv)
@@ -96,15 +118,16 @@ def main(argv=None):
     rows = []
     for dim, run in results.items():
         for path, split_metrics in run.get("exports", []):
-            rows.append({"dim": dim, "file": os.path.relpath(path, ROOT),
-                         "split": "test" if path.endswith("_test.h5") else "dev", "metrics": split_metrics})
+            rows.append({"dim": dim, "file": os.path.relpath(path, ROOT), "split": export_split(path),
+                         "metrics": split_metrics})
     load_after = os.getloadavg()
     fronts = {}
     if args.frontier:
         for dim, run in results.items():
-            paths = {("test" if p.endswith("_test.h5") else "dev"): p for p, _ in run.get("exports", [])}
-            folder = f"{os.path.splitext(args.output)[0]}-frontier-d{dim}"
-            fronts[dim] = frontier(paths["dev"], paths["test"], folder, args.frontier)
+            paths = {export_split(p): p for p, _ in run.get("exports", [])}
+            # The fit split is in the folder's name: a run's file name does not say what it was fitted on.
+            folder = f"{os.path.splitext(args.output)[0]}-frontier-d{dim}-fit{args.frontier_fit}"
+            fronts[dim] = frontier(paths["dev"], paths["test"], folder, args.frontier, paths[args.frontier_fit])
     command = "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
     io.write_json(args.output, {"command": command, "train_argv": train_argv, "wall_seconds": wall, "rows": rows,
                                 "frontier": {str(d): f for d, f in fronts.items()}, "environment": env.environment(),

@@ -164,13 +164,17 @@ def config_label(row):
     return f"{family_label(row)} {row['candidate']}" + index_label(row)
 
 
-def family_label(row):
-    """'int8 256d (pca)': precision and dim, the part of a label that neither candidates nor index change.
-    A product code names its sub-quantizers as FAISS does ('pq8x8 64d': 8 of 8 bits), since --pq_subdim can
-    put several codes of one dim in a sweep."""
+def codec_label(row):
+    """The precision, a product code with its sub-quantizers as FAISS names them ('pq8x8': 8 of 8 bits), since
+    --pq_subdim can put several codes of one precision and dim in a sweep."""
     precision = str(row["precision"])
-    if _number(row.get("pq_m")) is not None:
-        precision += f"{int(row['pq_m'])}x8"
+    pq_m = _number(row.get("pq_m"))
+    return precision if pq_m is None or math.isnan(pq_m) else f"{precision}{int(pq_m)}x8"
+
+
+def family_label(row):
+    """'int8 256d (pca)': codec and dim, the part of a label that neither candidates nor index change."""
+    precision = codec_label(row)
     label = f"{precision} {int(row['dim'])}d" if row.get("dim") is not None else precision
     if row.get("dim_method") and row.get("native_dim") is not None and row.get("dim") is not None \
             and int(row["dim"]) < int(row["native_dim"]):
@@ -190,7 +194,11 @@ def index_label(row, search_knob=True):
 
 
 def precision_rank(precision):
-    """Sort key: the known precisions in retrieval.indexes order, then any other name alphabetically."""
+    """Sort key: the known precisions in retrieval.indexes order (a product code named with its
+    sub-quantizers, 'pq8x8', beside its precision), then any other name alphabetically."""
+    code = re.fullmatch(r"([a-z]+)(\d+)x8", str(precision))
+    if code and code.group(1) in PRECISIONS:
+        return PRECISIONS.index(code.group(1)), f"{int(code.group(2)):06d}"
     return (PRECISIONS.index(precision), "") if precision in PRECISIONS else (len(PRECISIONS), str(precision))
 
 

@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from retrieval.analysis import (SEARCH_KNOB, completed, family_label, index_label, main_runs,  # noqa: E402
+from retrieval.analysis import (SEARCH_KNOB, codec_label, completed, family_label, index_label, main_runs,  # noqa: E402
                                 pareto_frontier, precision_order, recall_columns, speed_column)
 from retrieval.io import atomic_path  # noqa: E402
 from retrieval.metrics import DIRECTION_NAMES  # noqa: E402
@@ -207,6 +207,8 @@ def candidates_plot(main, recall_k, path, title):
     """
     flat = main[main["index"].fillna("flat") == "flat"]
     main = flat if flat["rerank"].any() else main
+    # One line per codec: pq / opq at several --pq_subdim values are codes of their own ('pq8x8').
+    main = main.assign(precision=[codec_label(row) for _, row in main.iterrows()])
     reranked = main[main["rerank"]].dropna(subset=["candidate_size"])
     if reranked.empty:
         return None

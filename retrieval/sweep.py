@@ -829,6 +829,16 @@ def remove_stale_temp_files(runs_dir, older_than_s=60):
     io.remove_stale_temps(runs_dir, [".*.tmp.json", ".*.tmp.npz"], older_than_s)
 
 
+def check_same_fit(path, record, fit):
+    """A run file found where this sweep would write must have been fitted on the same vectors: the fit set
+    is not part of a configuration's name (the data file is), so another --fit_path into the same folder would
+    otherwise count the other fit's runs as done. Raises UserError; skipped records carry no fit."""
+    done = record.get("fit") or {}
+    if done.get("path") and os.path.normpath(done["path"]) != os.path.normpath(fit["path"]):
+        raise UserError(f"{path}: fitted on {done['path']}, this sweep fits on {fit['path']}; "
+                        "use another --output_dir, or --overwrite to redo it")
+
+
 def existing_result(path):
     """The run file's record, or None when it is missing, unreadable, or names a rank file that is gone
     (then it is recomputed). Runs from before rank files existed count as done."""

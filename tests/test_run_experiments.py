@@ -192,6 +192,11 @@ def test_pq_subdim_values_are_codes_of_their_own_and_match_brute_force(tmp_path)
     frame = analysis.completed(analysis.runs_frame(analysis.load_runs(out)))
     labels = frame[frame["precision"] == "pq"]["label"]
     assert labels.is_unique and "pq8x8 16d C=20 [hnsw M=8 ef_search=64]" in set(labels), sorted(labels)
+    # The report and its plots take the codes apart too (the re-ranking plot draws a line per code).
+    import analyze_results
+    analyze_results.main(["--results_dir", out])
+    assert glob.glob(os.path.join(out, "**", "candidates.png"), recursive=True)
+    assert "pq2x8 16d" in open(os.path.join(out, "REPORT.md")).read()
 
 
 def test_several_dim_methods_are_configurations_of_their_own_and_match_brute_force(tmp_path):
@@ -280,6 +285,13 @@ def test_shards_partition_the_grid_and_runs_resume(tmp_path):
     assert os.path.getmtime(full[1]) > before
     with pytest.raises(SystemExit):
         run_experiments.main(common + ["--shard", "3/3"])
+    # Another fit set into the same folder: one error line naming a run file, before anything is written.
+    other_fit = random_file(tmp_path / "other_fit.npz", num_images=20, dim=16, seed=1)
+    os.remove(full[0])
+    stamps = {p: os.path.getmtime(p) for p in full[1:]}
+    with pytest.raises(SystemExit, match=r"\.json: fitted on .*toy\.npz, this sweep fits on .*other_fit\.npz"):
+        run_experiments.main(common + ["--fit_path", other_fit])
+    assert not os.path.exists(full[0]) and stamps == {p: os.path.getmtime(p) for p in full[1:]}
 
 
 def test_sigkill_mid_sweep_then_rerun_completes(tmp_path):
