@@ -75,6 +75,7 @@ def frontier(dev_path, test_path, folder, method, fit_path=None):
                                            "test_R@1": float(test.loc[best["label"], metric])}
     return list(rows.values())
 
+
 def export_split(path):
     """'train' / 'dev' / 'test' of an export <tag>_<split>.h5."""
     return os.path.splitext(path)[0].rsplit("_", 1)[-1]
