@@ -138,15 +138,15 @@ def dry_run(grid, todo, names, runs_dir, shard):
 
 
 def existing_runs(todo, names, runs_dir, fits):
-    """{grid position: record} of the shard's run files already written (skipped by this sweep), each checked,
-    before anything is written, to have been fitted on this sweep's fit set (sweep.check_same_fit)."""
-    done = {}
+    """Grid positions of the shard's run files already written (skipped by this sweep), each checked, before
+    anything is written, to have been fitted on this sweep's fit set (sweep.check_same_fit)."""
+    done = set()
     for i, (_, _, file_index) in todo:
         path = os.path.join(runs_dir, names[i] + ".json")
         record = sweep.existing_result(path)
         if record is not None:
             sweep.check_same_fit(path, record, fits[file_index])
-            done[i] = record
+            done.add(i)
     return done
 
 
@@ -168,7 +168,7 @@ def main(argv=None):
         sweep.remove_stale_temp_files(runs_dir)
         env = sweep.environment_record(threads)
         written, group, group_key = [], None, None
-        done = {} if args.overwrite else existing_runs(todo, names, runs_dir, fits)
+        done = set() if args.overwrite else existing_runs(todo, names, runs_dir, fits)
         progress = tqdm(todo, desc="configs", unit="cfg")
         for i, (config, skip, file_index) in progress:
             path = os.path.join(runs_dir, names[i] + ".json")

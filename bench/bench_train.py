@@ -51,8 +51,8 @@ def frontier(dev_path, test_path, folder, method, fit_path=None):
     it is scored on, which flatters the codes that learn most (PQ with 256 centroids per sub-quantizer from the
     1,000 dev images), so dev selection leans to them and test disagrees; the train split's 6,000 images are
     neither evaluated split and give PQ six times the training vectors."""
-    # One sweep per set of PQ codes that fit the largest budget: M = dim / pq_subdim bytes at most (pq of 256
-    # 2-dim codes on 512 dims would cost minutes of training for a 256 B code no budget takes).
+    # One sweep per set of PQ codes that fit the largest budget (M = dim / pq_subdim bytes at most), so no reduced
+    # dim trains a code no budget takes. The native dim is in every sweep's grid, so it still gets every code.
     by_codes = {}
     for dim in FRONTIER_DIMS:
         codes = tuple(sub for sub in FRONTIER_PQ_SUBDIMS if dim // sub <= max(FRONTIER_BUDGETS))

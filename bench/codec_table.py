@@ -47,9 +47,9 @@ def main(argv=None):
     print("| dim | bytes/vector | naive / learned | t2i R@1 naive | t2i R@1 learned | paired difference | "
           "i2t R@1 naive | i2t R@1 learned | paired difference |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for dim, pq_m in sorted({(dim, pq_m or 0) for _, dim, pq_m in chosen}, reverse=True):
+    for dim, pq_m in sorted({(dim, pq_m) for _, dim, pq_m in chosen}, key=lambda k: (k[0], k[1] or 0), reverse=True):
         for naive, learned in PAIRS:
-            pair = [(precision, dim, pq_m or None) for precision in (naive, learned)]
+            pair = [(precision, dim, pq_m) for precision in (naive, learned)]
             if not all(key in chosen for key in pair):
                 continue
             a, b = (chosen[key] for key in pair)
