@@ -39,8 +39,9 @@ def parse_args(argv=None):
     grid.add_argument("--dim_method", nargs="+", default=["pca"], choices=indexes.DIM_METHODS,
                       help="how to reduce below the native dim (PCA is fitted on the fit set); several: each "
                            "is its own configuration at every reduced dim (truncate suits Matryoshka models)")
-    grid.add_argument("--precisions", nargs="+", default=list(indexes.PRECISIONS), choices=indexes.PRECISIONS,
-                      help="stage-1 precisions (fp32 exact flat search always runs as the baseline)")
+    grid.add_argument("--precisions", nargs="+", default=list(indexes.DEFAULT_PRECISIONS), choices=indexes.PRECISIONS,
+                      help="stage-1 precisions (fp32 exact flat search always runs as the baseline; default all but "
+                           "rq, whose training is slow at many codebooks: ask for it)")
     grid.add_argument("--candidate_sizes", type=int, nargs="*", default=[32, 100, 1000],
                       help="stage-1 candidate counts C re-ranked with fp32; each precision also runs without re-ranking (C = max K)")
     grid.add_argument("--recall_k", type=int, nargs="+", default=[1, 5, 10], help="K values for R@K and overlap@K")
@@ -57,12 +58,16 @@ def parse_args(argv=None):
     grid.add_argument("--max_queries", type=int, default=0, metavar="N",
                       help="at most N query images (and all their captions) per file, drawn with --seed; the gallery "
                            "keeps every item (0 = every image and caption is a query)")
+    grid.add_argument("--max_code_bytes", type=int, default=0, metavar="B",
+                      help="leave out of the grid every code above B bytes a vector (the fp32 baseline stays; "
+                           "0 = no cap): a budget sweep without the codes no budget takes")
     knobs = parser.add_argument_group("index settings")
     knobs.add_argument("--sq_ranges", default="per_dim", choices=("per_dim", "uniform"),
                        help="int8/int4 scalar quantizer ranges: one [min,max] per dimension, or one for all")
     knobs.add_argument("--pq_subdim", type=int, nargs="+", default=[8],
-                       help="pq/opq: dims per sub-quantizer (M = dim / pq_subdim sub-quantizers of 8 bits = M bytes "
-                            "a vector), one configuration per value")
+                       help="pq/opq/rq: dims per codebook (M = dim / pq_subdim codebooks of 8 bits = M bytes a vector; "
+                            "pq/opq split the dims into M blocks, rq's codebooks each span them all), one "
+                            "configuration per value")
     # Several values of a knob: each is its own configuration (a recall-vs-speed curve per index). The
     # index is built once per build-time value (--nlist, --hnsw_m) and searched at every search-time value.
     knobs.add_argument("--nlist", type=int, nargs="+", default=[0],
@@ -103,6 +108,8 @@ def parse_args(argv=None):
         parser.error("--nlist values must be positive (or 0 = about 4*sqrt(gallery size))")
     if args.max_queries < 0:
         parser.error("--max_queries must be positive (or 0 = every image)")
+    if args.max_code_bytes < 0:
+        parser.error("--max_code_bytes must be positive (or 0 = no cap)")
     if args.max_time <= 0:
         parser.error("--max_time must be positive")
     if args.batch_size <= 0:

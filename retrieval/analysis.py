@@ -32,7 +32,7 @@ CONFIG_KEYS = ("dim", "native_dim", "dim_method", "precision", "candidate_size",
                "data_path")
 # IVF / HNSW knobs read from the run's config.index_params (each value of a search knob is its own run).
 KNOB_KEYS = ("nlist", "nprobe", "hnsw_m", "ef_search")
-# Read from config.index_params too: a pq / opq code's sub-quantizer count (run_experiments.py --pq_subdim).
+# Read from config.index_params too: a pq / opq / rq code's codebook count (run_experiments.py --pq_subdim).
 CODEC_KEYS = ("pq_m",)
 BUILD_KNOB = {"ivf": "nlist", "hnsw": "hnsw_m"}
 SEARCH_KNOB = {"ivf": "nprobe", "hnsw": "ef_search"}
@@ -165,8 +165,8 @@ def config_label(row):
 
 
 def codec_label(row):
-    """The precision, a product code with its sub-quantizers as FAISS names them ('pq8x8': 8 of 8 bits), since
-    --pq_subdim can put several codes of one precision and dim in a sweep."""
+    """The precision, a product or residual code with its codebooks as FAISS names them ('pq8x8', 'rq8x8': 8 of
+    8 bits), since --pq_subdim can put several codes of one precision and dim in a sweep."""
     precision = str(row["precision"])
     pq_m = _number(row.get("pq_m"))
     return precision if pq_m is None or math.isnan(pq_m) else f"{precision}{int(pq_m)}x8"

@@ -207,7 +207,7 @@ def candidates_plot(main, recall_k, path, title):
     """
     flat = main[main["index"].fillna("flat") == "flat"]
     main = flat if flat["rerank"].any() else main
-    # One line per codec: pq / opq at several --pq_subdim values are codes of their own ('pq8x8').
+    # One line per codec: pq / opq / rq at several --pq_subdim values are codes of their own ('pq8x8').
     main = main.assign(precision=[codec_label(row) for _, row in main.iterrows()])
     reranked = main[main["rerank"]].dropna(subset=["candidate_size"])
     if reranked.empty:

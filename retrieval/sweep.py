@@ -42,9 +42,10 @@ class SweepSettings:
     gallery_sizes: tuple
     distractors: tuple  # ("gaussian",) or hand-off files / "split:NAME" shorthands, padded in this order
     max_queries: int  # query images per file, with all their captions (0 = every image)
+    max_code_bytes: int  # codes above this many bytes a vector are left out of the grid (0 = no cap)
     # index knobs; the IVF / HNSW ones take several values, each value its own configuration
     sq_ranges: str
-    pq_subdim: tuple   # build-time, pq / opq only (dims per sub-quantizer)
+    pq_subdim: tuple   # build-time, pq / opq / rq only (dims per codebook)
     nlist: tuple       # build-time (IVF lists; 0 = about 4 sqrt(N))
     nprobe: tuple      # search-time
     hnsw_m: tuple      # build-time
@@ -69,7 +70,7 @@ class SweepSettings:
 
     def index_settings(self, index_type="flat", precision=None):
         """The knobs retrieval.indexes reads to describe, build and search an index: one dict per
-        (build-time, search-time) knob setting of `index_type`, build-time settings outermost; for pq / opq
+        (build-time, search-time) knob setting of `index_type`, build-time settings outermost; for pq / opq / rq
         once per --pq_subdim value (outermost of all: it is a build-time knob of the codec, not the index).
 
         A flat index has no such knobs (it gets the first values, which it ignores). The per-group
@@ -179,6 +180,10 @@ def group_configs(settings, common, fit_count):
                 continue  # identical to the baseline: fp32 re-ranking of an exact fp32 list
             said_unsupported = False
             for knobs in settings.index_settings(index_type, precision):
+                if settings.max_code_bytes and indexes.code_bytes(precision, dim, knobs) > settings.max_code_bytes:
+                    # Left out, not recorded as skipped: a skipped record counts as done, and a later sweep
+                    # without the cap must run the configuration.
+                    continue
                 extra = (common["distractors"] or {}).get("count", 0)
                 params = dict(knobs, fit_size=fit_count + ivf_sample_size(index_type, gallery_size, extra, knobs))
                 unsupported = indexes.unsupported(precision, dim, index_type, params)

@@ -199,6 +199,41 @@ def test_pq_subdim_values_are_codes_of_their_own_and_match_brute_force(tmp_path)
     assert "pq2x8 16d" in open(os.path.join(out, "REPORT.md")).read()
 
 
+def test_rq_codes_match_brute_force_and_max_code_bytes_leaves_the_rest_to_a_later_sweep(tmp_path):
+    from retrieval import analysis
+    data = random_file(tmp_path / "toy.npz", num_images=300, dim=16, noise=0.5)
+    out = str(tmp_path / "result")
+    common = ["--data_path", data, "--output_dir", out, "--embedding_dims", "8", "--dim_method", "truncate",
+              "--precisions", "int8", "pq", "rq", "--index", "flat", "hnsw", "--pq_subdim", "2", "4",
+              "--hnsw_m", "8", "--candidate_sizes", "20", "--recall_k", "1", "5", "--min_time", "0",
+              "--latency_queries", "2", "--num_workers", "2"]
+    run_experiments.main(common + ["--max_code_bytes", "4"])
+    runs = load_runs(out)
+    done = [r for r in runs if "skipped" not in r and r["config"]["precision"] != "fp32"]
+    skipped = [r for r in runs if "skipped" in r]
+    # Codes of at most 4 B: 16 dims in 4 codes, 8 dims in 4 and in 2; int8 (8-16 B) and 16 dims in 8 codes are
+    # left out. rq is flat only: its HNSW form is one skipped record per dim and candidate count.
+    codes = sorted((r["config"]["precision"], r["config"]["index"], r["config"]["dim"],
+                    r["config"]["index_params"]["pq_m"]) for r in done if not r["config"]["rerank"])
+    assert codes == sorted([(p, i, d, m) for p in ("pq", "rq") for i in ("flat", "hnsw") for d, m in
+                            ((16, 4), (8, 4), (8, 2)) if (p, i) != ("rq", "hnsw")]), codes
+    assert len(skipped) == 2 * 2 and all("flat only" in r["skipped"] for r in skipped)
+    for result in done:
+        assert result["memory"]["bytes_per_vector"] == result["config"]["index_params"]["pq_m"] <= 4
+        if result["config"]["index"] == "flat":
+            assert_metrics_match(result, reference_metrics(data, result["config"]))
+    frame = analysis.completed(analysis.runs_frame(analysis.load_runs(out)))
+    assert "rq4x8 16d no rerank" in set(frame["label"]), sorted(frame["label"])
+    # Without the cap the same folder runs what the cap left out (nothing was recorded for it) and keeps the rest.
+    before = {os.path.basename(p): os.path.getmtime(p) for p in glob.glob(os.path.join(out, "runs", "*.json"))}
+    run_experiments.main(common)
+    after = load_runs(out)
+    assert {r["config"]["index_params"].get("pq_m") for r in after if r["config"]["precision"] == "rq"
+            and "skipped" not in r} == {2, 4, 8}
+    assert any(r["config"]["precision"] == "int8" and "skipped" not in r for r in after)
+    assert all(os.path.getmtime(os.path.join(out, "runs", name)) == mtime for name, mtime in before.items())
+
+
 def test_several_dim_methods_are_configurations_of_their_own_and_match_brute_force(tmp_path):
     data = random_file(tmp_path / "toy.npz", num_images=40, dim=16)
     out = str(tmp_path / "result")
