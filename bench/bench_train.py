@@ -8,9 +8,10 @@ Writes: checkpoints/bench/ (runs + feature cache), coco_data/flickr8k/dual-<run>
 
 The recipe is train_dual_encoder.py --recipe bench (retrieval/recipes.py); --extra overrides parts of it.
 --frontier METHOD then sweeps the exports (run_experiments.py: dims 16-512 x fp32/int8/int4/binary/pq with
-2-16 dims per sub-quantizer, plus rq of 2-16 codebooks on 32-128 dims, flat, no re-ranking, quantizers and PCA fitted on the train split's export, or
-dev with --frontier_fit dev; dims reduced by METHOD) and reports, per memory budget of 4-64 bytes/vector and
-direction, the configuration with the best dev R@1 and its test R@1 (selected on dev only).
+2-16 dims per sub-quantizer, plus rq of 2-16 codebooks on 32-128 dims, flat, no re-ranking, quantizers and PCA
+fitted on the train split's export, or dev with --frontier_fit dev; dims reduced by METHOD) and reports, per
+memory budget of 4-64 bytes/vector and direction, the configuration with the best dev R@1 and its test R@1
+(selected on dev only).
 
 Example:
     python bench/bench_train.py --embedding_dim 512 256 1024

@@ -29,7 +29,8 @@ def flat_runs(runs, data_path=None):
             and (data_path is None or os.path.normpath(r["config"]["data_path"]) == os.path.normpath(data_path))]
     files = {r["config"]["data_path"] for r in done}
     if len(files) != 1:
-        raise SystemExit(f"error: {len(files)} evaluated files in the runs ({sorted(files)}): pick one with --data_path")
+        raise SystemExit(f"error: {len(files)} evaluated files in the runs ({sorted(files)}): "
+                         "pick one with --data_path")
     smallest = min(r["config"]["gallery_size"] for r in done)
     return {(r["config"]["precision"], r["config"]["dim"], r["config"]["index_params"].get("pq_m")): r for r in done
             if r["config"]["index"] == "flat" and not r["config"]["rerank"] and r["config"]["candidate_size"]

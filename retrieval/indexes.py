@@ -18,9 +18,10 @@ Each but rq has a flat, an IVF and an HNSW form (make_index); rq is flat only (`
 factory has no HNSW form of it and gives its IVF form the L2 metric), and otherwise `unsupported` only rejects
 dims the code size cannot divide. rq is not in DEFAULT_PRECISIONS: it trains one codebook after another with a
 beam search (about 1.4 s a codebook at 128 dims on 6,000 fit vectors on 2 cores), so 64 codebooks of a 512-d
-default sweep would cost minutes per index; ask for it (`--precisions ... rq`), at the budgets where it wins. The IVF forms of fp32,
-fp16, bf16, int8, int4 and pq train the same coarse quantizer, so one (train_coarse) can be given to
-all of them (build_index's `coarse`); decode_key says which indexes decode a gallery identically.
+default sweep would cost minutes per index; ask for it (`--precisions ... rq`), at the budgets where it wins.
+The IVF forms of fp32, fp16, bf16, int8, int4 and pq train the same coarse quantizer, so one (train_coarse)
+can be given to all of them (build_index's `coarse`); decode_key says which indexes decode a gallery
+identically.
 
 `--sq_ranges uniform` swaps QT_8bit/QT_4bit for QT_8bit_uniform/QT_4bit_uniform (one range for all
 dimensions). The query is never quantised for fp16/bf16/int8/int4/pq/opq (FAISS scores the float query
