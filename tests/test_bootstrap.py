@@ -246,3 +246,39 @@ def test_gallery_growth_is_paired_across_gallery_sizes(tmp_path):
     assert last["change_ci_low"] <= last["change"] <= last["change_ci_high"] <= 0
     sentence = next(s for s in report.findings(group) if "growing the gallery" in s)
     assert "the 40-item gallery at 95%" in sentence
+
+
+def test_compare_exports_matches_the_protocol_pairs_files_and_refuses_another_split(tmp_path, capsys):
+    import importlib.util
+    from retrieval.io import Embeddings, l2_normalize, make_attrs, read_embeddings, write_embeddings
+    spec = importlib.util.spec_from_file_location(
+        "compare_exports", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                                        "compare_exports.py"))
+    compare_exports = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_exports)
+
+    def export(name, noise, images=60, seed=0):
+        rng = np.random.default_rng(seed)
+        vectors = l2_normalize(rng.normal(size=(images, 16)))
+        text_to_image = np.repeat(np.arange(images), 5)
+        texts = l2_normalize(vectors[text_to_image] + noise * rng.normal(size=(5 * images, 16)))
+        emb = Embeddings(vectors, texts, text_to_image, [f"{i}.jpg" for i in range(images)],
+                         [f"c{i}" for i in range(5 * images)], make_attrs("toy", "test", name, 16))
+        return write_embeddings(str(tmp_path / f"{name}.h5"), emb)
+
+    worse, better = export("worse", 1.2), export("better", 0.6)
+    rows = compare_exports.main([worse, better, worse, "--bootstrap", "200"])
+    out = capsys.readouterr().out
+    assert out.count("minus the first (paired)") == 2
+    for path, values, ci in rows:  # the numbers are the protocol's exact full ranking of each file
+        emb = read_embeddings(path)
+        want = protocol.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
+        for metric in ("t2i_R@1", "t2i_R@10", "i2t_R@5", "RSUM"):
+            assert values[metric] == pytest.approx(want[metric])
+            assert ci[metric + "_ci_low"] <= values[metric] <= ci[metric + "_ci_high"]
+    # The file against itself: every paired difference is exactly 0 on every resample.
+    assert rows[2][2]["t2i_R@1_delta_ci_low"] == rows[2][2]["t2i_R@1_delta_ci_high"] == 0
+    assert rows[1][1]["t2i_R@1"] > rows[0][1]["t2i_R@1"] and rows[1][2]["t2i_R@1_delta_ci_low"] > 0
+    other = export("other", 0.6, images=50)
+    with pytest.raises(SystemExit, match=r"^error: .*other\.h5: not the same split"):
+        compare_exports.main([worse, better, other])
