@@ -22,15 +22,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import analyze_results  # noqa: E402
-from retrieval import io, metrics  # noqa: E402
+from retrieval import indexes, io, metrics  # noqa: E402
 
 DIMS = (128, 256, 512)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "binary", "pq", "opq", "itq")
 CANDIDATES = (None, 32, 100, 1000)  # None: no re-ranking (C = max K)
 KNOBS = (("flat", None), ("ivf", 1), ("ivf", 4), ("ivf", 16), ("ivf", 64), ("ivf", 128), ("hnsw", 16),
          ("hnsw", 32), ("hnsw", 64), ("hnsw", 256))
-BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5, "binary": 0.125, "pq": 0.125, "opq": 0.125,
-         "itq": 0.125}
 NOISE = {"fp32": 0.0, "fp16": 0.01, "bf16": 0.02, "int8": 0.05, "int4": 0.2, "binary": 0.6, "pq": 0.5, "opq": 0.4,
          "itq": 0.5}
 K_VALUES = (1, 5, 10)
@@ -99,10 +97,10 @@ def build(folder, n_images=1000, captions_per_image=5, seed=0):
                   "rerank": bool(candidates), "exact": is_exact, "k_values": list(K_VALUES), "index": index,
                   "index_params": params, "gallery_size": n_images, "directions": ["t2i", "i2t"],
                   "data_path": "coco_data/flickr8k/synthetic_test.h5"}
-        qps = 20000.0 / (BYTES[precision] * dim / 128) / (1 + (candidates or 0) / 300) * (knob and 64 / knob or 1)
+        index_bytes = float(indexes.code_bytes(precision, dim, {}))  # pq / opq at the default 8 dims a code
+        qps = 20000.0 / (index_bytes / 128) / (1 + (candidates or 0) / 300) * (knob and 64 / knob or 1)
         speed = {f"{d}_{key}": value for d in ("t2i", "i2t") for key, value in
                  (("qps", qps), ("latency_p50_ms", 1e3 / qps), ("latency_p99_ms", 3e3 / qps))}
-        index_bytes = BYTES[precision] * dim
         memory = {"bytes_per_vector": index_bytes,
                   "total_bytes_per_vector": index_bytes + (4 * dim if candidates else 0)}
         write_run(folder, f"run{count:05d}", config, ranks, text_to_image, speed, memory)

@@ -60,19 +60,18 @@ def frontier(dev_path, test_path, folder, method, fit_path=None):
     neither evaluated split and give PQ six times the training vectors."""
     # One sweep per set of PQ codes that fit the largest budget (M = dim / pq_subdim bytes at most), so no reduced
     # dim trains a code no budget takes. The native dim is in every sweep's grid, so it still gets every code.
+    def sweep(dims, precisions, subdims, *extra):
+        run_experiments.main(["--data_path", dev_path, test_path, "--fit_path", fit_path or dev_path,
+                              "--output_dir", folder, "--embedding_dims", *map(str, dims), "--dim_method", method,
+                              "--precisions", *precisions, "--pq_subdim", *map(str, subdims),
+                              "--candidate_sizes", "--index", "flat", *extra])
     by_codes = {}
     for dim in FRONTIER_DIMS:
         codes = tuple(sub for sub in FRONTIER_PQ_SUBDIMS if dim // sub <= max(FRONTIER_BUDGETS))
         by_codes.setdefault(codes, []).append(dim)
     for codes, dims in by_codes.items():
-        run_experiments.main(["--data_path", dev_path, test_path, "--fit_path", fit_path or dev_path,
-                              "--output_dir", folder, "--embedding_dims", *map(str, dims), "--dim_method", method,
-                              "--precisions", *FRONTIER_PRECISIONS, "--pq_subdim", *map(str, codes),
-                              "--candidate_sizes", "--index", "flat"])
-    run_experiments.main(["--data_path", dev_path, test_path, "--fit_path", fit_path or dev_path,
-                          "--output_dir", folder, "--embedding_dims", *map(str, FRONTIER_RQ_DIMS), "--dim_method",
-                          method, "--precisions", "rq", "--pq_subdim", *map(str, FRONTIER_PQ_SUBDIMS),
-                          "--max_code_bytes", str(FRONTIER_RQ_MAX_BYTES), "--candidate_sizes", "--index", "flat"])
+        sweep(dims, FRONTIER_PRECISIONS, codes)
+    sweep(FRONTIER_RQ_DIMS, ["rq"], FRONTIER_PQ_SUBDIMS, "--max_code_bytes", str(FRONTIER_RQ_MAX_BYTES))
     analyze_results.main(["--results_dir", folder, "--metric", "t2i_R@1", "--no_plots"])
     frame = analysis.completed(analysis.runs_frame(analysis.load_runs(folder)))
     dev, test = frame[frame["split"] == "dev"], frame[frame["split"] == "test"].set_index("label")

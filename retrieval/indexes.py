@@ -44,7 +44,8 @@ import numpy as np
 from retrieval.io import l2_normalize
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "binary", "pq", "opq", "itq", "rq")
-DEFAULT_PRECISIONS = PRECISIONS[:-1]  # a sweep's default: all but rq (see above)
+SLOW_TO_TRAIN = ("rq",)  # left out of a sweep's default precisions (see above)
+DEFAULT_PRECISIONS = tuple(p for p in PRECISIONS if p not in SLOW_TO_TRAIN)
 SIGN_CODES = ("binary", "itq")  # sign bits in an IndexBinary*, compared by Hamming distance
 # Codes of M = D / pq_subdim codebooks of 8 bits (M bytes): pq / opq one per block of pq_subdim dims, rq over all.
 PQ_CODES = ("pq", "opq", "rq")
