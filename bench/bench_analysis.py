@@ -55,11 +55,7 @@ def degraded(rng, exact, noise, candidates):
 
 
 def write_run(folder, name, config, ranks, text_to_image, speed, memory):
-    run_metrics = {}
-    for direction, values in ranks.items():
-        run_metrics.update({f"{direction}_{k}": v for k, v in metrics.summarize(values, K_VALUES).items()})
-    run_metrics["RSUM"] = metrics.rsum(run_metrics, K_VALUES)
-    run = {"config": config, "metrics": run_metrics, "speed": speed, "memory": memory,
+    run = {"config": config, "metrics": metrics.from_ranks(ranks, K_VALUES), "speed": speed, "memory": memory,
            "data": {"dataset": "flickr8k", "split": "test", "model": "synthetic-d512", "dim": 512},
            "env": {"cpu": "bench", "threads": 2, "hostname": "bench"}, "ranks_file": f"{name}.ranks.npz"}
     json_path = os.path.join(folder, "runs", f"{name}.json")

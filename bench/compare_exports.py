@@ -28,10 +28,8 @@ K_VALUES = (1, 5, 10)
 def ranked(path):
     """(RunRanks, metrics) of one export: exact full ranking in both directions (the protocol of metrics.py)."""
     emb = read_embeddings(path)
-    ranks = {"t2i": metrics.exact_ranks(emb.text_embeddings, emb.image_embeddings, emb.text_to_image, "t2i"),
-             "i2t": metrics.exact_ranks(emb.image_embeddings, emb.text_embeddings, emb.text_to_image, "i2t")}
-    values = {f"{d}_{k}": v for d, r in ranks.items() for k, v in metrics.summarize(r, K_VALUES).items()}
-    values["RSUM"] = metrics.rsum(values, K_VALUES)
+    ranks = metrics.split_ranks(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
+    values = metrics.from_ranks(ranks, K_VALUES)
     return bootstrap.per_image(ranks, np.asarray(emb.text_to_image, dtype=np.int64), values), values
 
 

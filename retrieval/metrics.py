@@ -119,17 +119,23 @@ def rsum(metrics, k_values=(1, 5, 10), directions=DIRECTIONS):
     return float(sum(metrics[f"{d}_R@{k}"] for d in directions for k in k_values))
 
 
+def split_ranks(image_embeddings, text_embeddings, text_to_image, directions=DIRECTIONS):
+    """{direction: 1-based ranks} of the exact full ranking of one split (the queries of each direction)."""
+    return {direction: exact_ranks(text_embeddings, image_embeddings, text_to_image, "t2i") if direction == "t2i"
+            else exact_ranks(image_embeddings, text_embeddings, text_to_image, "i2t") for direction in directions}
+
+
+def from_ranks(ranks, k_values=(1, 5, 10)):
+    """{direction: ranks} -> flat dict: t2i_R@1 ... i2t_median_rank, and RSUM over those directions."""
+    metrics = {f"{direction}_{k}": v for direction, values in ranks.items()
+               for k, v in summarize(values, k_values).items()}
+    metrics["RSUM"] = rsum(metrics, k_values, list(ranks))
+    return metrics
+
+
 def evaluate(image_embeddings, text_embeddings, text_to_image, k_values=(1, 5, 10), directions=DIRECTIONS):
     """Exact full-ranking evaluation of one split → flat dict: t2i_R@1 ... i2t_median_rank, RSUM."""
-    metrics = {}
-    for direction in directions:
-        if direction == "t2i":
-            ranks = exact_ranks(text_embeddings, image_embeddings, text_to_image, "t2i")
-        else:
-            ranks = exact_ranks(image_embeddings, text_embeddings, text_to_image, "i2t")
-        metrics.update({f"{direction}_{k}": v for k, v in summarize(ranks, k_values).items()})
-    metrics["RSUM"] = rsum(metrics, k_values, directions)
-    return metrics
+    return from_ranks(split_ranks(image_embeddings, text_embeddings, text_to_image, directions), k_values)
 
 
 def format_metrics(metrics, k_values=(1, 5, 10), directions=DIRECTIONS):

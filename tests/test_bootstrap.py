@@ -1,5 +1,6 @@
 """Bootstrap intervals (retrieval/bootstrap.py through analyze_results.py) on hand-made rank files: exact
 cases whose intervals are known, a brute-force loop over the same draws, and folders without rank files."""
+import importlib.util
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import analyze_results
 from ranked_runs import captions_of, synthetic_ranks, write_ranked_run
 from retrieval import bootstrap, report
 from retrieval import metrics as protocol
+from retrieval.io import Embeddings, l2_normalize, make_attrs, read_embeddings, write_embeddings
 from test_analyze import hand_made
 
 METRICS = ("t2i_R@1", "t2i_R@5", "t2i_MRR", "i2t_R@1", "i2t_R@5", "i2t_MRR", "RSUM")
@@ -248,14 +250,17 @@ def test_gallery_growth_is_paired_across_gallery_sizes(tmp_path):
     assert "the 40-item gallery at 95%" in sentence
 
 
+def bench_script(name):
+    """A bench/ script as a module (bench/ is not a package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_compare_exports_matches_the_protocol_pairs_files_and_refuses_another_split(tmp_path, capsys):
-    import importlib.util
-    from retrieval.io import Embeddings, l2_normalize, make_attrs, read_embeddings, write_embeddings
-    spec = importlib.util.spec_from_file_location(
-        "compare_exports", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
-                                        "compare_exports.py"))
-    compare_exports = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare_exports)
+    compare_exports = bench_script("compare_exports")
 
     def export(name, noise, images=60, seed=0):
         rng = np.random.default_rng(seed)
