@@ -84,6 +84,8 @@ def build_parser():
                    help="captions of each image in a batch (joint positives); an epoch uses every caption once")
     g.add_argument("--lr", type=float, default=5e-5, help="learning rate of the towers")
     g.add_argument("--head_lr", type=float, default=None, help="learning rate of heads and temperature (default --lr)")
+    g.add_argument("--text_lr", type=float, default=None,
+                   help="learning rate of the text tower's trained part (default --lr; e.g. --train_text_layers)")
     g.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay (matrices only)")
     g.add_argument("--warmup", type=float, default=0.05, help="fraction of steps with linear warm-up (then cosine)")
     g.add_argument("--epochs", type=int, default=20, help="training epochs")
@@ -96,6 +98,9 @@ def build_parser():
     g.add_argument("--train_image_blocks", type=int, default=0,
                    help="with --freeze_image: train the image tower's last N blocks and its head conv from cached "
                         "block inputs (0 = the whole tower frozen); BatchNorm keeps its pretrained statistics")
+    g.add_argument("--train_text_layers", type=int, default=0,
+                   help="with --freeze_text: train the text model's last N transformer layers from cached layer "
+                        "inputs (0 = the whole tower frozen); the layers run without dropout, as the tower does")
     g.add_argument("--cache_views", type=int, default=2,
                    help="frozen image tower: cached views per train image (1 = plain, 2 = +flip, more = +random crops)")
     g.add_argument("--matryoshka_weights", type=float, nargs="+", default=None,
@@ -139,6 +144,7 @@ def parse_args(argv=None):
     args.data_dir = args.data_dir or os.path.join("coco_data", args.dataset)
     args.export_dir = args.export_dir or os.path.join("coco_data", args.dataset)
     args.head_lr = args.head_lr if args.head_lr is not None else args.lr
+    args.text_lr = args.text_lr if args.text_lr is not None else args.lr
     if args.eval_only and not args.checkpoint:
         p.error("--eval_only needs --checkpoint")
     if args.image_size is not None and args.image_size < 32:
@@ -183,15 +189,17 @@ def check(args, world_size):
     if args.head_ensemble > 1 and not (args.freeze_image and args.freeze_text):
         raise UserError(f"--head_ensemble {args.head_ensemble}: needs --freeze_image and --freeze_text "
                         "(the members share the frozen towers)")
-    if args.train_image_blocks < 0:
-        raise UserError(f"--train_image_blocks {args.train_image_blocks}: must be >= 0 (0 = frozen tower)")
-    if args.train_image_blocks and not args.freeze_image:
-        raise UserError(f"--train_image_blocks {args.train_image_blocks}: needs --freeze_image (the rest of the "
-                        "tower stays frozen and its output is cached; without it the whole tower trains)")
-    if args.train_image_blocks and args.head_ensemble > 1:
-        raise UserError(f"--train_image_blocks {args.train_image_blocks}: not with --head_ensemble "
-                        f"{args.head_ensemble} (each member would train blocks of its own; one joined model "
-                        "has one image tower)")
+    for flag, frozen, part, tower in (("train_image_blocks", "freeze_image", "blocks", "image tower"),
+                                      ("train_text_layers", "freeze_text", "layers", "text tower")):
+        value = getattr(args, flag)
+        if value < 0:
+            raise UserError(f"--{flag} {value}: must be >= 0 (0 = frozen tower)")
+        if value and not getattr(args, frozen):
+            raise UserError(f"--{flag} {value}: needs --{frozen} (the rest of the tower stays frozen and its "
+                            "output is cached; without it the whole tower trains)")
+        if value and args.head_ensemble > 1:
+            raise UserError(f"--{flag} {value}: not with --head_ensemble {args.head_ensemble} (each member would "
+                            f"train {part} of its own; one joined model has one {tower})")
     for dim in args.embedding_dim:
         if dim % args.head_ensemble:
             raise UserError(f"--head_ensemble {args.head_ensemble} does not divide --embedding_dim {dim}")

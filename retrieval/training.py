@@ -28,7 +28,8 @@ from retrieval.distributed import (average_gradients, barrier, broadcast_from_fi
 from retrieval.dual_encoder import build_model, encoder_from_model, nested_loss, set_frozen
 from retrieval.encoders import ImageFiles, autocast, autocast_dtype, embed_split, image_loader, raise_unreadable
 from retrieval.errors import UserError
-from retrieval.features import FeatureCache, image_tower_features, project_features, split_views
+from retrieval.features import (FeatureCache, image_tower_features, project_features, split_views,
+                                text_tower_features)
 from retrieval.towers import image_transforms
 
 
@@ -43,7 +44,7 @@ def feature_cache(config, device):
                         config.num_workers, config.amp,
                         (config.image_encoder, config.image_weights, config.image_pool),
                         (config.text_encoder, config.text_weights, config.text_layers),
-                        config.train_image_blocks)
+                        config.train_image_blocks, config.train_text_layers)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -84,36 +85,45 @@ def plan_epoch(groups, captions_per_image, batch_size, world_size, seed, epoch, 
 # ----------------------------------------------------------------------------- optimisation
 
 class EmbedStep(nn.Module):
-    """One forward for a training step: cached features (frozen tower; with image_blocks cached block
-    inputs through the trained blocks) or raw inputs -> both embeddings."""
+    """One forward for a training step: cached features (frozen tower; with image_blocks / text_layers cached
+    block / layer inputs through the trained blocks / layers) or raw inputs -> both embeddings."""
 
-    def __init__(self, model, image_frozen, text_frozen, image_blocks=0):
+    def __init__(self, model, image_frozen, text_frozen, image_blocks=0, text_layers=0):
         super().__init__()
         self.model, self.image_frozen, self.text_frozen = model, image_frozen, text_frozen
-        self.image_blocks = image_blocks
+        self.image_blocks, self.text_layers = image_blocks, text_layers
 
     def forward(self, image_input, input_ids, attention_mask, text_input):
         m = self.model
         image_feats = image_tower_features(m, image_input, self.image_blocks) if self.image_frozen \
             else m.image_tower(image_input)
-        text_feats = text_input if self.text_frozen else m.text_tower(input_ids, attention_mask)
+        text_feats = text_tower_features(m, text_input, self.text_layers) if self.text_frozen \
+            else m.text_tower(input_ids, attention_mask)
         return m.project_images(image_feats), m.project_texts(text_feats), m.logit_scale()
 
 
 def make_optimizer(model, config):
-    heads, towers, no_decay = [], [], []
+    """AdamW over what trains: the heads and the temperature at --head_lr, the image tower at --lr, the text
+    tower at --text_lr (default --lr: a pretrained transformer layer wants a smaller step than a CNN block;
+    MiniLM's last layer collapsed at the bench's 3e-4). Matrices decay; biases, norms and the temperature
+    do not (decaying them only hurts)."""
+    heads, towers, no_decay, text, text_no_decay = [], [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2:
-            no_decay.append(p)   # biases, norms, the temperature: decaying them only hurts
+        if name.startswith("text_tower."):
+            (text if p.ndim >= 2 else text_no_decay).append(p)
+        elif p.ndim < 2:
+            no_decay.append(p)
         elif name.startswith(("image_head", "text_head")):
             heads.append(p)
         else:
             towers.append(p)
     groups = [{"params": heads, "lr": config.head_lr, "weight_decay": config.weight_decay},
               {"params": towers, "lr": config.lr, "weight_decay": config.weight_decay},
-              {"params": no_decay, "lr": config.head_lr, "weight_decay": 0.0}]
+              {"params": no_decay, "lr": config.head_lr, "weight_decay": 0.0},
+              {"params": text, "lr": config.text_lr, "weight_decay": config.weight_decay},
+              {"params": text_no_decay, "lr": config.text_lr, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]])
 
 
@@ -169,9 +179,11 @@ class Run:
 
     @property
     def mode(self):
+        config = self.config
         mode = {(True, True): "features", (True, False): "image-frozen", (False, True): "text-frozen",
-                (False, False): "full"}[(self.config.freeze_image, self.config.freeze_text)]
-        return f"{mode}+image-blocks{self.config.train_image_blocks}" if self.config.train_image_blocks else mode
+                (False, False): "full"}[(config.freeze_image, config.freeze_text)]
+        mode += f"+image-blocks{config.train_image_blocks}" if config.train_image_blocks else ""
+        return mode + (f"+text-layers{config.train_text_layers}" if config.train_text_layers else "")
 
 
 def new_run(config, dim, member=None):
@@ -211,6 +223,9 @@ def build_run_model(run, feature_seed, member):
     if run.config.train_image_blocks:  # the last N blocks and the head conv train on cached block inputs
         for module in run.model.image_tower.trained_modules(run.config.train_image_blocks):
             set_frozen(module, False)
+    if run.config.train_text_layers:   # the last N transformer layers train on cached layer inputs
+        for module in run.model.text_tower.trained_modules(run.config.train_text_layers):
+            set_frozen(module, False)
 
 
 def rank_zero_first(rank, world_size, compute):
@@ -233,22 +248,26 @@ def cache_frozen_features(run, splits, features, feature_seed, rank, world_size)
             compute = (lambda: features.image(run.model, split, views, feature_seed)) if kind == "image" \
                 else (lambda: features.text(run.model, split))
             run.cache[split_name][kind] = rank_zero_first(rank, world_size, compute)
-        train_feats = run.cache["train"][kind]
-        norm = run.model.image_norm if kind == "image" else run.model.text_norm
-        norm.set(initial_image_features(run.model, train_feats, config.train_image_blocks) if kind == "image"
-                 else train_feats)
+        if kind == "image":
+            run.model.image_norm.set(initial_features(run.model, run.cache["train"]["image"].flatten(0, 1), "image",
+                                                      config.train_image_blocks))
+        else:
+            run.model.text_norm.set(initial_features(run.model, run.cache["train"]["text"], "text",
+                                                     config.train_text_layers))
 
 
-def initial_image_features(model, train_views, blocks):
-    """[views x N, F] the image tower's features of the cached train views, as the model is now (with
-    --train_image_blocks: the pretrained blocks run once on the cached inputs), to standardise them by.
-    Trained blocks change their features later; the standardisation stays that of the pretrained tower."""
-    rows = train_views.flatten(0, 1)
-    if not blocks:
+def initial_features(model, rows, kind, trained):
+    """[rows, F] the `kind` tower's features of cached train rows (image: every view), as the model is now
+    (with --train_image_blocks / --train_text_layers `trained`: the pretrained blocks / layers run once on the
+    cached inputs), to standardise them by. Trained blocks / layers change their features later; the
+    standardisation stays that of the pretrained tower."""
+    if not trained:
         return rows
+    tower, features = ((model.image_tower, image_tower_features) if kind == "image"
+                       else (model.text_tower, text_tower_features))
     with torch.no_grad():
-        model.image_tower.eval()
-        return torch.cat([image_tower_features(model, chunk, blocks) for chunk in rows.split(1024)])
+        tower.eval()
+        return torch.cat([features(model, chunk, trained) for chunk in rows.split(1024)])
 
 
 def set_up(run, splits, device, world_size):
@@ -270,7 +289,8 @@ def set_up(run, splits, device, world_size):
 
 # Flags that change the loss or what trains but not the weights' shapes: a resume with other values would
 # load and silently continue under another objective (or fail on the optimizer's groups), so restore refuses it.
-LOSS_FLAGS = ("matryoshka_dims", "matryoshka_weights", "quantization_aware", "train_image_blocks")
+LOSS_FLAGS = ("matryoshka_dims", "matryoshka_weights", "quantization_aware", "train_image_blocks",
+              "train_text_layers")
 
 
 def restore(run, rank):
@@ -396,7 +416,7 @@ def require_finite(loss, run, state):
                         f"(epoch {state['epoch'] + 1}); lower --lr / --head_lr, or try --amp off")
 
 
-def dev_embeddings(model, split, device, cache, batch_size, num_workers, blocks=0):
+def dev_embeddings(model, split, device, cache, batch_size, num_workers, blocks=0, text_layers=0):
     """(image [N, D], text [T, D], text_to_image) numpy arrays for the per-epoch dev evaluation.
 
     With both towers frozen it projects the cached features (an epoch's evaluation then costs only the
@@ -405,7 +425,8 @@ def dev_embeddings(model, split, device, cache, batch_size, num_workers, blocks=
     prepare_data.py --checkpoint."""
     model.eval()
     if "image" in cache and "text" in cache:
-        return (*project_features(model, cache["image"], cache["text"], device, blocks), split.text_to_image)
+        return (*project_features(model, cache["image"], cache["text"], device, blocks, text_layers),
+                split.text_to_image)
     emb = embed_split(encoder_from_model(model, "dev", device), split, batch_size, num_workers, progress=False)
     return emb.image_embeddings, emb.text_embeddings, emb.text_to_image
 
@@ -463,7 +484,7 @@ def evaluate_dev(run, dev_split, device):
     not change the dropout of the steps after it, or a resumed run would diverge from an uninterrupted one."""
     states = rng_states()
     embedded = dev_embeddings(run.model, dev_split, device, run.cache["dev"], run.config.batch_size_eval,
-                              run.config.num_workers, run.config.train_image_blocks)
+                              run.config.num_workers, run.config.train_image_blocks, run.config.train_text_layers)
     set_rng_states(states)
     return dev_results(*embedded, run.model.nested_dims)
 
@@ -500,7 +521,7 @@ def train_one_dim(config, dim, splits, device, rank, world_size, member=None):
     set_up(run, splits, device, world_size)
     restore(run, rank)
     step_module = EmbedStep(run.model, run.config.freeze_image, run.config.freeze_text,
-                            run.config.train_image_blocks)
+                            run.config.train_image_blocks, run.config.train_text_layers)
     broadcast_from_first(run.model, world_size)
     if rank == 0:
         trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)

@@ -142,19 +142,21 @@ def test_a_diverging_loss_stops_with_one_error(synthetic_dir, tiny_bert_dir, tmp
 
 # The loss of each DDP case: today's plain InfoNCE, and the nested (Matryoshka) int4-aware loss, whose
 # quantizer ranges are the gathered batch's (so the processes must see the whole batch alike); and the
-# image tower's last 2 blocks trained from their cached inputs (--train_image_blocks 2), the rest frozen.
-DDP_CASES = {"plain": ({}, {}, 0),
+# image tower's last 2 blocks trained from their cached inputs (--train_image_blocks 2), the rest frozen; and
+# the text model's last layer trained from its cached input (--train_text_layers 1).
+DDP_CASES = {"plain": ({}, {}, 0, 0),
              "nested-int4": ({"matryoshka_dims": [2, 4]}, {"dims": [2, 4, 8], "weights": [1.0, 2.0, 3.0],
-                                                           "quantization": "int4"}, 0),
-             "image-blocks": ({}, {}, 2)}
+                                                           "quantization": "int4"}, 0, 0),
+             "image-blocks": ({}, {}, 2, 0),
+             "text-layers": ({}, {}, 0, 1)}
 
 
 def _global_batch_grads(bert_dir, rank, world_size, case="plain"):
     """Gradients of one global batch (8 images, 2 captions each) with this rank's slice embedded locally."""
-    model_extra, loss_extra, blocks = DDP_CASES[case]
+    model_extra, loss_extra, blocks, text_layers = DDP_CASES[case]
     torch.manual_seed(0)
     model = de.build_model(dict(TOWERS, text_encoder=bert_dir, embedding_dim=8, **model_extra)).eval()  # BN per sample
-    step = training.EmbedStep(model, bool(blocks), False, blocks)
+    step = training.EmbedStep(model, bool(blocks), bool(text_layers), blocks, text_layers)
     pixels = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     if blocks:  # what the block cache holds, and only the trained blocks (and the rest of the model) learn
         de.set_frozen(model.image_tower, True)
@@ -167,7 +169,16 @@ def _global_batch_grads(bert_dir, rank, world_size, case="plain"):
     per = 8 // world_size
     lo, hi = rank * per, (rank + 1) * per
     tokens = model.text_tower.tokenize(captions[2 * lo:2 * hi])
-    images, texts, scale = step(pixels[lo:hi], tokens["input_ids"], tokens["attention_mask"], None)
+    text_input = None
+    if text_layers:  # what the layer cache holds (one width for every caption), and only the last layer learns
+        de.set_frozen(model.text_tower, True)
+        for module in model.text_tower.trained_modules(text_layers):
+            de.set_frozen(module, False)
+        every = model.text_tower.tokenize(captions)
+        with torch.no_grad():
+            text_input = model.text_tower.layer_input(every["input_ids"], every["attention_mask"], text_layers)
+        text_input = text_input[2 * lo:2 * hi]
+    images, texts, scale = step(pixels[lo:hi], tokens["input_ids"], tokens["attention_mask"], text_input)
     loss = de.nested_loss(distributed.gather_with_grad(images), distributed.gather_with_grad(texts),
                           torch.arange(8).repeat_interleave(2), scale, **loss_extra)
     loss.backward()
@@ -540,16 +551,8 @@ def test_cached_block_inputs_through_the_last_blocks_equal_a_full_forward(name, 
 
 def test_train_image_blocks_trains_only_the_last_blocks_and_exports_through_them(synthetic_dir, tiny_bert_dir,
                                                                                  tmp_path):
-    from retrieval.data import load_synthetic
-    frozen_args = ["--max_steps", "3", "--freeze_image", "--freeze_text", "--lr", "1e-3", "--test_flip"]
-    frozen = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, *frozen_args,
-                                               "--run_name", "frozen"))
-    export_dir = tmp_path / "export"
-    blocks = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, *frozen_args,
-                                               "--train_image_blocks", "2", "--run_name", "blocks")
-                                     + ["--export_dir", str(export_dir)])
-    before = ckpt.load_checkpoint(frozen[16]["best"])["model"]
-    after = ckpt.load_checkpoint(blocks[16]["best"])["model"]
+    before, after, best, export_dir = frozen_and_trained(synthetic_dir, tiny_bert_dir, tmp_path, "blocks",
+                                                         "--train_image_blocks", "2", "--test_flip")
     # mobilenet_v3_small: features 0-12, the last two blocks are 10 and 11, the head conv 12
     for name, tensor in before.items():
         if not name.startswith("image_tower.") or "running_" in name or "num_batches" in name:
@@ -562,36 +565,134 @@ def test_train_image_blocks_trains_only_the_last_blocks_and_exports_through_them
     for name in before:  # BatchNorm keeps its statistics in the trained blocks too
         if "running_" in name:
             assert torch.equal(before[name], after[name]), name
+    check_cached_logged_and_exported(tmp_path, "blocks", "image-blocks2", best, export_dir, synthetic_dir)
+
+
+def frozen_and_trained(synthetic_dir, tiny_bert_dir, tmp_path, run, *flags):
+    """Two 3-step runs with both towers frozen: the second with `flags` (a tower part's flag and its value, then
+    flags both runs take) and exported. Returns (model state of the first, of the second, the second's best.pt,
+    its export folder)."""
+    frozen_args = ["--max_steps", "3", "--freeze_image", "--freeze_text", "--lr", "1e-3"]
+    frozen = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, *frozen_args, *flags[2:],
+                                               "--run_name", "frozen"))
+    export_dir = tmp_path / "export"
+    trained = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, *frozen_args, *flags,
+                                                "--run_name", run) + ["--export_dir", str(export_dir)])
+    return (ckpt.load_checkpoint(frozen[16]["best"])["model"], ckpt.load_checkpoint(trained[16]["best"])["model"],
+            trained[16]["best"], export_dir)
+
+
+def check_cached_logged_and_exported(tmp_path, run, part, best, export_dir, synthetic_dir):
+    """A run that trained a tower part (`part`: image-blocksN / text-layersN): the cache holds that part's
+    inputs, the log names it, and the export (cached inputs through the trained part) equals
+    prepare_data.py --checkpoint's embedding from pixels and tokens."""
+    from retrieval.data import load_synthetic
     cached = os.listdir(tmp_path / "feature_cache")
-    assert any("-train-image-blocks2-" in n for n in cached) and any("-test-image-blocks2-" in n for n in cached)
-    log = [json.loads(line) for line in open(tmp_path / "blocks" / "log.jsonl")]
-    assert log[-1]["mode"] == "features+image-blocks2"
-    # The export (cached block inputs through the trained blocks) = prepare_data.py --checkpoint (pixels).
-    exported = io.read_embeddings(str(export_dir / "dual-blocks-d16_test.h5"))
-    again = embed_split(ckpt.encoder_from_checkpoint(blocks[16]["best"], device="cpu"),
-                        load_synthetic(synthetic_dir, "test"), batch_size=5, num_workers=0, progress=False)
+    assert any(f"-train-{part}-" in n for n in cached) and any(f"-test-{part}-" in n for n in cached)
+    log = [json.loads(line) for line in open(tmp_path / run / "log.jsonl")]
+    assert log[-1]["mode"] == f"features+{part}"
+    exported = io.read_embeddings(str(export_dir / f"dual-{run}-d16_test.h5"))
+    again = embed_split(ckpt.encoder_from_checkpoint(best, device="cpu"), load_synthetic(synthetic_dir, "test"),
+                        batch_size=5, num_workers=0, progress=False)
     np.testing.assert_allclose(exported.image_embeddings, again.image_embeddings, atol=1e-5)
     np.testing.assert_allclose(exported.text_embeddings, again.text_embeddings, atol=1e-5)
 
 
-def test_train_image_blocks_resumes_bit_for_bit_and_refuses_other_flags(synthetic_dir, tiny_bert_dir, tmp_path):
+@pytest.mark.parametrize("flag, frozen", [("--train_image_blocks", ["--freeze_image"]),
+                                          ("--train_text_layers", ["--freeze_image", "--freeze_text"])])
+def test_trained_tower_part_resumes_bit_for_bit_and_refuses_other_flags(flag, frozen, synthetic_dir, tiny_bert_dir,
+                                                                        tmp_path):
     def run(name, steps, *extra):
         return train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", str(steps),
-                                                 "--freeze_image", "--lr", "1e-3", "--run_name", name, *extra))[16]
-    straight = run("straight", 3, "--train_image_blocks", "1")["losses"]
-    first = run("split", 2, "--train_image_blocks", "1")["losses"]
-    with pytest.raises(SystemExit, match="--resume: .* was trained with --train_image_blocks 1, not 2"):
-        run("split", 3, "--resume", "--train_image_blocks", "2")
-    resumed = run("split", 3, "--resume", "--train_image_blocks", "1")["losses"]
+                                                 *frozen, "--lr", "1e-3", "--run_name", name, *extra))[16]
+    straight = run("straight", 3, flag, "1")["losses"]
+    first = run("split", 2, flag, "1")["losses"]
+    with pytest.raises(SystemExit, match=f"--resume: .* was trained with {flag} 1, not 2"):
+        run("split", 3, "--resume", flag, "2")
+    resumed = run("split", 3, "--resume", flag, "1")["losses"]
     assert first == straight[:2] and resumed == [straight[2]]
+
+
+# ----------------------------------------------------------------------------- --train_text_layers
+
+def make_tiny_distilbert(path, bert_dir):
+    """Random 3-layer DistilBERT (the default text tower's architecture, whose layers sit elsewhere) with the
+    tiny BERT's tokenizer."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+    torch.manual_seed(0)
+    DistilBertModel(DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=3, n_heads=2,
+                                     max_position_embeddings=64)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(bert_dir).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("layers", [None, [0, 1, 2], [-1, 1]])
+def test_cached_layer_inputs_through_the_last_layers_equal_a_full_forward(tiny_bert_dir, tmp_path, layers):
+    for source in (tiny_bert_dir, make_tiny_distilbert(str(tmp_path / "distilbert"), tiny_bert_dir), "minilm"):
+        tower = towers.build_text_tower(source, layers=layers).eval()
+        captions = ["a red circle", "a small green square left of a big blue triangle on a white background",
+                    "grey", "an yellow shape"] * 40   # 160 rows: more than one chunk of from_layer_input
+        tokens = tower.tokenize(captions)
+        with torch.no_grad():
+            full = tower(tokens["input_ids"], tokens["attention_mask"])
+            for count in range(1, tower.num_layers + 1):
+                width = tokens["input_ids"].shape[1] + 3   # padded wider than the batch, as a split's cache is
+                cached = tower.layer_input(tokens["input_ids"], tokens["attention_mask"], count, width)
+                assert cached.ndim == 2 and cached.shape[0] == len(captions)
+                again = tower.from_layer_input(cached, count)
+                assert again.shape == full.shape
+                assert float((again - full).abs().max()) <= 1e-5 * max(1.0, float(full.abs().max())), (source, count)
+        assert len(tower.trained_modules(1)) == 1
+        with pytest.raises(UserError, match="--train_text_layers 99"):
+            tower.trained_modules(99)
+
+
+def test_train_text_layers_trains_only_the_last_layers_and_exports_through_them(synthetic_dir, tiny_bert_dir,
+                                                                                tmp_path):
+    before, after, best, export_dir = frozen_and_trained(synthetic_dir, tiny_bert_dir, tmp_path, "layers",
+                                                         "--train_text_layers", "1")
+    text_weights = [name for name in before if name.startswith("text_tower.")]
+    for name in text_weights:   # the tiny BERT has layers 0 and 1: the last one trains, the rest stays
+        if name.startswith("text_tower.model.encoder.layer.1."):
+            assert not torch.equal(before[name], after[name]), name
+        else:
+            assert torch.equal(before[name], after[name]), name
+    assert any(name.startswith("text_tower.model.encoder.layer.1.") for name in text_weights)
+    check_cached_logged_and_exported(tmp_path, "layers", "text-layers1", best, export_dir, synthetic_dir)
+
+
+def test_text_lr_is_the_step_of_the_text_tower_alone(tiny_bert_dir):
+    from argparse import Namespace
+    model = de.build_model(dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=8))
+    de.set_frozen(model.text_tower, True)
+    for module in model.text_tower.trained_modules(1):
+        de.set_frozen(module, False)
+    config = Namespace(lr=1e-3, head_lr=2e-3, text_lr=3e-5, weight_decay=0.5)
+    optimizer = training.make_optimizer(model, config)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    for name, p in model.named_parameters():
+        if name.startswith("text_tower."):
+            assert (id(p) in lr_of) == name.startswith("text_tower.model.encoder.layer.1."), name
+            if id(p) in lr_of:
+                assert lr_of[id(p)] == 3e-5 and decay_of[id(p)] == (0.5 if p.ndim >= 2 else 0.0), name
+        elif name.startswith("image_tower."):
+            assert lr_of[id(p)] == (1e-3 if p.ndim >= 2 else 2e-3), name
+        else:   # heads and the temperature
+            assert lr_of[id(p)] == 2e-3, name
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--train_image_blocks", "-1"], "must be >= 0"),
     (["--train_image_blocks", "2"], "needs --freeze_image"),
     (["--train_image_blocks", "2", "--freeze_image", "--freeze_text", "--head_ensemble", "2"], "not with --head_ensemble"),
-    (["--train_image_blocks", "12", "--freeze_image", "--max_steps", "1"], "mobilenet_v3_small has blocks 1..11")])
-def test_bad_train_image_blocks_is_one_error_line(flags, message, synthetic_dir, tiny_bert_dir, tmp_path):
+    (["--train_image_blocks", "12", "--freeze_image", "--max_steps", "1"], "mobilenet_v3_small has blocks 1..11"),
+    (["--train_text_layers", "-1"], "--train_text_layers -1: must be >= 0"),
+    (["--train_text_layers", "1"], "--train_text_layers 1: needs --freeze_text"),
+    (["--train_text_layers", "1", "--freeze_image", "--freeze_text", "--head_ensemble", "2"],
+     "--train_text_layers 1: not with --head_ensemble 2 .* one text tower"),
+    (["--train_text_layers", "3", "--freeze_text", "--max_steps", "1"], "this text model has layers 1..2")])
+def test_bad_train_tower_parts_is_one_error_line(flags, message, synthetic_dir, tiny_bert_dir, tmp_path):
     with pytest.raises(SystemExit, match=message):
         train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, *flags))
 
