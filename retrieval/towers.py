@@ -23,7 +23,11 @@ import torchvision
 import torchvision.transforms as T
 from efficientnet_lite_pytorch import EfficientNet
 from transformers import AutoConfig, AutoModel, AutoTokenizer
-from transformers.masking_utils import create_bidirectional_mask
+
+try:   # transformers >= 5 builds the attention mask its encoder layers take here (TextTower._run_layers)
+    from transformers.masking_utils import create_bidirectional_mask
+except ImportError:   # 4.x: each model family takes its own mask format; --train_text_layers then refuses
+    create_bidirectional_mask = None
 
 from retrieval import env
 from retrieval.errors import UserError
@@ -299,8 +303,6 @@ class TextTower(nn.Module):
         the last `layers` layers ([width, H], zero-padded to `width` tokens (default: the batch's), flattened),
         then the mean-pooled hidden states forward() pools that come before them."""
         cut = self.num_layers - self._check_layers(layers)
-        if self.tokenizer.padding_side != "right":   # the token count must say which positions are real
-            raise UserError(f"--train_text_layers: the tokenizer pads on the {self.tokenizer.padding_side}, not the right")
         states = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
         hidden = states[cut]
         padded = F.pad(hidden, (0, 0, 0, (width or hidden.shape[1]) - hidden.shape[1]))
@@ -324,7 +326,8 @@ class TextTower(nn.Module):
         size, longest = int(self.model.config.hidden_size), int(lengths.max())
         x = rows[:, 1:1 + width * size].view(-1, width, size)[:, :longest]
         mask = (torch.arange(longest, device=rows.device) < lengths.unsqueeze(1)).long()
-        extended = create_bidirectional_mask(config=self.model.config, inputs_embeds=x, attention_mask=mask)
+        # positional: the embeddings' keyword has been renamed between 5.x releases
+        extended = create_bidirectional_mask(self.model.config, x, mask)
         pooled = dict(zip(before, rows[:, 1 + width * size:].split(size, dim=1)))
         taps = self._taps()
         for index, layer in enumerate(self._layer_list()[cut:], start=cut + 1):
@@ -335,8 +338,14 @@ class TextTower(nn.Module):
         return torch.cat([pooled[tap] for tap in taps], dim=1)
 
     def _check_layers(self, layers):
+        """`layers` if this tower can train that many layers from cached inputs (checked when the run's model is
+        built, before any feature is computed), else a UserError."""
         if not 1 <= layers <= self.num_layers:
             raise UserError(f"--train_text_layers {layers}: this text model has layers 1..{self.num_layers} to train")
+        if create_bidirectional_mask is None:
+            raise UserError("--train_text_layers: needs transformers >= 5 (pip install -U 'transformers>=5,<6')")
+        if self.tokenizer.padding_side != "right":   # the cached token count must say which positions are real
+            raise UserError(f"--train_text_layers: the tokenizer pads on the {self.tokenizer.padding_side}, not the right")
         return layers
 
 

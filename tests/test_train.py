@@ -647,6 +647,17 @@ def test_cached_layer_inputs_through_the_last_layers_equal_a_full_forward(tiny_b
             tower.trained_modules(99)
 
 
+def test_train_text_layers_refuses_what_it_cannot_cache_exactly(tiny_bert_dir, monkeypatch):
+    tower = towers.build_text_tower(tiny_bert_dir)
+    tower.tokenizer.padding_side = "left"   # the cached token count would not say which positions are real
+    with pytest.raises(UserError, match="--train_text_layers: the tokenizer pads on the left"):
+        tower.trained_modules(1)
+    tower.tokenizer.padding_side = "right"
+    monkeypatch.setattr(towers, "create_bidirectional_mask", None)   # as under transformers 4.x
+    with pytest.raises(UserError, match=r"--train_text_layers: needs transformers >= 5"):
+        tower.trained_modules(1)
+
+
 def test_train_text_layers_trains_only_the_last_layers_and_exports_through_them(synthetic_dir, tiny_bert_dir,
                                                                                 tmp_path):
     before, after, best, export_dir = frozen_and_trained(synthetic_dir, tiny_bert_dir, tmp_path, "layers",
