@@ -313,23 +313,22 @@ class TextTower(nn.Module):
         """The feature vector forward() gives, from layer_input's rows: the last `layers` layers run on the
         cached hidden states (tests/test_train.py: equal to a full forward within 1e-5). Rows run in chunks of
         similar token counts, each cut to its longest caption, so little of the work is padding."""
-        cut, size = self.num_layers - self._check_layers(layers), int(self.model.config.hidden_size)
-        taps = self._taps()
-        before = [tap for tap in taps if tap <= cut]
+        cut, size, taps = self.num_layers - self._check_layers(layers), int(self.model.config.hidden_size), self._taps()
+        before = [tap for tap in taps if tap <= cut]   # pooled before the cut: cached after the hidden states
         width = (flat.shape[1] - 1 - size * len(before)) // size
         lengths = flat[:, 0].long()
         order = torch.argsort(lengths, stable=True)
-        parts = [self._run_layers(flat[rows], lengths[rows], cut, width, before) for rows in order.split(TEXT_CHUNK)]
+        parts = [self._run_layers(flat[rows], lengths[rows], cut, width, taps, before)
+                 for rows in order.split(TEXT_CHUNK)]
         return torch.cat(parts)[torch.argsort(order)]
 
-    def _run_layers(self, rows, lengths, cut, width, before):
+    def _run_layers(self, rows, lengths, cut, width, taps, before):
         size, longest = int(self.model.config.hidden_size), int(lengths.max())
         x = rows[:, 1:1 + width * size].view(-1, width, size)[:, :longest]
         mask = (torch.arange(longest, device=rows.device) < lengths.unsqueeze(1)).long()
         # positional: the embeddings' keyword has been renamed between 5.x releases
         extended = create_bidirectional_mask(self.model.config, x, mask)
         pooled = dict(zip(before, rows[:, 1 + width * size:].split(size, dim=1)))
-        taps = self._taps()
         for index, layer in enumerate(self._layer_list()[cut:], start=cut + 1):
             x = layer(x, extended)
             x = x[0] if isinstance(x, tuple) else x   # older transformers return a tuple

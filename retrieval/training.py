@@ -248,26 +248,25 @@ def cache_frozen_features(run, splits, features, feature_seed, rank, world_size)
             compute = (lambda: features.image(run.model, split, views, feature_seed)) if kind == "image" \
                 else (lambda: features.text(run.model, split))
             run.cache[split_name][kind] = rank_zero_first(rank, world_size, compute)
+        train_rows = run.cache["train"][kind]
         if kind == "image":
-            run.model.image_norm.set(initial_features(run.model, run.cache["train"]["image"].flatten(0, 1), "image",
+            run.model.image_norm.set(initial_features(run.model, train_rows.flatten(0, 1), image_tower_features,
                                                       config.train_image_blocks))
         else:
-            run.model.text_norm.set(initial_features(run.model, run.cache["train"]["text"], "text",
+            run.model.text_norm.set(initial_features(run.model, train_rows, text_tower_features,
                                                      config.train_text_layers))
 
 
-def initial_features(model, rows, kind, trained):
-    """[rows, F] the `kind` tower's features of cached train rows (image: every view), as the model is now
-    (with --train_image_blocks / --train_text_layers `trained`: the pretrained blocks / layers run once on the
-    cached inputs), to standardise them by. Trained blocks / layers change their features later; the
-    standardisation stays that of the pretrained tower."""
+def initial_features(model, rows, tower_features, trained):
+    """[rows, F] a tower's features of cached train rows (image: every view), as the model is now (with
+    --train_image_blocks / --train_text_layers `trained`: the pretrained blocks / layers run once on the cached
+    inputs through `tower_features`), to standardise them by. Trained blocks / layers change their features
+    later; the standardisation stays that of the pretrained tower."""
     if not trained:
         return rows
-    tower, features = ((model.image_tower, image_tower_features) if kind == "image"
-                       else (model.text_tower, text_tower_features))
     with torch.no_grad():
-        tower.eval()
-        return torch.cat([features(model, chunk, trained) for chunk in rows.split(1024)])
+        model.eval()   # as the towers run in training (train_epoch sets the heads back to train mode)
+        return torch.cat([tower_features(model, chunk, trained) for chunk in rows.split(1024)])
 
 
 def set_up(run, splits, device, world_size):
