@@ -90,5 +90,4 @@ def encoder_from_checkpoint(path, device="", built=None):
     batched image and text embedding with the trained heads. built: the (model, checkpoint) that
     build_from_checkpoint(path) returned, when the caller needs the model too (the trainer's export)."""
     model, checkpoint = built or build_from_checkpoint(path)
-    model.image_tower.to(memory_format=torch.channels_last)   # the faster layout for these CNNs
     return encoder_from_model(model, checkpoint.get("tag", "dual-encoder"), env.pick_device(device), checkpoint=path)

@@ -124,7 +124,11 @@ class DualEncoder(nn.Module):
         super().__init__()
         # test_flip: an image's embedding at evaluation is the mean of its own and its mirror's.
         self.test_flip = bool(test_flip)
-        self.image_tower, self.text_tower = image_tower, text_tower
+        # channels_last: the faster layout for these CNNs, set once here so that every path through the model
+        # (training, its dev evaluation, exports, a rebuilt checkpoint) runs the same kernels and gives the same
+        # numbers (the layouts' kernels differ in the last bits, enough to flip near-tied ranks).
+        self.image_tower = image_tower.to(memory_format=torch.channels_last)
+        self.text_tower = text_tower
         self.image_norm, self.text_norm = FeatureNorm(image_tower.feature_dim), FeatureNorm(text_tower.feature_dim)
         # nested_dims: None for a plain model; else the dims its prefixes were trained at (full dim last).
         self.nested_dims = nested_dims(embedding_dim, matryoshka_dims, head_ensemble)
