@@ -158,6 +158,46 @@ on_exit() {
 }
 trap on_exit EXIT
 
+# A misspelt knob (EMBEDING_DIMS=32, PRECISION=int8) would otherwise be ignored and the default grid run without
+# a word. Every variable this script reads is a known name (read off this file itself, so the list cannot
+# drift); an exported variable that is not one of them but is one or two letters away from a knob, a knob cut
+# short, or a knob with a suffix is an error. Names that systems, schedulers and libraries set are left alone.
+check_knob_names() {
+    local known suspects
+    known=$(grep -oE '\$\{[A-Z_][A-Z0-9_]*[:}-]|^[A-Z_][A-Z0-9_]*=' "${BASH_SOURCE[0]}" | tr -d '${}:=-' | sort -u)
+    suspects=$(compgen -e | grep -vE '^(SLURM|PBS|SGE|OMP|MKL|OPENBLAS|KMP|CUDA|NVIDIA|NCCL|HF|TORCH|TRANSFORMERS|CONDA|LMOD|LC|XDG|SSH|BASH|GIT|PIP|PYENV|PYTEST)_|^PYTHON[A-Z]|^MODULE|^_' || true)
+    [[ -n "$suspects" ]] || return 0
+    awk -v known="$known" '
+        function lev(a, b,   i, j, la, lb, d, cost, x) {
+            la = length(a); lb = length(b)
+            for (i = 0; i <= la; i++) d[i, 0] = i
+            for (j = 0; j <= lb; j++) d[0, j] = j
+            for (i = 1; i <= la; i++) for (j = 1; j <= lb; j++) {
+                cost = substr(a, i, 1) != substr(b, j, 1)
+                x = d[i-1, j] + 1; if (d[i, j-1] + 1 < x) x = d[i, j-1] + 1
+                if (d[i-1, j-1] + cost < x) x = d[i-1, j-1] + cost
+                d[i, j] = x
+            }
+            return d[la, lb]
+        }
+        BEGIN { n = split(known, names, "\n"); for (i = 1; i <= n; i++) is_known[names[i]] = 1 }
+        !($0 in is_known) {
+            best = ""; best_d = 99
+            for (i = 1; i <= n; i++) {
+                k = names[i]
+                if (length(k) < 4) continue
+                d = lev($0, k)
+                if ((d <= (length(k) < 8 ? 1 : 2) || (length($0) >= 5 && index(k, $0) == 1) ||
+                     index($0, k "_") == 1) && d < best_d) { best = k; best_d = d }
+            }
+            if (best != "") {
+                printf "%s is set but is not a knob (did you mean %s?); unset it or correct its name\n", $0, best
+                exit 1
+            }
+        }' <<< "$suspects"
+}
+knob_fault=$(check_knob_names) || die "$knob_fault"
+
 for phase in $PHASES; do
     case $phase in prefetch|prepare|train|experiments|analyze) ;;
         *) die "PHASES: unknown phase '$phase' (choose from prefetch prepare train experiments analyze)";; esac
