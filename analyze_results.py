@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from retrieval import analysis, operating_points, report
+from retrieval import analysis, findings, operating_points, report
 from retrieval.bootstrap import Settings
 from retrieval.errors import cli
 from retrieval.io import atomic_path, write_json
@@ -103,7 +103,7 @@ def main(argv=None):
     for group in summary["groups"]:
         print(f"{group['dataset']}/{group['split']}/{group['model']}: {group['runs_completed']} runs, "
               f"{group['runs_skipped']} skipped")
-        for sentence in report.summary_sentences(group, summary):
+        for sentence in findings.summary_sentences(group, summary):
             print(f"  - {sentence}")
     print(f"wrote {output_path}, {csv_path}, {report_path}"
           + (f" and {sum(len(v) for v in plots.values())} plots under {plots_dir}" if plots else ""))

@@ -4,8 +4,12 @@ Every plot has a title, axes with units and a legend; axes switch to log scale w
 a factor of 10 or more. Files are written atomically (temp file + rename), so a reader never sees a
 half-written PNG and re-running replaces them in place.
 """
+from __future__ import annotations
+
 import math
 import os
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import matplotlib
 
@@ -22,7 +26,7 @@ from retrieval.io import atomic_path  # noqa: E402
 from retrieval.metrics import DIRECTION_NAMES  # noqa: E402
 
 
-def palette(precisions):
+def palette(precisions: Iterable[str]) -> dict[str, tuple[float, float, float]]:
     # tab10 without its grey (grey marks dims and reference points in the legends), then more hues.
     colours = [c for i, c in enumerate(sns.color_palette("tab10")) if i != 7] + list(sns.color_palette("tab20b"))
     return {p: colours[i % len(colours)] for i, p in enumerate(precision_order(precisions))}
@@ -80,7 +84,8 @@ def _metric_name(col):
     return f"{DIRECTION_NAMES.get(direction, direction)} {metric}"
 
 
-def recall_vs_cost(main, recall_k, cost, path, title, xlabel, lower_is_better=True, frontier=None):
+def recall_vs_cost(main: pd.DataFrame, recall_k: int, cost: str, path: str, title: str, xlabel: str,
+                   lower_is_better: bool = True, frontier: pd.DataFrame | None = None) -> str | None:
     """Scatter of R@K (one panel per direction) against a cost column, with the Pareto line."""
     data = main.dropna(subset=[cost])
     directions = [d for d in _directions(main.columns) if f"{d}_R@{recall_k}" in data]
@@ -152,7 +157,7 @@ def _total_memory(ax, points, col, colours):
                 linewidth=1.0)
 
 
-def heatmap_dim_precision(main, recall_k, path, title):
+def heatmap_dim_precision(main: pd.DataFrame, recall_k: int, path: str, title: str) -> str | None:
     """R@K heatmap dim × precision: a row of panels per candidate setting, a column per direction.
 
     The fp32 exact baseline is a single cell, so it is quoted in the title instead of a panel.
@@ -199,7 +204,7 @@ def _candidate_order(frame):
     return order + [c for c in labels if c not in order]
 
 
-def candidates_plot(main, recall_k, path, title):
+def candidates_plot(main: pd.DataFrame, recall_k: int, path: str, title: str) -> str | None:
     """Recall and p50 latency vs candidate size C (re-ranked runs), one line per precision, a row per dim.
 
     Dotted lines: the same precision without re-ranking; dashed grey: fp32 exact. Flat indexes only when
@@ -256,7 +261,7 @@ def candidates_plot(main, recall_k, path, title):
     return _save(fig, path)
 
 
-def retention_bars(main, recall_k, path, title):
+def retention_bars(main: pd.DataFrame, recall_k: int, path: str, title: str) -> str | None:
     """Retention (% of fp32 exact R@K) per precision and dim; a panel per candidate setting and direction."""
     directions = [d for d in _directions(main.columns) if f"retention_{d}_R@{recall_k}" in main]
     data = main[~main["exact"]]
@@ -322,7 +327,7 @@ def _retention_error(rows, metric):
     return np.clip(errors, 0, None) if errors.any() else None
 
 
-def scaling_plot(done, recall_k, path, title, max_lines=10):
+def scaling_plot(done: pd.DataFrame, recall_k: int, path: str, title: str, max_lines: int = 10) -> str | None:
     """R@K, batch QPS and p50 latency vs gallery size for configs measured at several sizes."""
     data = done.dropna(subset=["gallery_size"])
     labels = [label for label, part in data.groupby("label", sort=True) if part["gallery_size"].nunique() > 1]
@@ -360,7 +365,7 @@ def scaling_plot(done, recall_k, path, title, max_lines=10):
     return _save(fig, path)
 
 
-def knob_lines(main):
+def knob_lines(main: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """{line name: runs} for IVF / HNSW runs, one line per index, precision, dim, candidate setting and build
     knob through the search knob's values (nprobe / ef_search); only lines with >= 2 values."""
     graphs = main[main["index"].isin(list(SEARCH_KNOB))]
@@ -377,7 +382,7 @@ def knob_lines(main):
     return out
 
 
-def knob_curves(main, recall_k, cost, path, title, xlabel):
+def knob_curves(main: pd.DataFrame, recall_k: int, cost: str, path: str, title: str, xlabel: str) -> str | None:
     """R@K against batch QPS or p50 latency along the search knob: a row of panels per index type (IVF
     along nprobe, HNSW along ef_search), a column per direction, one line per precision / dim / build knob
     through the knob's values (written at the points). Only the lists without re-ranking: what the index
@@ -431,7 +436,8 @@ def _knob_panel(ax, lines, flat, main, col, x, colours, markers):
     ax.grid(True, which="major", alpha=0.3)
 
 
-def group_plots(group, frame, plots_dir, recall_k=None):
+def group_plots(group: Mapping[str, Any], frame: pd.DataFrame, plots_dir: str,
+                recall_k: int | None = None) -> list[tuple[str, str]]:
     """All plots of one group into plots_dir/<group>/; returns [(title, path), ...] of those written."""
     done, main = completed(frame), main_runs(frame, group["main_gallery_size"])
     if main.empty:

@@ -10,7 +10,7 @@ import pytest
 
 import analyze_results
 from ranked_runs import captions_of, synthetic_ranks, write_ranked_run
-from retrieval import io, report
+from retrieval import findings, io
 
 DATA = {"dataset": "toyset", "split": "test", "model": "toy-model", "dim": 8}
 
@@ -112,7 +112,7 @@ def test_means_frontier_budgets_match_hand_computation(tmp_path):
     assert rows["B"]["qps_ratio"] == pytest.approx(2.0)
     assert rows["F"]["status"] == "skipped" and "native dim" in rows["F"]["skipped_reason"]
     assert group["skipped"][0]["run_id"] == "F"
-    text = " ".join(report.findings(group))
+    text = " ".join(findings.findings(group))
     assert "int8 8d C=20 keeps 100.0% of fp32 t2i R@1 (50.0 vs 50.0) at 25.0% of the memory" in text
     assert "Re-ranking int8 8-d with fp32 vectors (best C=20) raises t2i R@1 from 45.0 to 50.0 (+5.0 points)" in text
     assert "1 configurations were skipped" in text
@@ -144,7 +144,7 @@ def test_partial_folder_without_baseline(tmp_path):
     (group,) = summary["groups"]
     assert group["runs_completed"] == 1 and group["runs_skipped"] == 1
     assert summary["rows"][0]["retention_t2i_R@1"] is None
-    assert any("No fp32 exact baseline" in s for s in report.findings(group))
+    assert any("No fp32 exact baseline" in s for s in findings.findings(group))
 
 
 def test_mixed_datasets_are_grouped_not_mixed(tmp_path):
@@ -237,9 +237,9 @@ def test_a_candidate_size_covering_the_gallery_is_called_out(tmp_path):
               bytes_per_vector=8, qps=900, p50=1.1)
     group = analyse(folder)["groups"][0]
     assert group["whole_gallery_candidates"] == [{"candidate_size": 100, "gallery_size": 100, "runs": 1}]
-    assert any("C=100 covers the whole gallery of 100 images" in s for s in report.findings(group))
+    assert any("C=100 covers the whole gallery of 100 images" in s for s in findings.findings(group))
     small = analyse(hand_made(str(tmp_path / "s")))["groups"][0]
-    assert small["whole_gallery_candidates"] == [] and not any("whole gallery" in s for s in report.findings(small))
+    assert small["whole_gallery_candidates"] == [] and not any("whole gallery" in s for s in findings.findings(small))
 
 
 # ----------------------------------------------------------------------------- non-finite numbers in run files
@@ -366,7 +366,7 @@ def test_a_ratio_to_a_zero_baseline_is_null_with_its_reason(tmp_path):
     assert frontier["retention"] is None
     assert frontier["ratio_note"] == "retention is undefined (baseline A has t2i_R@1 0)"
     assert rows["A"]["ratio_note"] == note  # the baseline against itself
-    assert f"2 runs: {note}, so null in the tables." in report.findings(group)
+    assert f"2 runs: {note}, so null in the tables." in findings.findings(group)
 
 
 def test_an_infinite_requirement_is_a_clear_error(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 import analyze_results
 from ranked_runs import captions_of, synthetic_ranks, write_ranked_run
-from retrieval import bootstrap, report
+from retrieval import bootstrap, findings
 from retrieval import metrics as protocol
 from retrieval.io import Embeddings, l2_normalize, make_attrs, read_embeddings, write_embeddings
 from test_analyze import hand_made
@@ -213,7 +213,7 @@ def test_report_calls_noise_noise_and_rounds_without_contradiction(tmp_path):
     (group,) = summary["groups"]
     assert rows["E"]["retention_t2i_R@1"] > 100 and rows["E"]["t2i_R@1_delta_ci_low"] <= 0
     assert rows["F"]["t2i_R@1_delta_ci_high"] < 0
-    sentences = report.findings(group)
+    sentences = findings.findings(group)
     e = next(s for s in sentences if s.startswith("int8 8d no rerank"))
     assert "no measurable loss" in e and "indistinguishable from fp32 at 95%" in e and "keeps" not in e
     f = next(s for s in sentences if s.startswith("binary 8d no rerank"))
@@ -229,7 +229,7 @@ def test_report_calls_noise_noise_and_rounds_without_contradiction(tmp_path):
 
 @pytest.mark.parametrize("value, base, expected", [(15.76, 15.84, 2), (50.0, 45.0, 1), (15.8, 15.8, 1)])
 def test_decimals_keep_the_shown_difference_equal_to_the_difference_of_the_shown_values(value, base, expected):
-    digits = report._decimals(value, base, value - base)
+    digits = findings._decimals(value, base, value - base)
     assert digits == expected
     assert round(value, digits) - round(base, digits) == pytest.approx(round(value - base, digits))
 
@@ -246,7 +246,7 @@ def test_gallery_growth_is_paired_across_gallery_sizes(tmp_path):
     last = [row for row in group["scaling"] if row["run_id"] == "A10k"][0]
     assert last["change"] == pytest.approx(rows["A10k"]["t2i_R@1"] - rows["A"]["t2i_R@1"])
     assert last["change_ci_low"] <= last["change"] <= last["change_ci_high"] <= 0
-    sentence = next(s for s in report.findings(group) if "growing the gallery" in s)
+    sentence = next(s for s in findings.findings(group) if "growing the gallery" in s)
     assert "the 40-item gallery at 95%" in sentence
 
 

@@ -1,0 +1,456 @@
+"""The sentences a report says about one dataset/model group, each built from the group's stored numbers:
+the short answer that opens the group (summary_sentences) and the findings in detail (findings).
+
+Nothing here computes a comparison: every number in a sentence is read from the summary
+(analysis.analyse), so a sentence can never say something experiment_summary.json does not hold.
+How a stored number prints (fmt, fmt_bytes, fmt_cell, metric_words, distractor_label) lives here too,
+because report.py's tables print the same numbers and must print them the same way.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from retrieval.metrics import DIRECTION_NAMES, DIRECTIONS
+
+# The summary, one of its groups and one row of a group's tables: the JSON-ready dicts analysis.analyse
+# stores, read as they are, so a sentence quotes only what experiment_summary.json holds.
+Summary = Mapping[str, Any]
+Group = Mapping[str, Any]
+Row = Mapping[str, Any]
+
+
+# ----------------------------------------------------------------------------- how a stored number prints
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    """'1,234.5' at `digits` decimals, 'n/a' for a number the summary does not have."""
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def fmt_bytes(value: float | None) -> str:
+    """Bytes per vector: whole bytes without decimals, a fraction (binary / PQ codes) with two."""
+    return "n/a" if value is None else (f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}")
+
+
+def metric_words(metric: str) -> str:
+    """A column name as a reader writes it: 't2i_R@1' -> 't2i R@1'."""
+    return metric.replace("_", " ")
+
+
+def fmt_cell(value: float) -> str:
+    """A number in a table cell or an operating point: whole numbers without decimals, else 1 decimal from
+    100, 2 from 1 and 3 significant digits below 1 (an MRR or a fraction keeps its digits)."""
+    if float(value).is_integer():
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:,.1f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def distractor_label(row: Row) -> str | None:
+    """What padded a gallery, in words, or None (the real gallery, or a run file that did not record it):
+    Gaussian ones are flagged synthetic (drawn from a Gaussian fitted to the fit set, not real photos or
+    captions, so they say little about text→image at that size)."""
+    if not row.get("distractors"):
+        return None
+    if row.get("distractors_synthetic"):
+        return "Gaussian distractors (synthetic; not realistic for text→image)"
+    return f"distractors from {row['distractors']}"
+
+
+# ----------------------------------------------------------------------------- phrases
+
+def _unit(metric: str) -> str:
+    """R@K and RSUM are in percentage points; MRR (0..1) has no unit."""
+    return "" if metric.endswith("MRR") else " points"
+
+
+def _level(group: Group) -> str | None:
+    """'95%' when the group's runs have bootstrap intervals at that confidence, else None."""
+    confidence = (group.get("intervals") or {}).get("confidence")
+    return f"{100 * confidence:g}%" if confidence else None
+
+
+def _decimals(value: float | None = None, base: float | None = None, *differences: float | None) -> int:
+    """Decimals (1-4) at which the printed difference of two printed values equals the printed difference
+    (never 'from 15.8 to 15.8 (-0.1)') and no non-zero difference or interval bound prints as 0."""
+    for digits in range(1, 5):
+        shown = None if value is None or base is None else round(value, digits) - round(base, digits)
+        if shown is not None and abs(shown - round(value - base, digits)) > 0.5 * 10 ** -digits:
+            continue
+        if any(x is not None and x != 0 and round(x, digits) == 0 for x in differences):
+            continue
+        return digits
+    return 4
+
+
+def _inside(low: float, high: float) -> bool:
+    return low <= 0 <= high
+
+
+def _verdict(delta: float, low: float, high: float, level: str, reference: str, metric: str, digits: int) -> str:
+    """'indistinguishable from fp32 at 95%: -0.30 points, interval -0.90 to +0.40' (above / below when the
+    interval of the paired difference excludes 0)."""
+    if _inside(low, high):
+        word = f"indistinguishable from {reference} at {level}"
+    else:
+        word = f"{'above' if low > 0 else 'below'} {reference} at {level}"
+    if low == high == delta:  # the runs differ the same way on every image, or not at all
+        return f"{word}: {delta:+.{digits}f}{_unit(metric)} on every resample"
+    return f"{word}: {delta:+.{digits}f}{_unit(metric)}, interval {low:+.{digits}f} to {high:+.{digits}f}"
+
+
+def _has_interval(row: Row, prefix: str = "delta") -> bool:
+    return row.get(f"{prefix}_ci_low") is not None and row.get(f"{prefix}_ci_high") is not None
+
+
+def _value_with_interval(value: float | None, low: float | None, high: float | None, level: str | None,
+                         digits: int = 1) -> str:
+    """'50.0 (95% interval 45.1 to 55.0)', or the value alone without an interval."""
+    if low is None or high is None or level is None:
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} ({level} interval {fmt(low, digits)} to {fmt(high, digits)})"
+
+
+def _percent(retention: float, value: float, base: float) -> str:
+    """Retention with the decimals that keep a real difference off '100.0%'."""
+    digits = 1
+    while digits < 4 and value != base and round(retention, digits) == 100:
+        digits += 1
+    return fmt(retention, digits)
+
+
+# ----------------------------------------------------------------------------- findings
+
+def findings(group: Group) -> list[str]:
+    """Sentences from one group of the summary; each states only what its stored numbers show."""
+    if not group["runs_completed"]:
+        return ["No completed runs in this group."]
+    if group["head_metric"] is None:
+        return []
+    out = _baseline_sentences(group) + _frontier_sentences(group) + _reranking_sentences(group)
+    out += _dim_reduction_sentences(group) + _dim_method_sentences(group)
+    out += _budget_sentences(group, len(out))
+    out += _scaling_sentences(group) + _caveats(group)
+    return out
+
+
+def _baseline_sentences(group: Group) -> list[str]:
+    if not group["baseline"]:
+        return ["No fp32 exact baseline in these runs, so retention and speed ratios are not available."]
+    gallery = group["main_gallery_size"]
+    at_gallery = f" (gallery of {gallery:,} items)" if gallery else ""
+    out = []
+    for base in group["baseline"]:
+        metrics = ", ".join(f"{metric_words(m)} {_with_interval(base, m, group)}"
+                            for m in group["recall_metrics"] if base[m] is not None)
+        rsum = f", RSUM {fmt(base['RSUM'])}" if base.get("RSUM") is not None else ""
+        speeds = [f"{DIRECTION_NAMES[d]} {fmt(base[f'{d}_qps'], 0)} queries/s batch, p50 "
+                  f"{fmt(base[f'{d}_latency_p50_ms'], 3)} ms per single query"
+                  for d in DIRECTIONS if base[f"{d}_qps"] is not None]
+        if not speeds and base["qps"] is not None:
+            speeds.append(f"{fmt(base['qps'], 0)} queries/s batch, p50 {fmt(base['latency_p50_ms'], 3)} ms "
+                          "per single query")
+        out.append(f"Baseline fp32 exact search at {int(base['dim'])}-d{at_gallery}: {metrics}{rsum}; "
+                   f"{fmt_bytes(base['bytes_per_vector'])} bytes/vector" + "".join(f"; {x}" for x in speeds) + ".")
+    return out
+
+
+def _with_interval(row: Row, metric: str, group: Group) -> str:
+    return _value_with_interval(row[metric], row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high"), _level(group))
+
+
+def _frontier_sentences(group: Group) -> list[str]:
+    """What each step down the memory frontier costs in the head metric, and what it does to speed."""
+    out = []
+    for row in group["memory_frontier"]:
+        memory = None if row["memory_fraction"] is None else 100 * row["memory_fraction"]
+        sentence = (f"{_quality_phrase(row, group)} at {fmt(memory)}% of the memory "
+                    f"({fmt_bytes(row['bytes_per_vector'])} vs {fmt_bytes(row['baseline_bytes_per_vector'])} "
+                    "bytes/vector)")
+        if row["rerank"] and row["dim"] is not None:
+            # The index alone is not all a two-stage search needs: stage 2 reads the fp32 vectors.
+            sentence += (f", plus the {int(row['dim'])}-d fp32 vectors that re-ranking reads "
+                         f"({4 * int(row['dim']):,} bytes/vector, in RAM or on disk)")
+            if row["covers_gallery"]:
+                sentence += (f"; C={int(row['candidate_size'])} covers the whole gallery of "
+                             f"{int(row['gallery_size']):,}, so stage 2 is exact fp32 search at {int(row['dim'])}-d")
+        speed = _speed_phrase(row)
+        out.append(sentence + (f"; {speed}." if speed else "."))
+    return out
+
+
+def _quality_phrase(row: Row, group: Group) -> str:
+    """'<label> keeps 99.1% of fp32 t2i R@1 (49.55 vs 50.00; below fp32 at 95%: ...)'; a difference inside
+    the interval is 'no measurable loss' (also when retention is above 100%), never a gain."""
+    name, label, metric = metric_words(group["head_metric"]), row["label"], group["head_metric"]
+    value, base = row["value"], row["baseline_value"]
+    if not _has_interval(row) or _level(group) is None or row["delta"] is None:
+        return (f"{label} keeps {fmt(row['retention'])}% of fp32 {name} "
+                f"({fmt(value)} vs {fmt(base)})")
+    digits = _decimals(value, base, row["delta"], row["delta_ci_low"], row["delta_ci_high"])
+    verdict = _verdict(row["delta"], row["delta_ci_low"], row["delta_ci_high"], _level(group), "fp32", metric, digits)
+    pair = f"{fmt(value, digits)} vs {fmt(base, digits)}"
+    if _inside(row["delta_ci_low"], row["delta_ci_high"]):
+        return f"{label} shows no measurable loss of fp32 {name} ({pair}; {verdict})"
+    if row["delta_ci_low"] > 0:
+        return f"{label} scores above fp32 {name} ({pair}; {verdict})"
+    return f"{label} keeps {_percent(row['retention'], value, base)}% of fp32 {name} ({pair}; {verdict})"
+
+
+def _speed_phrase(row: Row) -> str:
+    """'<direction> batch search is 2.30x faster than fp32 exact (…); single-query p50 latency …'."""
+    where = f"{DIRECTION_NAMES[row['speed_direction']]} " if row["speed_direction"] else ""
+    parts = []
+    if row["qps_ratio"] is not None:
+        ratio = row["qps_ratio"]
+        word = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+        parts.append(f"{where}batch search is {word} than fp32 exact ({fmt(row['qps'], 0)} vs "
+                     f"{fmt(row['baseline_qps'], 0)} queries/s)")
+    if row["latency_p50_ms"] is not None and row["baseline_latency_p50_ms"] is not None:
+        parts.append(f"single-query p50 latency {fmt(row['latency_p50_ms'], 3)} ms vs "
+                     f"{fmt(row['baseline_latency_p50_ms'], 3)} ms")
+    return "; ".join(parts)
+
+
+def _reranking_sentences(group: Group) -> list[str]:
+    name, out = metric_words(group["head_metric"]), []
+    for row in group["reranking"]:
+        whole = f", which covers the whole gallery of {int(row['gallery_size']):,}" if row["covers_gallery"] else ""
+        stage1 = (f"; the true item was among the {int(row['candidate_size'])} stage-1 candidates for "
+                  f"{fmt(row['stage1_recall'])}% of queries" if row["stage1_recall"] is not None else "")
+        what = f"{row['precision']} {int(row['dim'])}-d{row.get('index_label') or ''}"
+        out.append(f"Re-ranking {what} with fp32 vectors (best C={int(row['candidate_size'])}{whole}) "
+                   f"{_gain_phrase(row, group, name)}{stage1}.")
+    return out
+
+
+def _gain_phrase(row: Row, group: Group, name: str) -> str:
+    """'raises t2i R@1 from 45.0 to 50.0 (+5.0 points; above no re-ranking at 95%: ...)'."""
+    gain, level = row["gain"], _level(group)
+    interval = _has_interval(row, "gain") and level is not None
+    digits = _decimals(row["best_value"], row["plain_value"], gain,
+                       *((row["gain_ci_low"], row["gain_ci_high"]) if interval else ()))
+    before, after = fmt(row["plain_value"], digits), fmt(row["best_value"], digits)
+    if gain == 0:
+        return f"leaves {name} at {before}" + (f" (interval of the change {row['gain_ci_low']:+.{digits}f} to "
+                                                f"{row['gain_ci_high']:+.{digits}f})" if interval else "")
+    if not interval:
+        return f"{'raises' if gain > 0 else 'lowers'} {name} from {before} to {after} ({gain:+.{digits}f} points)"
+    verdict = _verdict(gain, row["gain_ci_low"], row["gain_ci_high"], level, "no re-ranking", group["head_metric"],
+                       digits)
+    verb = "changes" if _inside(row["gain_ci_low"], row["gain_ci_high"]) else ("raises" if gain > 0 else "lowers")
+    return f"{verb} {name} from {before} to {after} ({verdict})"
+
+
+def _dim_method_sentences(group: Group) -> list[str]:
+    """'At 64 dims (fp32, no re-ranking) pca gives t2i R@1 28.0 and truncate 18.0: pca is above truncate at
+    95%: +10.0 points, interval ...' for every pair the summary's dim_methods table holds."""
+    name, out, level = metric_words(group["head_metric"]), [], _level(group)
+    for row in group.get("dim_methods", []):
+        interval = _has_interval(row, "difference") and level is not None
+        bounds = (row["difference_ci_low"], row["difference_ci_high"]) if interval else ()
+        digits = _decimals(row["best_value"], row["other_value"], row["difference"], *bounds)
+        start = (f"At {int(row['dim'])} dims (fp32, no re-ranking) {row['best_method']} gives {name} "
+                 f"{fmt(row['best_value'], digits)} and {row['other_method']} {fmt(row['other_value'], digits)}")
+        if not interval:
+            out.append(f"{start} ({row['difference']:+.{digits}f}{_unit(group['head_metric'])}).")
+            continue
+        verdict = _verdict(row["difference"], *bounds, level, row["other_method"], group["head_metric"], digits)
+        out.append(f"{start}: {row['best_method']} is {verdict}.")
+    return out
+
+
+def _dim_reduction_sentences(group: Group) -> list[str]:
+    name, out, level = metric_words(group["head_metric"]), [], _level(group)
+    for row in group["dim_reduction"]:
+        start = (f"Reducing {int(row['native_dim'])} to {int(row['dim'])} dims ({row['dim_method']}, fp32, no "
+                 f"re-ranking)")
+        if not _has_interval(row) or level is None or row["delta"] is None:
+            out.append(f"{start} keeps {fmt(row['retention'])}% of {name} ({fmt(row['value'])}).")
+            continue
+        digits = _decimals(None, None, row["delta"], row["delta_ci_low"], row["delta_ci_high"])
+        verdict = _verdict(row["delta"], row["delta_ci_low"], row["delta_ci_high"], level, "fp32",
+                           group["head_metric"], digits)
+        kept = ("shows no measurable loss of" if _inside(row["delta_ci_low"], row["delta_ci_high"])
+                else f"keeps {_percent(row['retention'], row['value'], row['value'] - row['delta'])}% of")
+        out.append(f"{start} {kept} {name} ({fmt(row['value'], digits)}; {verdict}).")
+    return out
+
+
+def _budget_sentences(group: Group, said: int) -> list[str]:
+    """One sentence per budget that buys a better configuration; `said`: sentences before these."""
+    out, previous = [], None
+    for budget in group["budgets"]:
+        if budget["run_id"] == previous:
+            continue  # a larger budget that buys nothing better adds no information
+        previous = budget["run_id"]
+        value = _value_with_interval(budget["value"], budget.get("value_ci_low"), budget.get("value_ci_high"),
+                                     _level(group))
+        out.append(f"Within {fmt_bytes(budget['budget_bytes_per_vector'])} bytes/vector of index the best "
+                   f"{metric_words(group['primary_metric'])} is {value} ({budget['label']}, "
+                   f"{fmt_bytes(budget['bytes_per_vector'])} bytes/vector).")
+        if said + len(out) > 60:
+            break  # the budget table in the report lists the rest
+    return out
+
+
+def _scaling_sentences(group: Group) -> list[str]:
+    """Per configuration in the scaling table: its smallest gallery against its largest."""
+    head, out, level = group["head_metric"], [], _level(group)
+    for label, rows in itertools.groupby(group["scaling"], key=lambda row: row["label"]):
+        rows = list(rows)
+        first, last = rows[0], rows[-1]
+        interval = _has_interval(last, "change") and level is not None and last.get("change") is not None
+        digits = _decimals(last[head], first[head],
+                           *((last["change"], last["change_ci_low"], last["change_ci_high"]) if interval else ()))
+        change = ""
+        if interval:
+            reference = f"the {int(first['gallery_size']):,}-item gallery"
+            verdict = _verdict(last["change"], last["change_ci_low"], last["change_ci_high"], level, reference, head,
+                               digits)
+            change = f" ({verdict})"
+        padded = f"; the extra items are {distractor_label(last)}" if distractor_label(last) else ""
+        out.append(f"{label}: growing the gallery from {int(first['gallery_size']):,} to "
+                   f"{int(last['gallery_size']):,} items moves {metric_words(head)} from {fmt(first[head], digits)} to "
+                   f"{fmt(last[head], digits)}{change} and batch throughput from {fmt(first['qps'], 0)} to "
+                   f"{fmt(last['qps'], 0)} queries/s{padded}.")
+    return out
+
+
+def _caveats(group: Group) -> list[str]:
+    """Skipped configurations, ratios left null because a baseline value is 0, and settings the runs disagree
+    on (their speeds do not compare)."""
+    out = []
+    skipped = Counter(row["skipped_reason"] for row in group["skipped"])
+    if skipped:
+        reasons = "; ".join(f"{n} x {reason}" for reason, n in skipped.most_common())
+        out.append(f"{sum(skipped.values())} configurations were skipped: {reasons}.")
+    notes = Counter(row["ratio_note"] for row in group["retention"] if row.get("ratio_note"))
+    out += [f"{n} run{'s' if n > 1 else ''}: {note}, so null in the tables." for note, n in notes.most_common()]
+    for row in group.get("whole_gallery_candidates", []):
+        out.append(f"C={row['candidate_size']:,} covers the whole gallery of {row['gallery_size']:,} images: its "
+                   f"{row['runs']} re-ranked runs are exact fp32 search at their dim for text→image, not a real "
+                   "choice at this gallery size.")
+    for key in ("hostname", "cpu", "threads"):
+        if isinstance(group["environment"].get(key), list):
+            out.append(f"Runs disagree on {key} ({', '.join(map(str, group['environment'][key]))}): speed "
+                       f"numbers from different settings are not directly comparable.")
+    return out
+
+
+# ----------------------------------------------------------------------------- the summary section
+
+def summary_sentences(group: Group, summary: Summary) -> list[str]:
+    """The short answer that opens a group: the baseline with its interval, what the intervals cover, the
+    default operating points (95 / 99 / 99.5% of fp32) and the requested one."""
+    if not group["runs_completed"]:
+        return ["No completed runs in this group."]
+    out = _baseline_sentences(group) + _interval_sentences(group, summary)
+    out += _default_point_sentences(group) + _operating_point_sentences(group, summary)
+    if group["head_metric"] is not None:
+        out.append("Memory: 'index' is the compressed codes (bytes_per_vector); a re-ranked configuration also "
+                   "reads the fp32 vectors at its dim in stage 2, counted in 'total' (total_bytes_per_vector). "
+                   "The first budget table and memory frontier use the index bytes, the second ones the total.")
+    return out
+
+
+def _interval_sentences(group: Group, summary: Summary) -> list[str]:
+    intervals, settings = group.get("intervals") or {}, summary.get("intervals") or {}
+    if not intervals.get("computed"):
+        return ["No intervals (--bootstrap 0): no difference in this report is tested against sampling error."]
+    reasons = "; ".join(f"{note['reason']} ({note['runs']} run{'s' if note['runs'] > 1 else ''})"
+                        for note in intervals["notes"])
+    if not intervals["runs_with_intervals"]:
+        return [f"No intervals for any run: {reasons}. Differences between runs in this report cannot be told "
+                "apart from sampling error."]
+    out = [f"Intervals: {_level(group)} percentile bootstrap over images ({settings['resamples']:,} resamples, "
+           f"seed {settings['seed']}; {settings['unit_detail']}); differences to fp32 are paired on the same "
+           f"resamples. {intervals['runs_with_intervals']:,} of {group['runs_completed']:,} runs have intervals, "
+           f"{intervals['runs_paired']:,} a paired difference."]
+    if reasons:
+        out.append(f"Runs without intervals or without a paired difference: {reasons}.")
+    return out
+
+
+ROLES = (("smallest", "smallest index"), ("smallest_total", "smallest with re-rank vectors"), ("fastest", "fastest"))
+
+
+def _default_point_sentences(group: Group) -> list[str]:
+    """One sentence per retention target (targets with the same answer share one): the runs that answer it,
+    each with its paired difference to fp32."""
+    out, name = [], metric_words(group["head_metric"] or "")
+    baseline_ids = {b["run_id"] for b in group["baseline"]}
+    rows = group.get("default_operating_points") or []
+    for same in _same_answers(rows):
+        row, picks = same[0], {}
+        for key, role in ROLES:
+            if row[key] is not None:
+                picks.setdefault(row[key]["run_id"], (row[key], []))[1].append(role)
+        answers = [f"{' and '.join(roles)}: {pick['label']} ({_pick_facts(pick, roles, row, group, baseline_ids)})"
+                   for pick, roles in picks.values()]
+        targets = _and([f"{r['threshold']:g}%" for r in same])
+        out.append(f"At least {targets} of fp32 {name} ({row['reaching']} configurations reach "
+                   f"{'them' if len(same) > 1 else 'it'}): " + "; ".join(answers) + ".")
+    return out
+
+
+def _same_answers(rows: Sequence[Row]) -> list[list[Row]]:
+    """Consecutive default-table rows with the same runs in every role and the same count, as lists."""
+    out, previous = [], None
+    for row in rows:
+        key = (row["reaching"], *[(row[name] or {}).get("run_id") for name, _ in ROLES])
+        if out and key == previous:
+            out[-1].append(row)
+        else:
+            out.append([row])
+        previous = key
+    return out
+
+
+def _and(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _pick_facts(pick: Row, roles: Sequence[str], row: Row, group: Group, baseline_ids: set[str]) -> str:
+    facts = [f"{fmt_bytes(pick['bytes_per_vector'])} bytes/vector index"]
+    if pick["total_bytes_per_vector"] != pick["bytes_per_vector"]:
+        facts.append(f"{fmt_bytes(pick['total_bytes_per_vector'])} in total")
+    if "fastest" in roles:
+        facts.append(f"{fmt(pick['qps'], 0)} queries/s [{row['qps_column']}]")
+    if pick["run_id"] in baseline_ids:
+        return ", ".join(facts + ["the fp32 exact baseline itself"])
+    facts.append(f"{fmt(pick['retention'])}% of fp32")
+    if _has_interval(pick) and pick["delta"] is not None and _level(group):
+        digits = _decimals(None, None, pick["delta"], pick["delta_ci_low"], pick["delta_ci_high"])
+        facts.append(_verdict(pick["delta"], pick["delta_ci_low"], pick["delta_ci_high"], _level(group), "fp32",
+                              row["metric"], digits))
+    return ", ".join(facts)
+
+
+def _operating_point_sentences(group: Group, summary: Summary) -> list[str]:
+    out = []
+    for point in summary.get("operating_points") or []:
+        if point["group"] != group["group"]:
+            continue
+        wanted = " and ".join(point["requirements"]) or "no requirement"
+        if point["run_id"] is None:
+            out.append(f"Operating point ({wanted}, {point['objective']}): no completed run to choose from.")
+        elif point["meets"]:
+            columns = "".join(f", {c} {_number(v)}" for c, v in point["columns"].items())
+            out.append(f"Operating point ({wanted}; {point['objective']}): {point['label']} "
+                       f"({point['objective_column']} {_number(point['value'])}{columns}); "
+                       f"{point['runs_meeting']} configurations meet every requirement.")
+        else:
+            misses = "; ".join(f"{m['requirement']} ({m['column']} {_number(m['value'])}, short by "
+                               f"{_number(m['shortfall'])})" for m in point["missed"])
+            out.append(f"None meets {wanted}. Closest: {point['label']}, which misses {misses}.")
+    return out
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else fmt_cell(float(value))
