@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from retrieval import data, env, io, metrics
+from retrieval import data, env, io, metrics, synthetic
 from retrieval.download import download_dataset
 from retrieval.encoders import embed_split
 from retrieval.errors import HelpFormatter, cli
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     source.add_argument("--download", action="store_true",
                         help="fetch the official archives into --data_dir first (already present = skipped); "
                              "without it nothing touches the network for data")
-    source.add_argument("--synthetic_images", type=int, default=data.SYNTHETIC_IMAGES,
+    source.add_argument("--synthetic_images", type=int, default=synthetic.SYNTHETIC_IMAGES,
                         help="--dataset synthetic: number of images to generate (5 captions each)")
     source.add_argument("--synthetic_image_size", type=int, default=96,
                         help="--dataset synthetic: image side in pixels")
@@ -104,8 +104,8 @@ def fetch_data(args):
     elif args.download:
         print(f"--download: nothing to fetch for --dataset {args.dataset}")
     if args.dataset == "synthetic":
-        data.make_synthetic(args.data_dir, num_images=args.synthetic_images, seed=args.seed,
-                            image_size=args.synthetic_image_size)
+        synthetic.make_synthetic(args.data_dir, num_images=args.synthetic_images, seed=args.seed,
+                                 image_size=args.synthetic_image_size)
 
 
 def fetch_only(args):

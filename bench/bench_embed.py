@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from retrieval import data, encoders, env, io, models, towers  # noqa: E402
+from retrieval import data, dataset_split, encoders, env, io, models, towers  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -109,8 +109,8 @@ def main(argv=None):
         raise SystemExit(f"error: {args.data_dir}: Flickr8k folder not found (pass --data_dir)")
     full = data.load_split("flickr8k", args.data_dir, "test")
     keep = full.text_to_image < args.num_images
-    split = data.DatasetSplit("flickr8k", "test", full.image_root, full.image_files[:args.num_images],
-                              [c for c, k in zip(full.captions, keep) if k], full.text_to_image[keep])
+    split = dataset_split.DatasetSplit("flickr8k", "test", full.image_root, full.image_files[:args.num_images],
+                                       [c for c, k in zip(full.captions, keep) if k], full.text_to_image[keep])
     print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; {len(split.image_files)} photos")
     results = {"images": [], "text": []}
     for name in args.encoders:

@@ -15,10 +15,14 @@ ranks are reduced once to per-image sums (text→image: captions with rank <= K 
 image, and the captions per image; image→text: hit <= K and 1/rank), so every statistic of every
 resample is W @ numerator / W @ denominator: one matrix product for a block of runs.
 """
+from __future__ import annotations
+
 import os
 import re
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -35,37 +39,39 @@ RUNS_PER_BLOCK = 64  # runs per matrix product: bounds memory at B x (64 x 3 x m
 NO_RANK_FILE = "no rank file (run written before run_experiments.py stored ranks)"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     resamples: int
     confidence: float
     seed: int
 
-    def record(self):
+    def record(self) -> dict[str, Any]:
         """What the summary JSON states about the method."""
         return {"method": "percentile bootstrap, paired on the same resamples", "resamples": self.resamples,
                 "confidence": self.confidence, "seed": self.seed, "unit": UNIT, "unit_detail": UNIT_DETAIL}
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunRanks:
     """One run's ranks reduced to per-image sums: columns are metrics ('t2i_R@1', ..., 'i2t_MRR')."""
-    split: tuple            # (n_images, bytes of text_to_image): runs with the same split can be paired
-    columns: list
+    split: tuple[int, bytes]  # (n_images, bytes of text_to_image): runs with the same split can be paired
+    columns: list[str]
     numerators: np.ndarray  # [n_images, len(columns)]: R@K hits x 100, or the sum of 1/rank
     direction: np.ndarray   # [len(columns)] index into DIRECTIONS of each column
 
 
-def rank_path(results_dir, run):
+def rank_path(results_dir: str, run: Mapping[str, Any]) -> str:
     """The run's rank file: beside its JSON (io.ranks_path)."""
     return ranks_path(os.path.join(results_dir, run["_file"]))
 
 
-def k_values(metrics, direction):
+def k_values(metrics: Mapping[str, Any], direction: str) -> list[int]:
+    """The K of every R@K the metrics hold for `direction`, ascending."""
     return sorted(int(m.group(1)) for m in (re.fullmatch(fr"{direction}_R@(\d+)", key) for key in metrics) if m)
 
 
-def read_ranks(path, metrics):
+def read_ranks(path: str, metrics: Mapping[str, Any]
+               ) -> tuple[dict[str, np.ndarray], np.ndarray, None] | tuple[None, None, str]:
     """The rank file as {direction: ranks} and text_to_image, or (None, None, reason it cannot be used).
 
     The ranks must reproduce the run JSON's R@K and MRR: a file that does not is stale or foreign.
@@ -98,7 +104,7 @@ def read_ranks(path, metrics):
     return ranks, text_to_image, None
 
 
-def _split_fault(text_to_image):
+def _split_fault(text_to_image: np.ndarray) -> str | None:
     """Why text_to_image cannot be resampled by image, or None. Every image needs a caption: a resample of
     only caption-less images would divide by 0 queries."""
     if not text_to_image.size:
@@ -111,7 +117,7 @@ def _split_fault(text_to_image):
     return None
 
 
-def _mismatch(ranks, metrics, direction):
+def _mismatch(ranks: np.ndarray, metrics: Mapping[str, Any], direction: str) -> str | None:
     """'t2i_R@1 (JSON 45.0, ranks 44.8)' for the first metric the ranks do not give back, else None."""
     summary = summarize(ranks, k_values(metrics, direction))   # the protocol's own formulas
     recomputed = {f"{direction}_{key}": value for key, value in summary.items() if key.startswith("R@") or key == "MRR"}
@@ -122,7 +128,7 @@ def _mismatch(ranks, metrics, direction):
     return None
 
 
-def per_image(ranks, text_to_image, metrics):
+def per_image(ranks: Mapping[str, np.ndarray], text_to_image: np.ndarray, metrics: Mapping[str, Any]) -> RunRanks:
     """RunRanks of one run: for each direction its R@K (K from the run's metrics) and MRR summed per image."""
     n_images = int(text_to_image.max()) + 1
     columns, blocks, direction_index = [], [], []
@@ -143,7 +149,7 @@ def per_image(ranks, text_to_image, metrics):
                     numerators=np.concatenate(blocks, axis=1), direction=np.asarray(direction_index))
 
 
-def load(results_dir, runs):
+def load(results_dir: str, runs: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, RunRanks], dict[str, str]]:
     """({run_id: RunRanks} of the runs whose rank file is usable, {run_id: reason} of the others); runs is
     {run_id: run JSON as loaded, with '_file' relative to results_dir}."""
     ranked, notes = {}, {}
@@ -157,7 +163,7 @@ def load(results_dir, runs):
     return ranked, notes
 
 
-def draws(n_images, resamples, seed):
+def draws(n_images: int, resamples: int, seed: int) -> np.ndarray:
     """[resamples, n_images] counts of each image in each resample (n_images images drawn with replacement).
 
     The same seed gives the same draws; more resamples append rows (numpy draws row after row).
@@ -166,7 +172,7 @@ def draws(n_images, resamples, seed):
     return rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=resamples).astype(np.float64)
 
 
-def denominators(text_to_image, n_images):
+def denominators(text_to_image: np.ndarray, n_images: int) -> np.ndarray:
     """[n_images, len(DIRECTIONS)]: queries per image in each direction (its captions; the image itself)."""
     return np.stack([np.bincount(text_to_image, minlength=n_images).astype(np.float64), np.ones(n_images)], axis=1)
 
@@ -174,11 +180,11 @@ def denominators(text_to_image, n_images):
 class Resampler:
     """Draws per split (cached), shared by every run of that split, and the intervals computed on them."""
 
-    def __init__(self, settings):
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._splits = {}
+        self._splits: dict[tuple[int, bytes], tuple[np.ndarray, np.ndarray]] = {}
 
-    def split(self, key):
+    def split(self, key: tuple[int, bytes]) -> tuple[np.ndarray, np.ndarray]:
         """(W, W @ denominators) of a split; the same draws for every run of it."""
         if key not in self._splits:
             n_images, raw = key
@@ -187,13 +193,13 @@ class Resampler:
             self._splits[key] = (weights, weights @ denominators(text_to_image, n_images))
         return self._splits[key]
 
-    def bounds(self, samples):
+    def bounds(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Percentile interval of each column of samples [B, C] → (low [C], high [C])."""
         tail = 100.0 * (1.0 - self.settings.confidence) / 2.0
         low, high = np.percentile(samples, [tail, 100.0 - tail], axis=0)
         return low, high
 
-    def difference(self, run, other, metric):
+    def difference(self, run: RunRanks, other: RunRanks, metric: str) -> tuple[float, float] | None:
         """Paired difference run - other of one metric: (its interval low, high), or None when the runs
         were not measured on the same split or lack the metric."""
         if run.split != other.split or metric not in run.columns or metric not in other.columns:
@@ -204,7 +210,8 @@ class Resampler:
         low, high = self.bounds(samples[:, None])
         return float(low[0]), float(high[0])
 
-    def intervals(self, runs, baselines):
+    def intervals(self, runs: Mapping[str, RunRanks], baselines: Mapping[str, str]
+                  ) -> dict[str, dict[str, float]]:
         """{run_id: {column: value}} for runs {run_id: RunRanks}; baselines {run_id: baseline run_id}.
 
         Columns per metric m: m_ci_low, m_ci_high and, paired with the baseline, m_delta, m_delta_ci_low,
@@ -220,7 +227,8 @@ class Resampler:
                 out.update(self._block(key, block, runs, baselines))
         return out
 
-    def _block(self, key, ids, runs, baselines):
+    def _block(self, key: tuple[int, bytes], ids: list[str], runs: Mapping[str, RunRanks],
+               baselines: Mapping[str, str]) -> dict[str, dict[str, float]]:
         """One matrix product for a block of runs of one split: values and paired differences."""
         weights, totals = self.split(key)
         numerators, directions, targets = [], [], []
@@ -244,7 +252,8 @@ class Resampler:
         return out
 
 
-def _with_rsum(samples, targets):
+def _with_rsum(samples: np.ndarray, targets: list[tuple[str, str, str]]
+               ) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
     """Append RSUM (sum of R@K over both directions) per run and kind where the run has both directions."""
     groups = {}
     for index, (run_id, metric, kind) in enumerate(targets):

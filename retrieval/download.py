@@ -15,6 +15,8 @@ The source can be redirected with the environment variable RETRIEVAL_DOWNLOAD_BA
 `base_url` argument): every archive is then fetched as <base_url>/<archive name> — for a mirror,
 or for the tests' loopback server.
 """
+from __future__ import annotations
+
 import hashlib
 import os
 import shutil
@@ -25,6 +27,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -43,8 +46,8 @@ class Archive:
     name: str            # file name of the archive
     url: str             # official location
     target: str          # folder it becomes inside data_dir
-    size: int = None     # bytes, when known
-    sha256: str = None   # when known
+    size: int | None = None     # bytes, when known
+    sha256: str | None = None   # when known
 
 
 ARCHIVES = {
@@ -73,7 +76,7 @@ class DownloadError(UserError):
     """A download or an archive failed; str() names the URL or file and the fault."""
 
 
-def archives_for(dataset, splits=None):
+def archives_for(dataset: str, splits: Iterable[str] | None = None) -> list[Archive]:
     """The archives a dataset needs. COCO's 18 GB train2017 is skipped only when just `val` is asked for."""
     if dataset not in ARCHIVES:
         raise DownloadError(f"--download: nothing to download for --dataset {dataset}")
@@ -83,12 +86,15 @@ def archives_for(dataset, splits=None):
     return chosen
 
 
-def source_url(archive, base_url=None):
+def source_url(archive: Archive, base_url: str | None = None) -> str:
+    """Where to fetch `archive`: <base_url>/<name> when a base URL is set (argument or environment), else
+    its official URL."""
     base_url = base_url if base_url is not None else os.environ.get(BASE_URL_ENV, "")
     return f"{base_url.rstrip('/')}/{archive.name}" if base_url else archive.url
 
 
-def sha256_of(path):
+def sha256_of(path: str) -> str:
+    """Hex SHA-256 of a file, read in CHUNK-byte blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(CHUNK), b""):
@@ -96,7 +102,8 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def fetch(url, dest, size=None, sha256=None, timeout=TIMEOUT_S, progress=True):
+def fetch(url: str, dest: str, size: int | None = None, sha256: str | None = None, timeout: float = TIMEOUT_S,
+          progress: bool = True) -> str:
     """Download url to dest via dest + '.part', resuming a partial file with HTTP Range; verify; return dest."""
     if os.path.exists(dest):
         return dest
@@ -154,7 +161,7 @@ class UnsafeArchive(Exception):
 TAR_FILTER_ERROR = getattr(tarfile, "FilterError", ())
 
 
-def _tar_member_paths(t):
+def _tar_member_paths(t: tarfile.TarFile) -> Iterator[tuple[str, str]]:
     """(member, path it writes or points to): a link's target counts, as a link out then a file through it
     escapes too, even on a Python without tar extraction filters."""
     for member in t.getmembers():
@@ -165,7 +172,7 @@ def _tar_member_paths(t):
             yield member.name, member.linkname
 
 
-def _safe_members(member_paths, root):
+def _safe_members(member_paths: Iterable[tuple[str, str]], root: str) -> None:
     root = os.path.realpath(root)
     for name, inside in member_paths:
         path = os.path.realpath(os.path.join(root, inside))
@@ -173,7 +180,7 @@ def _safe_members(member_paths, root):
             raise UnsafeArchive(name)
 
 
-def extract(archive_path, data_dir, target):
+def extract(archive_path: str, data_dir: str, target: str) -> str:
     """Unpack into a temp folder inside data_dir, then rename it to data_dir/target.
 
     If the archive holds a single top folder, that folder becomes the target. A corrupt archive
@@ -218,7 +225,8 @@ def extract(archive_path, data_dir, target):
     return final
 
 
-def download_dataset(dataset, data_dir, splits=None, base_url=None, progress=True, archives=None):
+def download_dataset(dataset: str, data_dir: str, splits: Iterable[str] | None = None, base_url: str | None = None,
+                     progress: bool = True, archives: Iterable[Archive] | None = None) -> list[str]:
     """Fetch and unpack every archive `dataset` needs (or the given `archives`) into data_dir.
 
     Target folders that already exist are skipped. Returns the folders created.

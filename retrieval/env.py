@@ -1,15 +1,21 @@
 """Where a number came from: device choice, seeding, and the environment record stored next to results."""
+from __future__ import annotations
+
 import os
 import platform
 import random
 import re
 import socket
 import sys
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from retrieval.errors import UserError
 from retrieval.io import code_version
+
+if TYPE_CHECKING:  # torch is imported only where a device is needed: env must import without it
+    import torch
 
 # macOS ships torch and faiss with two OpenMP runtimes; loading both aborts the process unless this
 # is set. Harmless elsewhere, so every script that imports the package gets it.
@@ -17,16 +23,16 @@ os.environ.setdefault("KMP_DUPLICATE_LIB_OK", "TRUE")
 # Ops missing on Apple MPS fall back to the CPU instead of raising.
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
-_announced = set()
+_announced: set[str] = set()
 _TRUE = ("1", "true", "yes")
 
 
-def hub_offline():
+def hub_offline() -> bool:
     """True when the user said the Hugging Face hub is off limits (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
     return any(os.environ.get(name, "0").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def reachable(host, port=443, timeout=3.0):
+def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     """True if a TCP connection to host:port opens quickly: an offline machine fails in seconds
     instead of letting a library retry for minutes."""
     try:
@@ -36,7 +42,7 @@ def reachable(host, port=443, timeout=3.0):
         return False
 
 
-def hub_reachable(timeout=3.0):
+def hub_reachable(timeout: float = 3.0) -> bool:
     """The one "can we download from the Hugging Face hub?" check: not marked offline, and the hub's
     host (HF_ENDPOINT, default huggingface.co) answers."""
     if hub_offline():
@@ -45,7 +51,7 @@ def hub_reachable(timeout=3.0):
     return reachable(host.split(":")[0], timeout=timeout)
 
 
-def in_hub_cache(repo_id):
+def in_hub_cache(repo_id: str) -> bool:
     """True when the Hugging Face cache already holds `repo_id` (its config.json), so no network is needed."""
     try:
         from huggingface_hub import try_to_load_from_cache   # optional here: env must import without torch/HF
@@ -54,7 +60,7 @@ def in_hub_cache(repo_id):
         return False
 
 
-def pick_device(requested=""):
+def pick_device(requested: str | None = "") -> torch.device:
     """'' or 'auto' → cuda, then mps, then cpu; anything else is passed to torch.device. Printed once."""
     import torch
     if requested in ("", "auto", None):
@@ -74,7 +80,7 @@ def pick_device(requested=""):
     return device
 
 
-def seed_everything(seed):
+def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (if installed) from one --seed."""
     random.seed(seed)
     np.random.seed(seed)
@@ -87,7 +93,8 @@ def seed_everything(seed):
         torch.cuda.manual_seed_all(seed)
 
 
-def cpu_model():
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what platform reports)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -98,7 +105,7 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def _version(module_name):
+def _version(module_name: str) -> str | None:
     try:
         module = __import__(module_name)
         return getattr(module, "__version__", "unknown")
@@ -106,7 +113,7 @@ def _version(module_name):
         return None
 
 
-def environment(threads=None):
+def environment(threads: int | None = None) -> dict[str, Any]:
     """Versions, hardware and code commit, for storing next to every number we produce."""
     env = {
         "python": sys.version.split()[0],

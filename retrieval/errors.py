@@ -7,18 +7,22 @@ analysis.AnalysisError, download.DownloadError) and never exits the process; a s
 `main` in `cli`, so a caller such as search.py or a test can catch the typed error, while a user
 at the shell sees one line and a non-zero status instead of a traceback.
 """
+from __future__ import annotations
+
 import argparse
 import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 class UserError(Exception):
     """A fault in the user's input or environment. str() is '<file or flag>: <fault>'."""
 
 
-def cli(main):
+def cli(main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[str] | None], Any]:
     """Decorate a script's main(argv=None): a UserError becomes SystemExit('error: <message>')."""
     @functools.wraps(main)
-    def run(argv=None):
+    def run(argv: Sequence[str] | None = None) -> Any:
         try:
             return main(argv)
         except UserError as e:
@@ -30,7 +34,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends '(default: X)' to a flag's help, except where X says nothing: an empty string or None
     (the help text then says what an empty value means) or a switch that is off by default."""
 
-    def _get_help_string(self, action):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         # identity, not ==: a default of 0 is a real default (0 == False)
         if action.default is None or action.default is False or action.default == "" \
                 or action.default is argparse.SUPPRESS:

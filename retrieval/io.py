@@ -14,6 +14,8 @@ In .npz the attributes live in one JSON string under the key "attrs". Files from
 (e.g. the seed's coco_embeddings.npz) that lack "attrs" or "text_to_image" are still read: see
 read_embeddings for the documented fallbacks.
 """
+from __future__ import annotations
+
 import contextlib
 import datetime
 import glob
@@ -22,7 +24,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -42,22 +46,24 @@ class HandoffError(UserError):
 
 @dataclass
 class Embeddings:
-    image_embeddings: np.ndarray
-    text_embeddings: np.ndarray
-    text_to_image: np.ndarray
-    image_ids: list
-    captions: list
-    attrs: dict = field(default_factory=dict)
+    """One hand-off file in memory (the schema in the module docstring). Not frozen: tests/test_io.py builds
+    schema faults by replacing a field of a valid one, and validate_embeddings must see them."""
+    image_embeddings: np.ndarray   # float32 [N_img, D]
+    text_embeddings: np.ndarray    # float32 [N_txt, D]
+    text_to_image: np.ndarray      # int64 [N_txt]
+    image_ids: list[str]
+    captions: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)   # the file's attribute block, a JSON record
 
     @property
-    def dim(self):
+    def dim(self) -> int:
         return int(self.image_embeddings.shape[1])
 
 
 # ----------------------------------------------------------------------------- atomic writes
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temp path next to `path`; rename it onto `path` only if the block succeeds.
 
     A reader never sees a half-written file, and a crash leaves the old file (if any) untouched.
@@ -83,14 +89,14 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def temp_glob(path):
+def temp_glob(path: str | os.PathLike) -> str:
     """The glob (relative to path's folder) of the temp names atomic_path gives writes of `path`:
     .<stem>.<8 random characters of mkstemp>.tmp<ext> (exactly 8, so 'a.b.h5' temps never match 'a.h5')."""
     stem, ext = os.path.splitext(os.path.basename(os.fspath(path)))
     return f".{glob.escape(stem)}.{'[a-z0-9_]' * 8}.tmp{glob.escape(ext)}"
 
 
-def remove_stale_temps(folder, patterns, older_than_s):
+def remove_stale_temps(folder: str | os.PathLike, patterns: Iterable[str], older_than_s: float) -> list[str]:
     """Delete the files in `folder` matching any glob in `patterns` unchanged for more than older_than_s
     seconds: temp files of atomic writes whose process was killed. Returns the paths removed."""
     now, removed = time.time(), []
@@ -105,7 +111,7 @@ def remove_stale_temps(folder, patterns, older_than_s):
     return removed
 
 
-def require_writable(folder, flag):
+def require_writable(folder: str | os.PathLike, flag: str) -> str:
     """Raise UserError unless files can be written in `folder`, before any slow work starts.
 
     A missing folder is not made here (a run that then fails on its input leaves nothing behind): a
@@ -129,7 +135,7 @@ def require_writable(folder, flag):
     return folder
 
 
-def _json_default(obj):
+def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.floating):
@@ -141,7 +147,7 @@ def _json_default(obj):
     return str(obj)
 
 
-def write_json(path, obj):
+def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write strict JSON (numpy scalars/arrays converted).
 
     NaN and infinity raise ValueError naming the file and where the value sits, and nothing is written:
@@ -162,7 +168,7 @@ def write_json(path, obj):
             f.write(text + "\n")
 
 
-def _non_finite(obj, where=""):
+def _non_finite(obj: Any, where: str = "") -> tuple[str, float] | None:
     """(path such as 'groups[0].value', value) of the first NaN / infinity in obj as json would write it, or None."""
     if isinstance(obj, np.ndarray):
         obj = obj.tolist()
@@ -176,19 +182,19 @@ def _non_finite(obj, where=""):
     return next(filter(None, (_non_finite(value, path) for path, value in items)), None)
 
 
-def append_jsonl(path, record):
+def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Append one JSON line to a log (a log is appended to, not rewritten, so it is not atomic)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record, default=_json_default, allow_nan=False) + "\n")   # strict, as write_json
 
 
-def ranks_path(json_path):
+def ranks_path(json_path: str | os.PathLike) -> str:
     """<runs>/<name>.ranks.npz next to a run's <runs>/<name>.json."""
     return os.fspath(json_path)[:-len(".json")] + ".ranks.npz"
 
 
-def write_ranks(path, ranks, text_to_image):
+def write_ranks(path: str | os.PathLike, ranks: Mapping[str, np.ndarray], text_to_image: np.ndarray) -> None:
     """Atomically write a run's rank file: per direction the 1-based rank of each query's first relevant
     item that its R@K / MRR came from (inf = miss), and the caption -> image map resampling by image needs."""
     arrays = {direction: np.asarray(r, dtype=np.float64) for direction, r in ranks.items()}
@@ -197,13 +203,14 @@ def write_ranks(path, ranks, text_to_image):
             np.savez_compressed(f, text_to_image=np.asarray(text_to_image, dtype=np.int64), **arrays)
 
 
-def read_ranks(path):
+def read_ranks(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """{direction: ranks, "text_to_image": map} of a rank file (raises what numpy raises for a bad file)."""
     with np.load(path, allow_pickle=False) as z:
         return {key: z[key] for key in z.files}
 
 
-def read_json(path):
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file; invalid JSON is a HandoffError naming the file."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -213,15 +220,16 @@ def read_json(path):
 
 # ----------------------------------------------------------------------------- hand-off file
 
-def l2_normalize(x):
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm, as float32 (an all-zero row stays zero)."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
 
 
-def validate_embeddings(emb, path="<memory>"):
+def validate_embeddings(emb: Embeddings, path: str = "<memory>") -> Embeddings:
     """Check the schema; raise HandoffError naming `path` and the first fault found."""
-    def fail(msg):
+    def fail(msg: str) -> NoReturn:
         raise HandoffError(f"{path}: {msg}")
 
     img, txt, t2i = emb.image_embeddings, emb.text_embeddings, emb.text_to_image
@@ -258,7 +266,7 @@ def validate_embeddings(emb, path="<memory>"):
     return emb
 
 
-def code_version():
+def code_version() -> str:
     """Short git commit of this checkout (with '+dirty'), or 'unknown' outside git."""
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
@@ -272,7 +280,8 @@ def code_version():
     return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
 
 
-def make_attrs(dataset, split, model, dim, skipped=(), **extra):
+def make_attrs(dataset: str, split: str, model: str, dim: int, skipped: Iterable[str] = (),
+               **extra: Any) -> dict[str, Any]:
     """The standard attribute block; `extra` adds JSON-able keys (image_root, seed, ...)."""
     attrs = {
         "schema_version": SCHEMA_VERSION,
@@ -289,7 +298,7 @@ def make_attrs(dataset, split, model, dim, skipped=(), **extra):
     return attrs
 
 
-def write_embeddings(path, emb):
+def write_embeddings(path: str | os.PathLike, emb: Embeddings) -> str:
     """Validate, then atomically write an Embeddings to .h5 (default) or .npz."""
     path = os.fspath(path)
     validate_embeddings(emb, path)
@@ -322,7 +331,7 @@ def write_embeddings(path, emb):
     return path
 
 
-def _decode_attr(value):
+def _decode_attr(value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode("utf-8")
     if isinstance(value, np.generic):
@@ -355,12 +364,12 @@ ATTR_TYPES = {
 }
 
 
-def _short(value):
+def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check_attrs(attrs, path):
+def _check_attrs(attrs: Any, path: str) -> None:
     """attrs must be a mapping whose known keys hold the types ATTR_TYPES names."""
     if not isinstance(attrs, dict):
         raise HandoffError(f"{path}: 'attrs' must be a JSON object, got {type(attrs).__name__} {_short(attrs)}")
@@ -372,7 +381,7 @@ def _check_attrs(attrs, path):
             raise HandoffError(f"{path}: attribute '{key}' must be {what}, got {_short(value)}")
 
 
-def _array(data, key, path, ndim, kinds, what):
+def _array(data: Mapping[str, Any], key: str, path: str, ndim: int, kinds: str, what: str) -> np.ndarray:
     """data[key] as an array, once its rank and dtype kind are the ones the schema needs."""
     arr = np.asarray(data[key])
     if arr.ndim != ndim or arr.dtype.kind not in kinds:
@@ -381,7 +390,7 @@ def _array(data, key, path, ndim, kinds, what):
     return arr
 
 
-def _texts(data, key, path, kinds=TEXTS):
+def _texts(data: Mapping[str, Any], key: str, path: str, kinds: str = TEXTS) -> list[str]:
     try:
         return [v.decode("utf-8") if isinstance(v, bytes) else str(v)
                 for v in _array(data, key, path, 1, kinds, "text").tolist()]
@@ -389,7 +398,7 @@ def _texts(data, key, path, kinds=TEXTS):
         raise HandoffError(f"{path}: '{key}' holds text that is not UTF-8 ({e})") from None
 
 
-def _text_to_image_fallback(data, n_img, n_txt, path):
+def _text_to_image_fallback(data: Mapping[str, Any], n_img: int, n_txt: int, path: str) -> tuple[np.ndarray, str]:
     """For files without text_to_image (the seed's npz): documented, recorded fallbacks."""
     for key in ("caption_to_image", "text_image_index", "text_to_image_index"):
         if key in data:
@@ -410,7 +419,7 @@ def _text_to_image_fallback(data, n_img, n_txt, path):
     raise HandoffError(f"{path}: no text_to_image and {n_txt} texts cannot be matched to {n_img} images")
 
 
-def _read_npz(path):
+def _read_npz(path: str) -> tuple[dict[str, np.ndarray], Any]:
     """(datasets, attrs) of an .npz; attrs is the JSON text under "attrs" ({} in a legacy file)."""
     with np.load(path, allow_pickle=False) as z:
         data = {k: z[k] for k in z.files}
@@ -426,7 +435,7 @@ def _read_npz(path):
         raise HandoffError(f"{path}: 'attrs' is not valid JSON ({e})") from None
 
 
-def _read_h5(path):
+def _read_h5(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(datasets, attrs) of an HDF5 file; groups are no part of the schema and are left out."""
     import h5py
     with h5py.File(path, "r") as f:
@@ -435,7 +444,7 @@ def _read_h5(path):
     return data, attrs
 
 
-def read_embeddings(path, validate=True):
+def read_embeddings(path: str | os.PathLike, validate: bool = True) -> Embeddings:
     """Read and validate a hand-off file (.h5/.hdf5 or .npz). Raises HandoffError naming the file.
 
     The structure (attrs a mapping with typed known keys, each dataset's rank and dtype) is always

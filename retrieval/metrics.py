@@ -17,13 +17,18 @@ Metrics (summarize): R@K in percent, MRR (mean of 1/rank, misses 0), mean and me
 (1-based), and RSUM = sum of R@K over the given K values and both directions (with K = 1, 5, 10
 this is the usual RSUM out of 600).
 """
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 
 DIRECTIONS = ("t2i", "i2t")
 DIRECTION_NAMES = {"t2i": "text→image", "i2t": "image→text"}  # how reports and plots name them
 
 
-def relevant_pairs(text_to_image, direction, caption_rows=None):
+def relevant_pairs(text_to_image: np.ndarray, direction: str, caption_rows: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, int]:
     """(query index, relevant gallery index) pairs and the number of queries for a direction.
     caption_rows: i2t, the gallery row of each caption (default: caption j is row j; a query sample passes
     the rows of its captions, which sit among all the file's captions)."""
@@ -37,13 +42,14 @@ def relevant_pairs(text_to_image, direction, caption_rows=None):
     raise ValueError(f"direction must be 't2i' or 'i2t', got {direction!r}")
 
 
-def _best_per_query(pair_query, pair_rank, num_queries):
+def _best_per_query(pair_query: np.ndarray, pair_rank: np.ndarray, num_queries: int) -> np.ndarray:
     best = np.full(num_queries, np.inf)
     np.minimum.at(best, pair_query, pair_rank)
     return best
 
 
-def exact_ranks(queries, gallery, text_to_image, direction, chunk_size=1024, caption_rows=None):
+def exact_ranks(queries: np.ndarray, gallery: np.ndarray, text_to_image: np.ndarray, direction: str,
+                chunk_size: int = 1024, caption_rows: np.ndarray | None = None) -> np.ndarray:
     """Exact 1-based rank of each query's best relevant item under dot-product scores.
 
     queries: [Q, D] (captions for t2i, images for i2t); gallery: [N, D]. Scores are computed in
@@ -72,7 +78,7 @@ def exact_ranks(queries, gallery, text_to_image, direction, chunk_size=1024, cap
     return _best_per_query(pair_query, pair_rank, num_queries)
 
 
-def _pair_ranks(scores, rows, items):
+def _pair_ranks(scores: np.ndarray, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
     """1 + the items scored higher + the items tied before, per (row of scores, relevant item) pair.
 
     Two counting passes over the scores, and the items before the relevant one are scanned only in rows
@@ -87,7 +93,8 @@ def _pair_ranks(scores, rows, items):
     return 1 + higher + tied_before
 
 
-def candidate_ranks(candidates, text_to_image, direction, caption_rows=None):
+def candidate_ranks(candidates: np.ndarray, text_to_image: np.ndarray, direction: str,
+                    caption_rows: np.ndarray | None = None) -> np.ndarray:
     """1-based rank of each query's best relevant item inside a returned candidate list.
 
     candidates: [Q, C] gallery indices in ranked order (-1 = empty slot, as FAISS pads). A relevant
@@ -103,7 +110,7 @@ def candidate_ranks(candidates, text_to_image, direction, caption_rows=None):
     return _best_per_query(pair_query, pair_rank, num_queries)
 
 
-def summarize(ranks, k_values=(1, 5, 10)):
+def summarize(ranks: np.ndarray, k_values: Sequence[int] = (1, 5, 10)) -> dict[str, float | None]:
     """R@K (%), MRR, mean and median rank from 1-based ranks (inf = miss)."""
     ranks = np.asarray(ranks, dtype=np.float64)
     out = {f"R@{k}": float(100.0 * np.mean(ranks <= k)) for k in k_values}
@@ -114,18 +121,20 @@ def summarize(ranks, k_values=(1, 5, 10)):
     return out
 
 
-def rsum(metrics, k_values=(1, 5, 10), directions=DIRECTIONS):
+def rsum(metrics: Mapping[str, float], k_values: Sequence[int] = (1, 5, 10),
+         directions: Sequence[str] = DIRECTIONS) -> float:
     """Sum of R@K over k_values and directions from a flat metrics dict ('t2i_R@1', ...)."""
     return float(sum(metrics[f"{d}_R@{k}"] for d in directions for k in k_values))
 
 
-def split_ranks(image_embeddings, text_embeddings, text_to_image, directions=DIRECTIONS):
+def split_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_image: np.ndarray,
+                directions: Sequence[str] = DIRECTIONS) -> dict[str, np.ndarray]:
     """{direction: 1-based ranks} of the exact full ranking of one split (the queries of each direction)."""
     return {direction: exact_ranks(text_embeddings, image_embeddings, text_to_image, "t2i") if direction == "t2i"
             else exact_ranks(image_embeddings, text_embeddings, text_to_image, "i2t") for direction in directions}
 
 
-def from_ranks(ranks, k_values=(1, 5, 10)):
+def from_ranks(ranks: Mapping[str, np.ndarray], k_values: Sequence[int] = (1, 5, 10)) -> dict[str, float | None]:
     """{direction: ranks} -> flat dict: t2i_R@1 ... i2t_median_rank, and RSUM over those directions."""
     metrics = {f"{direction}_{k}": v for direction, values in ranks.items()
                for k, v in summarize(values, k_values).items()}
@@ -133,12 +142,14 @@ def from_ranks(ranks, k_values=(1, 5, 10)):
     return metrics
 
 
-def evaluate(image_embeddings, text_embeddings, text_to_image, k_values=(1, 5, 10), directions=DIRECTIONS):
+def evaluate(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_image: np.ndarray,
+             k_values: Sequence[int] = (1, 5, 10), directions: Sequence[str] = DIRECTIONS) -> dict[str, float | None]:
     """Exact full-ranking evaluation of one split → flat dict: t2i_R@1 ... i2t_median_rank, RSUM."""
     return from_ranks(split_ranks(image_embeddings, text_embeddings, text_to_image, directions), k_values)
 
 
-def format_metrics(metrics, k_values=(1, 5, 10), directions=DIRECTIONS):
+def format_metrics(metrics: Mapping[str, float | None], k_values: Sequence[int] = (1, 5, 10),
+                   directions: Sequence[str] = DIRECTIONS) -> str:
     """One human line: 't2i R@1 30.1 R@5 ... | i2t ... | RSUM ...'."""
     parts = []
     for d in directions:

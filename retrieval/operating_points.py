@@ -7,8 +7,12 @@ min:COLUMN or max:COLUMN. When no run meets every requirement, the closest run i
 The default table (no --require needed) answers the usual question big-ann style: for 95 / 99 / 99.5% of
 the fp32 exact value of the head metric, the smallest and the fastest configuration that reaches it.
 """
+from __future__ import annotations
+
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,22 +33,34 @@ _TEXT = ("run_id", "file", "dataset", "split", "model", "group", "status", "skip
 
 @dataclass(frozen=True)
 class Requirement:
+    """COLUMN>=VALUE or COLUMN<=VALUE, with the text the user gave."""
     text: str
     column: str
-    op: str
+    op: str       # ">=" or "<="
     value: float
 
-    def met(self, values):
+    def met(self, values: pd.Series) -> pd.Series:
         """Boolean Series: which values meet it (a missing value never does)."""
         return values >= self.value if self.op == ">=" else values <= self.value
 
-    def shortfall(self, values):
+    def shortfall(self, values: pd.Series) -> pd.Series:
         """How far each value is from meeting it (0 when met, NaN when missing)."""
         gap = self.value - values if self.op == ">=" else values - self.value
         return gap.clip(lower=0)
 
 
-def parse_requirement(text):
+@dataclass(frozen=True)
+class Objective:
+    """min:COLUMN or max:COLUMN: what to minimise or maximise among the runs meeting the requirements."""
+    sense: str    # "min" or "max"
+    column: str
+
+    def __str__(self) -> str:
+        return f"{self.sense}:{self.column}"
+
+
+def parse_requirement(text: str) -> Requirement:
+    """'t2i_retention_R@1>=99' → Requirement; AnalysisError for another form or a value beyond the float range."""
     match = _REQUIREMENT.match(text)
     if not match:
         raise AnalysisError(f"--require {text!r}: expected COLUMN>=VALUE or COLUMN<=VALUE, e.g. "
@@ -55,15 +71,15 @@ def parse_requirement(text):
     return Requirement(text.strip(), match.group(1), match.group(2), value)
 
 
-def parse_objective(text):
-    """'min:bytes_per_vector' → ('min', 'bytes_per_vector')."""
+def parse_objective(text: str) -> Objective:
+    """'min:bytes_per_vector' → Objective('min', 'bytes_per_vector')."""
     match = _OBJECTIVE.match(text)
     if not match:
         raise AnalysisError(f"--objective {text!r}: expected min:COLUMN or max:COLUMN, e.g. min:bytes_per_vector")
-    return match.group(1), match.group(2)
+    return Objective(match.group(1), match.group(2))
 
 
-def numeric_columns(frame):
+def numeric_columns(frame: pd.DataFrame) -> list[str]:
     """The columns a requirement or objective may name: those holding numbers (summary.csv order)."""
     out = []
     for column in frame.columns:
@@ -75,48 +91,49 @@ def numeric_columns(frame):
     return out
 
 
-def check_columns(frame, requirements, objective):
+def check_columns(frame: pd.DataFrame, requirements: Sequence[Requirement], objective: Objective | None) -> None:
     """AnalysisError naming the valid columns when a requirement or the objective names another one."""
     valid = numeric_columns(frame)
     named = [(f"--require {r.text!r}", r.column) for r in requirements]
-    named += [(f"--objective {objective[0]}:{objective[1]}", objective[1])] if objective else []
+    named += [(f"--objective {objective}", objective.column)] if objective else []
     for flag, column in named:
         if column not in valid:
             raise AnalysisError(f"{flag}: unknown column {column!r} (valid: {', '.join(valid)})")
 
 
-def select(main, requirements, objective, head=None):
+def select(main: pd.DataFrame, requirements: Sequence[Requirement], objective: Objective,
+           head: str | None = None) -> dict[str, Any]:
     """The best run (by objective) meeting every requirement, or the closest run and what it misses.
 
     Ties on the objective go to the higher head metric, then the run id. Closest: fewest requirements missed,
     then the smallest sum of shortfalls, each divided by |threshold| (the column's spread when that is 0).
     """
-    out = {"requirements": [r.text for r in requirements], "objective": f"{objective[0]}:{objective[1]}",
-           "objective_column": objective[1]}
+    out = {"requirements": [r.text for r in requirements], "objective": str(objective),
+           "objective_column": objective.column}
     if main.empty:
         return dict(out, meets=False, run_id=None, label=None, value=None, runs_meeting=0, missed=[])
     values = {r.column: pd.to_numeric(main[r.column], errors="coerce") for r in requirements}
     meets = pd.Series(True, index=main.index)
     for r in requirements:
         meets &= r.met(values[r.column]).fillna(False).astype(bool)
-    goal = pd.to_numeric(main[objective[1]], errors="coerce")
-    ranked = _ranked(main.assign(_goal=goal), objective[0], head)
+    goal = pd.to_numeric(main[objective.column], errors="coerce")
+    ranked = _ranked(main.assign(_goal=goal), objective.sense, head)
     fitting = ranked[meets.loc[ranked.index] & ranked["_goal"].notna()]
     if len(fitting):
         return dict(out, meets=True, runs_meeting=int(len(fitting)), missed=[],
-                    **_describe(fitting.iloc[0], requirements, objective[1]))
+                    **_describe(fitting.iloc[0], requirements, objective.column))
     closest = _closest(ranked, requirements, values)
     missed = [{"requirement": r.text, "column": r.column, "value": _plain(values[r.column][closest]),
                "shortfall": _plain(r.shortfall(values[r.column])[closest])}
               for r in requirements if not bool(r.met(values[r.column])[closest])]
     if not missed:  # runs meet everything but none has a value of the objective column
-        missed = [{"requirement": f"a value of {objective[1]}", "column": objective[1], "value": None,
+        missed = [{"requirement": f"a value of {objective.column}", "column": objective.column, "value": None,
                    "shortfall": None}]
     return dict(out, meets=False, runs_meeting=0, missed=missed, **_describe(ranked.loc[closest], requirements,
-                                                                          objective[1]))
+                                                                          objective.column))
 
 
-def _ranked(frame, sense, head):
+def _ranked(frame: pd.DataFrame, sense: str, head: str | None) -> pd.DataFrame:
     """Runs best-first by _goal, then the higher head metric, then run id."""
     keys, ascending = ["_goal"], [sense == "min"]
     if head and head in frame.columns:
@@ -125,7 +142,7 @@ def _ranked(frame, sense, head):
     return frame.sort_values(keys + ["run_id"], ascending=ascending + [True], na_position="last", kind="stable")
 
 
-def _closest(ranked, requirements, values):
+def _closest(ranked: pd.DataFrame, requirements: Sequence[Requirement], values: dict[str, pd.Series]) -> Any:
     """Index of the run missing the fewest requirements, then with the smallest normalised shortfall, then
     the best by the objective (ranked's order)."""
     missed = pd.Series(0, index=ranked.index)
@@ -141,13 +158,13 @@ def _closest(ranked, requirements, values):
     return order.sort_values(["missed", "shortfall", "rank"], kind="stable").index[0]
 
 
-def _describe(row, requirements, column):
+def _describe(row: pd.Series, requirements: Sequence[Requirement], column: str) -> dict[str, Any]:
     """run_id, label, objective value and the required columns' values of one run."""
     return {"run_id": row["run_id"], "label": row["label"], "value": _plain(row[column]),
             "columns": {r.column: _plain(row[r.column]) for r in requirements}}
 
 
-def _plain(value):
+def _plain(value: Any) -> float | None:
     """A float, or None for a missing value (NaN). The runs' numbers are finite (analysis.split_invalid) and so
     are the shortfalls from them, so an infinity here is a bug that io.write_json reports."""
     if value is None or isinstance(value, str):
@@ -158,7 +175,7 @@ def _plain(value):
 
 # ----------------------------------------------------------------------------- the default table
 
-def default_table(main, head):
+def default_table(main: pd.DataFrame, head: str | None) -> list[dict[str, Any]]:
     """Per retention threshold of the head metric: the smallest (index bytes; index + re-rank vectors) and
     the fastest (batch QPS of the head metric's direction) run reaching it, with its paired difference to fp32."""
     retention = f"retention_{head}" if head else None
@@ -179,7 +196,7 @@ def default_table(main, head):
     return rows
 
 
-def _pick(row, head, qps):
+def _pick(row: pd.Series, head: str, qps: str) -> dict[str, Any]:
     """What the table says about one chosen run: its value, retention, paired difference, memory and speed."""
     fields = {"value": head, "retention": f"retention_{head}", "delta": f"{head}_delta",
               "delta_ci_low": f"{head}_delta_ci_low", "delta_ci_high": f"{head}_delta_ci_high",
@@ -190,7 +207,8 @@ def _pick(row, head, qps):
 
 # ----------------------------------------------------------------------------- into the summary
 
-def add_to_summary(summary, frame, requirements, objective):
+def add_to_summary(summary: dict[str, Any], frame: pd.DataFrame, requirements: Sequence[Requirement],
+                   objective: Objective | None) -> dict[str, Any]:
     """Every group gets default_operating_points; with requirements or an objective, summary['operating_points']
     lists per group the chosen run (requirements, objective, run_id, value, ...)."""
     summary["operating_points"] = []

@@ -20,11 +20,15 @@ faiss issue 5109 reports the same at low thread counts), which made fp32 flat se
 SQ8 at 100k items. While timing, batches of BLAS_MIN_QUERIES queries or more go to BLAS at every dim
 and single queries keep the per-query kernel (faster for one query: 17.8 vs 38.8 ms at 100k items).
 """
+from __future__ import annotations
+
 import contextlib
 import os
 import resource
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -37,26 +41,26 @@ BLAS_MIN_QUERIES = 20   # a flat float search of this many queries or more uses 
 FAISS_DEFAULT_BLAS_THRESHOLD = int(faiss.cvar.distance_compute_blas_threshold)
 
 
-def set_threads(threads):
+def set_threads(threads: int | None) -> int:
     """Set FAISS's OpenMP threads (0 = leave the default); returns the count in force."""
     if threads:
         faiss.omp_set_num_threads(int(threads))
     return int(faiss.omp_get_max_threads())
 
 
-def blas_threshold(dim):
+def blas_threshold(dim: int) -> int:
     """The value of faiss.cvar.distance_compute_blas_threshold that sends BLAS_MIN_QUERIES queries or
     more of `dim` dims to BLAS and fewer to the per-query kernel, in the unit this FAISS counts."""
     return BLAS_MIN_QUERIES if FAISS_DEFAULT_BLAS_THRESHOLD <= BLAS_MIN_QUERIES else BLAS_MIN_QUERIES * int(dim)
 
 
-def faiss_owned(library):
+def faiss_owned(library: dict[str, Any]) -> bool:
     """Whether a threadpoolctl library record is one FAISS's wheel bundles (its path names faiss)."""
     return "faiss" in (library.get("filepath") or "").lower()
 
 
 @contextlib.contextmanager
-def pinned_threads(faiss_threads, dim=None):
+def pinned_threads(faiss_threads: int | None, dim: int | None = None) -> Iterator[None]:
     """Inside the block: FAISS (its OpenMP pool and its own BLAS) on `faiss_threads` (0 = unchanged), every
     other BLAS (numpy's) on BLAS_THREADS, and, when `dim` is given, FAISS's BLAS switch at BLAS_MIN_QUERIES
     queries of that dim. All restored after."""
@@ -76,7 +80,7 @@ def pinned_threads(faiss_threads, dim=None):
         faiss.cvar.distance_compute_blas_threshold = threshold
 
 
-def blas_libraries():
+def blas_libraries() -> list[dict[str, Any]]:
     """The BLAS libraries loaded (numpy's, FAISS's own) and their thread counts right now (for the environment
     record)."""
     return [{"library": info.get("internal_api"), "version": info.get("version"), "threads": info.get("num_threads"),
@@ -84,12 +88,13 @@ def blas_libraries():
             for info in threadpool_info() if info.get("user_api") == "blas"]
 
 
-def batches(queries, batch_size):
+def batches(queries: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Contiguous query batches, cut once so the timed loop does nothing but its own work."""
     return [np.ascontiguousarray(queries[s:s + batch_size]) for s in range(0, queries.shape[0], batch_size)]
 
 
-def time_batches(step, batch_sizes, min_time=0.1, warmup=1, min_passes=1, max_time=None):
+def time_batches(step: Callable[[int], Any], batch_sizes: Sequence[int], min_time: float = 0.1, warmup: int = 1,
+                 min_passes: int = 1, max_time: float | None = None) -> dict[str, Any]:
     """Call step(i) for every batch i (batch_sizes: the queries of each), in whole passes, until at least
     `min_passes` passes and `min_time` seconds, or, once `max_time` seconds are spent, after the pass that
     crossed it.
@@ -127,7 +132,8 @@ def time_batches(step, batch_sizes, min_time=0.1, warmup=1, min_passes=1, max_ti
             "spread_pct": float(100.0 * (rates.max() - rates.min()) / np.median(rates))}
 
 
-def latency_ms(step, queries, sample=100, seed=0, threads=1, dim=None):
+def latency_ms(step: Callable[[np.ndarray], Any], queries: np.ndarray, sample: int = 100, seed: int = 0,
+               threads: int = 1, dim: int | None = None) -> dict[str, float | int]:
     """Single-query latency percentiles (ms) over a seeded sample of queries (one warm-up call).
 
     Runs with `threads` FAISS threads (0 = unchanged), then restores the previous count. One thread
@@ -138,7 +144,8 @@ def latency_ms(step, queries, sample=100, seed=0, threads=1, dim=None):
         return _latency(step, queries, sample, seed)
 
 
-def _latency(step, queries, sample, seed):
+def _latency(step: Callable[[np.ndarray], Any], queries: np.ndarray, sample: int, seed: int
+             ) -> dict[str, float | int]:
     rng = np.random.default_rng(seed)
     rows = rng.choice(queries.shape[0], size=min(sample, queries.shape[0]), replace=False)
     singles = [np.ascontiguousarray(queries[r:r + 1]) for r in rows]
@@ -154,11 +161,12 @@ def _latency(step, queries, sample, seed):
             "latency_queries": len(singles)}
 
 
-def peak_rss_bytes():
+def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def cpu_threads_available():
+def cpu_threads_available() -> int | None:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

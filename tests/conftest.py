@@ -70,7 +70,7 @@ def tiny_clip_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
     """A small synthetic dataset folder (120 images, 5 captions each) written by make_synthetic."""
-    from retrieval.data import make_synthetic
+    from retrieval.synthetic import make_synthetic
     return make_synthetic(str(tmp_path_factory.mktemp("synthetic") / "synthetic"), num_images=120, seed=0)
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 import prepare_data
 from conftest import as_script
-from retrieval import data, io
+from retrieval import data, dataset_files, dataset_split, io, synthetic
 
 
 def write_images(folder, names):
@@ -179,8 +179,8 @@ def test_real_flickr8k_counts(capsys, flickr8k_dir):
     assert [len(splits[s].image_files) for s in ("train", "dev", "test")] == [6000, 1000, 1000]
     assert (len(splits["test"].image_files), len(splits["test"].captions)) == (1000, 5000)
     assert sum(len(s.captions) for s in splits.values()) == 40000
-    images = data._list_images(os.path.join(flickr8k_dir, "Flicker8k_Dataset"))
-    triples, malformed = data.read_flickr8k_tokens(os.path.join(flickr8k_dir, "Flickr8k_text", "Flickr8k.token.txt"))
+    images = dataset_files.list_images(os.path.join(flickr8k_dir, "Flicker8k_Dataset"))
+    triples, malformed = dataset_files.read_flickr8k_tokens(os.path.join(flickr8k_dir, "Flickr8k_text", "Flickr8k.token.txt"))
     on_disk = set(images)
     assert len(images) == 8091 and malformed == []
     assert sum(name in on_disk for name, _, _ in triples) == 40455
@@ -277,10 +277,10 @@ def test_karpathy_paths_cannot_leave_the_data_folder(tmp_path, capsys):
 
 
 def test_contained_name_is_lexical():
-    assert data.contained_name("imgs", "a/./b/../c.jpg") == os.path.join("a", "c.jpg")
+    assert dataset_files.contained_name("imgs", "a/./b/../c.jpg") == os.path.join("a", "c.jpg")
     for name in ("../x.jpg", "/etc/passwd", "a/../../x.jpg", "", ".", "a/.."):
-        assert data.contained_name("imgs", name) is None, name
-    assert data.contained_name("/", "etc/passwd") == os.path.join("etc", "passwd")  # a folder at the root
+        assert dataset_files.contained_name("imgs", name) is None, name
+    assert dataset_files.contained_name("/", "etc/passwd") == os.path.join("etc", "passwd")  # a folder at the root
 
 
 # ----------------------------------------------------------------------------- captions files are strict UTF-8
@@ -374,7 +374,7 @@ def test_script_stops_on_non_utf8_captions_and_writes_nothing(tmp_path, tiny_cli
 def test_default_synthetic_test_split_is_a_real_gallery():
     # the demo's test gallery: >= 1,000 images, so the default candidate sizes (32, 100) re-rank a small
     # part of it instead of half or all of it
-    names = [f"synth_{i:05d}.png" for i in range(data.SYNTHETIC_IMAGES)]
-    splits = data.seeded_split(names, 0, data.SYNTHETIC_SPLITS)
+    names = [f"synth_{i:05d}.png" for i in range(synthetic.SYNTHETIC_IMAGES)]
+    splits = dataset_split.seeded_split(names, 0, synthetic.SYNTHETIC_SPLITS)
     assert len(splits["test"]) >= 1000 >= 10 * 100
     assert sorted(sum(splits.values(), [])) == names      # disjoint and complete

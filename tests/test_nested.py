@@ -15,7 +15,7 @@ from retrieval import checkpoint as ckpt
 from retrieval import indexes, io
 from retrieval import dual_encoder as de
 from retrieval import quantize_aware as qa
-from retrieval.data import load_synthetic
+from retrieval.synthetic import load_synthetic
 from retrieval.encoders import embed_split
 from test_train import TOWERS, base_args, make_tiny_bert
 

@@ -82,7 +82,7 @@ def test_selection_on_random_tables_matches_brute_force(seed):
                           "p99": rng.uniform(0.1, 5, n), "bytes": rng.choice([8.0, 16.0, 32.0, 64.0], n)})
     requirements = [("recall", ">=", float(rng.uniform(85, 101))), ("p99", "<=", float(rng.uniform(0.1, 3)))]
     parsed = [operating_points.parse_requirement(f"{c}{op}{v}") for c, op, v in requirements]
-    choice = operating_points.select(frame, parsed, ("min", "bytes"), head="t2i_R@1")
+    choice = operating_points.select(frame, parsed, operating_points.Objective("min", "bytes"), head="t2i_R@1")
     fits = frame[(frame["recall"] >= requirements[0][2]) & (frame["p99"] <= requirements[1][2])]
     if len(fits):
         assert choice["meets"] and choice["run_id"] == best(fits, "bytes", True)

@@ -117,7 +117,7 @@ def never_called(what):
 
 def test_unwritable_output_dir_fails_before_data_or_model(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_data, "load_encoder", never_called("the model loader"))
-    monkeypatch.setattr(prepare_data.data, "make_synthetic", never_called("the data generator"))
+    monkeypatch.setattr(prepare_data.synthetic, "make_synthetic", never_called("the data generator"))
     (tmp_path / "file").write_text("a regular file, so this fails even for root")
     out = tmp_path / "file" / "out"
     with pytest.raises(SystemExit) as e:
@@ -131,7 +131,7 @@ def test_unwritable_output_dir_fails_before_data_or_model(tmp_path, monkeypatch)
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
 def test_read_only_output_dir_fails_before_data_or_model(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_data, "load_encoder", never_called("the model loader"))
-    monkeypatch.setattr(prepare_data.data, "make_synthetic", never_called("the data generator"))
+    monkeypatch.setattr(prepare_data.synthetic, "make_synthetic", never_called("the data generator"))
     locked = tmp_path / "read_only_copy"
     locked.mkdir()
     locked.chmod(0o555)

@@ -21,7 +21,7 @@ from retrieval import dual_encoder as de
 def make_tiny_bert(path):
     """Random 2-layer BERT (hidden 32) + a word-level WordPiece tokenizer covering the synthetic captions."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
-    from retrieval.data import COLOURS, SHAPES, SIZES
+    from retrieval.synthetic import COLOURS, SHAPES, SIZES
     os.makedirs(path, exist_ok=True)
     words = sorted(set(SHAPES) | set(COLOURS) | set(SIZES) |
                    set("a an and another shape next to left right of above below on white grey background".split()))
@@ -70,12 +70,12 @@ def fixed_batch_loss(model, split):
 @pytest.fixture(scope="module")
 def one_batch_dir(tmp_path_factory):
     """12 synthetic images: the train split (9 images x 5 captions) is exactly one batch of 16."""
-    from retrieval.data import make_synthetic
+    from retrieval.synthetic import make_synthetic
     return make_synthetic(str(tmp_path_factory.mktemp("one_batch") / "synthetic"), num_images=12, seed=1)
 
 
 def test_two_steps_lower_the_loss_on_a_fixed_batch(one_batch_dir, tiny_bert_dir, tmp_path):
-    from retrieval.data import load_synthetic
+    from retrieval.synthetic import load_synthetic
     from retrieval.env import seed_everything
     split = load_synthetic(one_batch_dir, "train")
     seed_everything(0)   # what main() does before building the model
@@ -245,7 +245,7 @@ def test_checkpoint_to_embeddings_file(synthetic_dir, tiny_bert_dir, tmp_path):
 def test_frozen_towers_export_from_cached_features_equals_re_embedding(synthetic_dir, tiny_bert_dir, tmp_path):
     # With both towers frozen the export projects cached features (computed once for all dims); the
     # file must equal what prepare_data.py --checkpoint computes from pixels and tokens.
-    from retrieval.data import load_synthetic
+    from retrieval.synthetic import load_synthetic
     export_dir = tmp_path / "export"
     results = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "2",
                                                 "--freeze_image", "--freeze_text", "--test_flip",
@@ -265,7 +265,7 @@ def test_frozen_towers_export_from_cached_features_equals_re_embedding(synthetic
 
 def test_image_size_is_trained_stored_and_rebuilt(synthetic_dir, tiny_bert_dir, tmp_path):
     # --image_size 64: the features cached, the checkpoint's rebuilt encoder and the export all use 64 px
-    from retrieval.data import load_synthetic
+    from retrieval.synthetic import load_synthetic
     export_dir = tmp_path / "export"
     results = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "1",
                                                 "--freeze_image", "--freeze_text", "--image_size", "64")
@@ -289,7 +289,7 @@ def test_frozen_towers_export_the_train_split_from_the_training_cache(synthetic_
     # views (plain + mirror with --test_flip) from that file instead of running the tower over the
     # images again, and writes what the old path wrote: fresh export-view features through the tower.
     from argparse import Namespace
-    from retrieval.data import load_synthetic
+    from retrieval.synthetic import load_synthetic
     from retrieval.features import project_features
     args = base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "2", "--freeze_image", "--freeze_text",
                      "--test_flip", "--cache_views", "3", "--export_splits", "train", "test")
@@ -445,7 +445,7 @@ def test_text_layers_pool_several_hidden_states_and_checkpoints_keep_them(tiny_b
 
 
 def test_head_ensemble_joins_members_trained_as_separate_runs(synthetic_dir, tiny_bert_dir, tmp_path):
-    from retrieval.data import load_synthetic
+    from retrieval.synthetic import load_synthetic
     torch.manual_seed(0)
     model = de.build_model(dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=12, head_ensemble=3)).eval()
     images, texts = torch.randn(5, model.image_tower.feature_dim), torch.randn(7, model.text_tower.feature_dim)
@@ -586,7 +586,7 @@ def check_cached_logged_and_exported(tmp_path, run, part, best, export_dir, synt
     """A run that trained a tower part (`part`: image-blocksN / text-layersN): the cache holds that part's
     inputs, the log names it, and the export (cached inputs through the trained part) equals
     prepare_data.py --checkpoint's embedding from pixels and tokens."""
-    from retrieval.data import load_synthetic
+    from retrieval.synthetic import load_synthetic
     cached = os.listdir(tmp_path / "feature_cache")
     assert any(f"-train-{part}-" in n for n in cached) and any(f"-test-{part}-" in n for n in cached)
     log = [json.loads(line) for line in open(tmp_path / run / "log.jsonl")]
