@@ -1,8 +1,8 @@
 """CLIP-family models from Hugging Face `transformers` (a hub id or a local folder) as an Encoder.
 
-Only the Encoder record and the autocast policy (retrieval/encoders.py) come from the package, so
-loading CLIP never imports the trained dual encoder's stack (towers, heads, checkpoints);
-retrieval/models.py chooses between this and a trained checkpoint.
+From the package it takes only the Encoder record and the autocast policy (retrieval/encoders.py), the
+device choice and the hub check (retrieval/env.py), so loading CLIP never imports the trained dual
+encoder's stack (towers, heads, checkpoints); retrieval/models.py chooses between this and a checkpoint.
 """
 from __future__ import annotations
 

@@ -65,15 +65,16 @@ class Run:
     run_dir: str
     best_path: str
     last_path: str
-    model: DualEncoder = None
-    record: dict = None
-    cache: dict = None
-    optimizer: torch.optim.Optimizer = None
-    scheduler: torch.optim.lr_scheduler.LambdaLR = None
-    scaler: torch.amp.GradScaler = None
-    amp_dtype: torch.dtype = None
+    # Set by build_run_model, cache_frozen_features and set_up, in that order.
+    model: DualEncoder | None = None
+    record: dict | None = None
+    cache: dict | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    scaler: torch.amp.GradScaler | None = None
+    amp_dtype: torch.dtype | None = None
     views: int = 1
-    groups: list = None
+    groups: list | None = None
     batches_per_epoch: int = 0
     progress: Progress = field(default_factory=Progress)
     losses: list = field(default_factory=list)
