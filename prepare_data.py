@@ -22,7 +22,8 @@ from retrieval import data, env, io, metrics, synthetic
 from retrieval.download import download_dataset
 from retrieval.encoders import embed_split
 from retrieval.errors import HelpFormatter, cli
-from retrieval.models import DEFAULT_MODEL, load_encoder, model_tag
+from retrieval.hf_models import DEFAULT_MODEL
+from retrieval.models import load_encoder, model_tag
 
 DEFAULT_DATA_ROOT = "coco_data"
 EVAL_MAX_IMAGES = 25000  # the sanity-check evaluation is an exact full ranking: skip it on huge splits

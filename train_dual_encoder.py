@@ -10,7 +10,10 @@ are an embedding at every nested dim d; the log adds "dev_nested" metrics per di
 their mean RSUM, exports record attrs "nested_dims"); --quantization_aware binary|int4 adds the loss of
 the vectors the sweep's index would store (attrs "trained_quantization").
 
-The jobs live in the package: retrieval/training.py (batches, set-up, resume, epochs),
+The flags become one frozen retrieval/train_settings.py TrainSettings (settings_from), passed explicitly.
+The jobs live in the package: retrieval/training.py (epochs), retrieval/training_run.py (set-up, resume,
+checkpoints of a run), retrieval/batches.py (batch planning), retrieval/optimization.py (optimizer, schedule),
+retrieval/dev_evaluation.py (dev evaluation, best.pt selection),
 retrieval/features.py (frozen-tower feature cache), retrieval/distributed.py (torchrun),
 retrieval/checkpoint.py (checkpoint files), retrieval/export.py (ensemble join, hand-off files, --eval_only),
 retrieval/dual_encoder.py (model, nested loss), retrieval/quantize_aware.py (straight-through quantizers),
@@ -21,7 +24,10 @@ Example:
     torchrun --nproc_per_node 2 train_dual_encoder.py ...          (DDP; gloo on CPU, nccl on CUDA)
     python train_dual_encoder.py --eval_only --checkpoint checkpoints/<run>/d512/best.pt --split test
 """
+from __future__ import annotations
+
 import argparse
+import dataclasses
 import os
 
 import torch
@@ -33,9 +39,10 @@ from retrieval.errors import HelpFormatter, UserError, cli
 from retrieval.quantize_aware import QUANTIZERS
 from retrieval.recipes import RECIPES
 from retrieval.towers import IMAGE_ENCODERS
+from retrieval.train_settings import TrainSettings
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
@@ -134,7 +141,7 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     if args.recipe:
@@ -157,79 +164,89 @@ def parse_args(argv=None):
     return args
 
 
-def train(args, device, rank, world_size):
+def settings_from(args: argparse.Namespace) -> TrainSettings:
+    """The run's one TrainSettings, from the parsed command line (its fields are named after their flags;
+    `arguments` keeps the namespace as parsed, for args.json and the checkpoints)."""
+    names = [field.name for field in dataclasses.fields(TrainSettings) if field.name != "arguments"]
+    return TrainSettings(**{name: getattr(args, name) for name in names}, arguments=vars(args))
+
+
+def train(settings: TrainSettings, device: torch.device, rank: int, world_size: int) -> dict[int, dict]:
     """Every --embedding_dim: train it (or its --head_ensemble members, then join them), then export."""
-    splits = {name: training.load_split(args, name) for name in ("train", "dev")}
+    splits = {name: settings.load_split(name) for name in ("train", "dev")}
     if rank == 0:
-        os.makedirs(os.path.join(args.model_dir, args.run_name), exist_ok=True)
-        io.write_json(os.path.join(args.model_dir, args.run_name, "args.json"),
-                      {"args": vars(args), "world_size": world_size, "environment": env.environment()})
+        os.makedirs(os.path.join(settings.model_dir, settings.run_name), exist_ok=True)
+        io.write_json(os.path.join(settings.model_dir, settings.run_name, "args.json"),
+                      {"args": settings.record(), "world_size": world_size, "environment": env.environment()})
     results = {}
-    for dim in args.embedding_dim:
-        if args.head_ensemble > 1:
-            members = [training.train_one_dim(args, dim, splits, device, rank, world_size, member=k)
-                       for k in range(args.head_ensemble)]
+    for dim in settings.embedding_dim:
+        if settings.head_ensemble > 1:
+            members = [training.train_one_dim(settings, dim, splits, device, rank, world_size, member=k)
+                       for k in range(settings.head_ensemble)]
             run = {"members": members, "best": None}
             if rank == 0:
-                run["best"] = export.join_ensemble(args, dim, [m["best"] for m in members], splits["dev"], device)
+                run["best"] = export.join_ensemble(settings, dim, [m["best"] for m in members], splits["dev"],
+                                                   device)
             barrier(world_size)
         else:
-            run = training.train_one_dim(args, dim, splits, device, rank, world_size)
+            run = training.train_one_dim(settings, dim, splits, device, rank, world_size)
         results[dim] = run
-        if rank == 0 and args.export_dir != "none" and args.export_splits:
-            run["exports"] = export.export(args, run["best"], splits, device, dim)
+        if rank == 0 and settings.export_dir != "none" and settings.export_splits:
+            run["exports"] = export.export(settings, run["best"], splits, device, dim)
         barrier(world_size)
     return results
 
 
-def check(args, world_size):
+def check(settings: TrainSettings, world_size: int) -> None:
     """Faults of the arguments that need no data: before any model or data is loaded."""
-    if args.batch_size % world_size:
-        raise UserError(f"--batch_size {args.batch_size} is not a multiple of {world_size} processes")
-    if args.head_ensemble > 1 and not (args.freeze_image and args.freeze_text):
-        raise UserError(f"--head_ensemble {args.head_ensemble}: needs --freeze_image and --freeze_text "
+    if settings.batch_size % world_size:
+        raise UserError(f"--batch_size {settings.batch_size} is not a multiple of {world_size} processes")
+    if settings.head_ensemble > 1 and not (settings.freeze_image and settings.freeze_text):
+        raise UserError(f"--head_ensemble {settings.head_ensemble}: needs --freeze_image and --freeze_text "
                         "(the members share the frozen towers)")
     for flag, frozen, part, tower in (("train_image_blocks", "freeze_image", "blocks", "image tower"),
                                       ("train_text_layers", "freeze_text", "layers", "text tower")):
-        value = getattr(args, flag)
+        value = getattr(settings, flag)
         if value < 0:
             raise UserError(f"--{flag} {value}: must be >= 0 (0 = frozen tower)")
-        if value and not getattr(args, frozen):
+        if value and not getattr(settings, frozen):
             raise UserError(f"--{flag} {value}: needs --{frozen} (the rest of the tower stays frozen and its "
                             "output is cached; without it the whole tower trains)")
-        if value and args.head_ensemble > 1:
-            raise UserError(f"--{flag} {value}: not with --head_ensemble {args.head_ensemble} (each member would "
-                            f"train {part} of its own; one joined model has one {tower})")
-    for dim in args.embedding_dim:
-        if dim % args.head_ensemble:
-            raise UserError(f"--head_ensemble {args.head_ensemble} does not divide --embedding_dim {dim}")
-        check_nested_weights(nested_dims(dim, args.matryoshka_dims, args.head_ensemble), args.matryoshka_weights)
+        if value and settings.head_ensemble > 1:
+            raise UserError(f"--{flag} {value}: not with --head_ensemble {settings.head_ensemble} (each member "
+                            f"would train {part} of its own; one joined model has one {tower})")
+    for dim in settings.embedding_dim:
+        if dim % settings.head_ensemble:
+            raise UserError(f"--head_ensemble {settings.head_ensemble} does not divide --embedding_dim {dim}")
+        check_nested_weights(nested_dims(dim, settings.matryoshka_dims, settings.head_ensemble),
+                             settings.matryoshka_weights)
 
 
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    settings = settings_from(args)
     if args.list_exports:
-        for path in export.export_paths(args):
+        for path in export.export_paths(settings):
             print(path)
-        return export.export_paths(args)
+        return export.export_paths(settings)
     if args.fetch_only:
-        build_model(dict(vars(args), embedding_dim=args.embedding_dim[0]))
-        print(f"prefetch: towers {args.image_encoder} + {args.text_encoder} cached")
+        build_model(settings.model_config(settings.embedding_dim[0]))
+        print(f"prefetch: towers {settings.image_encoder} + {settings.text_encoder} cached")
         return None
     if args.eval_only:
-        return export.evaluate_checkpoint(args)
+        return export.evaluate_checkpoint(settings)
     # Before any data or model: a read-only folder must not surface as a traceback after all the training.
-    io.require_writable(args.model_dir, "--model_dir")
-    if args.export_dir != "none" and args.export_splits:
-        io.require_writable(args.export_dir, "--export_dir")
+    io.require_writable(settings.model_dir, "--model_dir")
+    if settings.export_dir != "none" and settings.export_splits:
+        io.require_writable(settings.export_dir, "--export_dir")
     rank, world_size = init_distributed()
-    check(args, world_size)
-    device = env.pick_device(args.device)
+    check(settings, world_size)
+    device = env.pick_device(settings.device)
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    return train(args, device, rank, world_size)
+    return train(settings, device, rank, world_size)
 
 
 if __name__ == "__main__":

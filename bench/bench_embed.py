@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from retrieval import data, dataset_split, encoders, env, io, models, towers  # noqa: E402
+from retrieval import data, dataset_split, encoders, env, hf_models, io, towers  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -57,10 +57,10 @@ def clip_encoder(channels_last):
     net = CLIPModel(CLIPConfig()).eval()
 
     def embed_images(pixels):
-        return models._features(net.get_image_features(pixel_values=pixels))
+        return hf_models.projected_features(net.get_image_features(pixel_values=pixels))
 
     return encoders.Encoder("clip-vit-b32-random", net.config.projection_dim,
-                            models.PixelTransform(CLIPImageProcessor()), embed_images, None, torch.device("cpu"),
+                            hf_models.PixelTransform(CLIPImageProcessor()), embed_images, None, torch.device("cpu"),
                             channels_last=channels_last)
 
 

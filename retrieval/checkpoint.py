@@ -12,12 +12,17 @@ A checkpoint is a dict written with torch.save:
     + the training state of last.pt/best.pt (optimizer, scheduler, scaler, epoch, step, RNG states,
       ...) or, for a joined head ensemble, its members and their epochs.
 """
+from __future__ import annotations
+
 import os
+from typing import Any
 
 import torch
+import torch.nn as nn
 
 from retrieval import env, io
-from retrieval.dual_encoder import MODEL_KEYS, encoder_from_model, model_from_config
+from retrieval.dual_encoder import MODEL_KEYS, DualEncoder, encoder_from_model, model_from_config
+from retrieval.encoders import Encoder
 from retrieval.errors import UserError
 from retrieval.towers import ImageTower, text_tower_from_stored, tokenizer_files
 
@@ -25,12 +30,12 @@ from retrieval.towers import ImageTower, text_tower_from_stored, tokenizer_files
 CHECKPOINT_VERSION = 1
 
 
-def run_tag(run_name, dim):
+def run_tag(run_name: str, dim: int) -> str:
     """The name of a trained model in its checkpoint and hand-off files: 'dual-<run>-d<dim>'."""
     return f"dual-{run_name}-d{dim}"
 
 
-def model_record(model, config):
+def model_record(model: DualEncoder, config: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint needs to rebuild the model with no other file: towers, text config, tokenizer."""
     text_config = model.text_tower.model.config.to_dict()
     # image_norm follows from the tower; it is stored so a later change of default cannot misfeed the weights.
@@ -39,7 +44,8 @@ def model_record(model, config):
             "text_config": text_config, "tokenizer_files": tokenizer_files(model.text_tower.tokenizer)}
 
 
-def write_checkpoint(path, model, record, args, tag, **fields):
+def write_checkpoint(path: str, model: nn.Module, record: dict[str, Any], args: dict[str, Any], tag: str,
+                     **fields: Any) -> None:
     """Atomically write a checkpoint: what rebuilds and describes the model, plus `fields`.
 
     args: the training arguments (a dict), stored as what produced the file."""
@@ -51,7 +57,7 @@ def write_checkpoint(path, model, record, args, tag, **fields):
         torch.save(checkpoint, tmp)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path: str) -> dict[str, Any]:
     """The checkpoint dict of `path`, validated: a train_dual_encoder.py checkpoint of this version."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: checkpoint file not found")
@@ -71,7 +77,7 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def build_from_checkpoint(path_or_checkpoint):
+def build_from_checkpoint(path_or_checkpoint: str | dict[str, Any]) -> tuple[DualEncoder, dict[str, Any]]:
     """(model, checkpoint) rebuilt from the checkpoint alone, weights loaded, in eval mode."""
     checkpoint = load_checkpoint(path_or_checkpoint) if isinstance(path_or_checkpoint, str) else path_or_checkpoint
     record = checkpoint["model_record"]
@@ -85,7 +91,8 @@ def build_from_checkpoint(path_or_checkpoint):
     return model.eval(), checkpoint
 
 
-def encoder_from_checkpoint(path, device="", built=None):
+def encoder_from_checkpoint(path: str, device: str | torch.device = "",
+                            built: tuple[DualEncoder, dict[str, Any]] | None = None) -> Encoder:
     """A retrieval.encoders.Encoder for prepare_data.py --checkpoint / search.py: eval image transform,
     batched image and text embedding with the trained heads. built: the (model, checkpoint) that
     build_from_checkpoint(path) returned, when the caller needs the model too (the trainer's export)."""

@@ -7,13 +7,18 @@ whole batch (gather_with_grad); after backward the gradients are averaged over t
 interleaved with the all-gather's backward collective on gloo and gave wrong gradients in
 tests/test_train.py.
 """
+from __future__ import annotations
+
 import os
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+
+from retrieval.batches import PlannedBatch
 
 
-def init_distributed():
+def init_distributed() -> tuple[int, int]:
     """(rank, world_size); initialises the process group under torchrun (gloo on CPU, nccl on CUDA)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
@@ -23,25 +28,24 @@ def init_distributed():
     return dist.get_rank(), world_size
 
 
-def barrier(world_size):
+def barrier(world_size: int) -> None:
     if world_size > 1:
         dist.barrier()
 
 
-def broadcast_from_first(model, world_size):
+def broadcast_from_first(model: nn.Module, world_size: int) -> None:
     """Every process starts from rank 0's weights (as DDP would broadcast them)."""
     if world_size > 1:
         for tensor in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(tensor.data, 0)
 
 
-def rank_slice(batch, rank, world_size, captions_per_image):
-    """This process's equal share of a planned global batch (images, captions, views, seeds)."""
-    images, captions, batch_views, seeds = batch
-    per = len(images) // world_size
+def rank_slice(batch: PlannedBatch, rank: int, world_size: int, captions_per_image: int) -> PlannedBatch:
+    """This process's equal share of a planned global batch."""
+    per = len(batch.images) // world_size
     lo, hi = rank * per, (rank + 1) * per
     k = captions_per_image
-    return images[lo:hi], captions[lo * k:hi * k], batch_views[lo:hi], seeds[lo:hi]
+    return PlannedBatch(batch.images[lo:hi], batch.captions[lo * k:hi * k], batch.views[lo:hi], batch.seeds[lo:hi])
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -62,13 +66,13 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
-def gather_with_grad(tensor):
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
     return _GatherWithGrad.apply(tensor)
 
 
-def average_gradients(model, world_size):
+def average_gradients(model: nn.Module, world_size: int) -> None:
     """Average every gradient over the processes after backward (see the module docstring)."""
     if world_size == 1:
         return

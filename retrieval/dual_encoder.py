@@ -11,7 +11,11 @@ Nested (Matryoshka) embeddings (train_dual_encoder.py --matryoshka_dims; Kusupat
 dim d (`nested_dims`), because `nested_loss` trains each prefix; --quantization_aware adds the loss
 of the quantized vectors (retrieval/quantize_aware.py).
 """
+from __future__ import annotations
+
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 from retrieval.encoders import Encoder, autocast
 from retrieval.errors import UserError
 from retrieval.quantize_aware import QUANTIZERS
-from retrieval.towers import ImageTower, build_text_tower, image_transforms
+from retrieval.towers import ImageTower, TextTower, build_text_tower, image_transforms
 
 # Learnable temperature is kept inside [0.01, 1] (logit scale 1..100, the CLIP clamp).
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1.0
@@ -31,21 +35,22 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1.0
 class FeatureNorm(nn.Module):
     """Fixed standardisation (x - mean) / std; set from training features when a tower is frozen."""
 
-    def __init__(self, dim):
+    def __init__(self, dim: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
 
-    def set(self, features):
+    def set(self, features: torch.Tensor) -> None:
         features = features.float()
         self.mean.copy_(features.mean(0))
         self.std.copy_(features.std(0).clamp_min(1e-6))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean) / self.std
 
 
-def make_head(in_dim, out_dim, kind="mlp", hidden=2048, dropout=0.1, input_dropout=None):
+def make_head(in_dim: int, out_dim: int, kind: str = "mlp", hidden: int = 2048, dropout: float = 0.1,
+              input_dropout: float | None = None) -> nn.Sequential:
     """Projection head. input_dropout (default: dropout) drops standardised tower features; with frozen
     towers the heads see the same cached features every epoch, and dropping more of them regularises."""
     input_dropout = dropout if input_dropout is None else input_dropout
@@ -66,19 +71,20 @@ class HeadEnsemble(nn.Module):
     embedding stays nested: its first K*d dims are the members' first d dims (over sqrt(K)). Without
     nested dims it is [member 1 | member 2 | ...]."""
 
-    def __init__(self, members, member_nested_dims=None):
+    def __init__(self, members: list[nn.Module], member_nested_dims: list[int] | None = None) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.bounds = [0, *member_nested_dims] if member_nested_dims else None
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = [F.normalize(m(x).float(), dim=-1) for m in self.members]
         if self.bounds:
             outputs = [out[..., start:end] for start, end in zip(self.bounds, self.bounds[1:]) for out in outputs]
         return torch.cat(outputs, -1) / len(self.members) ** 0.5
 
 
-def make_heads(in_dim, out_dim, kind, hidden, dropout, input_dropout, ensemble=1, nested=None):
+def make_heads(in_dim: int, out_dim: int, kind: str, hidden: int, dropout: float, input_dropout: float | None,
+               ensemble: int = 1, nested: list[int] | None = None) -> nn.Module:
     if ensemble == 1:
         return make_head(in_dim, out_dim, kind, hidden, dropout, input_dropout)
     if ensemble < 1 or out_dim % ensemble:
@@ -87,7 +93,7 @@ def make_heads(in_dim, out_dim, kind, hidden, dropout, input_dropout, ensemble=1
                          for _ in range(ensemble)], nested and [d // ensemble for d in nested])
 
 
-def nested_dims(embedding_dim, matryoshka_dims, ensemble=1):
+def nested_dims(embedding_dim: int, matryoshka_dims: Sequence[int] | None, ensemble: int = 1) -> list[int] | None:
     """The dims a nested model is trained and evaluated at: --matryoshka_dims plus the full dim,
     ascending; None without --matryoshka_dims (a plain model). Each must be a prefix length that
     every --head_ensemble member can give (d / K of its dims)."""
@@ -104,7 +110,7 @@ def nested_dims(embedding_dim, matryoshka_dims, ensemble=1):
     return sorted(set(matryoshka_dims) | {embedding_dim})
 
 
-def check_nested_weights(dims, weights):
+def check_nested_weights(dims: list[int] | None, weights: Sequence[float] | None) -> None:
     """--matryoshka_weights: one positive weight per nested dim (`dims`, as nested_dims gives them)."""
     if not weights:
         return
@@ -119,8 +125,10 @@ def check_nested_weights(dims, weights):
 
 
 class DualEncoder(nn.Module):
-    def __init__(self, image_tower, text_tower, embedding_dim, temperature=0.07, head="mlp", head_hidden=2048,
-                 head_dropout=0.1, test_flip=False, head_input_dropout=None, head_ensemble=1, matryoshka_dims=None):
+    def __init__(self, image_tower: ImageTower, text_tower: TextTower, embedding_dim: int, temperature: float = 0.07,
+                 head: str = "mlp", head_hidden: int = 2048, head_dropout: float = 0.1, test_flip: bool = False,
+                 head_input_dropout: float | None = None, head_ensemble: int = 1,
+                 matryoshka_dims: Sequence[int] | None = None) -> None:
         super().__init__()
         # test_flip: an image's embedding at evaluation is the mean of its own and its mirror's.
         self.test_flip = bool(test_flip)
@@ -140,37 +148,38 @@ class DualEncoder(nn.Module):
         self.embedding_dim = embedding_dim
 
     @property
-    def temperature(self):
+    def temperature(self) -> float:
         return 1.0 / float(self.logit_scale().detach())
 
-    def logit_scale(self):
+    def logit_scale(self) -> torch.Tensor:
         return self.log_inverse_temperature.clamp(math.log(1 / MAX_TEMPERATURE), math.log(1 / MIN_TEMPERATURE)).exp()
 
-    def project_images(self, features):
+    def project_images(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_head(self.image_norm(features)).float(), dim=-1)
 
-    def project_texts(self, features):
+    def project_texts(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_head(self.text_norm(features)).float(), dim=-1)
 
-    def embed_images(self, pixels):
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Evaluation/export embedding (training steps call the tower and project_images directly)."""
         embedded = self.project_images(self.image_tower(pixels))
         if self.test_flip:
             embedded = F.normalize(embedded + self.project_images(self.image_tower(pixels.flip(-1))), dim=-1)
         return embedded
 
-    def embed_texts(self, input_ids, attention_mask):
+    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.project_texts(self.text_tower(input_ids, attention_mask))
 
 
-def set_frozen(module, frozen):
+def set_frozen(module: nn.Module, frozen: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(not frozen)
 
 
 # ----------------------------------------------------------------------------- loss
 
-def contrastive_loss(image_embeddings, text_embeddings, text_to_image, logit_scale):
+def contrastive_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, text_to_image: torch.Tensor,
+                     logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE for a batch of distinct images and their captions.
 
     text_to_image[j] = row of caption j's image. Text->image: each caption's one image is the
@@ -187,15 +196,16 @@ def contrastive_loss(image_embeddings, text_embeddings, text_to_image, logit_sca
     return 0.5 * (text_to_image_loss + image_to_text_loss)
 
 
-def prefix(embeddings, dim):
+def prefix(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
     """The first `dim` dims of unit embeddings, renormalised (the full width as it is)."""
     if dim == embeddings.shape[-1]:
         return embeddings
     return F.normalize(embeddings[..., :dim], dim=-1)
 
 
-def nested_loss(image_embeddings, text_embeddings, text_to_image, logit_scale, dims=None, weights=None,
-                quantization=None):
+def nested_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, text_to_image: torch.Tensor,
+                logit_scale: torch.Tensor, dims: list[int] | None = None, weights: Sequence[float] | None = None,
+                quantization: str | None = None) -> torch.Tensor:
     """The training loss of a batch of unit embeddings: sum_d w_d L_d / sum_d w_d over the nested dims
     d (`dims`, ascending; weights default 1), L_d = contrastive_loss of the first d dims renormalised. With
     `quantization` ("binary" / "int4"): the mean of that and the same loss on the quantized vectors
@@ -226,7 +236,7 @@ MODEL_KEYS = ("image_encoder", "image_weights", "image_pool", "image_size", "tex
               "head_input_dropout", "head_ensemble", "matryoshka_dims")
 
 
-def model_from_config(image_tower, text_tower, config):
+def model_from_config(image_tower: ImageTower, text_tower: TextTower, config: dict[str, Any]) -> DualEncoder:
     """A DualEncoder (fresh heads) on the given towers, with the head settings of `config`."""
     return DualEncoder(image_tower, text_tower, config["embedding_dim"], config.get("temperature", 0.07),
                        config.get("head", "mlp"), config.get("head_hidden", 2048), config.get("head_dropout", 0.1),
@@ -234,7 +244,7 @@ def model_from_config(image_tower, text_tower, config):
                        config.get("head_ensemble") or 1, config.get("matryoshka_dims"))
 
 
-def build_model(config):
+def build_model(config: dict[str, Any]) -> DualEncoder:
     """A DualEncoder from the model part of the training args (dict with MODEL_KEYS)."""
     image_tower = ImageTower(config["image_encoder"], config.get("image_pool", "last"),
                              image_size=config.get("image_size"))
@@ -244,7 +254,7 @@ def build_model(config):
     return model_from_config(image_tower, text_tower, config)
 
 
-def join_members(members, config):
+def join_members(members: list[DualEncoder], config: dict[str, Any]) -> DualEncoder:
     """One DualEncoder with a HeadEnsemble per side from K trained members (config["head_ensemble"] = K,
     config["embedding_dim"] = K x a member's dim, config["matryoshka_dims"] = K x the members'): the
     members' shared towers and feature standardisation, their heads side by side, their mean temperature."""
@@ -260,7 +270,7 @@ def join_members(members, config):
     return model.eval()
 
 
-def encoder_from_model(model, name, device, checkpoint=None):
+def encoder_from_model(model: DualEncoder, name: str, device: torch.device, checkpoint: str | None = None) -> Encoder:
     """The Encoder of an in-memory DualEncoder (moved to `device`; call model.eval() first): the one
     embedding path of exports, --eval_only, prepare_data.py --checkpoint and the trainer's dev
     evaluation when a tower is trained."""

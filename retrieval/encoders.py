@@ -9,11 +9,14 @@ Bad images: `ImageFiles` never raises for a file it cannot read; it returns the 
 Embedding a split skips such images and records them in the file's `skipped` attribute; training,
 which cannot drop an image from a planned batch, stops with a UserError naming the file.
 """
+from __future__ import annotations
+
 import contextlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from retrieval import io
+from retrieval.dataset_split import DatasetSplit
 from retrieval.errors import UserError
 
 
@@ -37,7 +41,7 @@ class Encoder:
     channels_last: bool = False     # feed images in channels_last memory format (faster for CNNs)
 
 
-def autocast_dtype(device, amp="auto", training=False):
+def autocast_dtype(device: str | torch.device, amp: str = "auto", training: bool = False) -> torch.dtype | None:
     """The one mixed-precision policy: the dtype autocast runs in, or None for plain fp32.
 
     CUDA: bf16 where the GPU supports it, else fp16 (amp='bf16' / 'fp16' force one; 'off' = fp32).
@@ -53,7 +57,8 @@ def autocast_dtype(device, amp="auto", training=False):
     return torch.bfloat16
 
 
-def autocast(device, amp="auto", training=False):
+def autocast(device: str | torch.device, amp: str = "auto",
+             training: bool = False) -> contextlib.AbstractContextManager:
     """torch.autocast under autocast_dtype's policy (a no-op context where it says fp32)."""
     dtype = autocast_dtype(device, amp, training)
     if dtype is None:
@@ -72,23 +77,24 @@ class ImageFiles:
     augmentation depends only on its seed (bit-for-bit resume, any worker count). An unreadable file
     gives (row, None, error text) instead of raising (see the module docstring)."""
 
-    def __init__(self, image_root, image_files, transform, train_transform=None):
+    def __init__(self, image_root: str, image_files: Sequence[str], transform: Callable,
+                 train_transform: Callable | None = None) -> None:
         self.image_root, self.image_files = image_root, list(image_files)
         self.transform, self.train_transform = transform, train_transform
 
     def __len__(self):
         return len(self.image_files)
 
-    def path(self, row):
+    def path(self, row: int) -> str:
         return os.path.join(self.image_root, self.image_files[row])
 
-    def open(self, row):
+    def open(self, row: int) -> Image.Image:
         """The decoded RGB image (raises what PIL raises for a bad file)."""
         with Image.open(self.path(row)) as image:
             image.load()  # decode now: a truncated/corrupt file fails here, not later in a transform
             return image.convert("RGB")
 
-    def apply(self, image, seed=None):
+    def apply(self, image: Image.Image, seed: int | None = None) -> torch.Tensor:
         if seed is None:
             return self.transform(image)
         # Fork the RNG so augmentation depends only on the seed, not on what ran before in this process.
@@ -105,19 +111,20 @@ class ImageFiles:
         return row, self.apply(image, seed), ""
 
 
-def describe_error(error):
+def describe_error(error: Exception) -> str:
     text = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {text}".strip()
 
 
-def raise_unreadable(dataset, errors):
+def raise_unreadable(dataset: ImageFiles, errors: list[tuple[int, str]]) -> None:
     """Training cannot skip an image of a planned batch: stop naming the first unreadable file."""
     if errors:
         row, error = errors[0]
         raise UserError(f"{dataset.path(row)}: cannot read image ({error})")
 
 
-def collate_images(items):
+def collate_images(items: list[tuple[int, torch.Tensor | None, str]]
+                   ) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
     """Stack the readable images of a batch; keep the rows and the errors of the others."""
     good = [(row, pixels) for row, pixels, _ in items if pixels is not None]
     errors = [(row, error) for row, pixels, error in items if pixels is None]
@@ -126,7 +133,8 @@ def collate_images(items):
     return rows, pixels, errors
 
 
-def image_loader(dataset, batch_size=1, num_workers=0, device=None, batch_sampler=None, generator=None):
+def image_loader(dataset: Any, batch_size: int = 1, num_workers: int = 0, device: str | torch.device | None = None,
+                 batch_sampler: Iterator | Sequence | None = None, generator: torch.Generator | None = None) -> DataLoader:
     """DataLoader over an image dataset, in file order unless a batch_sampler says otherwise; decoding and
     preprocessing run in `num_workers` processes. Batches are collate_images' (rows, pixels, errors)."""
     pin = device is not None and torch.device(device).type == "cuda"
@@ -137,7 +145,8 @@ def image_loader(dataset, batch_size=1, num_workers=0, device=None, batch_sample
                       prefetch_factor=4 if num_workers > 0 else None, persistent_workers=False)
 
 
-def embed_images(encoder, split, batch_size=32, num_workers=2, progress=True):
+def embed_images(encoder: Encoder, split: DatasetSplit, batch_size: int = 32, num_workers: int = 2,
+                 progress: bool = True) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """(float32 [N_ok, dim] L2-normalised, rows that were read, [(row, error)] of unreadable files)."""
     device = torch.device(encoder.device or "cpu")
     memory_format = torch.channels_last if encoder.channels_last else torch.contiguous_format
@@ -159,7 +168,8 @@ def embed_images(encoder, split, batch_size=32, num_workers=2, progress=True):
     return vectors, rows, errors
 
 
-def embed_texts(encoder, captions, batch_size=128, progress=True, desc="captions"):
+def embed_texts(encoder: Encoder, captions: Sequence[str], batch_size: int = 128, progress: bool = True,
+                desc: str = "captions") -> np.ndarray:
     """float32 [len(captions), dim] L2-normalised text embeddings, in order."""
     parts = []
     with torch.inference_mode():
@@ -170,8 +180,9 @@ def embed_texts(encoder, captions, batch_size=128, progress=True, desc="captions
     return torch.cat(parts).numpy().astype(np.float32) if parts else np.zeros((0, encoder.dim), np.float32)
 
 
-def embed_split(encoder, split, batch_size=32, num_workers=2, progress=True, text_batch_size=None,
-                embedded=None):
+def embed_split(encoder: Encoder, split: DatasetSplit, batch_size: int = 32, num_workers: int = 2,
+                progress: bool = True, text_batch_size: int | None = None,
+                embedded: tuple[np.ndarray, np.ndarray] | None = None) -> io.Embeddings:
     """Embed a DatasetSplit into an io.Embeddings (validated by the writer later).
 
     Unreadable or corrupt images are skipped, counted and listed in attrs["skipped"]; their captions

@@ -8,32 +8,40 @@ computed once (features.FeatureCache) and only the trained heads run per dim: th
 (tests/test_train.py) without re-running the CNN for each dim. The train split's are cut from the
 views cached for training (features.FeatureCache.image_from_wider), not computed a second time.
 """
+from __future__ import annotations
+
 import os
+from typing import Any
+
+import torch
 
 from retrieval import checkpoint, io, metrics
-from retrieval.dual_encoder import join_members
+from retrieval.data import DatasetSplit
+from retrieval.dev_evaluation import dev_embeddings, dev_results, selection_rsum
+from retrieval.dual_encoder import DualEncoder, join_members
 from retrieval.encoders import embed_split
-from retrieval.features import project_features, split_views
-from retrieval.training import dev_embeddings, dev_results, feature_cache, load_split, selection_rsum
+from retrieval.features import FeatureCache, project_features, split_views
+from retrieval.train_settings import TrainSettings
 
 
-def join_ensemble(config, dim, member_paths, dev_split, device):
+def join_ensemble(settings: TrainSettings, dim: int, member_paths: list[str], dev_split: DatasetSplit,
+                  device: torch.device) -> str:
     """<run>/d<dim>/best.pt: the members' best checkpoints joined into one HeadEnsemble model
     (dual_encoder.join_members), evaluated on dev from the cached features (per nested dim too)."""
     members = [checkpoint.build_from_checkpoint(path) for path in member_paths]
-    model_config = dict(vars(config), embedding_dim=dim)
+    model_config = settings.model_config(dim)
     model = join_members([member for member, _ in members], model_config).to(device)
-    features = feature_cache(config, device)
-    cache = {"image": features.image(model, dev_split, split_views(config.test_flip), config.seed),
+    features = settings.feature_cache(device)
+    cache = {"image": features.image(model, dev_split, split_views(settings.test_flip), settings.seed),
              "text": features.text(model, dev_split)}
-    results = dev_results(*dev_embeddings(model, dev_split, device, cache, config.batch_size_eval,
-                                          config.num_workers), model.nested_dims)
+    results = dev_results(dev_embeddings(model, dev_split, device, cache, settings.batch_size_eval,
+                                         settings.num_workers), model.nested_dims)
     dev = results["dev"]
-    run_dir = os.path.join(config.model_dir, config.run_name)
+    run_dir = os.path.join(settings.model_dir, settings.run_name)
     best_path = os.path.join(run_dir, f"d{dim}", "best.pt")
     member_epochs = [saved["epoch"] for _, saved in members]
-    checkpoint.write_checkpoint(best_path, model, checkpoint.model_record(model, model_config), vars(config),
-                                checkpoint.run_tag(config.run_name, dim), epoch=max(member_epochs),
+    checkpoint.write_checkpoint(best_path, model, checkpoint.model_record(model, model_config), settings.record(),
+                                checkpoint.run_tag(settings.run_name, dim), epoch=max(member_epochs),
                                 best_rsum=selection_rsum(results), member_epochs=member_epochs,
                                 members=[os.path.relpath(p, run_dir) for p in member_paths])
     io.append_jsonl(os.path.join(run_dir, "log.jsonl"), {"dim": dim, "ensemble_of": len(members), **results})
@@ -42,32 +50,33 @@ def join_ensemble(config, dim, member_paths, dev_split, device):
     return best_path
 
 
-def export_paths(config):
+def export_paths(settings: TrainSettings) -> list[str]:
     """The hand-off files a training run writes (what train_dual_encoder.py --list_exports prints)."""
-    if config.export_dir == "none":
+    if settings.export_dir == "none":
         return []
-    return [export_path(config, dim, split) for dim in config.embedding_dim for split in config.export_splits]
+    return [export_path(settings, dim, split) for dim in settings.embedding_dim for split in settings.export_splits]
 
 
-def export_path(config, dim, split):
+def export_path(settings: TrainSettings, dim: int, split: str) -> str:
     """<export_dir>/<tag>_<split>.h5, the tag being the checkpoint's (checkpoint.run_tag)."""
-    return os.path.join(config.export_dir, f"{checkpoint.run_tag(config.run_name, dim)}_{split}.h5")
+    return os.path.join(settings.export_dir, f"{checkpoint.run_tag(settings.run_name, dim)}_{split}.h5")
 
 
-def image_features(config, features, model, split):
+def image_features(settings: TrainSettings, features: FeatureCache, model: DualEncoder,
+                   split: DatasetSplit) -> torch.Tensor:
     """The frozen image tower's features of an exported split. The train split's come from the
     --cache_views views training cached (its views 0 / 1 are the export's plain / mirror views), so
     its images do not run through the tower a second time; other splits through features.image."""
-    views = split_views(config.test_flip)
-    cut = features.image_from_wider(model, split, views, config.seed, config.cache_views)
+    views = split_views(settings.test_flip)
+    cut = features.image_from_wider(model, split, views, settings.seed, settings.cache_views)
     if cut is None:
-        return features.image(model, split, views, config.seed)
-    print(f"{split.split}: embedded from the feature cache ({views} of the {config.cache_views} views cached "
+        return features.image(model, split, views, settings.seed)
+    print(f"{split.split}: embedded from the feature cache ({views} of the {settings.cache_views} views cached "
           "in training; no image-tower pass)", flush=True)
     return cut
 
 
-def trained_for(model, saved):
+def trained_for(model: DualEncoder, saved: dict[str, Any]) -> dict[str, Any]:
     """The attrs that say what the embeddings were trained to survive: "nested_dims" (the prefixes
     trained, the full dim last; a prefix is used truncated and renormalised) and "trained_quantization"
     (--quantization_aware), each only when set."""
@@ -75,23 +84,24 @@ def trained_for(model, saved):
     return {key: value for key, value in attrs.items() if value is not None}
 
 
-def export(config, checkpoint_path, splits, device, dim):
+def export(settings: TrainSettings, checkpoint_path: str, splits: dict[str, DatasetSplit], device: torch.device,
+           dim: int) -> list[tuple[str, dict[str, Any]]]:
     """Write <export_dir>/<tag>_<split>.h5 for each export split from the given checkpoint; returns
     [(path, metrics of the split)]."""
     model, saved = checkpoint.build_from_checkpoint(checkpoint_path)
     encoder = checkpoint.encoder_from_checkpoint(checkpoint_path, device, built=(model, saved))
-    features = feature_cache(config, device) if config.freeze_image and config.freeze_text else None
+    features = settings.feature_cache(device) if settings.freeze_image and settings.freeze_text else None
     written = []
-    for split_name in config.export_splits:
-        split = splits.get(split_name) or load_split(config, split_name)
-        path = export_path(config, dim, split_name)
+    for split_name in settings.export_splits:
+        split = splits.get(split_name) or settings.load_split(split_name)
+        path = export_path(settings, dim, split_name)
         embedded = None
         if features is not None:  # --train_image_blocks / --train_text_layers: cached inputs through the trained part
-            embedded = project_features(model, image_features(config, features, model, split),
-                                        features.text(model, split), device, config.train_image_blocks,
-                                        config.train_text_layers)
-        emb = embed_split(encoder, split, config.batch_size_eval, config.num_workers, embedded=embedded)
-        emb.attrs.update(seed=config.seed, trained_epochs=saved["epoch"], **trained_for(model, saved))
+            embedded = project_features(model, image_features(settings, features, model, split),
+                                        features.text(model, split), device, settings.train_image_blocks,
+                                        settings.train_text_layers)
+        emb = embed_split(encoder, split, settings.batch_size_eval, settings.num_workers, embedded=embedded)
+        emb.attrs.update(seed=settings.seed, trained_epochs=saved["epoch"], **trained_for(model, saved))
         io.write_embeddings(path, emb)
         result = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
         print(f"[d{dim}] {split_name}: {metrics.format_metrics(result)} -> {path}", flush=True)
@@ -99,13 +109,13 @@ def export(config, checkpoint_path, splits, device, dim):
     return written
 
 
-def evaluate_checkpoint(config):
+def evaluate_checkpoint(settings: TrainSettings) -> dict[str, Any]:
     """--eval_only: exact retrieval metrics of --checkpoint on --split, embedded from pixels and tokens."""
-    split = load_split(config, config.split)
-    encoder = checkpoint.encoder_from_checkpoint(config.checkpoint, config.device)
-    emb = embed_split(encoder, split, config.batch_size_eval, config.num_workers)
+    split = settings.load_split(settings.split)
+    encoder = checkpoint.encoder_from_checkpoint(settings.checkpoint, settings.device)
+    emb = embed_split(encoder, split, settings.batch_size_eval, settings.num_workers)
     result = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
-    print(f"{config.checkpoint} on {split.dataset}/{split.split} ({len(emb.image_ids)} images, "
+    print(f"{settings.checkpoint} on {split.dataset}/{split.split} ({len(emb.image_ids)} images, "
           f"{len(emb.captions)} captions):")
     print(metrics.format_metrics(result))
     return result

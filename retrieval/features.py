@@ -7,29 +7,34 @@ split once (train images: several views, see ImageViews) and keeps them in
 them. `project_features` turns cached features into the embeddings DualEncoder.embed_images /
 embed_texts would compute from pixels and tokens (tests/test_train.py checks they agree).
 """
+from __future__ import annotations
+
 import functools
 import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from retrieval import io
+from retrieval.data import DatasetSplit
 from retrieval.encoders import ImageFiles, autocast, describe_error, image_loader, raise_unreadable
 from retrieval.towers import IMAGE_SIZES, image_transforms
 
 
-def cache_key(*parts):
+def cache_key(*parts: object) -> str:
     """Short stable hash of everything that decides a cached feature file (tower, weights, data)."""
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_or_compute(path, compute):
+def load_or_compute(path: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
     """torch.load(path) if it exists, else compute() and save it atomically."""
     if os.path.exists(path):
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -39,7 +44,7 @@ def load_or_compute(path, compute):
     return value
 
 
-def split_views(test_flip):
+def split_views(test_flip: bool) -> int:
     """Image views cached for an evaluated split: the eval transform, plus its mirror with --test_flip."""
     return 2 if test_flip else 1
 
@@ -53,7 +58,7 @@ class ImageViews:
     """Item row -> (row, [views, 3, H, W], error): the eval transform of the image, its mirror, then
     seeded random resized crops (seed, row and view decide each crop), from one read of the file."""
 
-    def __init__(self, split, views, seed, input_norm, size):
+    def __init__(self, split: DatasetSplit, views: int, seed: int, input_norm: str, size: int) -> None:
         self.files = ImageFiles(split.image_root, split.image_files, image_transforms(False, input_norm, size),
                                 image_transforms(True, input_norm, size))
         self.views, self.seed = views, seed
@@ -73,7 +78,7 @@ class ImageViews:
         return row, torch.stack(out), ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class FeatureCache:
     """Where and how frozen-tower features are computed. image_source / text_source: what identifies
     the tower's weights beyond the model object ((encoder, weights, pool) and (encoder, weights, layers))."""
@@ -87,13 +92,14 @@ class FeatureCache:
     image_blocks: int = 0   # --train_image_blocks: cache the input of the tower's last N blocks instead
     text_layers: int = 0    # --train_text_layers: cache the input of the text model's last N layers instead
 
-    def image(self, model, split, views, seed):
+    def image(self, model: nn.Module, split: DatasetSplit, views: int, seed: int) -> torch.Tensor:
         """[views, N, F] image-tower features of the split (view 0 = the eval transform); with image_blocks
         the frozen part's output instead (ImageTower.block_input: the input of the trained blocks)."""
         return self._cached(split, self._image_kind(), self._image_key(model, split, views, seed),
                             lambda: self._image_features(model, split, views, seed))
 
-    def image_from_wider(self, model, split, views, seed, wider):
+    def image_from_wider(self, model: nn.Module, split: DatasetSplit, views: int, seed: int,
+                         wider: int) -> torch.Tensor | None:
         """image(model, split, views, seed) cut from an existing cache of `wider` views of the split (the
         train split's, cached while training), or None when there is no such file: no tower pass.
         Only views 0 and 1 (plain, mirror) can be cut: ImageViews makes them whatever the view count and
@@ -117,7 +123,7 @@ class FeatureCache:
     def _image_kind(self):
         return f"image-blocks{self.image_blocks}" if self.image_blocks else "image"
 
-    def text(self, model, split):
+    def text(self, model: nn.Module, split: DatasetSplit) -> torch.Tensor:
         """[T, F] text-tower features of the split's captions; with text_layers the frozen part's output
         instead (TextTower.layer_input: the input of the trained layers, padded to the split's longest caption)."""
         encoder, weights, layers = self.text_source
@@ -179,19 +185,20 @@ class FeatureCache:
         return out
 
 
-def image_tower_features(model, cached, blocks):
+def image_tower_features(model: nn.Module, cached: torch.Tensor, blocks: int) -> torch.Tensor:
     """The image tower's features of cached rows: the rows themselves, or with --train_image_blocks the
     trained blocks run on the cached block inputs (ImageTower.from_block_input)."""
     return model.image_tower.from_block_input(cached, blocks) if blocks else cached
 
 
-def text_tower_features(model, cached, layers):
+def text_tower_features(model: nn.Module, cached: torch.Tensor, layers: int) -> torch.Tensor:
     """The text tower's features of cached rows: the rows themselves, or with --train_text_layers the
     trained layers run on the cached layer inputs (TextTower.from_layer_input)."""
     return model.text_tower.from_layer_input(cached, layers) if layers else cached
 
 
-def project_features(model, image_views, text_feats, device, blocks=0, text_layers=0):
+def project_features(model: nn.Module, image_views: torch.Tensor, text_feats: torch.Tensor, device: torch.device,
+                     blocks: int = 0, text_layers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(image [N, D], text [T, D]) float32 numpy embeddings of cached frozen-tower features (`blocks` /
     `text_layers`: of cached block / layer inputs, FeatureCache.image_blocks / text_layers), as
     DualEncoder.embed_images / embed_texts compute them from pixels and tokens."""

@@ -12,6 +12,8 @@ Bengio et al. 2013): rounding has a zero gradient almost everywhere, which would
     int4    FAISS IndexScalarQuantizer QT_4bit decode(encode(x)), per-dimension [min, max] ranges.
             The index learns its ranges on the fit vectors; training takes the batch's (detached).
 """
+from __future__ import annotations
+
 import functools
 
 import torch
@@ -23,7 +25,7 @@ from retrieval.indexes import binary_rotation
 INT4_STEPS = 15
 
 
-def straight_through(x, quantized):
+def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     """`quantized` in the forward, the identity in the backward."""
     return x + (quantized - x).detach()
 
@@ -34,7 +36,7 @@ def _rotation(dim, device):
     return torch.from_numpy(binary_rotation(dim)).to(device)
 
 
-def binary(x):
+def binary(x: torch.Tensor) -> torch.Tensor:
     """The sign-bit vectors of the `binary` precision, at unit length (see the module docstring)."""
     dim = x.shape[-1]
     rotated = x.float() @ _rotation(dim, x.device)
@@ -42,7 +44,7 @@ def binary(x):
     return straight_through(rotated, signs)
 
 
-def int4_decode(x, low, high):
+def int4_decode(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """FAISS QT_4bit decode(encode(x)) with per-dimension ranges [low, high] (float32 [d] each)."""
     span = high - low
     # A dimension with no range (all values equal) encodes as 0, as FAISS does (it skips vdiff == 0).
@@ -50,7 +52,7 @@ def int4_decode(x, low, high):
     return low + (int4_codes(unit) + 0.5) / INT4_STEPS * span
 
 
-def int4_codes(unit):
+def int4_codes(unit: torch.Tensor) -> torch.Tensor:
     """FAISS's code of a fraction `unit` of the range: (int)(u * 15.0), a truncation of a product taken
     in double precision (exact for a float32 u). In float32 a product just under a whole number could
     round up to it and pick the next code. MPS has no float64: there the codes are computed on the CPU."""
@@ -58,7 +60,7 @@ def int4_codes(unit):
     return torch.floor(exact * INT4_STEPS).float().to(unit.device)
 
 
-def int4(x):
+def int4(x: torch.Tensor) -> torch.Tensor:
     """The decoded `int4` vectors with the batch's per-dimension ranges (not renormalised)."""
     x = x.float()
     ranges = x.detach()

@@ -11,7 +11,7 @@ the README, so a recipe cannot drift between them.
     quick  real data in about a quarter of an hour on 2 CPU cores (README "Quickstart"): the demo's towers
            and heads with one cached view per train image (no flipped copy) and 15 epochs.
 """
-RECIPES = {
+RECIPES: dict[str, dict[str, object]] = {
     "bench": dict(image_encoder="efficientnet_lite2", image_pool="multi", text_encoder="minilm",
                   text_layers=[0, 2, 4, 6], freeze_image=True, freeze_text=True, cache_views=4,
                   captions_per_image=5, batch_size=128, lr=3e-4, weight_decay=0.5, head="mlp", head_hidden=2048,

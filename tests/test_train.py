@@ -1,5 +1,6 @@
 """train_dual_encoder.py on tiny random towers: loss goes down, resume is exact, DDP gradients match
 single-process gradients, checkpoints turn into valid hand-off files."""
+import dataclasses
 import json
 import os
 import socket
@@ -12,7 +13,7 @@ from PIL import Image
 import train_dual_encoder
 from conftest import as_script
 from retrieval import checkpoint as ckpt
-from retrieval import distributed, encoders, io, metrics, towers, training
+from retrieval import distributed, encoders, io, metrics, optimization, towers, training
 from retrieval.encoders import embed_split
 from retrieval.errors import UserError
 from retrieval.recipes import RECIPES
@@ -288,7 +289,6 @@ def test_frozen_towers_export_the_train_split_from_the_training_cache(synthetic_
     # Training cached 3 views of each train image (plain, mirror, a crop). The train export cuts its
     # views (plain + mirror with --test_flip) from that file instead of running the tower over the
     # images again, and writes what the old path wrote: fresh export-view features through the tower.
-    from argparse import Namespace
     from retrieval.synthetic import load_synthetic
     from retrieval.features import project_features
     args = base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "2", "--freeze_image", "--freeze_text",
@@ -298,12 +298,11 @@ def test_frozen_towers_export_the_train_split_from_the_training_cache(synthetic_
     out = capsys.readouterr().out
     assert "train: embedded from the feature cache" in out and "test: embedded from the feature cache" not in out
     assert sum("-train-image-" in name for name in os.listdir(tmp_path / "feature_cache")) == 1  # one tower pass
-    config = train_dual_encoder.parse_args(args)
+    config = train_dual_encoder.settings_from(train_dual_encoder.parse_args(args))
     model, _ = ckpt.build_from_checkpoint(results[16]["best"])
     split = load_synthetic(synthetic_dir, "train")
-    cache = training.feature_cache(config, torch.device("cpu"))
-    fresh = training.feature_cache(Namespace(**{**vars(config), "model_dir": str(tmp_path / "fresh")}),
-                                   torch.device("cpu"))
+    cache = config.feature_cache(torch.device("cpu"))
+    fresh = dataclasses.replace(config, model_dir=str(tmp_path / "fresh")).feature_cache(torch.device("cpu"))
     cut, tower = cache.image_from_wider(model, split, 2, 0, 3), fresh.image(model, split, 2, 0)
     assert cut.shape == tower.shape == (2, len(split.image_files), model.image_tower.feature_dim)
     torch.testing.assert_close(cut, tower, rtol=0, atol=1e-5)
@@ -673,13 +672,11 @@ def test_train_text_layers_trains_only_the_last_layers_and_exports_through_them(
 
 
 def test_text_lr_is_the_step_of_the_text_tower_alone(tiny_bert_dir):
-    from argparse import Namespace
     model = de.build_model(dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=8))
     de.set_frozen(model.text_tower, True)
     for module in model.text_tower.trained_modules(1):
         de.set_frozen(module, False)
-    config = Namespace(lr=1e-3, head_lr=2e-3, text_lr=3e-5, weight_decay=0.5)
-    optimizer = training.make_optimizer(model, config)
+    optimizer = optimization.make_optimizer(model, lr=1e-3, head_lr=2e-3, text_lr=3e-5, weight_decay=0.5)
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
     for name, p in model.named_parameters():
