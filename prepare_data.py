@@ -57,7 +57,7 @@ def parse_args(argv=None):
                        help="embed with a dual encoder trained by train_dual_encoder.py instead of --model")
     model.add_argument("--device", default="", help="'' = auto (cuda, then mps, then cpu), or e.g. cuda:1")
     model.add_argument("--batch_size", type=int, default=0,
-                       help="images per forward pass (0 = 16 on CPU, 256 on GPU; see the README benchmark)")
+                       help="images per forward pass (0 = 16 on CPU, 256 on GPU; see docs/benchmarks.md, embedding speed)")
     model.add_argument("--text_batch_size", type=int, default=0,
                        help="captions per forward pass (0 = 4 x batch_size)")
     model.add_argument("--num_workers", type=int, default=-1,

@@ -69,7 +69,7 @@ if [[ ! -f prepare_data.py || ! -d retrieval ]]; then
 fi
 
 # ------------------------------------------------------------------------------------------------ knobs
-# Every knob is an environment variable; the README lists them.
+# Every knob is an environment variable; docs/cluster.md lists them.
 DATASET=${DATASET:-synthetic}              # synthetic | flickr8k | coco | csv
 DATA_ROOT=${DATA_ROOT:-coco_data}
 DATA_DIR=${DATA_DIR:-$DATA_ROOT/$DATASET}       # where the dataset is read (and downloaded to with DOWNLOAD=1)
@@ -119,7 +119,7 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-}
 MODULES=${MODULES:-}                       # `module load` these first (clusters with environment modules)
 CACHE_DIR=${CACHE_DIR:-}                   # HF_HOME / TORCH_HOME go under it (shared by login and compute nodes)
-ARRAY=${ARRAY:-0}                          # N > 0: submit the sweep as an N-task job array (see README)
+ARRAY=${ARRAY:-0}                          # N > 0: submit the sweep as an N-task job array (see docs/cluster.md)
 SCHEDULER=${SCHEDULER:-}                   # array submission: slurm | pbs | sge (default: detected)
 SUBMIT_ARGS=${SUBMIT_ARGS:-}               # extra sbatch/qsub options for every submitted job
 GPUS=${GPUS:-0}                            # array submission: GPUs for the prepare/train job

@@ -16,7 +16,7 @@ Writes: <output_dir>/inputs/*-pca<dim>_<split>.h5 (the two files projected to --
         load, environment),
         <output_dir>/scale_recall_qps_<direction>.png.
 
-Example (the README's budgeted part: text->image, flat + IVF, up to 1M items, 1,000 query images):
+Example (docs/benchmarks.md's budgeted part: text->image, flat + IVF, up to 1M items, 1,000 query images):
     E=../shared/embeddings/flickr8k-efflite2-minilm-d512
     /usr/bin/time -v python bench/bench_scale.py --data_path $E/dual-flickr8k-efflite2-minilm-d512_test.h5 \
         --fit_path $E/dual-flickr8k-efflite2-minilm-d512_dev.h5 --directions t2i --index flat ivf
@@ -142,7 +142,7 @@ def label(config):
 
 
 def table_rows(run_files, dim, directions):
-    """One row per completed run at the benchmark's dim: what the README table shows."""
+    """One row per completed run at the benchmark's dim: what the docs/benchmarks.md table shows."""
     rows = []
     for path in run_files:
         run = read_json(path)

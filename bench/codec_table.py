@@ -1,7 +1,7 @@
 """Learned vs naive codecs at equal bytes: pq vs opq, pq vs rq and binary vs itq, per dim, from a sweep's results.
 
 Reads:  <results_dir>/runs/*.json and their .ranks.npz (run_experiments.py with --precisions pq opq binary itq [rq])
-Writes: stdout (a markdown table for README: R@1 of both directions with 95% bootstrap intervals over images,
+Writes: stdout (a markdown table for docs/benchmarks.md: R@1 of both directions with 95% bootstrap intervals over images,
         and the paired difference learned - naive with its interval)
 
 Example:

@@ -37,7 +37,7 @@ from retrieval.errors import UserError
 BASE_URL_ENV = "RETRIEVAL_DOWNLOAD_BASE_URL"
 TIMEOUT_S = 20  # per connect/read: an offline machine fails in seconds, not minutes
 CHUNK = 1 << 20
-OFFLINE_HINT = ("download the archives yourself and unpack them into the data folder (layouts in the README), "
+OFFLINE_HINT = ("download the archives yourself and unpack them into the data folder (layouts in docs/datasets.md), "
                 "or work offline with --dataset synthetic or --dataset csv")
 
 

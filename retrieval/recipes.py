@@ -1,8 +1,8 @@
 """Named training recipes: train_dual_encoder.py --recipe NAME takes them as its defaults (flags given
 on the command line still win). The one definition used by bench/bench_train.py, submit_job.sh and
-the README, so a recipe cannot drift between them.
+the docs (docs/training.md, docs/benchmarks.md), so a recipe cannot drift between them.
 
-    bench  the Flickr8k benchmark (README "Benchmarks"): frozen EfficientNet-Lite2 (multi-stage pooling)
+    bench  the Flickr8k benchmark (docs/benchmarks.md): frozen EfficientNet-Lite2 (multi-stage pooling)
            + MiniLM layers 0/2/4/6, 4 cached train views, MLP heads with input dropout 0.4, a 2 x 256
            head ensemble joined into one 512-d embedding, mirror-averaged test images, 30 epochs.
     demo   the Quickstart (submit_job.sh): frozen EfficientNet-Lite0 at 128 px (the synthetic images are 96 px;
