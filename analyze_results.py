@@ -20,6 +20,7 @@ from retrieval import analysis, findings, operating_points, report
 from retrieval.bootstrap import Settings
 from retrieval.errors import cli
 from retrieval.io import atomic_path, write_json
+from retrieval.runs import AnalysisError, load_runs, split_invalid
 
 
 def parse_args(argv=None):
@@ -51,9 +52,9 @@ def parse_args(argv=None):
 def check_args(args):
     """Flag faults as one error line, before any file is read; returns (requirements, objective)."""
     if args.bootstrap < 0:
-        raise analysis.AnalysisError(f"--bootstrap {args.bootstrap}: must be >= 0 (0 = no intervals)")
+        raise AnalysisError(f"--bootstrap {args.bootstrap}: must be >= 0 (0 = no intervals)")
     if not 0 < args.confidence < 1:
-        raise analysis.AnalysisError(f"--confidence {args.confidence}: must be between 0 and 1, e.g. 0.95")
+        raise AnalysisError(f"--confidence {args.confidence}: must be between 0 and 1, e.g. 0.95")
     requirements = [operating_points.parse_requirement(text) for text in args.require]
     objective = operating_points.parse_objective(args.objective) if args.objective else None
     return requirements, objective
@@ -66,14 +67,14 @@ def main(argv=None):
     output_path = args.output_path or os.path.join(args.results_dir, "experiment_summary.json")
     out_dir = os.path.dirname(os.path.abspath(output_path))
     plots_dir = args.plots_dir or os.path.join(args.results_dir, "plots")
-    runs, invalid = analysis.split_invalid(analysis.load_runs(args.results_dir), args.results_dir)
+    runs, invalid = split_invalid(load_runs(args.results_dir), args.results_dir)
     for bad in invalid:
         print(f"warning: {os.path.join(args.results_dir, bad['file'])}: {bad['reason']}; left out of the analysis",
               file=sys.stderr)
     frame = analysis.runs_frame(runs)
     known = analysis.metric_columns(frame)
     if known and args.metric not in known:
-        raise analysis.AnalysisError(f"--metric {args.metric}: not a metric of these runs (have: {', '.join(known)})")
+        raise AnalysisError(f"--metric {args.metric}: not a metric of these runs (have: {', '.join(known)})")
     settings = Settings(args.bootstrap, args.confidence, args.seed)
     frame, summary = analysis.analyse(frame, runs, args.metric, args.results_dir, settings, invalid)
     operating_points.check_columns(frame, requirements, objective)

@@ -16,10 +16,12 @@ import time
 
 from tqdm import tqdm
 
-from retrieval import indexes, metrics, sweep, timing
+from retrieval import indexes, inputs, metrics, runs, sweep, timing
 from retrieval.env import pick_device, seed_everything
 from retrieval.errors import HelpFormatter, cli
+from retrieval.grid import build_grid, run_name, shard_block
 from retrieval.io import ranks_path
+from retrieval.sweep_settings import SweepSettings
 
 
 def parse_args(argv=None):
@@ -120,25 +122,25 @@ def parse_args(argv=None):
     except (ValueError, AssertionError):
         parser.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
     # The settings' fields are named after their flags.
-    fields = dataclasses.fields(sweep.SweepSettings)
-    settings = sweep.SweepSettings(**{f.name: getattr(args, f.name) for f in fields})
+    fields = dataclasses.fields(SweepSettings)
+    settings = SweepSettings(**{f.name: getattr(args, f.name) for f in fields})
     return args, settings, shard
 
 
-def summary_line(name, config, result):
-    if "skipped" in result:
-        return f"{name}: skipped ({result['skipped']})"
-    m, s, mem = result["metrics"], result["speed"], result["memory"]
+def summary_line(name, config, record):
+    if record.skipped is not None:
+        return f"{name}: skipped ({record.skipped})"
+    m, s, mem = record.metrics, record.speed, record.memory
     directions = config["directions"]
     qps = " ".join(f"{d} {s[f'{d}_qps']:.0f}" for d in directions)
     return (f"{name}: {metrics.format_metrics(m, config['k_values'], directions)} | qps {qps} | "
             f"{mem['bytes_per_vector']} B/vec x{mem['compression_ratio']:.1f}")
 
 
-def dry_run(grid, todo, names, runs_dir, shard):
+def dry_run(configs, todo, names, runs_dir, shard):
     """Print the shard's part of the grid and whether each run file exists; return their paths."""
-    print(f"grid: {len(grid)} configurations, shard {shard[0]}/{shard[1]}: {len(todo)}")
-    for i, (config, skip, _) in todo:
+    print(f"grid: {len(configs)} configurations, shard {shard[0]}/{shard[1]}: {len(todo)}")
+    for i, (_, skip, _) in todo:
         done = os.path.exists(os.path.join(runs_dir, names[i] + ".json"))
         print(f"{i:5d} {'done' if done else 'todo'} {names[i]}" + (f"  [skip: {skip}]" if skip else ""))
     return [os.path.join(runs_dir, names[i] + ".json") for i, _ in todo]
@@ -148,11 +150,11 @@ def existing_runs(todo, names, runs_dir, fits):
     """Grid positions of the shard's run files already written (skipped by this sweep), each checked, before
     anything is written, to have been fitted on this sweep's fit set (sweep.check_same_fit)."""
     done = set()
-    for i, (_, _, file_index) in todo:
+    for i, entry in todo:
         path = os.path.join(runs_dir, names[i] + ".json")
         record = sweep.existing_result(path)
         if record is not None:
-            sweep.check_same_fit(path, record, fits[file_index])
+            sweep.check_same_fit(path, record, fits[entry.file_index])
             done.add(i)
     return done
 
@@ -164,39 +166,36 @@ def main(argv=None):
     device = pick_device(args.device)
     threads = timing.set_threads(settings.threads)
     with concurrent.futures.ThreadPoolExecutor(max(1, args.num_workers)) as pool:
-        files, fits, distractors = sweep.load_inputs(settings, args.data_path, args.fit_path, pool)
-        grid = sweep.build_grid(settings, files, fits)
-        todo = sweep.shard_block(list(enumerate(grid)), *shard)
+        loaded = inputs.load_inputs(settings, args.data_path, args.fit_path, pool)
+        configs = build_grid(settings, loaded.files, loaded.fits)
+        todo = shard_block(list(enumerate(configs)), *shard)
         runs_dir = os.path.join(args.output_dir, "runs")
-        names = {i: sweep.run_name(config, files[f][1].attrs) for i, (config, _, f) in todo}
+        names = {i: run_name(entry.config, loaded.files[entry.file_index][1].attrs) for i, entry in todo}
         if args.dry_run:
-            return dry_run(grid, todo, names, runs_dir, shard)
+            return dry_run(configs, todo, names, runs_dir, shard)
         os.makedirs(runs_dir, exist_ok=True)
         sweep.remove_stale_temp_files(runs_dir)
-        env = sweep.environment_record(threads)
-        written, group, group_key = [], None, None
-        done = set() if args.overwrite else existing_runs(todo, names, runs_dir, fits)
+        env = runs.environment_record(threads)
+        written, groups = [], sweep.Groups(settings, loaded, pool, device)
+        done = set() if args.overwrite else existing_runs(todo, names, runs_dir, loaded.fits)
         progress = tqdm(todo, desc="configs", unit="cfg")
-        for i, (config, skip, file_index) in progress:
+        for i, entry in progress:
             path = os.path.join(runs_dir, names[i] + ".json")
             if i in done:
                 continue
-            emb, fit = files[file_index][1], fits[file_index]
-            if skip:
-                record = sweep.skipped_record(config, skip, emb, env)
+            config, emb = entry.config, loaded.files[entry.file_index][1]
+            if entry.skip:
+                record = runs.skipped_record(config, entry.skip, emb, env)
+                runs.write_run(path, record)
             else:
                 start = time.perf_counter()
-                # The grid keeps a group's configurations together: build its vectors/indexes once.
-                key = (file_index, config["gallery_size"], config["dim"], config["dim_method"])
-                if key != group_key:
-                    group, group_key = None, key  # free the previous group's indexes first
-                    group = sweep.Group(settings, emb, fit, config, distractors[file_index], pool, device)
+                group = groups.of(entry)
                 evaluated = sweep.evaluate_config(settings, group, config)
-                record = sweep.result_record(config, evaluated, emb, fit, env, vars(args), time.perf_counter() - start,
-                                             os.path.basename(ranks_path(path)))
-            # The rank file's caption -> image map is the queries' own (a --max_queries sample's images are 0..n-1).
-            ranks, text_to_image = (None, None) if skip else (evaluated[3], group.query_sample.text_to_image)
-            sweep.write_run(path, record, ranks, text_to_image)
+                record = runs.result_record(config, evaluated, emb, loaded.fits[entry.file_index].record(), env,
+                                            vars(args), time.perf_counter() - start, os.path.basename(ranks_path(path)))
+                # The rank file's caption -> image map is the queries' own (a --max_queries sample's images are
+                # 0..n-1).
+                runs.write_run(path, record, evaluated.ranks, group.query_sample.text_to_image)
             written.append(path)
             progress.write(summary_line(names[i], config, record))
         progress.close()

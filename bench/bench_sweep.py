@@ -24,6 +24,9 @@ sys.path.insert(0, ROOT)
 
 import run_experiments  # noqa: E402  (the harness under test is the sweep's own)
 from retrieval import indexes, sweep, timing  # noqa: E402
+from retrieval.grid import build_grid  # noqa: E402
+from retrieval.group import Group  # noqa: E402
+from retrieval.inputs import load_inputs  # noqa: E402
 from retrieval.env import environment, pick_device  # noqa: E402
 from retrieval.io import Embeddings, l2_normalize, make_attrs, read_embeddings, write_embeddings, write_json  # noqa: E402
 
@@ -85,9 +88,9 @@ def harness_group(data_path, threads, precisions, min_time):
             "--precisions", *precisions, "--candidate_sizes", "--recall_k", "1", "5", "10"]
     _, settings, _ = run_experiments.parse_args(argv)
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    files, fits, _ = sweep.load_inputs(settings, [data_path], [], pool)
-    grid = sweep.build_grid(settings, files, fits)
-    group = sweep.Group(settings, files[0][1], fits[0], grid[0][0], None, pool, pick_device("cpu"))
+    files, fits, _ = load_inputs(settings, [data_path], [], pool)
+    grid = build_grid(settings, files, fits)
+    group = Group(settings, files[0][1], fits[0], grid[0].config, None, pool, pick_device("cpu"))
     return settings, group
 
 
@@ -96,11 +99,11 @@ def bench_overhead(data_path, threads, precisions, k=10, repeats=5, min_time=0.5
     with a query-side stage, transform + search end to end) vs a bare FAISS loop on the same index and
     the same query batches, interleaved `repeats` times so a drifting machine load hits both alike."""
     settings, group = harness_group(data_path, threads, precisions, min_time)
-    batches = group.directions["t2i"]["query_batches"]
+    batches = group.directions["t2i"].query_batches
     results = {}
     for precision in precisions:
         entry = group.built(precision, "flat", {})["t2i"]
-        searcher = entry["searcher"]
+        searcher = entry.built.searcher
         # The bare loop encodes each batch itself (binary / itq: rotation + sign bits; opq: the OPQ rotation).
         bare_search = (lambda b, n: searcher.index.search(searcher.encode(b), n)) if searcher.encode \
             else searcher.index.search

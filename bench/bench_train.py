@@ -30,6 +30,7 @@ import analyze_results  # noqa: E402
 import run_experiments  # noqa: E402
 import train_dual_encoder  # noqa: E402  (bench scripts drive the real CLI)
 from retrieval import analysis, env, io  # noqa: E402
+from retrieval.runs import load_runs  # noqa: E402
 from retrieval.recipes import RECIPES  # noqa: E402
 from retrieval.towers import IMAGE_ENCODERS  # noqa: E402
 
@@ -73,7 +74,7 @@ def frontier(dev_path, test_path, folder, method, fit_path=None):
         sweep(dims, FRONTIER_PRECISIONS, codes)
     sweep(FRONTIER_RQ_DIMS, ["rq"], FRONTIER_PQ_SUBDIMS, "--max_code_bytes", str(FRONTIER_RQ_MAX_BYTES))
     analyze_results.main(["--results_dir", folder, "--metric", "t2i_R@1", "--no_plots"])
-    frame = analysis.completed(analysis.runs_frame(analysis.load_runs(folder)))
+    frame = analysis.completed(analysis.runs_frame(load_runs(folder)))
     dev, test = frame[frame["split"] == "dev"], frame[frame["split"] == "test"].set_index("label")
     rows = {budget: {"bytes_per_vector": budget} for budget in FRONTIER_BUDGETS}
     for direction in ("t2i", "i2t"):

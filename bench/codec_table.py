@@ -16,7 +16,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from retrieval import analysis, bootstrap  # noqa: E402
+from retrieval import bootstrap  # noqa: E402
+from retrieval.runs import load_runs  # noqa: E402
 
 PAIRS = (("pq", "opq"), ("pq", "rq"), ("binary", "itq"))
 
@@ -48,7 +49,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_path", default=None, help="the evaluated file, when the folder swept several")
     args = parser.parse_args(argv)
-    runs = analysis.load_runs(args.results_dir)
+    runs = load_runs(args.results_dir)
     chosen = flat_runs(runs, args.data_path)
     ids = {key: os.path.splitext(os.path.basename(run["_file"]))[0] for key, run in chosen.items()}
     ranked, notes = bootstrap.load(args.results_dir, {ids[key]: run for key, run in chosen.items()})

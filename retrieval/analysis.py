@@ -8,14 +8,10 @@ comparison happens inside one group: numbers from different datasets or encoders
 Inside a group the headline analysis uses the real gallery (the smallest gallery size, see
 main_runs); larger galleries (distractors added by `--gallery_sizes`) only feed the scaling tables.
 
-Run files are the ones run_experiments.py writes (records built by retrieval/sweep.py): config, metrics,
-speed, memory, env, data (the embeddings file's attributes), fit, args. The constants below name the
-keys read from them.
+Run files are read, upgraded and flattened into rows by retrieval/runs.py (the run record's one home);
+this module starts from the frame of those rows (runs_frame).
 """
-import glob
-import json
 import math
-import os
 import re
 from collections import Counter
 
@@ -23,33 +19,12 @@ import numpy as np
 import pandas as pd
 
 from retrieval import bootstrap
-from retrieval.errors import UserError
-from retrieval.indexes import PRECISIONS
 from retrieval.metrics import DIRECTIONS
+from retrieval.runs import CODEC_KEYS, KNOB_KEYS, OOD_KEYS, data_attrs, family_label, index_label, precision_rank, \
+    run_id, run_row
 
-# Read from the run's "config".
-CONFIG_KEYS = ("dim", "native_dim", "dim_method", "precision", "candidate_size", "index", "gallery_size",
-               "data_path")
-# IVF / HNSW knobs read from the run's config.index_params (each value of a search knob is its own run).
-KNOB_KEYS = ("nlist", "nprobe", "hnsw_m", "ef_search")
-# Read from config.index_params too: a pq / opq / rq code's codebook count (run_experiments.py --pq_subdim).
-CODEC_KEYS = ("pq_m",)
-BUILD_KNOB = {"ivf": "nlist", "hnsw": "hnsw_m"}
-SEARCH_KNOB = {"ivf": "nprobe", "hnsw": "ef_search"}
-KNOB_NAMES = {"hnsw_m": "M"}  # how a label shows a knob (HNSW's M is what FAISS and papers call it)
-# Written once per run under "memory".
-MEMORY_KEYS = ("bytes_per_vector", "total_bytes_per_vector", "compression_ratio", "peak_rss_bytes")
-# Written once per direction ("t2i_qps", "i2t_index_bytes", ...), and the section that holds them.
-DIRECTIONAL_KEYS = {"qps": "speed", "latency_p50_ms": "speed", "latency_p95_ms": "speed",
-                    "latency_p99_ms": "speed", "build_s": "speed", "index_bytes": "memory"}
-# The plain memory/speed columns in summary.csv order (the per-direction ones follow them).
-COST_COLUMNS = ("bytes_per_vector", "total_bytes_per_vector", "index_bytes", "compression_ratio", "peak_rss_bytes",
-                "qps", "latency_p50_ms",
-                "latency_p95_ms", "latency_p99_ms", "build_s")
+# Read from every run's "env" (environment_summary).
 ENV_KEYS = ("hostname", "cpu", "cpu_count", "threads", "gpu", "git_commit", "python", "numpy", "faiss", "torch")
-# The out-of-distribution numbers the sweep stores under metrics.ood of an fp32 exact run on a padded gallery
-# (mean top-1 cosine to the image gallery of the text queries and of the real images; gap = image - text).
-OOD_KEYS = ("text_top1_cosine", "image_top1_cosine", "gap")
 # Frontier costs, and whether less of that cost is better. total_bytes_per_vector adds the fp32 vectors that
 # a re-ranked configuration reads in stage 2 to the index's bytes.
 PARETO_COSTS = (("bytes_per_vector", True), ("total_bytes_per_vector", True), ("latency_p50_ms", True),
@@ -59,228 +34,14 @@ MEMORY_COSTS = ("bytes_per_vector", "total_bytes_per_vector")
 BASELINE_COLUMNS = ["run_id", "label", "data_path", "bytes_per_vector", "total_bytes_per_vector", "qps",
                     "latency_p50_ms"]
 BASELINE_EXTRA = ["dim"] + [f"{d}_{name}" for d in DIRECTIONS for name in ("qps", "latency_p50_ms")]
-# The sections of a run file whose numbers reach a table, a ranking or the summary JSON: a NaN or infinity in
-# any of them makes the run invalid (json.load reads NaN / Infinity tokens; no measurement should give one).
-CHECKED_SECTIONS = ("config", "metrics", "speed", "memory", "env", "data")
 # Ratios of a run to its baseline (add_baseline_ratios) besides retention: ratio column -> measured column.
 BASELINE_RATIOS = {"memory_fraction": "bytes_per_vector", "qps_ratio": "qps", "latency_ratio": "latency_p50_ms"}
-
-
-class AnalysisError(UserError):
-    """The results folder cannot be analysed; str() names the folder or file and the fault."""
-
-
-def data_attrs(run):
-    """The embeddings file's attributes (dataset, split, model, ...) stored under the run's "data"."""
-    data = run.get("data")
-    return data if isinstance(data, dict) and ("dataset" in data or "model" in data) else {}
-
-
-def run_id(run):
-    return os.path.splitext(os.path.basename(run["_file"]))[0]
-
-
-# ----------------------------------------------------------------------------- loading
-
-def load_runs(results_dir):
-    """All run JSONs under <results_dir>/runs/ (sorted by name). Raises AnalysisError when there are none."""
-    if not os.path.isdir(results_dir):
-        raise AnalysisError(f"{results_dir}: folder not found")
-    runs_dir = os.path.join(results_dir, "runs")
-    paths = sorted(glob.glob(os.path.join(runs_dir, "*.json")))
-    if not paths:
-        raise AnalysisError(f"{results_dir}: no run files ({os.path.join(results_dir, 'runs', '*.json')}); "
-                            "run run_experiments.py --output_dir on this folder first")
-    runs = []
-    for path in paths:
-        try:
-            with open(path) as f:
-                run = json.load(f)
-        except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8
-            raise AnalysisError(f"{path}: not a readable JSON file ({e})") from None
-        if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
-            raise AnalysisError(f"{path}: not a run file (no 'config' object)")
-        run["_file"] = os.path.relpath(path, results_dir)
-        runs.append(run)
-    return runs
-
-
-def non_finite_fields(run):
-    """[("memory.bytes_per_vector", "Infinity"), ...]: where the numbers of the run's CHECKED_SECTIONS are NaN or
-    infinite (or an integer too large for a float), and how the run file spells them."""
-    return [found for section in CHECKED_SECTIONS for found in _non_finite(run.get(section), section)]
-
-
-def _non_finite(value, where):
-    if isinstance(value, dict):
-        return [found for key, item in value.items() for found in _non_finite(item, f"{where}.{key}")]
-    if isinstance(value, list):
-        return [found for i, item in enumerate(value) for found in _non_finite(item, f"{where}[{i}]")]
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or _finite(value):
-        return []
-    if isinstance(value, int):
-        return [(where, "an integer beyond the float range")]
-    return [(where, "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity"))]
-
-
-def _finite(number):
-    try:
-        return math.isfinite(number)
-    except OverflowError:  # an integer too large for a float (JSON allows any number of digits)
-        return False
-
-
-def split_invalid(runs, results_dir):
-    """(valid runs, invalid): a run with a non-finite number is left out of every table, ranking, frontier and
-    operating point; invalid lists each as {"file", "run_id", "fields", "reason"}. Raises AnalysisError when
-    no run is valid."""
-    valid, invalid = [], []
-    for run in runs:
-        found = non_finite_fields(run)
-        if not found:
-            valid.append(run)
-            continue
-        reason = "; ".join(f"{where} is {shown}" for where, shown in found)
-        invalid.append({"file": run["_file"], "run_id": run_id(run), "fields": [where for where, _ in found],
-                        "reason": f"non-finite number ({reason})"})
-    if not valid:
-        raise AnalysisError(f"{results_dir}: all {len(runs)} run files are invalid, e.g. "
-                            f"{os.path.join(results_dir, invalid[0]['file'])}: {invalid[0]['reason']}")
-    return valid, invalid
-
-
-def candidate_label(row):
-    """'exact', 'no rerank' or 'C=<size>': how the final ranking was produced."""
-    if row["exact"]:
-        return "exact"
-    if not row["rerank"]:
-        return "no rerank"
-    return f"C={int(row['candidate_size'])}"
-
-
-def config_label(row):
-    """Short human name of a configuration, e.g. 'int8 256d C=100' or 'int8 256d C=100 [ivf nlist=128 nprobe=16]'
-    (index and its knobs shown when not flat, so runs at different knob values get different names)."""
-    return f"{family_label(row)} {row['candidate']}" + index_label(row)
-
-
-def codec_label(row):
-    """The precision, a product or residual code with its codebooks as FAISS names them ('pq8x8', 'rq8x8': 8 of
-    8 bits), since --pq_subdim can put several codes of one precision and dim in a sweep."""
-    precision = str(row["precision"])
-    pq_m = _number(row.get("pq_m"))
-    return precision if pq_m is None or math.isnan(pq_m) else f"{precision}{int(pq_m)}x8"
-
-
-def family_label(row):
-    """'int8 256d (pca)': codec and dim, the part of a label that neither candidates nor index change."""
-    precision = codec_label(row)
-    label = f"{precision} {int(row['dim'])}d" if row.get("dim") is not None else precision
-    if row.get("dim_method") and row.get("native_dim") is not None and row.get("dim") is not None \
-            and int(row["dim"]) < int(row["native_dim"]):
-        label += f" ({row['dim_method']})"
-    return label
-
-
-def index_label(row, search_knob=True):
-    """' [ivf nlist=128 nprobe=16]' for a non-flat index ('' for flat); search_knob=False leaves nprobe /
-    ef_search out (the name of a knob curve, which runs through them)."""
-    index = row.get("index")
-    if not index or str(index).lower() in ("flat", "none"):
-        return ""
-    knobs = [BUILD_KNOB.get(index)] + ([SEARCH_KNOB.get(index)] if search_knob else [])
-    shown = [f"{KNOB_NAMES.get(k, k)}={int(row[k])}" for k in knobs if k and _number(row.get(k)) is not None]
-    return f" [{' '.join([str(index)] + shown)}]"
-
-
-def precision_rank(precision):
-    """Sort key: the known precisions in retrieval.indexes order (a product code named with its
-    sub-quantizers, 'pq8x8', beside its precision), then any other name alphabetically."""
-    code = re.fullmatch(r"([a-z]+)(\d+)x8", str(precision))
-    if code and code.group(1) in PRECISIONS:
-        return PRECISIONS.index(code.group(1)), f"{int(code.group(2)):06d}"
-    return (PRECISIONS.index(precision), "") if precision in PRECISIONS else (len(PRECISIONS), str(precision))
-
-
-def precision_order(values):
-    return sorted(dict.fromkeys(values), key=precision_rank)
-
-
-def _number(value):
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def speed_column(frame, name, direction):
     """'t2i_latency_p50_ms' when the runs timed that direction, else the plain column."""
     column = f"{direction}_{name}"
     return column if column in frame.columns and frame[column].notna().any() else name
-
-
-def _slug(text):
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "unknown"
-
-
-def run_row(run):
-    """One flat row (a dict) for one run JSON: config, metrics, speed, memory, source."""
-    attrs, config, memory = data_attrs(run), run["config"], run.get("memory") or {}
-    row = {"run_id": run_id(run), "file": run["_file"]}
-    for name in ("dataset", "split", "model"):
-        row[name] = str(attrs.get(name, "unknown"))
-    row["group"] = _slug(f"{row['dataset']}_{row['split']}_{row['model']}")
-    skipped = run.get("skipped")
-    row["status"] = "skipped" if skipped else "ok"
-    row["skipped_reason"] = str(skipped) if skipped else ""
-    row.update({name: config.get(name) for name in CONFIG_KEYS})
-    params = config.get("index_params") if isinstance(config.get("index_params"), dict) else {}
-    row.update({name: _number(params.get(name)) for name in KNOB_KEYS + CODEC_KEYS})
-    row["exact"], row["rerank"] = bool(config.get("exact")), bool(config.get("rerank"))
-    row["candidate"] = candidate_label(row)
-    row["label"] = config_label(row)
-    row["distractors"], row["distractors_synthetic"] = distractor_source(config.get("distractors"))
-    ood = (run.get("metrics") or {}).get("ood")
-    row.update({f"ood_{key}": _number((ood if isinstance(ood, dict) else {}).get(key)) for key in OOD_KEYS})
-    for name in COST_COLUMNS:  # per-direction values are filled in below; this fixes the column order
-        row[name] = _number(memory.get(name)) if name in MEMORY_KEYS else None
-    if row["total_bytes_per_vector"] is None and not skipped:
-        row["total_bytes_per_vector"] = total_bytes(row)
-    for name, section in DIRECTIONAL_KEYS.items():
-        values = run.get(section) or {}
-        for d in DIRECTIONS:
-            row[f"{d}_{name}"] = _number(values.get(f"{d}_{name}"))
-        # run_experiments.py times each direction separately; the plain column is the first direction
-        # timed (text→image when both were), so runs of either direction have one column to compare.
-        row[name] = next((row[f"{d}_{name}"] for d in DIRECTIONS if row[f"{d}_{name}"] is not None), None)
-    for key, value in (run.get("metrics") or {}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
-            row[same_dim_name(key)] = value
-    return row
-
-
-def distractor_source(entry):
-    """(source, synthetic) of a run's config.distractors: "gaussian" or its files joined with ' + ' (runs from
-    before the list recorded one file), and whether they are synthetic; (None, None) on the real gallery."""
-    if not isinstance(entry, dict):
-        return None, None
-    source = entry.get("source")
-    files = source if isinstance(source, list) else None
-    synthetic = entry.get("synthetic", source == "gaussian")
-    return (" + ".join(map(str, files)) if files is not None else str(source)), bool(synthetic)
-
-
-def total_bytes(row):
-    """Index bytes plus, for a re-ranked run, the fp32 vectors at its dim that stage 2 reads (what the sweep
-    writes as memory.total_bytes_per_vector; runs written before it have only the index bytes)."""
-    if row["bytes_per_vector"] is None:
-        return None
-    return row["bytes_per_vector"] + (4.0 * row["dim"] if row["rerank"] and row.get("dim") is not None else 0.0)
-
-
-def same_dim_name(key):
-    """The sweep's '<d>_retention_<m>' is measured against fp32 exact at the run's OWN dim; it is renamed
-    '<d>_retention_same_dim_<m>', and '<d>_retention_<m>' holds retention against the group's fp32 exact
-    baseline (add_baseline_ratios), the meaning a requirement such as t2i_retention_R@1>=99 expects."""
-    match = re.fullmatch(r"(t2i|i2t)_retention_(.+)", key)
-    return f"{match.group(1)}_retention_same_dim_{match.group(2)}" if match else key
 
 
 def runs_frame(runs):

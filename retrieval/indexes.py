@@ -34,6 +34,9 @@ scalar quantizers, PQ, OPQ (decode includes OPQ's inverse rotation) and RQ, and 
 code_rotation). decoded_gallery / compressed_queries return those two sides so the full ranking
 under the compressed scores can be computed with metrics.exact_ranks.
 """
+from __future__ import annotations
+
+import dataclasses
 import functools
 import sys
 import time
@@ -287,6 +290,12 @@ def ivf_lists(gallery_size, params):
 def wanted_lists(gallery_size, params):
     """The lists asked for: --nlist, else the rule of thumb ~4*sqrt(N) (before any cap by the fit set)."""
     return int(params["nlist"]) if params.get("nlist") else int(round(4 * np.sqrt(max(1, gallery_size))))
+
+
+def ivf_sample_size(index_type: str, gallery_size: int, distractors: int, params: dict) -> int:
+    """Distractor rows an index trains on besides the fit set: ivf_distractor_rows for IVF, none for the others
+    (the grid and the group's builds both count with it, so a config's nlist is its build's)."""
+    return ivf_distractor_rows(gallery_size, distractors, params) if index_type == "ivf" else 0
 
 
 def ivf_distractor_rows(gallery_size, distractors, params):
@@ -753,3 +762,50 @@ def bytes_per_vector(index, precision, dim):
     if isinstance(index, faiss.IndexHNSW):
         return int(faiss.downcast_index(index.storage).sa_code_size())
     return int(index.sa_code_size())
+
+
+# ----------------------------------------------------------------------------- one built index
+
+def build_knobs(precision: str, index_type: str, index_params: dict, dim: int) -> tuple:
+    """The build-time knobs of a configuration's index_params, as sorted (name, value) pairs: IVF lists, HNSW
+    links, and a pq / opq / rq code's dims per codebook; the search-time knobs (nprobe, efSearch) are not
+    among them, so one built index serves every value of those."""
+    knobs = {"nlist": index_params.get("nlist")} if index_type == "ivf" else \
+        {"hnsw_m": index_params.get("hnsw_m")} if index_type == "hnsw" else {}
+    if precision in PQ_CODES:  # the config records M, the sub-quantizer count: M = dim / pq_subdim
+        knobs["pq_subdim"] = dim // index_params["pq_m"]
+    return tuple(sorted(knobs.items()))
+
+
+def ivf_fit_set(fit_vectors: np.ndarray, gallery: np.ndarray, real_rows: int, count: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """What an IVF index of a padded gallery trains on: the fit vectors, then `count` of the gallery's
+    distractor rows (those after its `real_rows`), drawn by `rng` without replacement, in gallery order
+    (ivf_distractor_rows says how many and why); never a real gallery item."""
+    rows = real_rows + np.sort(rng.choice(gallery.shape[0] - real_rows, size=count, replace=False))
+    return np.concatenate([fit_vectors, gallery[rows]])
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltIndex:
+    """An index built over one gallery, with what the sweep records of it and how it is searched."""
+    index: object
+    timing: dict  # build_index's timings, plus "coarse_shared" for IVF (its k-means ran for an earlier index)
+    bytes: int  # serialized_bytes
+    bytes_per_vector: int
+    searcher: Searcher  # device_searcher: on a GPU when there is one
+    codes: list  # the query batches as the index takes them (searcher.encode), encoded once, untimed
+
+
+def build(precision: str, gallery: np.ndarray, fit_vectors: np.ndarray, index_type: str, params: dict,
+          query_batches: list, device, coarse: Coarse | None = None, coarse_shared: bool = False) -> BuiltIndex:
+    """The one way the sweep builds an index: build_index, its memory, and its searcher on `device` with the
+    query batches encoded for it. coarse / coarse_shared: the coarse quantizer a float IVF index gets and
+    whether an earlier build trained it."""
+    index, timings = build_index(precision, gallery, fit_vectors, index_type, params, coarse)
+    if index_type == "ivf":
+        timings["coarse_shared"] = coarse_shared
+    searcher = device_searcher(index, precision, device)
+    codes = [searcher.encode(b) for b in query_batches] if searcher.encode else query_batches
+    return BuiltIndex(index, timings, serialized_bytes(index), bytes_per_vector(index, precision, gallery.shape[1]),
+                      searcher, codes)

@@ -169,6 +169,7 @@ def test_every_metric_equals_brute_force(tmp_path):
 
 def test_pq_subdim_values_are_codes_of_their_own_and_match_brute_force(tmp_path):
     from retrieval import analysis
+    from retrieval.runs import load_runs as load_run_files
     data = random_file(tmp_path / "toy.npz", num_images=300, dim=16, noise=0.5)
     out = str(tmp_path / "result")
     run_experiments.main(["--data_path", data, "--output_dir", out, "--precisions", "pq", "--index", "flat", "hnsw",
@@ -189,7 +190,7 @@ def test_pq_subdim_values_are_codes_of_their_own_and_match_brute_force(tmp_path)
     r1 = {r["config"]["index_params"]["pq_m"]: r["metrics"]["t2i_R@1"] for r in done
           if r["config"]["index"] == "flat" and not r["config"]["rerank"]}
     assert r1[8] > r1[2]  # 2 dims per 8-bit code keep far more than 8 dims per code
-    frame = analysis.completed(analysis.runs_frame(analysis.load_runs(out)))
+    frame = analysis.completed(analysis.runs_frame(load_run_files(out)))
     labels = frame[frame["precision"] == "pq"]["label"]
     assert labels.is_unique and "pq8x8 16d C=20 [hnsw M=8 ef_search=64]" in set(labels), sorted(labels)
     # The report and its plots take the codes apart too (the re-ranking plot draws a line per code).
@@ -201,6 +202,7 @@ def test_pq_subdim_values_are_codes_of_their_own_and_match_brute_force(tmp_path)
 
 def test_rq_codes_match_brute_force_and_max_code_bytes_leaves_the_rest_to_a_later_sweep(tmp_path):
     from retrieval import analysis
+    from retrieval.runs import load_runs as load_run_files
     data = random_file(tmp_path / "toy.npz", num_images=300, dim=16, noise=0.5)
     out = str(tmp_path / "result")
     common = ["--data_path", data, "--output_dir", out, "--embedding_dims", "8", "--dim_method", "truncate",
@@ -222,7 +224,7 @@ def test_rq_codes_match_brute_force_and_max_code_bytes_leaves_the_rest_to_a_late
         assert result["memory"]["bytes_per_vector"] == result["config"]["index_params"]["pq_m"] <= 4
         if result["config"]["index"] == "flat":
             assert_metrics_match(result, reference_metrics(data, result["config"]))
-    frame = analysis.completed(analysis.runs_frame(analysis.load_runs(out)))
+    frame = analysis.completed(analysis.runs_frame(load_run_files(out)))
     assert "rq4x8 16d no rerank" in set(frame["label"]), sorted(frame["label"])
     # Without the cap the same folder runs what the cap left out (nothing was recorded for it) and keeps the rest.
     before = {os.path.basename(p): os.path.getmtime(p) for p in glob.glob(os.path.join(out, "runs", "*.json"))}
@@ -445,7 +447,7 @@ def test_rank_files_reproduce_every_run_and_resume_with_their_json(tmp_path):
 
 
 def test_knob_lists_give_one_config_each_and_build_each_index_once(tmp_path, monkeypatch):
-    from retrieval import sweep
+    from retrieval import grid
     data = random_file(tmp_path / "toy.npz", num_images=60, dim=16)
     builds = []
     real_build = indexes.build_index
@@ -481,7 +483,7 @@ def test_knob_lists_give_one_config_each_and_build_each_index_once(tmp_path, mon
                           and r["config"]["index_params"]["nlist"] == nlist)
         assert [p for p, _ in reranked] == [1, 2, 4]
         assert [v for _, v in reranked] == sorted(v for _, v in reranked)
-    assert sweep.knob_label(ivf[0]).startswith("nl")
+    assert grid.knob_label(ivf[0]).startswith("nl")
 
 
 def test_query_transform_is_its_own_timed_stage_and_search_excludes_binarising(tmp_path, monkeypatch):
@@ -531,22 +533,23 @@ def test_query_transform_is_its_own_timed_stage_and_search_excludes_binarising(t
 
 def sweep_inputs(argv, pool):
     """(settings, files, fits, distractors) as run_experiments.main loads them."""
-    from retrieval import sweep
+    from retrieval import inputs
     args, settings, _ = run_experiments.parse_args(argv)
-    return (settings, *sweep.load_inputs(settings, args.data_path, args.fit_path, pool))
+    return (settings, *inputs.load_inputs(settings, args.data_path, args.fit_path, pool))
 
 
 def first_group(settings, files, fits, distractors, pool):
     """The Group of the grid's first configuration (the fp32 exact run of the first gallery size)."""
-    from retrieval import sweep
+    from retrieval.grid import build_grid
+    from retrieval.group import Group
     from retrieval.env import pick_device
-    config, skip, _ = sweep.build_grid(settings, files, fits)[0]
-    return config, skip, sweep.Group(settings, files[0][1], fits[0], config, distractors[0], pool, pick_device("cpu"))
+    config, skip, _ = build_grid(settings, files, fits)[0]
+    return config, skip, Group(settings, files[0][1], fits[0], config, distractors[0], pool, pick_device("cpu"))
 
 
 def test_distractor_files_pad_in_the_order_given_and_split_names_the_sibling(tmp_path):
     import concurrent.futures
-    from retrieval import sweep
+    from retrieval import inputs
     from retrieval.errors import UserError
     from retrieval.io import read_embeddings
     data = random_file(tmp_path / "toy_test.npz", num_images=20, dim=16)
@@ -558,17 +561,17 @@ def test_distractor_files_pad_in_the_order_given_and_split_names_the_sibling(tmp
         settings, files, fits, distractors = sweep_inputs(argv, pool)
         config, skip, group = first_group(settings, files, fits, distractors, pool)
     assert config["distractors"] == {"source": paths, "synthetic": False, "count": 10} and skip is None
-    assert fits[0]["distractor_paths"] == paths and fits[0]["distractor_rows"] == 13  # 7 + 6 images bound both
+    assert fits[0].distractor_paths == paths and fits[0].distractor_rows == 13  # 7 + 6 images bound both
     real, first, second = (read_embeddings(p) for p in (data, train, extra))
     # 10 image rows: the sibling train file's 7, then 3 of the next file; 10 caption rows: the train file's.
     want_images = np.concatenate([real.image_embeddings, first.image_embeddings, second.image_embeddings])[:30]
     want_texts = np.concatenate([real.text_embeddings, first.text_embeddings, second.text_embeddings])[:110]
-    np.testing.assert_array_equal(group.directions["t2i"]["gallery"], want_images)
-    np.testing.assert_array_equal(group.directions["i2t"]["gallery"], want_texts)
-    assert sweep.sibling_split(os.path.join("coco_data", "flickr8k", "dual-x-d512_test.h5"), "train") == \
+    np.testing.assert_array_equal(group.directions["t2i"].gallery, want_images)
+    np.testing.assert_array_equal(group.directions["i2t"].gallery, want_texts)
+    assert inputs.sibling_split(os.path.join("coco_data", "flickr8k", "dual-x-d512_test.h5"), "train") == \
         os.path.join("coco_data", "flickr8k", "dual-x-d512_train.h5")
     with pytest.raises(UserError, match="needs a file named <name>_<split>"):
-        sweep.sibling_split(os.path.join("coco_data", "embeddings.npz"), "train")
+        inputs.sibling_split(os.path.join("coco_data", "embeddings.npz"), "train")
     # A gallery the files cannot fill is skipped with its reason; the one they can is run from them.
     out = str(tmp_path / "result")
     written = run_experiments.main(["--data_path", data, "--output_dir", out, "--gallery_sizes", "30", "40",
@@ -601,7 +604,7 @@ def test_bad_distractors_are_one_error_line_naming_the_file(tmp_path, distractor
 
 
 def test_ood_gap_equals_numpy_on_the_padded_image_gallery(tmp_path):
-    from retrieval import sweep
+    from retrieval import inputs
     from retrieval.io import read_embeddings
     data = random_file(tmp_path / "toy_test.npz", num_images=20, dim=16)
     extra = random_file(tmp_path / "extra.npz", num_images=30, dim=16, seed=5)
@@ -632,23 +635,23 @@ def test_ood_gap_equals_numpy_on_the_padded_image_gallery(tmp_path):
     rows[:7] = queries
     direct = queries @ rows.T
     np.fill_diagonal(direct, -np.inf)
-    np.testing.assert_allclose(sweep.top1_cosines(queries, rows, 3, exclude_own=True), direct.max(axis=1), rtol=1e-6)
-    np.testing.assert_allclose(sweep.top1_cosines(queries, rows, 2), (queries @ rows.T).max(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(inputs.top1_cosines(queries, rows, 3, exclude_own=True), direct.max(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(inputs.top1_cosines(queries, rows, 2), (queries @ rows.T).max(axis=1), rtol=1e-6)
 
 
 def test_only_the_directions_that_run_get_distractors(tmp_path, monkeypatch):
     import concurrent.futures
-    from retrieval import sweep
+    from retrieval import inputs
     data = random_file(tmp_path / "toy_test.npz", num_images=20, dim=16)
     extra = random_file(tmp_path / "extra.npz", num_images=6, dim=16, seed=4)  # 6 images, 30 captions
     made = []
-    real_gaussian_like = sweep.gaussian_like
+    real_gaussian_like = inputs.gaussian_like
 
     def recording_gaussian_like(vectors, count, rng):
         made.append((vectors.shape[0], count))
         return real_gaussian_like(vectors, count, rng)
 
-    monkeypatch.setattr(sweep, "gaussian_like", recording_gaussian_like)
+    monkeypatch.setattr(inputs, "gaussian_like", recording_gaussian_like)
     run_experiments.main(["--data_path", data, "--output_dir", str(tmp_path / "result"), "--gallery_sizes", "45",
                           "--embedding_dims", "8", "--precisions", "fp32", "--candidate_sizes", "--recall_k", "1",
                           "--min_time", "0", "--latency_queries", "2", "--num_workers", "1", "--directions", "t2i"])
@@ -661,12 +664,12 @@ def test_only_the_directions_that_run_get_distractors(tmp_path, monkeypatch):
             argv = ["--data_path", data, "--gallery_sizes", "30", "--directions", *directions]
             settings, files, fits, distractors = sweep_inputs(argv + ["--distractors", extra], pool)
             # File rows: only the modalities of the directions that run are gathered, and only they bound the count.
-            assert set(distractors[0]) == {sweep.GALLERY_ROWS[d][0] for d in directions}
-            assert fits[0]["distractor_rows"] == min({"t2i": 6, "i2t": 30}[d] for d in directions)
+            assert set(distractors[0]) == {inputs.GALLERY_ROWS[d][0] for d in directions}
+            assert fits[0].distractor_rows == min({"t2i": 6, "i2t": 30}[d] for d in directions)
             settings, files, fits, distractors = sweep_inputs(argv, pool)
             _, _, group = first_group(settings, files, fits, distractors, pool)
             assert list(group.directions) == directions
-            galleries[tuple(directions)] = {d: group.directions[d]["gallery"] for d in directions}
+            galleries[tuple(directions)] = {d: group.directions[d].gallery for d in directions}
     # Gaussian distractors of a direction do not depend on which other directions run.
     for direction in ("t2i", "i2t"):
         np.testing.assert_array_equal(galleries[(direction,)][direction], galleries[("t2i", "i2t")][direction])
@@ -705,11 +708,11 @@ def sampled_reference(emb, config, images, captions):
 
 
 def test_query_sample_keeps_whole_images_and_follows_the_seed():
-    from retrieval import sweep
+    from retrieval import inputs
     rng = np.random.default_rng(0)
     # 1 to 6 captions per image, captions in shuffled order: nothing relies on 5 captions in image order.
     text_to_image = rng.permutation(np.repeat(np.arange(50), rng.integers(1, 7, size=50)))
-    sample = sweep.sample_queries(text_to_image, 20, seed=3)
+    sample = inputs.sample_queries(text_to_image, 20, seed=3)
     images, captions = sample_of(text_to_image, 20, 3)
     np.testing.assert_array_equal(sample.images, images)
     np.testing.assert_array_equal(sample.captions, captions)
@@ -718,13 +721,13 @@ def test_query_sample_keeps_whole_images_and_follows_the_seed():
     # The rank file's map numbers the sampled images 0..19, each with all its captions.
     np.testing.assert_array_equal(sample.images[sample.text_to_image], text_to_image[sample.captions])
     np.testing.assert_array_equal(np.bincount(sample.text_to_image), np.bincount(text_to_image)[sample.images])
-    np.testing.assert_array_equal(sweep.sample_queries(text_to_image, 20, seed=3).captions, sample.captions)
-    assert not np.array_equal(sweep.sample_queries(text_to_image, 20, seed=4).images, sample.images)
+    np.testing.assert_array_equal(inputs.sample_queries(text_to_image, 20, seed=3).captions, sample.captions)
+    assert not np.array_equal(inputs.sample_queries(text_to_image, 20, seed=4).images, sample.images)
     vectors = rng.normal(size=(text_to_image.size, 4))
     np.testing.assert_array_equal(sample.pick(vectors, "t2i"), vectors[captions])
     # 0, or no fewer than the file's images: every image and caption, in the file's order, no copy.
     for n in (0, 50, 500):
-        every = sweep.sample_queries(text_to_image, n, seed=3)
+        every = inputs.sample_queries(text_to_image, n, seed=3)
         assert every.complete and every.pick(vectors, "t2i") is vectors
         np.testing.assert_array_equal(every.images, np.arange(50))
         np.testing.assert_array_equal(every.text_to_image, text_to_image)
@@ -911,7 +914,7 @@ def test_shared_coarse_quantizers_and_decodes_give_the_metrics_of_unshared_build
 
 
 def test_ivf_on_a_padded_gallery_trains_on_the_fit_set_and_a_seeded_sample_of_distractors(tmp_path, monkeypatch):
-    from retrieval import io, sweep
+    from retrieval import inputs, io
     data = random_file(tmp_path / "toy.npz", num_images=20, dim=16)
     fits = []
     count_calls(monkeypatch, "train_coarse", fits, lambda fit_codes, nlist: (fit_codes.copy(), nlist))
@@ -925,8 +928,8 @@ def test_ivf_on_a_padded_gallery_trains_on_the_fit_set_and_a_seeded_sample_of_di
     assert {r["config"]["index_params"]["nlist"] for r in runs if r["config"]["index"] == "ivf"} == {51}
     (fit_codes, nlist), = fits  # one k-means serves fp32 and int8
     emb = io.read_embeddings(data)
-    fit = {"images": emb.image_embeddings, "texts": emb.text_embeddings}
-    gallery = sweep.padded_gallery(emb, fit, 1980, None, 0, ["t2i"])["t2i"]
+    fit = inputs.FitSet("test", data, emb.image_embeddings, emb.text_embeddings)
+    gallery = inputs.padded_gallery(emb, fit, 1980, None, 0, ["t2i"])["t2i"]
     assert nlist == 51 and fit_codes.shape == (2000, 16)
     np.testing.assert_array_equal(fit_codes[:20], emb.image_embeddings)
     # the rest: every distractor row (the sample is all of them here), never a real gallery item
@@ -940,7 +943,7 @@ def test_ivf_on_a_padded_gallery_trains_on_the_fit_set_and_a_seeded_sample_of_di
     (one, lists), (two, _) = fits
     assert lists == 800 and one.shape[0] == 20 + 39 * 800
     np.testing.assert_array_equal(one, two)
-    big = sweep.padded_gallery(emb, fit, 39980, None, 0, ["t2i"])["t2i"]
+    big = inputs.padded_gallery(emb, fit, 39980, None, 0, ["t2i"])["t2i"]
     assert not (one[20:, None, :] == big[None, :20, :]).all(axis=2).any()  # no real image among the sample
     for a, b in zip(first, second):
         np.testing.assert_array_equal(io.read_ranks(io.ranks_path(a))["t2i"], io.read_ranks(io.ranks_path(b))["t2i"])
@@ -972,7 +975,8 @@ def test_chunked_full_ranking_equals_one_chunk_and_brute_force_with_ties(directi
 
 def test_full_ranking_memory_is_bounded_by_the_chunk_not_the_gallery():
     import tracemalloc
-    from retrieval import metrics, sweep
+    from retrieval import metrics
+    from retrieval.group import score_chunk
     rng = np.random.default_rng(0)
     text_to_image = np.repeat(np.arange(2000), 5)
     images = l2_normalize(rng.normal(size=(20000, 8))).astype(np.float32)  # 2000 real images + distractors
@@ -987,5 +991,5 @@ def test_full_ranking_memory_is_bounded_by_the_chunk_not_the_gallery():
         np.testing.assert_array_equal(ranks, metrics.exact_ranks(queries, gallery, text_to_image, direction, 400))
     # The sweep's chunk keeps a chunk's scores at 2^26 floats (256 MB) whatever the gallery.
     for rows in (1, 5000, 10 ** 6, 10 ** 8):
-        chunk = sweep.Group.chunk(None, rows)
+        chunk = score_chunk(rows)
         assert chunk >= 1 and (chunk == 1 or chunk * rows <= 1 << 26)
