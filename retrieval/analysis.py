@@ -1,7 +1,7 @@
 """From a folder of sweep results (one JSON per configuration) to the numbers behind
 analyze_results.py's summary, plots and REPORT.md: tables, Pareto frontiers, memory budgets and
-the comparisons the findings quote. This module only computes; report.py turns the stored tables
-into sentences and markdown, plots.py into pictures.
+the comparisons the findings quote. This module only computes; findings.py turns the stored tables
+into sentences, report.py into the markdown document, plots.py into pictures.
 
 Runs are grouped by (dataset, split, model) of the embeddings file they were measured on, and every
 comparison happens inside one group: numbers from different datasets or encoders are never mixed.

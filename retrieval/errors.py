@@ -3,7 +3,7 @@ that turns it into the `error: <file>: <fault>` line and exit code a script prin
 formatter the scripts share, so `--help` shows every real default and no empty ones.
 
 Library code raises `UserError("<file or flag>: <fault>")` (or a subclass: io.HandoffError,
-analysis.AnalysisError, download.DownloadError) and never exits the process; a script wraps its
+runs.AnalysisError, download.DownloadError) and never exits the process; a script wraps its
 `main` in `cli`, so a caller such as search.py or a test can catch the typed error, while a user
 at the shell sees one line and a non-zero status instead of a traceback.
 """

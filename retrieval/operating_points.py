@@ -166,7 +166,7 @@ def _describe(row: pd.Series, requirements: Sequence[Requirement], column: str) 
 
 
 def _plain(value: Any) -> float | None:
-    """A float, or None for a missing value (NaN). The runs' numbers are finite (analysis.split_invalid) and so
+    """A float, or None for a missing value (NaN). The runs' numbers are finite (runs.split_invalid) and so
     are the shortfalls from them, so an infinity here is a bug that io.write_json reports."""
     if value is None or isinstance(value, str):
         return None

@@ -81,7 +81,7 @@ def report_markdown(summary: Summary, frame: pd.DataFrame, plots: Mapping[str, S
 
 
 def _invalid_runs(invalid: Sequence[Row]) -> list[str]:
-    """The run files left out because they hold a NaN or infinite number (analysis.split_invalid)."""
+    """The run files left out because they hold a NaN or infinite number (runs.split_invalid)."""
     if not invalid:
         return []
     return ["## Invalid run files", "",
