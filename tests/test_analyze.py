@@ -1,5 +1,6 @@
 """analyze_results.py on hand-made results folders whose means and frontiers are computed by hand."""
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -74,8 +75,14 @@ def analyse(folder, *extra):
     return summary
 
 
-def test_means_frontier_budgets_match_hand_computation(tmp_path):
-    summary = analyse(hand_made(str(tmp_path)), "--no_plots")
+@pytest.fixture(scope="module")
+def hand_made_summary(tmp_path_factory):
+    """analyse() of hand_made's folder without plots: the summary whose numbers the next tests compute by hand."""
+    return analyse(hand_made(str(tmp_path_factory.mktemp("hand_made"))), "--no_plots")
+
+
+def test_means_match_hand_computation(hand_made_summary):
+    summary = hand_made_summary
     assert summary["runs_total"] == 6 and summary["runs_skipped"] == 1
     (group,) = summary["groups"]
     means = group["means"]
@@ -90,6 +97,9 @@ def test_means_frontier_budgets_match_hand_computation(tmp_path):
     assert means["direction"]["t2i"]["R@1"] == pytest.approx((50 + 45 + 50 + 30 + 48) / 5)
     assert means["direction"]["i2t"]["R@5"] == pytest.approx((90 + 88 + 90 + 70 + 89) / 5)
 
+
+def test_frontiers_match_hand_computation(hand_made_summary):
+    (group,) = hand_made_summary["groups"]
     # Memory frontier: D (2 B, 30) -> C (8 B, 50); B loses to C at the same size, E and A add no recall.
     memory_front = group["pareto"]["bytes_per_vector"]["t2i_R@1"]
     assert [p["run_id"] for p in memory_front] == ["D", "C"]
@@ -102,16 +112,27 @@ def test_means_frontier_budgets_match_hand_computation(tmp_path):
     # Throughput frontier (higher is better): D 3000 (30), B 2000 (45), C 1500 (50).
     assert [p["run_id"] for p in group["pareto"]["qps"]["t2i_R@1"]] == ["D", "B", "C"]
 
+
+def test_budgets_match_hand_computation(hand_made_summary):
+    (group,) = hand_made_summary["groups"]
     budgets = {b["budget_bytes_per_vector"]: b["run_id"] for b in group["budgets"]}
     # A ties C on t2i R@1 at 32 bytes: the smaller C wins.
     assert budgets == {2: "D", 4: "D", 8: "C", 16: "C", 32: "C"}
 
+
+def test_rows_match_hand_computation(hand_made_summary):
+    summary = hand_made_summary
+    (group,) = summary["groups"]
     rows = {r["run_id"]: r for r in summary["rows"]}
     assert rows["B"]["retention_t2i_R@1"] == pytest.approx(90.0)
     assert rows["B"]["memory_fraction"] == pytest.approx(0.25)
     assert rows["B"]["qps_ratio"] == pytest.approx(2.0)
     assert rows["F"]["status"] == "skipped" and "native dim" in rows["F"]["skipped_reason"]
     assert group["skipped"][0]["run_id"] == "F"
+
+
+def test_findings_state_the_hand_computed_numbers(hand_made_summary):
+    (group,) = hand_made_summary["groups"]
     text = " ".join(findings.findings(group))
     assert "int8 8d C=20 keeps 100.0% of fp32 t2i R@1 (50.0 vs 50.0) at 25.0% of the memory" in text
     assert "Re-ranking int8 8-d with fp32 vectors (best C=20) raises t2i R@1 from 45.0 to 50.0 (+5.0 points)" in text
@@ -167,15 +188,27 @@ def test_mixed_datasets_are_grouped_not_mixed(tmp_path):
     assert rows["O2"]["baseline_run"] == "O1" and rows["B"]["baseline_run"] == "A"
 
 
-def test_plots_are_valid_pngs_and_reruns_are_idempotent(tmp_path):
-    from PIL import Image
-    folder = hand_made(str(tmp_path))
+@dataclasses.dataclass(frozen=True)
+class PlottedFolder:
+    """hand_made's folder plus two runs on a 10,000-item gallery, analysed with its plots."""
+    folder: str
+    summary: dict   # what analyze_results.main returned
+
+
+@pytest.fixture(scope="module")
+def plotted(tmp_path_factory):
+    folder = hand_made(str(tmp_path_factory.mktemp("plotted")))
     write_run(folder, "A10k", "fp32", 8, exact=True, t2i=(40, 70), i2t=(50, 80), bytes_per_vector=32, qps=100, p50=10,
               gallery_size=10000)
     write_run(folder, "C10k", "int8", 8, candidate_size=20, rerank=True, t2i=(39, 69), i2t=(49, 79), bytes_per_vector=8,
               qps=150, p50=8, gallery_size=10000)
-    summary = analyse(folder)
-    (group,) = summary["groups"]
+    return PlottedFolder(folder, analyse(folder))
+
+
+def test_plots_are_valid_pngs_linked_from_the_report(plotted):
+    from PIL import Image
+    folder = plotted.folder
+    (group,) = plotted.summary["groups"]
     names = {os.path.basename(p) for p in group["plots"]}
     assert names == {"recall_vs_memory.png", "recall_vs_qps.png", "recall_vs_latency.png",
                      "heatmap_dim_precision.png", "candidates.png", "retention.png", "scaling.png"}
@@ -185,13 +218,21 @@ def test_plots_are_valid_pngs_and_reruns_are_idempotent(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         with Image.open(path) as image:
             image.verify()
+    report = open(os.path.join(folder, "REPORT.md")).read()
+    assert all(f"]({rel})" in report for rel in group["plots"])
+
+
+def test_the_main_tables_use_the_real_gallery_and_the_scaling_table_every_size(plotted):
+    (group,) = plotted.summary["groups"]
     # The main tables use the real gallery only; the 10k runs appear in the scaling table.
     assert group["main_gallery_size"] == 100 and group["gallery_sizes"] == [100, 10000]
     assert {r["gallery_size"] for r in group["scaling"]} == {100, 10000}
-    report = open(os.path.join(folder, "REPORT.md")).read()
-    assert all(f"]({rel})" in report for rel in group["plots"])
+    report = open(os.path.join(plotted.folder, "REPORT.md")).read()
     assert re.search(r"growing the gallery from 100 to 10,000 items moves t2i R@1 from 50\.0 to 40\.0", report)
 
+
+def test_a_rerun_writes_the_same_files_and_leaves_no_temp_files(plotted):
+    folder = plotted.folder
     before = {name: open(os.path.join(folder, name), "rb").read()
               for name in ("experiment_summary.json", "summary.csv", "REPORT.md")}
     analyse(folder)

@@ -56,7 +56,7 @@ def built(data, precision, index_type):
 
 
 @pytest.mark.parametrize("index_type", indexes.INDEX_TYPES)
-@pytest.mark.parametrize("precision", ["opq", "itq"])
+@pytest.mark.parametrize("precision", [pytest.param("opq", marks=pytest.mark.slow), "itq"])
 def test_build_search_scores_and_code_size(data, precision, index_type):
     # FAISS builds every index type for both codecs: no recorded skip.
     assert indexes.unsupported(precision, D, index_type, PARAMS) is None
@@ -96,6 +96,7 @@ def test_build_search_scores_and_code_size(data, precision, index_type):
 
 
 @pytest.mark.parametrize("index_type", indexes.INDEX_TYPES)
+@pytest.mark.slow
 def test_opq_description_is_the_index_built(data, index_type):
     faiss = indexes._faiss()
     index, _ = built(data, "opq", index_type)
@@ -119,6 +120,7 @@ def test_itq_description():
     assert indexes.index_description("itq", D, "flat", PARAMS, 350)["metric"] == "hamming"
 
 
+@pytest.mark.slow
 def test_search_params_reach_the_index_inside_opq(data):
     index, _ = built(data, "opq", "ivf")
     core = indexes.core_index(index)
@@ -184,6 +186,7 @@ def test_itq_rotation_matches_faiss_itq_matrix(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.slow
 def test_opq_reconstructs_better_than_pq(seed):
     # Held-out vectors (the gallery is not in the fit set): mean squared error of the decoded codes.
     v = few_strong_directions(1400, seed)

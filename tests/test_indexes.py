@@ -159,7 +159,8 @@ def test_pinned_threads_keeps_faiss_threads_and_restores_the_blas_switch():
 
 
 @pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
-@pytest.mark.parametrize("precision", ["fp32", "int8", "binary", "pq", "opq", "itq"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "binary", "pq", pytest.param("opq", marks=pytest.mark.slow),
+                                       "itq"])
 def test_ivf_and_hnsw_build_and_find_neighbours(vectors, index_type, precision):
     gallery = vectors[:400]
     params = {"nlist": 8, "nprobe": 8, "hnsw_m": 8, "ef_search": 32, "pq_subdim": 4}
@@ -204,6 +205,7 @@ def test_unsupported_reasons():
     assert "pq_subdim=8" in indexes.unsupported("rq", 12, "flat", {"pq_subdim": 8})
 
 
+@pytest.mark.slow
 def test_rq_keeps_more_than_pq_at_the_same_bytes_on_a_short_pca_like_vector():
     # 4 codebooks of 8 bits on 16 dims whose variance decays like PCA output: pq gives each codebook 4 dims of
     # its own (the first block gets most of the variance), rq's codebooks each span all 16. Measured: the
@@ -237,8 +239,9 @@ def test_binary_codes_track_cosine_on_anisotropic_data():
     assert np.corrcoef(cosine, hamming_score)[0, 1] > np.corrcoef(cosine, raw_sign_score)[0, 1] + 0.2
 
 
-@pytest.mark.parametrize("precision, index_type", [("pq", "flat"), ("pq", "ivf"), ("pq", "hnsw"), ("opq", "ivf"),
-                                                     ("rq", "flat")])
+@pytest.mark.parametrize("precision, index_type", [("pq", "flat"), ("pq", "ivf"), ("pq", "hnsw"),
+                                                     pytest.param("opq", "ivf", marks=pytest.mark.slow),
+                                                     pytest.param("rq", "flat", marks=pytest.mark.slow)])
 def test_small_fit_sets_give_one_note_not_a_flood_and_the_same_codes(precision, index_type, capfd):
     import faiss
     rng = np.random.default_rng(3)
@@ -311,7 +314,7 @@ def test_one_coarse_quantizer_serves_every_float_ivf_precision_as_its_own_would(
             indexes.build_index(precision, gallery, fit, "ivf", params, coarse)
 
 
-@pytest.mark.parametrize("precision", ["opq", "binary", "itq"])
+@pytest.mark.parametrize("precision", [pytest.param("opq", marks=pytest.mark.slow), "binary", "itq"])
 def test_ivf_that_trains_its_own_coarse_quantizer_equals_faiss_own_build(vectors, precision):
     gallery, fit, queries = vectors[:300], vectors[:500], vectors[500:]
     params = {"nlist": 8, "nprobe": 3, "pq_subdim": 16}
@@ -335,7 +338,7 @@ def test_ivf_that_trains_its_own_coarse_quantizer_equals_faiss_own_build(vectors
     assert timing["coarse_train_s"] > 0 and timing["train_s"] >= 0
 
 
-@pytest.mark.parametrize("precision", ["pq", "opq"])
+@pytest.mark.parametrize("precision", ["pq", pytest.param("opq", marks=pytest.mark.slow)])
 def test_ivf_pq_skips_polysemous_training_and_scores_as_faiss_default_build(vectors, precision):
     # index_factory's IVF-PQ relabels each sub-space's centroids for Hamming search (polysemous training, over
     # 10 minutes for OPQ IVF on 10,000 vectors); ADC scores do not depend on the labels, so the lists are equal.
@@ -356,6 +359,7 @@ def test_ivf_pq_skips_polysemous_training_and_scores_as_faiss_default_build(vect
     np.testing.assert_allclose(scores, default_scores, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_equal_decode_keys_mean_equal_decoded_galleries(vectors):
     gallery, fit = vectors[:200], vectors[200:500]
     params = {"nlist": 4, "hnsw_m": 8, "pq_subdim": 16}

@@ -132,6 +132,7 @@ def test_joined_ensemble_prefix_is_the_members_prefixes(tiny_bert_dir):
     torch.testing.assert_close(embedded @ embedded.t(), sum(o @ o.t() for o in outputs) / 2)
 
 
+@pytest.mark.slow
 def test_nested_head_ensemble_members_train_nested_and_the_joined_export_stays_nested(synthetic_dir,
                                                                                      tiny_bert_dir, tmp_path):
     export_dir = tmp_path / "export"
@@ -161,6 +162,7 @@ def test_nested_head_ensemble_members_train_nested_and_the_joined_export_stays_n
 
 # ----------------------------------------------------------------------------- export, dev selection
 
+@pytest.mark.slow
 def test_nested_export_truncated_is_the_model_at_that_dim(synthetic_dir, tiny_bert_dir, tmp_path):
     # Towers trained (not frozen), binary quantization-aware; the export is embedded from pixels.
     export_dir = tmp_path / "export"
@@ -184,6 +186,7 @@ def test_nested_export_truncated_is_the_model_at_that_dim(synthetic_dir, tiny_be
                                    F.normalize(texts[:, :dim], dim=-1).numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dev_metrics_per_nested_dim_and_best_is_the_highest_mean_rsum(synthetic_dir, tiny_bert_dir, tmp_path):
     results = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--epochs", "3",
                                                 "--freeze_image", "--freeze_text", "--matryoshka_dims", "2", "8",
@@ -206,6 +209,7 @@ def test_dev_metrics_per_nested_dim_and_best_is_the_highest_mean_rsum(synthetic_
     ["--matryoshka_dims", "4", "8", "--matryoshka_weights", "1", "2", "3", "--quantization_aware", "int4"],
     ["--freeze_image", "--freeze_text", "--matryoshka_dims", "8", "--quantization_aware", "binary"]],
     ids=["towers-trained-int4", "frozen-binary"])
+@pytest.mark.slow
 def test_resume_with_nested_flags_reproduces_the_next_step_loss(flags, synthetic_dir, tiny_bert_dir, tmp_path):
     def run(name, steps, *more):
         return train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", str(steps),

@@ -1,7 +1,9 @@
 """run_experiments.py end to end: every metric against brute-force numpy, grid/shards, resume, SIGKILL."""
+import dataclasses
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,6 +169,7 @@ def test_every_metric_equals_brute_force(tmp_path):
     assert int4["fit"]["source"].startswith("gallery")
 
 
+@pytest.mark.slow
 def test_pq_subdim_values_are_codes_of_their_own_and_match_brute_force(tmp_path):
     from retrieval import analysis
     from retrieval.runs import load_runs as load_run_files
@@ -200,17 +203,47 @@ def test_pq_subdim_values_are_codes_of_their_own_and_match_brute_force(tmp_path)
     assert "pq2x8 16d" in open(os.path.join(out, "REPORT.md")).read()
 
 
-def test_rq_codes_match_brute_force_and_max_code_bytes_leaves_the_rest_to_a_later_sweep(tmp_path):
-    from retrieval import analysis
-    from retrieval.runs import load_runs as load_run_files
+def rq_args(data, out):
+    """A sweep of `data` into `out`: int8, pq and rq codes of 2 and 4 sub-dims, flat and HNSW (no --max_code_bytes)."""
+    return ["--data_path", data, "--output_dir", out, "--embedding_dims", "8", "--dim_method", "truncate",
+            "--precisions", "int8", "pq", "rq", "--index", "flat", "hnsw", "--pq_subdim", "2", "4",
+            "--hnsw_m", "8", "--candidate_sizes", "20", "--recall_k", "1", "5", "--min_time", "0",
+            "--latency_queries", "2", "--num_workers", "2"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CappedSweep:
+    """rq_args' sweep of a 300-image file run with --max_code_bytes 4 into `out`."""
+    data: str
+    out: str
+    runs: list[dict]   # every run record of the folder (load_runs)
+
+
+@pytest.fixture(scope="module")
+def capped_sweep(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("capped")
     data = random_file(tmp_path / "toy.npz", num_images=300, dim=16, noise=0.5)
     out = str(tmp_path / "result")
-    common = ["--data_path", data, "--output_dir", out, "--embedding_dims", "8", "--dim_method", "truncate",
-              "--precisions", "int8", "pq", "rq", "--index", "flat", "hnsw", "--pq_subdim", "2", "4",
-              "--hnsw_m", "8", "--candidate_sizes", "20", "--recall_k", "1", "5", "--min_time", "0",
-              "--latency_queries", "2", "--num_workers", "2"]
-    run_experiments.main(common + ["--max_code_bytes", "4"])
-    runs = load_runs(out)
+    run_experiments.main(rq_args(data, out) + ["--max_code_bytes", "4"])
+    return CappedSweep(data, out, load_runs(out))
+
+
+@pytest.mark.slow
+def test_rq_codes_match_brute_force(capped_sweep):
+    from retrieval import analysis
+    from retrieval.runs import load_runs as load_run_files
+    data, out, runs = capped_sweep.data, capped_sweep.out, capped_sweep.runs
+    done = [r for r in runs if "skipped" not in r and r["config"]["precision"] != "fp32"]
+    for result in done:
+        if result["config"]["index"] == "flat":
+            assert_metrics_match(result, reference_metrics(data, result["config"]))
+    frame = analysis.completed(analysis.runs_frame(load_run_files(out)))
+    assert "rq4x8 16d no rerank" in set(frame["label"]), sorted(frame["label"])
+
+
+@pytest.mark.slow
+def test_max_code_bytes_runs_only_the_codes_within_it(capped_sweep):
+    runs = capped_sweep.runs
     done = [r for r in runs if "skipped" not in r and r["config"]["precision"] != "fp32"]
     skipped = [r for r in runs if "skipped" in r]
     # Codes of at most 4 B: 16 dims in 4 codes, 8 dims in 4 and in 2; int8 (8-16 B) and 16 dims in 8 codes are
@@ -222,10 +255,13 @@ def test_rq_codes_match_brute_force_and_max_code_bytes_leaves_the_rest_to_a_late
     assert len(skipped) == 2 * 2 and all("flat only" in r["skipped"] for r in skipped)
     for result in done:
         assert result["memory"]["bytes_per_vector"] == result["config"]["index_params"]["pq_m"] <= 4
-        if result["config"]["index"] == "flat":
-            assert_metrics_match(result, reference_metrics(data, result["config"]))
-    frame = analysis.completed(analysis.runs_frame(load_run_files(out)))
-    assert "rq4x8 16d no rerank" in set(frame["label"]), sorted(frame["label"])
+
+
+@pytest.mark.slow
+def test_a_sweep_without_max_code_bytes_runs_what_it_left_out_and_keeps_the_rest(capped_sweep, tmp_path):
+    out = str(tmp_path / "result")
+    shutil.copytree(capped_sweep.out, out)   # copy2: the run files keep their modification times
+    common = rq_args(capped_sweep.data, out)
     # Without the cap the same folder runs what the cap left out (nothing was recorded for it) and keeps the rest.
     before = {os.path.basename(p): os.path.getmtime(p) for p in glob.glob(os.path.join(out, "runs", "*.json"))}
     run_experiments.main(common)
@@ -298,30 +334,100 @@ def test_ties_and_fit_path_match_brute_force(tmp_path):
     assert checked == 1 + 2 + 2
 
 
-def test_shards_partition_the_grid_and_runs_resume(tmp_path):
+def shard_args(data, out):
+    """A small sweep of `data` into `out`: dims 8 and 64 (64 is above the native 16: skipped records), two
+    codecs, two candidate counts."""
+    return ["--data_path", data, "--output_dir", out, "--embedding_dims", "8", "64", "--precisions", "int8",
+            "binary", "--candidate_sizes", "5", "30", "--recall_k", "1", "5", "--min_time", "0",
+            "--latency_queries", "2", "--num_workers", "1"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedSweep:
+    """shard_args' sweep run as shard 1 of 3, then resumed whole, into one folder (`out`, finished)."""
+    data: str                  # the hand-off file: 20 images, dim 16
+    out: str
+    full: list[str]            # the run files of the whole grid, as its dry run lists them
+    shards: list[list[str]]    # the run files of each of the 3 shards, as their dry runs list them
+    written: list[str]         # what shard 1 wrote
+    rest: list[str]            # what the whole sweep then wrote into the same folder
+
+
+@pytest.fixture(scope="module")
+def sharded_sweep(tmp_path_factory):
+    """One sharded-then-resumed sweep for the module's resume tests (tests that change it use finished_sweep)."""
+    tmp_path = tmp_path_factory.mktemp("shards")
     data = random_file(tmp_path / "toy.npz", num_images=20, dim=16)
     out = str(tmp_path / "result")
-    common = ["--data_path", data, "--output_dir", out, "--embedding_dims", "8", "64", "--precisions", "int8",
-              "binary", "--candidate_sizes", "5", "30", "--recall_k", "1", "5", "--min_time", "0",
-              "--latency_queries", "2", "--num_workers", "1"]
+    common = shard_args(data, out)
     full = run_experiments.main(common + ["--dry_run"])
     shards = [run_experiments.main(common + ["--dry_run", "--shard", f"{i}/3"]) for i in range(3)]
+    written = run_experiments.main(common + ["--shard", "1/3"])
+    rest = run_experiments.main(common)  # resumes: only what shard 1 did not do
+    return ShardedSweep(data, out, full, shards, written, rest)
+
+
+@pytest.fixture
+def finished_sweep(sharded_sweep, tmp_path):
+    """A copy of sharded_sweep's finished folder for a test to change: (its sweep arguments, its run files)."""
+    out = str(tmp_path / "result")
+    shutil.copytree(sharded_sweep.out, out)  # copy2: the run files keep their modification times
+    common = shard_args(sharded_sweep.data, out)
+    return common, run_experiments.main(common + ["--dry_run"])
+
+
+def test_shards_of_a_dry_run_partition_the_grid(sharded_sweep):
+    full, shards = sharded_sweep.full, sharded_sweep.shards
     assert sorted(sum(shards, [])) == sorted(full) and len(set(full)) == len(full)
     assert all(not set(a) & set(b) for i, a in enumerate(shards) for b in shards[i + 1:])
+
+
+def test_a_dry_run_writes_nothing(tmp_path):
+    data = random_file(tmp_path / "toy.npz", num_images=20, dim=16)
+    out = str(tmp_path / "result")
+    common = shard_args(data, out)
+    run_experiments.main(common + ["--dry_run"])
+    run_experiments.main(common + ["--dry_run", "--shard", "1/3"])
     assert not os.path.exists(os.path.join(out, "runs"))  # a dry run writes nothing
-    written = run_experiments.main(common + ["--shard", "1/3"])
+
+
+def test_a_shard_writes_only_its_block(sharded_sweep):
+    written, shards = sharded_sweep.written, sharded_sweep.shards
     assert sorted(written) == sorted(shards[1])
-    rest = run_experiments.main(common)  # resumes: only what shard 1 did not do
+
+
+def test_the_whole_sweep_after_a_shard_runs_only_the_rest(sharded_sweep):
+    rest, full, shards = sharded_sweep.rest, sharded_sweep.full, sharded_sweep.shards
     assert sorted(rest) == sorted(set(full) - set(shards[1]))
+
+
+def test_a_finished_sweep_reruns_nothing(finished_sweep):
+    common, _ = finished_sweep
     assert run_experiments.main(common) == []
+
+
+def test_a_deleted_run_file_is_the_only_one_redone(finished_sweep):
+    common, full = finished_sweep
     os.remove(full[0])
     assert run_experiments.main(common) == [full[0]]
+
+
+def test_overwrite_redoes_every_run(finished_sweep):
+    common, full = finished_sweep
     before = os.path.getmtime(full[1])
     time.sleep(0.01)
     assert sorted(run_experiments.main(common + ["--overwrite"])) == sorted(full)
     assert os.path.getmtime(full[1]) > before
+
+
+def test_a_shard_index_past_the_count_is_refused(tmp_path):
+    common = shard_args(random_file(tmp_path / "toy.npz", num_images=20, dim=16), str(tmp_path / "result"))
     with pytest.raises(SystemExit):
         run_experiments.main(common + ["--shard", "3/3"])
+
+
+def test_another_fit_set_into_the_same_folder_is_refused_before_anything_is_written(finished_sweep, tmp_path):
+    common, full = finished_sweep
     # Another fit set into the same folder: one error line naming a run file, before anything is written.
     other_fit = random_file(tmp_path / "other_fit.npz", num_images=20, dim=16, seed=1)
     os.remove(full[0])
@@ -331,6 +437,7 @@ def test_shards_partition_the_grid_and_runs_resume(tmp_path):
     assert not os.path.exists(full[0]) and stamps == {p: os.path.getmtime(p) for p in full[1:]}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_sweep_then_rerun_completes(tmp_path):
     data = random_file(tmp_path / "toy.npz", num_images=60, dim=32)
     out = str(tmp_path / "result")
@@ -361,7 +468,17 @@ def test_sigkill_mid_sweep_then_rerun_completes(tmp_path):
     assert len(configs) == len(final)  # no configuration twice
 
 
-def test_gallery_distractors_and_approximate_indexes(tmp_path):
+@dataclasses.dataclass(frozen=True)
+class PaddedSweeps:
+    """Two sweeps of a 30-image file into one folder over flat, IVF and HNSW indexes: gallery sizes 30, 300 and
+    10 padded with Gaussian distractors, then 100 and 200 padded from an 80-image file (`other`)."""
+    other: str
+    runs: list[dict]   # every run record of the folder (load_runs)
+
+
+@pytest.fixture(scope="module")
+def padded_sweeps(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("padded")
     data = random_file(tmp_path / "toy.npz", num_images=30, dim=16, noise=1.2)
     other = random_file(tmp_path / "other.npz", num_images=80, dim=16, seed=9, split="val")
     out = str(tmp_path / "result")
@@ -370,21 +487,43 @@ def test_gallery_distractors_and_approximate_indexes(tmp_path):
               "--nlist", "4", "--nprobe", "4", "--num_workers", "1"]
     run_experiments.main(common + ["--gallery_sizes", "30", "300", "10"])
     run_experiments.main(common + ["--gallery_sizes", "100", "200", "--distractors", other])
-    runs = load_runs(out)
-    exact = {(r["config"]["gallery_size"],
-              str(r["config"]["distractors"]["source"]) if r["config"]["distractors"] else None): r
-             for r in runs if r["config"]["exact"] and "skipped" not in r}
+    return PaddedSweeps(other, load_runs(out))
+
+
+def exact_runs_by_gallery(runs):
+    """{(gallery size, distractor source or None): the completed fp32 exact run}."""
+    return {(r["config"]["gallery_size"],
+             str(r["config"]["distractors"]["source"]) if r["config"]["distractors"] else None): r
+            for r in runs if r["config"]["exact"] and "skipped" not in r}
+
+
+def test_gaussian_distractors_pad_the_gallery_and_make_retrieval_harder(padded_sweeps):
+    exact = exact_runs_by_gallery(padded_sweeps.runs)
     small, large = exact[(30, None)], exact[(300, "gaussian")]
     assert large["config"]["distractors"]["count"] == 270
     assert large["metrics"]["t2i_R@5"] <= small["metrics"]["t2i_R@5"]
     assert large["metrics"]["t2i_mean_rank"] >= small["metrics"]["t2i_mean_rank"]
     assert large["memory"]["t2i_index_bytes"] > small["memory"]["t2i_index_bytes"]
+
+
+def test_distractors_from_a_file_pad_the_gallery_up_to_its_rows(padded_sweeps):
+    runs, other = padded_sweeps.runs, padded_sweeps.other
+    exact = exact_runs_by_gallery(runs)
+    large = exact[(300, "gaussian")]
     from_file = exact[(100, str([os.path.normpath(other)]))]
     assert from_file["config"]["distractors"]["count"] == 70
     assert large["config"]["distractors"]["synthetic"] and not from_file["config"]["distractors"]["synthetic"]
     too_many = [r for r in runs if r["config"]["gallery_size"] == 200]
     assert too_many and all("has only 80 rows" in r["skipped"] for r in too_many)
+
+
+def test_a_gallery_size_below_the_real_gallery_is_skipped(padded_sweeps):
+    runs = padded_sweeps.runs
     assert all("below the real gallery" in r["skipped"] for r in runs if r["config"]["gallery_size"] == 10)
+
+
+def test_approximate_indexes_find_no_more_than_their_stage1_recall(padded_sweeps):
+    runs = padded_sweeps.runs
     approximate = [r for r in runs if r["config"]["index"] in ("ivf", "hnsw") and "skipped" not in r]
     assert {r["config"]["index"] for r in approximate} == {"ivf", "hnsw"}
     assert {r["config"]["precision"] for r in approximate} == {"fp32", "int8"}
@@ -404,15 +543,41 @@ def test_bad_input_names_the_file(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- rank files, knob curves
 
-def test_rank_files_reproduce_every_run_and_resume_with_their_json(tmp_path):
-    from retrieval import io, metrics
-    from retrieval.io import read_embeddings
+def rank_sweep_args(data, out):
+    """A small sweep of `data` into `out`: the native dim and 8, two codecs, C = 5."""
+    return ["--data_path", data, "--output_dir", out, "--embedding_dims", "8", "--precisions", "int8", "binary",
+            "--candidate_sizes", "5", "--recall_k", "1", "5", "--min_time", "0", "--latency_queries", "2",
+            "--num_workers", "1"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RankedSweep:
+    """rank_sweep_args' sweep of a 30-image file, finished in `out`."""
+    data: str
+    out: str
+    written: list[str]   # the run files it wrote, in grid order
+
+
+@pytest.fixture(scope="module")
+def ranked_sweep(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ranks")
     data = random_file(tmp_path / "toy.npz", num_images=30, dim=16)
     out = str(tmp_path / "result")
-    common = ["--data_path", data, "--output_dir", out, "--embedding_dims", "8", "--precisions", "int8", "binary",
-              "--candidate_sizes", "5", "--recall_k", "1", "5", "--min_time", "0", "--latency_queries", "2",
-              "--num_workers", "1"]
-    written = run_experiments.main(common)
+    return RankedSweep(data, out, run_experiments.main(rank_sweep_args(data, out)))
+
+
+def copy_of_ranked_sweep(ranked_sweep, tmp_path):
+    """A copy of the ranked sweep's folder for a test to change: (its sweep arguments, its folder, its run files)."""
+    out = str(tmp_path / "result")
+    shutil.copytree(ranked_sweep.out, out)
+    return (rank_sweep_args(ranked_sweep.data, out), out,
+            [os.path.join(out, "runs", os.path.basename(p)) for p in ranked_sweep.written])
+
+
+def test_rank_files_reproduce_every_run(ranked_sweep):
+    from retrieval import io, metrics
+    from retrieval.io import read_embeddings
+    data, written = ranked_sweep.data, ranked_sweep.written
     text_to_image = read_embeddings(data).text_to_image
     completed = 0
     for path in written:
@@ -433,11 +598,20 @@ def test_rank_files_reproduce_every_run_and_resume_with_their_json(tmp_path):
                                                                  if record["config"]["rerank"] else 0)
         assert record["memory"]["total_bytes_per_vector"] == expected_total
     assert completed >= 6
+
+
+def test_a_run_whose_rank_file_is_gone_is_the_only_one_redone(ranked_sweep, tmp_path):
+    from retrieval import io
+    common, _, written = copy_of_ranked_sweep(ranked_sweep, tmp_path)
     # A run whose rank file is gone is redone (JSON and rank file), and nothing else is.
     victim = next(p for p in written if "ranks_file" in json.load(open(p)))
     os.remove(io.ranks_path(victim))
     assert run_experiments.main(common) == [victim]
     assert os.path.exists(io.ranks_path(victim))
+
+
+def test_a_temp_rank_file_left_by_a_killed_run_is_removed_on_the_next_start(ranked_sweep, tmp_path):
+    common, out, _ = copy_of_ranked_sweep(ranked_sweep, tmp_path)
     # A temp rank file a killed run left behind is removed on the next start.
     stale = os.path.join(out, "runs", ".dead.ranks.abc.tmp.npz")
     open(stale, "wb").close()
@@ -797,11 +971,16 @@ def test_sampled_sweep_has_the_full_sweeps_ranks_of_its_queries_on_the_same_gall
                 assert record["metrics"][f"{direction}_{key}"] == summary[key], (path, direction, key)
 
 
-def test_run_names_without_max_queries_are_unchanged_and_a_small_file_is_all_queries(tmp_path, monkeypatch):
+def small_sweep_args(tmp_path, monkeypatch):
+    """A one-codec sweep of a 40-image file, the arguments without --output_dir, run from tmp_path."""
     monkeypatch.chdir(tmp_path)  # a relative --data_path: the path is part of every config
     random_file("toy.npz", num_images=40, dim=16)
-    common = ["--data_path", "toy.npz", "--embedding_dims", "8", "--precisions", "int8", "--candidate_sizes", "10",
-              "--min_time", "0", "--latency_queries", "2", "--num_workers", "1"]
+    return ["--data_path", "toy.npz", "--embedding_dims", "8", "--precisions", "int8", "--candidate_sizes", "10",
+            "--min_time", "0", "--latency_queries", "2", "--num_workers", "1"]
+
+
+def test_run_names_without_max_queries_are_unchanged(tmp_path, monkeypatch):
+    common = small_sweep_args(tmp_path, monkeypatch)
     # Written by run_experiments.py before --max_queries existed.
     before = ["toy-random-test-" + name for name in (
         "d16-none-fp32-full-flat-g40-7762dabe", "d16-none-int8-k10-norerank-flat-g40-3464b27c",
@@ -812,6 +991,10 @@ def test_run_names_without_max_queries_are_unchanged_and_a_small_file_is_all_que
         assert [os.path.basename(p)[:-len(".json")] for p in planned] == before
     sampled = run_experiments.main(common + ["--output_dir", "out", "--dry_run", "--max_queries", "12"])
     assert all("-g40-q12-" in p for p in sampled) and not {os.path.basename(p) for p in sampled} & set(before)
+
+
+def test_max_queries_above_the_files_images_runs_every_query_with_the_full_sweeps_numbers(tmp_path, monkeypatch):
+    common = small_sweep_args(tmp_path, monkeypatch)
     # No more images than --max_queries: every image and caption, no error, the full sweep's numbers.
     run_experiments.main(common + ["--output_dir", "full"])
     run_experiments.main(common + ["--output_dir", "all", "--max_queries", "500"])

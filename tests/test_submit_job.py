@@ -7,6 +7,7 @@ synthetic dataset, so the whole pipeline runs in seconds per phase. The Slurm an
 own daemons on this machine (tests/slurm_cluster.py, tests/sge_cluster.py) and are skipped, with the
 reason, only where the packages are not installed and cannot be (.ci/run installs them).
 """
+import dataclasses
 import glob
 import json
 import os
@@ -123,12 +124,31 @@ def read(path):
 
 # ----------------------------------------------------------------------------- local runs (no scheduler)
 
-def test_local_pipeline_writes_everything_and_backs_up(tmp_path, tiny_clip_dir):
-    clone = make_clone(tmp_path / "clone")
+@dataclasses.dataclass(frozen=True)
+class LocalRun:
+    """One local run of the whole pipeline (submit_job.sh, no scheduler) in a fresh clone."""
+    clone: str
+    env: dict                                 # its environment (pipeline_env)
+    result: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, tiny_clip_dir):
+    clone = make_clone(tmp_path_factory.mktemp("local") / "clone")
     env = pipeline_env(tiny_clip_dir)
-    result = run_script(clone, env)
+    return LocalRun(clone, env, run_script(clone, env))
+
+
+@pytest.mark.slow
+def test_local_pipeline_runs_every_phase(local_run):
+    result = local_run.result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "local run" in result.stdout and "phases: prepare experiments analyze" in result.stdout
+
+
+@pytest.mark.slow
+def test_local_pipeline_writes_every_split_and_configuration(local_run, tiny_clip_dir):
+    clone, env = local_run.clone, local_run.env
     for split in ("train", "dev", "test"):  # prepare_data.py's default splits, named by the model folder
         assert os.path.exists(os.path.join(clone, "coco_data", "synthetic",
                                            f"{os.path.basename(tiny_clip_dir)}_{split}.h5"))
@@ -141,6 +161,12 @@ def test_local_pipeline_writes_everything_and_backs_up(tmp_path, tiny_clip_dir):
     assert summary["runs_total"] == len(runs)
     with open(runs[0]) as f:  # the fit set is the train split's file (FIT_SPLIT=train)
         assert json.load(f)["fit"]["path"].endswith("_train.h5")
+
+
+@pytest.mark.slow
+def test_local_pipeline_backs_up_every_run_and_rank_file(local_run):
+    clone = local_run.clone
+    runs = run_files(clone, "result")
     # a timestamped archive of result/ (without older backups) and the local log
     backups = glob.glob(os.path.join(clone, "result", "backups", "result-*.tar.gz"))
     assert len(backups) == 1
@@ -153,9 +179,20 @@ def test_local_pipeline_writes_everything_and_backs_up(tmp_path, tiny_clip_dir):
     assert {n for n in names if n.startswith("./runs/") and n.endswith(".ranks.npz")} == \
         {"./runs/" + os.path.basename(p)[:-len(".json")] + ".ranks.npz" for p in completed}
     assert not any(n.startswith("./backups") for n in names)
+
+
+@pytest.mark.slow
+def test_local_pipeline_writes_its_log(local_run):
+    clone = local_run.clone
     logs = glob.glob(os.path.join(clone, "result", "logs", "local-*.log"))
     assert len(logs) == 1 and "submit_job: finished" in read(logs[0])
 
+
+@pytest.mark.slow
+def test_a_second_local_run_recomputes_nothing_and_backs_up_again(local_run, tmp_path):
+    clone, env = str(tmp_path / "clone"), local_run.env
+    shutil.copytree(local_run.clone, clone)   # copy2: the run files keep their modification times
+    runs = run_files(clone, "result")
     # a second run finds everything done: nothing recomputed, a second backup
     mtimes = {p: os.path.getmtime(p) for p in runs}
     again = run_script(clone, env)
@@ -164,6 +201,7 @@ def test_local_pipeline_writes_everything_and_backs_up(tmp_path, tiny_clip_dir):
     assert len(glob.glob(os.path.join(clone, "result", "backups", "result-*.tar.gz"))) == 2
 
 
+@pytest.mark.slow
 def test_local_default_path_trains_a_dual_encoder(tmp_path, tiny_clip_dir):
     """Without MODEL (the quickstart): prepare only makes the data, train exports the hand-off files."""
     clone = make_clone(tmp_path / "clone")
@@ -188,6 +226,7 @@ def test_local_default_path_trains_a_dual_encoder(tmp_path, tiny_clip_dir):
     assert "train: tiny d16 already exported" in again.stdout
 
 
+@pytest.mark.slow
 def test_local_failure_names_the_phase_and_stops(tmp_path, tiny_clip_dir):
     clone = make_clone(tmp_path / "clone")
     result = run_script(clone, pipeline_env(tiny_clip_dir, PHASES="experiments analyze",
@@ -198,10 +237,14 @@ def test_local_failure_names_the_phase_and_stops(tmp_path, tiny_clip_dir):
     assert "phase analyze" not in result.stdout  # fails fast: later phases never start
     assert not os.path.exists(os.path.join(clone, "result", "backups"))
 
+
+def test_an_unknown_phase_is_refused(tmp_path, tiny_clip_dir):
+    clone = make_clone(tmp_path / "clone")
     bad = run_script(clone, pipeline_env(tiny_clip_dir, PHASES="prepare sweep"))
     assert bad.returncode == 2 and "unknown phase 'sweep'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_paths_with_spaces_and_a_separate_export_folder(tmp_path, tiny_clip_dir):
     """A clone, a dataset copy and a result folder whose paths hold spaces; hand-off files go to EXPORT_DIR
     (default coco_data/<dataset>/ of the clone), never into DATA_DIR; DATA_PATH / FIT_PATH take such paths."""
@@ -227,12 +270,16 @@ def test_paths_with_spaces_and_a_separate_export_folder(tmp_path, tiny_clip_dir)
     assert configurations(again) == configurations(results)
 
 
-def test_bad_settings_fail_before_any_phase(tmp_path, tiny_clip_dir):
+def test_an_unknown_dataset_fails_before_any_phase(tmp_path, tiny_clip_dir):
     clone = make_clone(tmp_path / "clone")
     unknown = run_script(clone, pipeline_env(tiny_clip_dir, DATASET="nosuch"))
     assert unknown.returncode == 2
     assert re.search(r"DATASET=nosuch: unknown dataset \(choose from [a-z0-9 ]*synthetic", unknown.stderr)
     assert "DOWNLOAD" not in unknown.stderr and "phase prepare" not in unknown.stdout
+
+
+def test_an_export_folder_that_cannot_exist_fails_before_training(tmp_path, tiny_clip_dir):
+    clone = make_clone(tmp_path / "clone")
     # an output folder that cannot exist (its parent is a file: fails for root too) stops before training
     (tmp_path / "a file").write_text("")
     blocked = run_script(clone, pipeline_env(tiny_clip_dir, MODEL="", EXPORT_DIR=tmp_path / "a file" / "out"))
@@ -241,6 +288,7 @@ def test_bad_settings_fail_before_any_phase(tmp_path, tiny_clip_dir):
     assert "phase prepare" not in blocked.stdout and not os.path.exists(os.path.join(clone, "checkpoints"))
 
 
+@pytest.mark.slow
 def test_prefetch_then_offline_compute(tmp_path, tiny_clip_dir):
     clone = make_clone(tmp_path / "clone")
     # the login node: data generated, model loaded once through the code the phases use
@@ -298,6 +346,7 @@ def job_ids_in(text, role):
 SMALL_JOB = "--cpus-per-task=1 --mem=1G --time=15"
 
 
+@pytest.mark.slow
 def test_slurm_single_job_and_array_match_local(tmp_path, tiny_clip_dir, slurm):
     clone = make_clone(tmp_path / "clone")
     os.makedirs(os.path.join(clone, "result", "logs"))  # sbatch needs the log folder of the directive
@@ -357,6 +406,7 @@ def test_slurm_single_job_and_array_match_local(tmp_path, tiny_clip_dir, slurm):
                         os.path.join(clone, "result_local", "experiment_summary.json"))
 
 
+@pytest.mark.slow
 def test_slurm_array_failure_cancels_the_analysis(tmp_path, tiny_clip_dir, slurm):
     clone = make_clone(tmp_path / "clone")
     env = slurm_env(slurm, tiny_clip_dir, ARRAY=2, WAIT=1, PHASES="experiments analyze",
@@ -404,6 +454,7 @@ def random_handoff_file(path):
 
 
 @pytest.mark.parametrize("kind", ["pbs", "sge"])
+@pytest.mark.slow
 def test_array_submission_and_tasks_on_pbs_and_sge(tmp_path, tiny_clip_dir, kind):
     clone = make_clone(tmp_path / "clone")
     bin_dir = tmp_path / "bin"
@@ -459,6 +510,7 @@ def sge(tmp_path_factory):
     yield from scheduler("SGE", sge_cluster.ensure_packages, sge_cluster.start_cell)
 
 
+@pytest.mark.slow
 def test_sge_single_job_and_array_match(tmp_path, tiny_clip_dir, sge):
     clone = make_clone(tmp_path / "clone")
     os.makedirs(os.path.join(clone, "result", "logs"))
@@ -489,3 +541,15 @@ def test_sge_single_job_and_array_match(tmp_path, tiny_clip_dir, sge):
         assert f"shard {index}/2" in read(path) and "finished: experiments" in read(path)
     assert_same_summary(os.path.join(clone, "result", "experiment_summary.json"),
                         os.path.join(clone, "result_array", "experiment_summary.json"))
+
+
+def test_a_misspelt_knob_fails_before_any_phase(tmp_path, tiny_clip_dir):
+    # EMBEDING_DIMS / PRECISION would otherwise be ignored and the default grid run without a word
+    clone = make_clone(tmp_path / "clone")
+    for name, meant in (("EMBEDING_DIMS", "EMBEDDING_DIMS"), ("PRECISION", "PRECISIONS"),
+                        ("CANDIDATE_SIZES_LIST", "CANDIDATE_SIZES")):
+        result = run_script(clone, pipeline_env(tiny_clip_dir, **{name: "32"}))
+        assert result.returncode == 2, result.stderr
+        assert f"submit_job: error: {name} is set but is not a knob (did you mean {meant}?)" in result.stderr
+        assert "phase prepare" not in result.stdout
+        assert not os.path.exists(os.path.join(clone, "coco_data"))

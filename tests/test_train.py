@@ -75,6 +75,7 @@ def one_batch_dir(tmp_path_factory):
     return make_synthetic(str(tmp_path_factory.mktemp("one_batch") / "synthetic"), num_images=12, seed=1)
 
 
+@pytest.mark.slow
 def test_two_steps_lower_the_loss_on_a_fixed_batch(one_batch_dir, tiny_bert_dir, tmp_path):
     from retrieval.synthetic import load_synthetic
     from retrieval.env import seed_everything
@@ -95,19 +96,42 @@ def test_two_steps_lower_the_loss_on_a_fixed_batch(one_batch_dir, tiny_bert_dir,
     assert {"loss", "temperature", "samples_per_s", "dev"} <= set(log[0]) and "RSUM" in log[0]["dev"]
 
 
-def test_resume_reproduces_the_next_step_loss(synthetic_dir, tiny_bert_dir, tmp_path):
+@dataclasses.dataclass(frozen=True)
+class ResumedRun:
+    """Losses of a 3-step run straight through, and of a run stopped after 2 steps then resumed to 3."""
+    model_dir: str             # --model_dir of both (runs "straight" and "split")
+    straight: list[float]
+    first: list[float]         # the split run's first 2 steps
+    resumed: list[float]       # its resumed third step
+
+
+@pytest.fixture(scope="module")
+def resumed_run(synthetic_dir, tiny_bert_dir, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("resume")
     straight = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "3",
                                                  "--run_name", "straight", "--lr", "1e-3"))[16]["losses"]
     first = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "2",
                                               "--run_name", "split", "--lr", "1e-3"))[16]["losses"]
-    with pytest.raises(SystemExit, match="--resume"):   # an existing run is never silently overwritten
-        train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--run_name", "split"))
     resumed = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "3",
                                                 "--run_name", "split", "--lr", "1e-3", "--resume"))[16]["losses"]
+    return ResumedRun(str(tmp_path), straight, first, resumed)
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_next_step_loss(resumed_run):
+    straight, first, resumed = resumed_run.straight, resumed_run.first, resumed_run.resumed
     assert first == straight[:2]
     assert resumed == [straight[2]]     # bit-for-bit on CPU, mid-epoch, with random crops
 
 
+@pytest.mark.slow
+def test_an_existing_run_is_never_silently_overwritten(resumed_run, synthetic_dir, tiny_bert_dir):
+    tmp_path = resumed_run.model_dir
+    with pytest.raises(SystemExit, match="--resume"):   # an existing run is never silently overwritten
+        train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--run_name", "split"))
+
+
+@pytest.mark.slow
 def test_max_steps_inside_an_epoch_logs_its_dev_evaluation_as_partial(synthetic_dir, tiny_bert_dir, tmp_path):
     # --max_steps 2 stops epoch 1 part-way; the stop is evaluated on dev and that evaluation is logged,
     # marked partial with the batches done, and best.pt is the model it measured.
@@ -127,6 +151,7 @@ def test_max_steps_inside_an_epoch_logs_its_dev_evaluation_as_partial(synthetic_
     assert again["t2i_R@1"] == pytest.approx(line["dev"]["t2i_R@1"])
 
 
+@pytest.mark.slow
 def test_a_diverging_loss_stops_with_one_error(synthetic_dir, tiny_bert_dir, tmp_path, monkeypatch):
     # a loss that turns NaN at the third batch (as a too-large --lr does, but deterministic here)
     calls = []
@@ -198,6 +223,7 @@ def _ddp_worker(rank, world_size, port, bert_dir, out_path, case):
 
 
 @pytest.mark.parametrize("case", sorted(DDP_CASES))
+@pytest.mark.slow
 def test_ddp_gradients_match_single_process(tiny_bert_dir, tmp_path, case):
     import torch.multiprocessing as mp
     with socket.socket() as s:
@@ -215,16 +241,36 @@ def test_ddp_gradients_match_single_process(tiny_bert_dir, tmp_path, case):
             torch.testing.assert_close(ddp[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_checkpoint_to_embeddings_file(synthetic_dir, tiny_bert_dir, tmp_path):
+@dataclasses.dataclass(frozen=True)
+class ExportedRun:
+    """A 3-step run of two dims (16, 8) exported to `export_dir`."""
+    export_dir: object         # a pathlib.Path
+    results: dict              # train_dual_encoder.main's {dim: run}
+
+
+@pytest.fixture(scope="module")
+def exported_run(synthetic_dir, tiny_bert_dir, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("exported")
     export_dir = tmp_path / "export"
     results = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "3",
                                                 "--embedding_dim", "16", "8")
                                       + ["--export_dir", str(export_dir)])
+    return ExportedRun(export_dir, results)
+
+
+@pytest.mark.slow
+def test_checkpoint_to_embeddings_file(exported_run):
+    export_dir, results = exported_run.export_dir, exported_run.results
     assert set(results) == {16, 8}
     for dim in (16, 8):
         emb = io.read_embeddings(str(export_dir / f"dual-tiny-d{dim}_test.h5"))   # validates the schema
         assert emb.dim == dim and emb.attrs["split"] == "test" and emb.attrs["model"] == f"dual-tiny-d{dim}"
         assert (export_dir / f"dual-tiny-d{dim}_dev.h5").exists()
+
+
+@pytest.mark.slow
+def test_the_exported_file_is_what_encoder_from_checkpoint_embeds(exported_run):
+    export_dir, results = exported_run.export_dir, exported_run.results
     # The file agrees with what prepare_data.py --checkpoint would compute through encoder_from_checkpoint.
     encoder = ckpt.encoder_from_checkpoint(results[16]["best"], device="cpu")
     emb = io.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
@@ -234,6 +280,12 @@ def test_checkpoint_to_embeddings_file(synthetic_dir, tiny_bert_dir, tmp_path):
     np.testing.assert_allclose(encoder.embed_images(pixels).numpy(), emb.image_embeddings[:4], atol=1e-5)
     np.testing.assert_allclose(encoder.embed_texts(emb.captions[:6]).numpy(), emb.text_embeddings[:6], atol=1e-5)
     assert encoder.dim == 16 and encoder.name == "dual-tiny-d16"
+
+
+@pytest.mark.slow
+def test_eval_only_reproduces_the_exported_files_recall(exported_run, synthetic_dir):
+    export_dir, results = exported_run.export_dir, exported_run.results
+    emb = io.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
     # --eval_only on the same checkpoint and device (the export ran on --device cpu; on a GPU, autocast
     # would change the near-tied scores of this random tiny model) reproduces the file's recall.
     result = train_dual_encoder.main(["--eval_only", "--checkpoint", results[16]["best"], "--dataset", "synthetic",
@@ -243,6 +295,7 @@ def test_checkpoint_to_embeddings_file(synthetic_dir, tiny_bert_dir, tmp_path):
     assert result["t2i_R@1"] == pytest.approx(expected["t2i_R@1"]) and result["RSUM"] == pytest.approx(expected["RSUM"])
 
 
+@pytest.mark.slow
 def test_frozen_towers_export_from_cached_features_equals_re_embedding(synthetic_dir, tiny_bert_dir, tmp_path):
     # With both towers frozen the export projects cached features (computed once for all dims); the
     # file must equal what prepare_data.py --checkpoint computes from pixels and tokens.
@@ -264,6 +317,7 @@ def test_frozen_towers_export_from_cached_features_equals_re_embedding(synthetic
         assert exported.attrs["model"] == again.attrs["model"] == f"dual-tiny-d{dim}"
 
 
+@pytest.mark.slow
 def test_image_size_is_trained_stored_and_rebuilt(synthetic_dir, tiny_bert_dir, tmp_path):
     # --image_size 64: the features cached, the checkpoint's rebuilt encoder and the export all use 64 px
     from retrieval.synthetic import load_synthetic
@@ -284,6 +338,7 @@ def test_image_size_is_trained_stored_and_rebuilt(synthetic_dir, tiny_bert_dir, 
         train_dual_encoder.parse_args(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--image_size", "8"))
 
 
+@pytest.mark.slow
 def test_frozen_towers_export_the_train_split_from_the_training_cache(synthetic_dir, tiny_bert_dir, tmp_path,
                                                                       capsys):
     # Training cached 3 views of each train image (plain, mirror, a crop). The train export cuts its
@@ -343,6 +398,7 @@ def test_contrastive_loss_captions_of_one_image_are_not_negatives():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.slow
 def test_cuda_training_with_autocast_exports_what_eval_only_measures(synthetic_dir, tiny_bert_dir, tmp_path):
     # The CUDA path: autocast (bf16/fp16) training steps, export on the GPU, --eval_only on the GPU.
     args = base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "3")
@@ -443,8 +499,7 @@ def test_text_layers_pool_several_hidden_states_and_checkpoints_keep_them(tiny_b
         as_script(towers.build_text_tower, tiny_bert_dir, layers=[5])
 
 
-def test_head_ensemble_joins_members_trained_as_separate_runs(synthetic_dir, tiny_bert_dir, tmp_path):
-    from retrieval.synthetic import load_synthetic
+def test_head_ensemble_scores_are_the_mean_of_its_members(tiny_bert_dir):
     torch.manual_seed(0)
     model = de.build_model(dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=12, head_ensemble=3)).eval()
     images, texts = torch.randn(5, model.image_tower.feature_dim), torch.randn(7, model.text_tower.feature_dim)
@@ -455,12 +510,19 @@ def test_head_ensemble_joins_members_trained_as_separate_runs(synthetic_dir, tin
                          for i, t in zip(model.image_head.members, model.text_head.members)]
     assert image_emb.shape == (5, 12) and len(member_scores) == 3
     torch.testing.assert_close(text_emb @ image_emb.t(), sum(member_scores) / 3)   # score = mean of members'
+
+
+def test_bad_head_ensembles_are_refused(synthetic_dir, tiny_bert_dir, tmp_path):
     with pytest.raises(SystemExit, match="--head_ensemble 5"):
         as_script(de.build_model, dict(TOWERS, text_encoder=tiny_bert_dir, embedding_dim=12, head_ensemble=5))
     with pytest.raises(SystemExit, match="--freeze_image and --freeze_text"):
         train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path / "unfrozen", "--max_steps", "1",
                                           "--head_ensemble", "2"))
 
+
+@pytest.mark.slow
+def test_head_ensemble_joins_members_trained_as_separate_runs(synthetic_dir, tiny_bert_dir, tmp_path):
+    from retrieval.synthetic import load_synthetic
     # Members are ordinary 8-d runs with seeds 0 and 1 sharing one feature cache; d16/best.pt joins them.
     export_dir = tmp_path / "export"
     results = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "2",
@@ -487,6 +549,7 @@ def test_head_ensemble_joins_members_trained_as_separate_runs(synthetic_dir, tin
     np.testing.assert_allclose(exported.text_embeddings, embedded[2].text_embeddings, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_head_input_dropout_drops_tower_features_only_and_checkpoints_keep_it(synthetic_dir, tiny_bert_dir,
                                                                              tmp_path):
     # --head_input_dropout 0.5 --head_dropout 0: half the standardised features entering each head are
@@ -548,6 +611,7 @@ def test_cached_block_inputs_through_the_last_blocks_equal_a_full_forward(name, 
         tower.block_input(pixels, 99)
 
 
+@pytest.mark.slow
 def test_train_image_blocks_trains_only_the_last_blocks_and_exports_through_them(synthetic_dir, tiny_bert_dir,
                                                                                  tmp_path):
     before, after, best, export_dir = frozen_and_trained(synthetic_dir, tiny_bert_dir, tmp_path, "blocks",
@@ -599,6 +663,7 @@ def check_cached_logged_and_exported(tmp_path, run, part, best, export_dir, synt
 
 @pytest.mark.parametrize("flag, frozen", [("--train_image_blocks", ["--freeze_image"]),
                                           ("--train_text_layers", ["--freeze_image", "--freeze_text"])])
+@pytest.mark.slow
 def test_trained_tower_part_resumes_bit_for_bit_and_refuses_other_flags(flag, frozen, synthetic_dir, tiny_bert_dir,
                                                                         tmp_path):
     def run(name, steps, *extra):
@@ -657,6 +722,7 @@ def test_train_text_layers_refuses_what_it_cannot_cache_exactly(tiny_bert_dir, m
         tower.trained_modules(1)
 
 
+@pytest.mark.slow
 def test_train_text_layers_trains_only_the_last_layers_and_exports_through_them(synthetic_dir, tiny_bert_dir,
                                                                                 tmp_path):
     before, after, best, export_dir = frozen_and_trained(synthetic_dir, tiny_bert_dir, tmp_path, "layers",
