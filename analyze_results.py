@@ -16,10 +16,10 @@ import argparse
 import os
 import sys
 
-from retrieval import analysis, findings, operating_points, report
+from retrieval import analysis, bootstrap, findings, operating_points, report
 from retrieval.bootstrap import Settings
 from retrieval.errors import cli
-from retrieval.io import atomic_path, write_json
+from retrieval.io import atomic_path, require_output_file, require_writable, write_json
 from retrieval.runs import AnalysisError, load_runs, split_invalid
 
 
@@ -51,8 +51,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Flag faults as one error line, before any file is read; returns (requirements, objective)."""
-    if args.bootstrap < 0:
-        raise AnalysisError(f"--bootstrap {args.bootstrap}: must be >= 0 (0 = no intervals)")
+    bootstrap.check_resamples(args.bootstrap, "--bootstrap")   # its memory bound is bootstrap's to know
     if not 0 < args.confidence < 1:
         raise AnalysisError(f"--confidence {args.confidence}: must be between 0 and 1, e.g. 0.95")
     requirements = [operating_points.parse_requirement(text) for text in args.require]
@@ -60,13 +59,25 @@ def check_args(args):
     return requirements, objective
 
 
+def check_outputs(args):
+    """(summary path, its folder, plots folder), once each can be written: a folder given as the summary
+    file, a file given as a folder or a read-only folder is one error line before any run is read."""
+    output_path = args.output_path or os.path.join(args.results_dir, "experiment_summary.json")
+    out_dir = os.path.dirname(os.path.abspath(output_path))
+    plots_dir = args.plots_dir or os.path.join(args.results_dir, "plots")
+    require_output_file(output_path, "--output_path")
+    for name in ("summary.csv", "REPORT.md"):   # written next to the summary, so the same flag moves them
+        require_output_file(os.path.join(out_dir, name), "--output_path")
+    if not args.no_plots:
+        require_writable(plots_dir, "--plots_dir")
+    return output_path, out_dir, plots_dir
+
+
 @cli
 def main(argv=None):
     args = parse_args(argv)
     requirements, objective = check_args(args)
-    output_path = args.output_path or os.path.join(args.results_dir, "experiment_summary.json")
-    out_dir = os.path.dirname(os.path.abspath(output_path))
-    plots_dir = args.plots_dir or os.path.join(args.results_dir, "plots")
+    output_path, out_dir, plots_dir = check_outputs(args)
     runs, invalid = split_invalid(load_runs(args.results_dir), args.results_dir)
     for bad in invalid:
         print(f"warning: {os.path.join(args.results_dir, bad['file'])}: {bad['reason']}; left out of the analysis",

@@ -44,7 +44,7 @@ from PIL import Image
 
 from retrieval import env
 from retrieval.errors import UserError, cli
-from retrieval.io import atomic_path, l2_normalize, read_embeddings, read_json, write_json
+from retrieval.io import atomic_path, l2_normalize, read_embeddings, read_json, require_writable, write_json
 from retrieval.models import load_encoder
 
 DEFAULT_DATA_DIR = "coco_data"
@@ -92,6 +92,15 @@ def parse_args(argv=None):
     if args.top_k < 1:
         parser.error("--top_k must be at least 1")
     return args
+
+
+def check_args(args):
+    """Faults parse_args lets through, as one error line before any file or model is loaded: an empty
+    query (every image would be ranked against the encoding of nothing) and an output folder that
+    cannot be written (a file, read-only)."""
+    if args.query is not None and not args.query.strip():
+        raise UserError(f"--query {args.query!r}: is empty; give the text to search the images with")
+    require_writable(args.output_dir, "--output_dir")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -332,6 +341,7 @@ def image_to_text(args, emb, query, k, data_path, encoder):
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     data_path = choose_data_path(args.data_path, args.use_test_set, args.results_dir)
     emb = read_embeddings(data_path)
     split = str(emb.attrs.get("split", "unknown"))

@@ -20,12 +20,13 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from retrieval.errors import UserError
 from retrieval.io import ranks_path
 from retrieval.io import read_ranks as read_ranks_file
 from retrieval.metrics import DIRECTIONS, summarize
@@ -35,7 +36,15 @@ UNIT_DETAIL = ("a resample draws the split's images with replacement and takes e
                "for text→image, the image itself for image→text")
 # A rank file must give the run JSON's R@K (in %) and MRR back to this precision, or it is not trusted.
 TOLERANCE = 1e-6
-RUNS_PER_BLOCK = 64  # runs per matrix product: bounds memory at B x (64 x 3 x metrics) floats
+RUNS_PER_BLOCK = 64  # runs per matrix product at most: bounds memory at B x (64 x 3 x metrics) floats
+# Memory bounds, so that no resample count can ask for more than a few hundred MiB at once: the draws W are
+# made and multiplied DRAW_BLOCK_BYTES of rows at a time (one block, cached, for the default counts, so
+# their numbers are unchanged), and a product holds at most SAMPLE_BYTES of resampled statistics (fewer runs
+# per block as B grows). The percentile interval needs every resample of a statistic at once (B x 8 bytes
+# each), so B itself is capped: MAX_RESAMPLES keeps one run's ~20 statistics near 160 MB.
+DRAW_BLOCK_BYTES = 128 << 20
+SAMPLE_BYTES = 256 << 20
+MAX_RESAMPLES = 1_000_000
 NO_RANK_FILE = "no rank file (run written before run_experiments.py stored ranks)"
 
 
@@ -163,13 +172,33 @@ def load(results_dir: str, runs: Mapping[str, Mapping[str, Any]]) -> tuple[dict[
     return ranked, notes
 
 
+def check_resamples(resamples: int, flag: str = "--bootstrap") -> None:
+    """UserError for a resample count outside [0, MAX_RESAMPLES], with the memory it would take."""
+    if resamples < 0:
+        raise UserError(f"{flag} {resamples}: must be >= 0 (0 = no intervals)")
+    if resamples > MAX_RESAMPLES:
+        per_statistic = resamples * 8 / 2 ** 30
+        raise UserError(f"{flag} {resamples}: at most {MAX_RESAMPLES} resamples (a percentile interval keeps every "
+                        f"resample of its statistic: {per_statistic:.2f} GiB per statistic, "
+                        f"{20 * per_statistic:.1f} GiB for one run's ~20); 1000 to 10000 give stable intervals")
+
+
 def draws(n_images: int, resamples: int, seed: int) -> np.ndarray:
     """[resamples, n_images] counts of each image in each resample (n_images images drawn with replacement).
 
     The same seed gives the same draws; more resamples append rows (numpy draws row after row).
     """
+    blocks = list(draw_blocks(n_images, resamples, seed, max(1, resamples)))
+    return np.concatenate(blocks) if blocks else np.zeros((0, n_images))
+
+
+def draw_blocks(n_images: int, resamples: int, seed: int, rows: int) -> Iterator[np.ndarray]:
+    """The rows of draws(n_images, resamples, seed), `rows` at a time: one generator drawing row after
+    row gives the same counts whether they are asked for at once or in blocks."""
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=resamples).astype(np.float64)
+    for start in range(0, resamples, rows):
+        size = min(rows, resamples - start)
+        yield rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=size).astype(np.float64)
 
 
 def denominators(text_to_image: np.ndarray, n_images: int) -> np.ndarray:
@@ -178,20 +207,45 @@ def denominators(text_to_image: np.ndarray, n_images: int) -> np.ndarray:
 
 
 class Resampler:
-    """Draws per split (cached), shared by every run of that split, and the intervals computed on them."""
+    """Draws per split (cached when they fit one block), shared by every run of that split, and the
+    intervals computed on them."""
 
     def __init__(self, settings: Settings) -> None:
+        check_resamples(settings.resamples)
         self.settings = settings
-        self._splits: dict[tuple[int, bytes], tuple[np.ndarray, np.ndarray]] = {}
+        self._splits: dict[tuple[int, bytes], list[tuple[np.ndarray, np.ndarray]]] = {}
 
-    def split(self, key: tuple[int, bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """(W, W @ denominators) of a split; the same draws for every run of it."""
-        if key not in self._splits:
-            n_images, raw = key
-            text_to_image = np.frombuffer(raw, dtype=np.int64)
-            weights = draws(n_images, self.settings.resamples, self.settings.seed)
-            self._splits[key] = (weights, weights @ denominators(text_to_image, n_images))
-        return self._splits[key]
+    def blocks(self, key: tuple[int, bytes]) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        """(W, W @ denominators) of a split's draws, block after block of rows; the same draws for every
+        run of it. Draws that fit one block are kept; larger ones are drawn again for each use, so memory
+        stays at one block whatever the resample count."""
+        if key in self._splits:
+            return self._splits[key]
+        n_images, raw = key
+        text_to_image = np.frombuffer(raw, dtype=np.int64)
+        rows = max(1, DRAW_BLOCK_BYTES // (8 * n_images))
+        made = ((weights, weights @ denominators(text_to_image, n_images)) for weights in
+                draw_blocks(n_images, self.settings.resamples, self.settings.seed, rows))
+        if self.settings.resamples <= rows:
+            self._splits[key] = list(made)
+            return self._splits[key]
+        return made
+
+    def resampled(self, key: tuple[int, bytes], numerators: np.ndarray, directions: np.ndarray | int) -> np.ndarray:
+        """Every resample of the statistics numerators [n_images, C] (or [n_images]) of directions [C] (or
+        one): W @ numerators / W @ denominators, [B, C] (or [B]), computed a block of draws at a time."""
+        out = np.empty((self.settings.resamples,) + numerators.shape[1:])
+        start = 0
+        for weights, totals in self.blocks(key):
+            out[start:start + len(weights)] = (weights @ numerators) / totals[:, directions]
+            start += len(weights)
+        return out
+
+    def runs_per_block(self, runs: list[RunRanks]) -> int:
+        """How many runs one product takes: RUNS_PER_BLOCK, fewer where their statistics (values and
+        differences, 2 x columns each) would pass SAMPLE_BYTES."""
+        widest = max(len(run.columns) for run in runs)
+        return int(min(RUNS_PER_BLOCK, max(1, SAMPLE_BYTES // (16 * widest * max(1, self.settings.resamples)))))
 
     def bounds(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Percentile interval of each column of samples [B, C] → (low [C], high [C])."""
@@ -205,8 +259,7 @@ class Resampler:
         if run.split != other.split or metric not in run.columns or metric not in other.columns:
             return None
         i, j = run.columns.index(metric), other.columns.index(metric)
-        weights, totals = self.split(run.split)
-        samples = (weights @ (run.numerators[:, i] - other.numerators[:, j])) / totals[:, run.direction[i]]
+        samples = self.resampled(run.split, run.numerators[:, i] - other.numerators[:, j], run.direction[i])
         low, high = self.bounds(samples[:, None])
         return float(low[0]), float(high[0])
 
@@ -222,15 +275,15 @@ class Resampler:
             by_split.setdefault(run.split, []).append(run_id)
         out = {}
         for key, ids in by_split.items():
-            for start in range(0, len(ids), RUNS_PER_BLOCK):
-                block = ids[start:start + RUNS_PER_BLOCK]
+            size = self.runs_per_block([runs[run_id] for run_id in ids])
+            for start in range(0, len(ids), size):
+                block = ids[start:start + size]
                 out.update(self._block(key, block, runs, baselines))
         return out
 
     def _block(self, key: tuple[int, bytes], ids: list[str], runs: Mapping[str, RunRanks],
                baselines: Mapping[str, str]) -> dict[str, dict[str, float]]:
         """One matrix product for a block of runs of one split: values and paired differences."""
-        weights, totals = self.split(key)
         numerators, directions, targets = [], [], []
         for run_id in ids:
             run, base = runs[run_id], runs.get(baselines.get(run_id))
@@ -243,7 +296,7 @@ class Resampler:
                                   - base.numerators[:, [base.columns.index(m) for m in shared]])
                 directions.append(run.direction[[run.columns.index(m) for m in shared]])
                 targets += [(run_id, m, "_delta") for m in shared]
-        samples = (weights @ np.concatenate(numerators, axis=1)) / totals[:, np.concatenate(directions)]
+        samples = self.resampled(key, np.concatenate(numerators, axis=1), np.concatenate(directions))
         samples, targets = _with_rsum(samples, targets)
         low, high = self.bounds(samples)
         out = {run_id: {} for run_id in ids}

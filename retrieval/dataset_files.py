@@ -152,7 +152,28 @@ def read_caption_table(path: str, required: tuple[str, ...] = ("image", "caption
         warn_once(f"{path}: {len(skipped)} malformed lines skipped (first: {skipped[0]})")
     if not rows:
         fail(path, "no usable caption rows")
-    return rows, skipped
+    rows, repeated = drop_repeated_rows(path, rows)
+    return rows, skipped + repeated
+
+
+def drop_repeated_rows(path: str, rows: list[tuple[dict[str, str], int]]
+                       ) -> tuple[list[tuple[dict[str, str], int]], list[str]]:
+    """The rows without repeats of an earlier (image, caption) pair, plus one skipped note per repeat and
+    one warning with their count. A repeated pair would be two queries with one answer: it weighs that
+    caption twice in every recall (in one file, t2i R@1 42.0 became 45.0)."""
+    first: dict[tuple[str, str], int] = {}
+    kept, notes = [], []
+    base = os.path.basename(path)
+    for row, number in rows:
+        key = (os.path.normpath(row.get("image", "")), row.get("caption", ""))
+        if key in first:
+            notes.append(f"{base}:{number}: repeats line {first[key]} (same image and caption); dropped")
+            continue
+        first[key] = number
+        kept.append((row, number))
+    if notes:
+        warn_once(f"{path}: {len(notes)} rows repeat an earlier (image, caption) row; dropped (first: {notes[0]})")
+    return kept, notes
 
 
 def _jsonl_rows(text: str, base: str, required: tuple[str, ...]

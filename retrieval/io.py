@@ -22,9 +22,10 @@ import glob
 import json
 import math
 import os
+import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -67,15 +68,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temp path next to `path`; rename it onto `path` only if the block succeeds.
 
     A reader never sees a half-written file, and a crash leaves the old file (if any) untouched.
+    An OSError while making the folder, writing or renaming (disk full, read-only or missing folder, a
+    file where a folder should be) becomes one UserError naming `path` (write_failed); the temp file is
+    removed either way.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    base = os.path.basename(path)
     # Keep the extension last so libraries that dispatch on it (h5py, numpy, matplotlib) still work.
-    stem, ext = os.path.splitext(base)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
-    os.close(fd)
+    stem, ext = os.path.splitext(os.path.basename(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
+        os.close(fd)
+    except OSError as e:
+        raise write_failed(path, e) from None
     try:
         yield tmp
         # mkstemp makes 0600 files; give the result the permissions a plain open() would (umask),
@@ -84,9 +90,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_failed(path, e) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_failed(path: str | os.PathLike, error: OSError) -> UserError:
+    """The UserError for an OSError while writing `path`: '<path>: cannot write (No space left on device)'.
+    The reason is the OS's own words without the errno and file names, which would repeat the path. h5py
+    gives no errno but a paragraph holding 'errno = 28': its number is read from there."""
+    if error.errno and error.strerror and "\n" not in error.strerror:
+        reason = error.strerror
+    else:
+        number = next((int(m) for m in re.findall(r"errno = (\d+)", str(error))), None)
+        reason = os.strerror(number) if number else (str(error).splitlines() or [type(error).__name__])[0]
+    return UserError(f"{os.fspath(path)}: cannot write ({reason}); an earlier file there is left unchanged")
 
 
 def temp_glob(path: str | os.PathLike) -> str:
@@ -118,6 +138,24 @@ def require_writable(folder: str | os.PathLike, flag: str) -> str:
     file is made and removed in its nearest existing parent instead, which proves the folder can be made.
     """
     folder = os.fspath(folder)
+    reason = _unwritable(folder)
+    if reason:
+        raise UserError(f"{folder}: not writable ({reason}); choose another output folder with {flag}")
+    return folder
+
+
+def require_output_file(path: str | os.PathLike, flag: str) -> str:
+    """Raise UserError unless a file can be written at `path` (not a folder, its folder writable), before
+    any slow work starts: the check for a file flag such as --output_path, as require_writable for folders."""
+    path = os.fspath(path)
+    reason = f"{path} is a folder" if os.path.isdir(path) else _unwritable(os.path.dirname(os.path.abspath(path)))
+    if reason:
+        raise UserError(f"{path}: cannot be written ({reason}); choose another file with {flag}")
+    return path
+
+
+def _unwritable(folder: str) -> str | None:
+    """Why no file can be made in `folder` (or in the folders leading to it), or None when one can."""
     existing = os.path.abspath(folder)
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
@@ -131,8 +169,8 @@ def require_writable(folder: str | os.PathLike, flag: str) -> str:
         reason = e.strerror or str(e)
         if existing != os.path.abspath(folder) and os.path.isdir(existing):
             reason = f"cannot make folders in {existing}: {reason}"
-        raise UserError(f"{folder}: not writable ({reason}); choose another output folder with {flag}") from None
-    return folder
+        return reason
+    return None
 
 
 def _json_default(obj: Any) -> Any:
@@ -183,10 +221,30 @@ def _non_finite(obj: Any, where: str = "") -> tuple[str, float] | None:
 
 
 def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Append one JSON line to a log (a log is appended to, not rewritten, so it is not atomic)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=_json_default, allow_nan=False) + "\n")   # strict, as write_json
+    """Append one JSON line to a log (a log is appended to, not rewritten, so it is not atomic).
+
+    A write that fails part-way (disk full) is cut back off, so the log keeps its earlier lines byte for
+    byte and never ends in half a line; the failure is write_failed's UserError.
+    """
+    line = json.dumps(record, default=_json_default, allow_nan=False) + "\n"   # strict, as write_json
+    path = os.fspath(path)
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(line)
+    except OSError as e:
+        _cut_back(path, size)
+        raise write_failed(path, e) from None
+
+
+def _cut_back(path: str, size: int | None) -> None:
+    """Undo a failed append: truncate to the size before it (remove a file it created)."""
+    with contextlib.suppress(OSError):   # best effort: the error being reported is the write's
+        if size is None and os.path.isfile(path):
+            os.remove(path)
+        elif size is not None:
+            os.truncate(path, size)
 
 
 def ranks_path(json_path: str | os.PathLike) -> str:
@@ -444,6 +502,30 @@ def _read_h5(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return data, attrs
 
 
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")   # a zip with members; an empty zip (.npz of no arrays)
+
+
+def _reader(path: str) -> Callable[[str], tuple[dict[str, np.ndarray], Any]]:
+    """_read_h5 or _read_npz, chosen by the file's first bytes, not its suffix: an HDF5 file renamed .npz
+    still reads, and a file that is neither is one line (numpy would otherwise try it as a pickle)."""
+    if os.path.isdir(path):
+        raise HandoffError(f"{path}: is a folder, not an embeddings file (.h5 or .npz)")
+    if not os.path.exists(path):
+        raise HandoffError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(HDF5_MAGIC))
+    except OSError as e:
+        raise HandoffError(f"{path}: cannot read ({e.strerror or e})") from None
+    if head.startswith(HDF5_MAGIC):
+        return _read_h5
+    if head.startswith(ZIP_MAGICS):
+        return _read_npz
+    found = f"it starts with {head!r}" if head else "it is empty"
+    raise HandoffError(f"{path}: cannot read (neither an HDF5 nor an .npz file: {found})")
+
+
 def read_embeddings(path: str | os.PathLike, validate: bool = True) -> Embeddings:
     """Read and validate a hand-off file (.h5/.hdf5 or .npz). Raises HandoffError naming the file.
 
@@ -454,10 +536,9 @@ def read_embeddings(path: str | os.PathLike, validate: bool = True) -> Embedding
     L2-normalised; each such step is recorded in attrs["load_notes"].
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise HandoffError(f"{path}: file not found")
+    reader = _reader(path)
     try:
-        data, attrs = _read_npz(path) if path.endswith(".npz") else _read_h5(path)
+        data, attrs = reader(path)
     except HandoffError:
         raise
     except Exception as e:  # h5py/numpy raise many types for a corrupt file
@@ -468,6 +549,8 @@ def read_embeddings(path: str | os.PathLike, validate: bool = True) -> Embedding
         if key not in data:
             raise HandoffError(f"{path}: missing dataset '{key}' (found {sorted(data)})")
     img, txt = (_array(data, key, path, 2, NUMBERS, "numbers") for key in ("image_embeddings", "text_embeddings"))
+    if "dim" in attrs and attrs["dim"] != img.shape[1]:   # run names and reports take the dim from attrs
+        raise HandoffError(f"{path}: attribute 'dim' is {attrs['dim']} but the embeddings are {img.shape[1]}-d")
     notes = []
     if legacy:
         if img.dtype != np.float32 or txt.dtype != np.float32:

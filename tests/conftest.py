@@ -1,7 +1,10 @@
 """Shared fixtures: small data the tests make themselves (no network), and the one lookup of the optional
 shared Flickr8k copy (FLICKR8K_DIR)."""
+import contextlib
 import json
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -89,3 +92,41 @@ def as_script(function, *args, **kwargs):
     """Call a library function the way a script does: a UserError becomes SystemExit('error: ...')."""
     from retrieval.errors import cli
     return cli(lambda _argv: function(*args, **kwargs))()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder, size="1m", read_only=False):
+    """A tmpfs of `size` mounted on `folder` for the block (root only): a full one refuses writes with a
+    real ENOSPC, a read-only one with EROFS even for root. Skips the test where no mount is permitted."""
+    os.makedirs(folder, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                          text=True) if os.geteuid() == 0 and shutil.which("mount") else None
+    if done is None or done.returncode:
+        pytest.skip(f"no tmpfs can be mounted here ({done.stderr.strip() if done else 'not root'})")
+    try:
+        yield str(folder)
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def fill_up(folder):
+    """Write one file into `folder` until its file system is full (ENOSPC), so the next write fails."""
+    with open(os.path.join(folder, "filler"), "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """An empty folder no file can be written in: chmod 555, or for root (who ignores it) a read-only tmpfs."""
+    folder = tmp_path / "read_only"
+    if os.geteuid() != 0:
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield str(folder)
+        folder.chmod(0o755)
+        return
+    with mounted_tmpfs(folder, "64k", read_only=True):
+        yield str(folder)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import analyze_results
+from conftest import fill_up, mounted_tmpfs
 from ranked_runs import captions_of, synthetic_ranks, write_ranked_run
 from retrieval import findings, io
 
@@ -465,3 +466,71 @@ def test_distractors_are_labelled_and_the_ood_gap_is_reported_per_gallery_size(t
     assert f"| 400 | distractors from {files} | 8 | 0.42 | 0.71 | 0.29 | H |" in report_text
     scaling = report_text.split("### Gallery-size scaling")[1].split("###")[0]
     assert f"| fp32 8d exact | 1000 | {synthetic} |" in scaling and f"| 400 | distractors from {files} |" in scaling
+
+
+# ----------------------------------------------------------------------------- issue 28: outputs, disk full
+
+def earlier_outputs(folder):
+    """An earlier analysis of `folder` (the files a refused one must leave byte-identical)."""
+    analyse(folder, "--no_plots")
+    names = ("experiment_summary.json", "summary.csv", "REPORT.md")
+    return {name: open(os.path.join(folder, name), "rb").read() for name in names}
+
+
+def unreadable_runs(monkeypatch):
+    """Fail the test if the analysis starts reading runs: the output checks must come first."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("runs were read before the outputs were checked")
+    monkeypatch.setattr(analyze_results.analysis, "load_runs", refuse)
+
+
+@pytest.mark.parametrize("flag, make, fault", [
+    ("--output_path", lambda t: os.makedirs(t / "out.json"), "{p}: cannot be written ({p} is a folder); "
+                                                             "choose another file with --output_path"),
+    ("--output_path", lambda t: (t / "file").write_text("x"), "{p}: cannot be written ({t}/file is not a folder); "
+                                                              "choose another file with --output_path"),
+    ("--plots_dir", lambda t: (t / "file").write_text("x"), "{p}: not writable ({p} is not a folder); "
+                                                            "choose another output folder with --plots_dir"),
+])
+def test_an_output_that_is_a_file_or_folder_is_one_line_before_reading(tmp_path, monkeypatch, flag, make, fault):
+    folder = hand_made(str(tmp_path / "result"))
+    before = earlier_outputs(folder)
+    make(tmp_path)
+    target = {"--output_path": str(tmp_path / ("out.json" if (tmp_path / "out.json").exists() else "file/out.json")),
+              "--plots_dir": str(tmp_path / "file")}[flag]
+    unreadable_runs(monkeypatch)
+    with pytest.raises(SystemExit) as err:
+        analyze_results.main(["--results_dir", folder, flag, target])
+    assert str(err.value) == "error: " + fault.format(p=target, t=tmp_path)
+    assert {name: open(os.path.join(folder, name), "rb").read() for name in before} == before
+
+
+def test_a_read_only_output_folder_is_one_line_before_reading(tmp_path, monkeypatch, read_only_folder):
+    folder = hand_made(str(tmp_path / "result"))
+    before = earlier_outputs(folder)
+    unreadable_runs(monkeypatch)
+    target = os.path.join(read_only_folder, "summary.json")
+    with pytest.raises(SystemExit) as err:
+        analyze_results.main(["--results_dir", folder, "--output_path", target, "--no_plots"])
+    assert re.fullmatch(rf"error: {re.escape(target)}: cannot be written \((Read-only file system|Permission "
+                        r"denied)\); choose another file with --output_path", str(err.value))
+    with pytest.raises(SystemExit) as err:
+        analyze_results.main(["--results_dir", folder, "--plots_dir", read_only_folder])
+    assert re.fullmatch(rf"error: {re.escape(read_only_folder)}: not writable \((Read-only file system|Permission "
+                        r"denied)\); choose another output folder with --plots_dir", str(err.value))
+    assert {name: open(os.path.join(folder, name), "rb").read() for name in before} == before
+
+
+def test_a_full_disk_under_the_summary_is_one_line_and_keeps_the_earlier_report(tmp_path):
+    folder = hand_made(str(tmp_path / "result"))
+    with mounted_tmpfs(tmp_path / "small", "1m") as out_dir:
+        out = os.path.join(out_dir, "experiment_summary.json")
+        analyze_results.main(["--results_dir", folder, "--output_path", out, "--no_plots"])
+        before = {name: open(os.path.join(out_dir, name), "rb").read() for name in sorted(os.listdir(out_dir))}
+        fill_up(out_dir)
+        with pytest.raises(SystemExit) as err:
+            analyze_results.main(["--results_dir", folder, "--output_path", out, "--no_plots", "--metric", "RSUM"])
+        assert str(err.value) == (f"error: {out}: cannot write (No space left on device); an earlier file there "
+                                  "is left unchanged")
+        assert sorted(os.listdir(out_dir)) == sorted([*before, "filler"])   # no temp file left
+        assert {name: open(os.path.join(out_dir, name), "rb").read() for name in before} == before

@@ -287,3 +287,38 @@ def test_compare_exports_matches_the_protocol_pairs_files_and_refuses_another_sp
     other = export("other", 0.6, images=50)
     with pytest.raises(SystemExit, match=r"^error: .*other\.h5: not the same split"):
         compare_exports.main([worse, better, other])
+
+
+# ----------------------------------------------------------------------------- issue 28: bounded memory
+
+def test_a_bootstrap_whose_memory_is_unbounded_is_refused_with_its_size_before_reading(tmp_path):
+    folder = hand_made(str(tmp_path))
+    analyse(folder, "--bootstrap", "100")
+    names = ("experiment_summary.json", "summary.csv", "REPORT.md")
+    before = [open(os.path.join(folder, name), "rb").read() for name in names]
+    with pytest.raises(SystemExit) as err:
+        analyse(folder, "--bootstrap", "100000000")
+    assert str(err.value) == ("error: --bootstrap 100000000: at most 1000000 resamples (a percentile interval keeps "
+                              "every resample of its statistic: 0.75 GiB per statistic, 14.9 GiB for one run's ~20); "
+                              "1000 to 10000 give stable intervals")
+    assert [open(os.path.join(folder, name), "rb").read() for name in names] == before
+
+
+def test_draws_and_products_in_blocks_give_the_intervals_of_one_block(tmp_path, monkeypatch):
+    folder, rng = str(tmp_path), np.random.default_rng(11)
+    text_to_image = captions_of(12, 3)
+    write_ranked_run(folder, "A", "fp32", 8, synthetic_ranks(rng, text_to_image, 0.0), text_to_image, exact=True)
+    for name, quality in (("B", -0.3), ("C", 0.2), ("D", -0.6)):
+        write_ranked_run(folder, name, "int8", 8, synthetic_ranks(rng, text_to_image, quality), text_to_image,
+                         candidate_size=5, bytes_per_vector=8)
+    whole = analyse(folder, "--bootstrap", "500", "--seed", "2")[1]
+    # 7 resamples of 12 images per block of draws, one run per product: 72 blocks of draws for 500 resamples
+    monkeypatch.setattr(bootstrap, "DRAW_BLOCK_BYTES", 8 * 12 * 7)
+    monkeypatch.setattr(bootstrap, "SAMPLE_BYTES", 1)
+    assert np.array_equal(np.concatenate(list(bootstrap.draw_blocks(12, 500, 2, 7))), bootstrap.draws(12, 500, 2))
+    blocked = analyse(folder, "--bootstrap", "500", "--seed", "2")[1]
+    for run_id, row in whole.items():
+        for column, value in row.items():
+            if column.endswith(("_ci_low", "_ci_high")) and value is not None:
+                assert blocked[run_id][column] == pytest.approx(value, rel=1e-12, abs=1e-12), (run_id, column)
+    assert sum(column.endswith("_ci_low") and value is not None for column, value in blocked["B"].items()) > 10

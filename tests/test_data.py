@@ -378,3 +378,34 @@ def test_default_synthetic_test_split_is_a_real_gallery():
     splits = dataset_split.seeded_split(names, 0, synthetic.SYNTHETIC_SPLITS)
     assert len(splits["test"]) >= 1000 >= 10 * 100
     assert sorted(sum(splits.values(), [])) == names      # disjoint and complete
+
+
+# ----------------------------------------------------------------------------- issue 28: repeated rows
+
+def test_repeated_image_caption_rows_are_dropped_with_a_count(tmp_path, tiny_clip_dir, capsys):
+    images = tmp_path / "imgs"
+    write_images(images, ["a.png", "b.png"])
+    (tmp_path / "caps.csv").write_text("image,caption\na.png,alpha\nb.png,beta\na.png,alpha\n./a.png,alpha\n"
+                                       "a.png,alpha two\nb.png,beta\n")
+    split = data.load_split("csv", "", "all", images=str(images), captions=str(tmp_path / "caps.csv"))
+    assert split.captions == ["alpha", "alpha two", "beta"] and split.text_to_image.tolist() == [0, 0, 1]
+    repeats = [s for s in split.skipped if "same image and caption" in s]
+    assert repeats == ["caps.csv:4: repeats line 2 (same image and caption); dropped",
+                       "caps.csv:5: repeats line 2 (same image and caption); dropped",
+                       "caps.csv:7: repeats line 3 (same image and caption); dropped"]
+    err = capsys.readouterr().err
+    assert err.count("repeat an earlier") == 1
+    assert f"{tmp_path / 'caps.csv'}: 3 rows repeat an earlier (image, caption) row; dropped (first: " in err
+    rows = [{"image": "a.png", "caption": "alpha"}, {"image": "b.png", "caption": "beta"}] * 2
+    (tmp_path / "caps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    split = data.load_split("csv", "", "all", images=str(images), captions=str(tmp_path / "caps.jsonl"))
+    assert split.captions == ["alpha", "beta"] and sum("repeats line" in s for s in split.skipped) == 2
+
+    # end to end: the hand-off file holds each pair once and records the dropped rows
+    written = prepare_data.main(["--quiet", "--device", "cpu", "--dataset", "csv", "--images", str(images),
+                                 "--captions", str(tmp_path / "caps.csv"), "--model", tiny_clip_dir,
+                                 "--output_dir", str(tmp_path / "out"), "--output_format", "npz",
+                                 "--splits", "all", "--num_workers", "0", "--no_eval"])
+    emb = io.read_embeddings(written["all"])
+    assert emb.captions == ["alpha", "alpha two", "beta"]
+    assert sum("same image and caption" in s for s in emb.attrs["skipped"]) == 3

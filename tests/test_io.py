@@ -1,4 +1,5 @@
 """The hand-off file: round trip in both formats, and validation that names the file and fault."""
+import errno
 import fnmatch
 import json
 import os
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 import run_experiments
+from conftest import as_script, fill_up, mounted_tmpfs
 from retrieval import io
 from retrieval.errors import UserError
 
@@ -259,3 +261,109 @@ def test_append_jsonl_is_strict_json(tmp_path):
     with pytest.raises(ValueError):
         io.append_jsonl(log, {"epoch": 2, "loss": float("nan")})
     assert [json.loads(line) for line in open(log)] == [{"epoch": 1, "loss": 0.5}]
+
+
+# ----------------------------------------------------------------------------- issue 28: disk full, sniffing, dim
+
+class DiskFullAfter:
+    """A file object that takes `room` bytes, then fails the way a full disk does (part written, ENOSPC)."""
+
+    def __init__(self, f, room):
+        self._f, self._room = f, room
+
+    def write(self, data):
+        if len(data) > self._room:
+            self._f.write(data[:self._room])
+            self._f.flush()
+            self._room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def full_disk_writers(random_split):
+    """(name of the output, write it) for every writer of retrieval/io.py."""
+    emb = make(random_split)
+    return {
+        "summary.json": lambda path: io.write_json(path, {"rows": list(range(500))}),
+        "run.ranks.npz": lambda path: io.write_ranks(path, {"t2i": np.arange(1.0, 201.0)}, emb.text_to_image),
+        "emb_test.npz": lambda path: io.write_embeddings(path, emb),
+        "log.jsonl": lambda path: io.append_jsonl(path, {"epoch": 2, "loss": 0.25, "pad": "x" * 200}),
+    }
+
+
+@pytest.mark.parametrize("name", ["summary.json", "run.ranks.npz", "emb_test.npz", "log.jsonl"])
+def test_disk_full_in_a_writer_is_one_error_and_keeps_the_earlier_file(tmp_path, random_split, monkeypatch, name):
+    target = tmp_path / name
+    earlier = b'{"epoch": 1, "loss": 0.5}\n'
+    target.write_bytes(earlier)
+    real_open = open
+    monkeypatch.setattr(io, "open", lambda file, mode="r", *a, **k: DiskFullAfter(real_open(file, mode, *a, **k), 10)
+                        if set(mode) & set("wa") else real_open(file, mode, *a, **k), raising=False)
+    with pytest.raises(SystemExit) as err:
+        as_script(full_disk_writers(random_split)[name], str(target))
+    assert str(err.value) == (f"error: {target}: cannot write (No space left on device); an earlier file there is "
+                              "left unchanged")
+    assert target.read_bytes() == earlier and os.listdir(tmp_path) == [name]   # no temp, no half line
+
+
+def test_disk_full_on_a_real_full_file_system_keeps_the_earlier_file(tmp_path, random_split):
+    with mounted_tmpfs(tmp_path / "small", "256k") as folder:
+        target = os.path.join(folder, "emb_test.h5")
+        io.write_embeddings(target, make(random_split, seed=1))
+        earlier = open(target, "rb").read()
+        fill_up(folder)
+        with pytest.raises(io.UserError) as err:
+            io.write_embeddings(target, make(random_split, seed=2))
+        assert str(err.value) == (f"{target}: cannot write (No space left on device); an earlier file there is "
+                                  "left unchanged")
+        assert open(target, "rb").read() == earlier and sorted(os.listdir(folder)) == ["emb_test.h5", "filler"]
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".npz"])
+def test_a_dim_attribute_contradicting_the_arrays_is_an_error(tmp_path, random_split, suffix):
+    emb = make(random_split)
+    emb.attrs["dim"] = 32   # the arrays are 16-d
+    path = io.write_embeddings(tmp_path / f"emb_test{suffix}", emb)
+    with pytest.raises(SystemExit) as err:
+        run_experiments.main(["--data_path", path, "--output_dir", str(tmp_path / "result")])
+    assert str(err.value) == f"error: {path}: attribute 'dim' is 32 but the embeddings are 16-d"
+    assert not (tmp_path / "result").exists()
+
+
+@pytest.mark.parametrize("written, renamed", [(".h5", ".npz"), (".npz", ".h5")])
+def test_content_not_suffix_decides_how_a_file_is_read(tmp_path, random_split, written, renamed):
+    path = io.write_embeddings(tmp_path / f"emb{written}", make(random_split))
+    moved = str(tmp_path / f"emb{renamed}")
+    os.rename(path, moved)
+    emb = io.read_embeddings(moved)
+    assert np.array_equal(emb.image_embeddings, random_split[0].astype(np.float32)) and emb.dim == 16
+
+
+@pytest.mark.parametrize("content, found", [(b"\x80\x04K\x05.", r"it starts with b'\x80\x04K\x05.'"),
+                                            (b"", "it is empty")])
+def test_a_file_that_is_neither_hdf5_nor_npz_is_one_line(tmp_path, content, found):
+    path = tmp_path / "emb_test.npz"
+    path.write_bytes(content)   # a pickle: numpy would advise allow_pickle=True
+    with pytest.raises(SystemExit) as err:
+        run_experiments.main(["--data_path", str(path), "--output_dir", str(tmp_path / "result")])
+    assert str(err.value) == f"error: {path}: cannot read (neither an HDF5 nor an .npz file: {found})"
+    assert "pickle" not in str(err.value) and not (tmp_path / "result").exists()
+
+
+def test_a_folder_given_as_the_data_file_is_one_line(tmp_path):
+    folder = tmp_path / "emb_test.h5"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as err:
+        run_experiments.main(["--data_path", str(folder), "--output_dir", str(tmp_path / "result")])
+    assert str(err.value) == f"error: {folder}: is a folder, not an embeddings file (.h5 or .npz)"
+    assert not (tmp_path / "result").exists()

@@ -231,3 +231,42 @@ def test_same_query_on_two_files_writes_two_pictures(pipeline_dir, capsys):
     assert redo == first
     assert sorted(os.listdir("out")) == sorted(os.path.basename(p)[:-4] + ext for p in (first, second)
                                                for ext in (".png", ".json"))
+
+
+# ----------------------------------------------------------------------------- issue 28: empty query, outputs
+
+def no_model(monkeypatch):
+    """Fail the test if search.py loads a model: these faults must be found before."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the fault was found")
+    monkeypatch.setattr(search, "load_query_encoder", refuse)
+
+
+@pytest.mark.parametrize("query", ["", "   \t "])
+def test_an_empty_or_blank_query_is_an_error_not_a_ranking(handoff, tmp_path, monkeypatch, query):
+    no_model(monkeypatch)
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit) as err:
+        search.main(["--query", query, "--data_path", handoff[0], "--output_dir", str(out), "--device", "cpu"])
+    assert str(err.value) == f"error: --query {query!r}: is empty; give the text to search the images with"
+    assert not out.exists()
+
+
+def test_an_output_folder_that_is_a_file_is_one_line_before_the_model_loads(handoff, tmp_path, monkeypatch):
+    no_model(monkeypatch)
+    out = tmp_path / "results"
+    out.write_bytes(b"an earlier file")
+    with pytest.raises(SystemExit) as err:
+        search.main(["--query", QUERY, "--data_path", handoff[0], "--output_dir", str(out), "--device", "cpu"])
+    assert str(err.value) == (f"error: {out}: not writable ({out} is not a folder); choose another output folder "
+                              "with --output_dir")
+    assert out.read_bytes() == b"an earlier file"
+
+
+def test_a_read_only_output_folder_is_one_line_before_the_model_loads(handoff, monkeypatch, read_only_folder):
+    no_model(monkeypatch)
+    with pytest.raises(SystemExit) as err:
+        search.main(["--query", QUERY, "--data_path", handoff[0], "--output_dir", read_only_folder, "--device", "cpu"])
+    assert str(err.value) in (f"error: {read_only_folder}: not writable ({reason}); choose another output folder "
+                              "with --output_dir" for reason in ("Read-only file system", "Permission denied"))
+    assert os.listdir(read_only_folder) == []
