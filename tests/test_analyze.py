@@ -481,7 +481,7 @@ def unreadable_runs(monkeypatch):
     """Fail the test if the analysis starts reading runs: the output checks must come first."""
     def refuse(*_args, **_kwargs):
         raise AssertionError("runs were read before the outputs were checked")
-    monkeypatch.setattr(analyze_results.analysis, "load_runs", refuse)
+    monkeypatch.setattr(analyze_results, "load_runs", refuse)
 
 
 @pytest.mark.parametrize("flag, make, fault", [
