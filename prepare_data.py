@@ -11,9 +11,7 @@ Example:
     python prepare_data.py --dataset flickr8k --download --splits train dev test \
         --model openai/clip-vit-base-patch32
 """
-import argparse
 import os
-import sys
 import time
 
 import torch
@@ -21,7 +19,8 @@ import torch
 from retrieval import data, env, io, metrics, synthetic
 from retrieval.download import download_dataset
 from retrieval.encoders import embed_split
-from retrieval.errors import HelpFormatter, cli
+from retrieval.errors import HelpFormatter, Parser, cli
+from retrieval.flags import at_least, non_negative_int, positive_int
 from retrieval.hf_models import DEFAULT_MODEL
 from retrieval.models import load_encoder, model_tag
 
@@ -30,8 +29,7 @@ EVAL_MAX_IMAGES = 25000  # the sanity-check evaluation is an exact full ranking:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=HelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     source = p.add_argument_group("data")
     source.add_argument("--dataset", choices=data.DATASETS, default="synthetic",
                         help="which dataset to read (synthetic needs no download)")
@@ -46,9 +44,9 @@ def parse_args(argv=None):
     source.add_argument("--download", action="store_true",
                         help="fetch the official archives into --data_dir first (already present = skipped); "
                              "without it nothing touches the network for data")
-    source.add_argument("--synthetic_images", type=int, default=synthetic.SYNTHETIC_IMAGES,
+    source.add_argument("--synthetic_images", type=positive_int, default=synthetic.SYNTHETIC_IMAGES,
                         help="--dataset synthetic: number of images to generate (5 captions each)")
-    source.add_argument("--synthetic_image_size", type=int, default=96,
+    source.add_argument("--synthetic_image_size", type=positive_int, default=96,
                         help="--dataset synthetic: image side in pixels")
     model = p.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_MODEL,
@@ -56,11 +54,11 @@ def parse_args(argv=None):
     model.add_argument("--checkpoint", default="",
                        help="embed with a dual encoder trained by train_dual_encoder.py instead of --model")
     model.add_argument("--device", default="", help="'' = auto (cuda, then mps, then cpu), or e.g. cuda:1")
-    model.add_argument("--batch_size", type=int, default=0,
+    model.add_argument("--batch_size", type=non_negative_int, default=0,
                        help="images per forward pass (0 = 16 on CPU, 256 on GPU; see docs/benchmarks.md, embedding speed)")
-    model.add_argument("--text_batch_size", type=int, default=0,
+    model.add_argument("--text_batch_size", type=non_negative_int, default=0,
                        help="captions per forward pass (0 = 4 x batch_size)")
-    model.add_argument("--num_workers", type=int, default=-1,
+    model.add_argument("--num_workers", type=at_least(-1, " (-1 = min(8, CPU cores))"), default=-1,
                        help="DataLoader processes decoding images (-1 = min(8, CPU cores))")
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", default="",
@@ -70,7 +68,7 @@ def parse_args(argv=None):
     out.add_argument("--overwrite", action="store_true", help="redo splits whose output file already exists")
     out.add_argument("--no_eval", action="store_true",
                      help="skip the one-line retrieval sanity check printed for each written split")
-    out.add_argument("--seed", type=int, default=0,
+    out.add_argument("--seed", type=non_negative_int, default=0,
                      help="seeds the synthetic data, seeded splits (when no official split exists) and torch")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
     out.add_argument("--fetch_only", choices=("data", "model"), default=None,
@@ -81,9 +79,8 @@ def parse_args(argv=None):
         p.error("--dataset csv needs --images DIR and --captions FILE")
     if args.dataset != "csv" and (args.images or args.captions):
         p.error("--images/--captions are only for --dataset csv")
-    for name in ("synthetic_images", "synthetic_image_size", "batch_size", "text_batch_size"):
-        if getattr(args, name) < (1 if name.startswith("synthetic") else 0):
-            p.error(f"--{name} must be positive")
+    if args.dataset == "synthetic":   # before anything is loaded or written
+        synthetic.check_num_images(args.synthetic_images)
     args.data_dir = args.data_dir or os.path.join(DEFAULT_DATA_ROOT, args.dataset)
     args.output_dir = args.output_dir or os.path.join(DEFAULT_DATA_ROOT, args.dataset)
     return args
@@ -156,7 +153,7 @@ def write_split(args, encoder, split_data, path, environment):
         print(f"{split}: sanity-check evaluation skipped ({len(emb.image_ids)} images > {EVAL_MAX_IMAGES})")
 
 
-@cli
+@cli(interrupted="interrupted; finished splits kept; run the same command to write the rest")
 def main(argv=None):
     args = parse_args(argv)
     if not args.fetch_only:
@@ -181,7 +178,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit("interrupted: finished splits are saved; run again to continue with the rest")
+    main()

@@ -43,7 +43,8 @@ import torch
 from PIL import Image
 
 from retrieval import env
-from retrieval.errors import UserError, cli
+from retrieval.errors import Parser, UserError, cli
+from retrieval.flags import positive_int
 from retrieval.io import atomic_path, l2_normalize, read_embeddings, read_json, require_writable, write_json
 from retrieval.models import load_encoder
 
@@ -59,12 +60,12 @@ IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 def parse_args(argv=None):
     # --help ends with the docstring's rules for the file searched, so the two never disagree.
     file_rules = __doc__[__doc__.index("The file searched, "):__doc__.index("Unreadable images")].rstrip()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=file_rules,
+    parser = Parser(description=__doc__.splitlines()[0], epilog=file_rules,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     query = parser.add_argument_group("query")
     query.add_argument("--query", default=None, help="text to search the images with (text→image)")
     query.add_argument("--image", default=None, help="image file to search the captions with (image→text)")
-    query.add_argument("--top_k", type=int, default=9, help="number of results to show")
+    query.add_argument("--top_k", type=positive_int, default=9, help="number of results to show")
     data = parser.add_argument_group("data")
     data.add_argument("--data_path", default=None,
                       help="embeddings file to search (default: the one file the sweep in --results_dir evaluated, "
@@ -89,8 +90,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if (args.query is None) == (args.image is None):
         parser.error("give exactly one of --query TEXT or --image PATH")
-    if args.top_k < 1:
-        parser.error("--top_k must be at least 1")
     return args
 
 

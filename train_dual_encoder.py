@@ -35,22 +35,24 @@ import torch
 from retrieval import env, export, io, training
 from retrieval.distributed import barrier, init_distributed
 from retrieval.dual_encoder import build_model, check_nested_weights, nested_dims
-from retrieval.errors import HelpFormatter, UserError, cli
+from retrieval.errors import HelpFormatter, Parser, UserError, cli
+from retrieval.flags import (at_least, fraction, non_negative_float, non_negative_int, positive_float, positive_int,
+                             probability)
 from retrieval.quantize_aware import QUANTIZERS
 from retrieval.recipes import RECIPES
 from retrieval.towers import IMAGE_ENCODERS
+from retrieval.training_run import check_runs
 from retrieval.train_settings import TrainSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = Parser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="start from a named recipe (retrieval/recipes.py: bench, demo, quick); flags given here still win")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="flickr8k", help="dataset name understood by retrieval/data.py")
     g.add_argument("--data_dir", default="", help="dataset folder (default coco_data/<dataset>)")
-    g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers for image decoding")
+    g.add_argument("--num_workers", type=non_negative_int, default=4, help="DataLoader workers for image decoding")
     g.add_argument("--split", default="test", help="split evaluated by --eval_only")
     g = p.add_argument_group("model")
     g.add_argument("--image_encoder", default="mobilenet_v3_small", choices=IMAGE_ENCODERS,
@@ -68,14 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "embeddings, -1 = last); default: the last hidden state only")
     g.add_argument("--text_weights", default="pretrained", choices=("pretrained", "none"),
                    help="'none' builds the text model from its config with random weights (smoke runs)")
-    g.add_argument("--embedding_dim", type=int, nargs="+", default=[512],
+    g.add_argument("--embedding_dim", type=positive_int, nargs="+", default=[512],
                    help="output dims; several values train one model each in this invocation")
     g.add_argument("--head", default="mlp", choices=("linear", "mlp"), help="projection head type")
-    g.add_argument("--head_hidden", type=int, default=2048, help="hidden width of MLP heads")
-    g.add_argument("--head_dropout", type=float, default=0.1, help="dropout in the heads")
-    g.add_argument("--head_input_dropout", type=float, default=None,
+    g.add_argument("--head_hidden", type=positive_int, default=2048, help="hidden width of MLP heads")
+    g.add_argument("--head_dropout", type=probability, default=0.1, help="dropout in the heads")
+    g.add_argument("--head_input_dropout", type=probability, default=None,
                    help="dropout on the tower features entering the heads (default --head_dropout)")
-    g.add_argument("--head_ensemble", type=int, default=1,
+    g.add_argument("--head_ensemble", type=positive_int, default=1,
                    help="K separate runs (seeds seed..seed+K-1, frozen towers) of embedding_dim/K-wide heads, "
                         "joined by concatenation: the score is the mean of theirs")
     g.add_argument("--matryoshka_dims", type=int, nargs="+", default=None,
@@ -84,20 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "--head_ensemble (a joined ensemble's first d dims are its members' first d/K)")
     g.add_argument("--test_flip", action=argparse.BooleanOptionalAction, default=False,
                    help="evaluate/export an image as the mean embedding of it and its mirror image")
-    g.add_argument("--temperature", type=float, default=0.07, help="initial InfoNCE temperature (learnable, clamped)")
+    g.add_argument("--temperature", type=positive_float, default=0.07, help="initial InfoNCE temperature (learnable, clamped)")
     g = p.add_argument_group("training")
-    g.add_argument("--batch_size", type=int, default=32, help="images per global batch")
-    g.add_argument("--captions_per_image", type=int, default=1,
+    g.add_argument("--batch_size", type=at_least(2, " (InfoNCE needs negatives)"), default=32, help="images per global batch")
+    g.add_argument("--captions_per_image", type=positive_int, default=1,
                    help="captions of each image in a batch (joint positives); an epoch uses every caption once")
-    g.add_argument("--lr", type=float, default=5e-5, help="learning rate of the towers")
-    g.add_argument("--head_lr", type=float, default=None, help="learning rate of heads and temperature (default --lr)")
-    g.add_argument("--text_lr", type=float, default=None,
+    g.add_argument("--lr", type=non_negative_float, default=5e-5, help="learning rate of the towers")
+    g.add_argument("--head_lr", type=non_negative_float, default=None, help="learning rate of heads and temperature (default --lr)")
+    g.add_argument("--text_lr", type=non_negative_float, default=None,
                    help="learning rate of the text tower's trained part (default --lr; e.g. --train_text_layers)")
-    g.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay (matrices only)")
-    g.add_argument("--warmup", type=float, default=0.05, help="fraction of steps with linear warm-up (then cosine)")
-    g.add_argument("--epochs", type=int, default=20, help="training epochs")
-    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
-    g.add_argument("--grad_accum", type=int, default=1, help="batches per optimizer step")
+    g.add_argument("--weight_decay", type=non_negative_float, default=1e-4, help="AdamW weight decay (matrices only)")
+    g.add_argument("--warmup", type=fraction, default=0.05, help="fraction of steps with linear warm-up (then cosine)")
+    g.add_argument("--epochs", type=positive_int, default=20, help="training epochs")
+    g.add_argument("--max_steps", type=non_negative_int, default=0, help="stop after this many optimizer steps (0 = no limit)")
+    g.add_argument("--grad_accum", type=positive_int, default=1, help="batches per optimizer step")
     g.add_argument("--freeze_image", action=argparse.BooleanOptionalAction, default=False,
                    help="freeze the image tower (its features are cached)")
     g.add_argument("--freeze_text", action=argparse.BooleanOptionalAction, default=False,
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_text_layers", type=int, default=0,
                    help="with --freeze_text: train the text model's last N transformer layers from cached layer "
                         "inputs (0 = the whole tower frozen); the layers run without dropout, as the tower does")
-    g.add_argument("--cache_views", type=int, default=2,
+    g.add_argument("--cache_views", type=positive_int, default=2,
                    help="frozen image tower: cached views per train image (1 = plain, 2 = +flip, more = +random crops)")
     g.add_argument("--matryoshka_weights", type=float, nargs="+", default=None,
                    help="loss weight of each nested dim, ascending, the full dim included (default: all 1); "
@@ -122,17 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--model_dir", default="checkpoints", help="folder for runs, checkpoints and the feature cache")
     g.add_argument("--run_name", default="", help="run folder name (default from dataset and towers)")
-    g.add_argument("--save_every", type=int, default=5, help="write last.pt every N epochs (and at the end)")
+    g.add_argument("--save_every", type=positive_int, default=5, help="write last.pt every N epochs (and at the end)")
     g.add_argument("--resume", action="store_true", help="continue from <run>/d<dim>/last.pt")
     g.add_argument("--overwrite", action="store_true", help="start over even if the run folder has checkpoints")
     g.add_argument("--export_dir", default="", help="hand-off files folder (default coco_data/<dataset>); 'none' to skip")
     g.add_argument("--export_splits", nargs="*", default=["dev", "test"], help="splits exported at the end")
     g.add_argument("--device", default="", help="'' = auto (cuda -> mps -> cpu)")
-    g.add_argument("--seed", type=int, default=0, help="seeds everything (also data order and augmentation)")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seeds everything (also data order and augmentation)")
     g = p.add_argument_group("evaluate")
     g.add_argument("--eval_only", action="store_true", help="evaluate --checkpoint on --split and exit")
     g.add_argument("--checkpoint", default="", help="checkpoint for --eval_only")
-    g.add_argument("--batch_size_eval", type=int, default=128, help="batch size when embedding for evaluation")
+    g.add_argument("--batch_size_eval", type=positive_int, default=128, help="batch size when embedding for evaluation")
     g = p.add_argument_group("plan (print and exit)")
     g.add_argument("--list_exports", action="store_true",
                    help="print the hand-off files this run exports (one per line) and exit; submit_job.sh asks this")
@@ -156,8 +158,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--eval_only needs --checkpoint")
     if args.image_size is not None and args.image_size < 32:
         p.error("--image_size must be at least 32 pixels")
-    if args.batch_size < 2:
-        p.error("--batch_size must be at least 2 (InfoNCE needs negatives)")
     if not args.run_name:
         text = os.path.basename(os.path.normpath(args.text_encoder))
         args.run_name = f"{args.dataset}-{args.image_encoder}-{text}"
@@ -222,7 +222,7 @@ def check(settings: TrainSettings, world_size: int) -> None:
                              settings.matryoshka_weights)
 
 
-@cli
+@cli(interrupted="interrupted; the last checkpoint is kept; run the same command with --resume to continue")
 def main(argv=None):
     args = parse_args(argv)
     settings = settings_from(args)
@@ -242,6 +242,9 @@ def main(argv=None):
         io.require_writable(settings.export_dir, "--export_dir")
     rank, world_size = init_distributed()
     check(settings, world_size)
+    # Every refusal before the first write (args.json, the run folder): a refused run leaves a run as it was.
+    settings.require_data()
+    check_runs(settings, rank)
     device = env.pick_device(settings.device)
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -16,15 +16,27 @@ from retrieval.encoders import Encoder
 from retrieval.hf_models import DEFAULT_MODEL, load_hf_encoder
 
 
+# Folders train_dual_encoder.py puts inside a run folder (<run>/d<dim>/[member<k>/]best.pt): they name the
+# dim and member, not the run, so model_tag climbs past them to the run folder.
+_RUN_SUBFOLDER = re.compile(r"d\d+|member\d+")
+
+
 def model_tag(model: str = DEFAULT_MODEL, checkpoint: str | None = None) -> str:
     """File-name-safe short name: 'openai/clip-vit-base-patch32' -> 'clip-vit-base-patch32'.
 
-    A checkpoint 'checkpoints/run1/best.pt' -> 'run1-best' (the folder names the training run).
+    A checkpoint 'checkpoints/run1/best.pt' -> 'run1-best' (the folder names the training run); the
+    trainer's own layout 'checkpoints/r1/d32/best.pt' -> 'r1-d32-best', so two runs with one dim never
+    share an export name.
     """
     if checkpoint:
-        stem = os.path.splitext(os.path.basename(os.path.normpath(checkpoint)))[0]
-        parent = os.path.basename(os.path.dirname(os.path.abspath(checkpoint)))
-        raw = f"{parent}-{stem}" if parent and parent not in ("checkpoints", ".") else stem
+        parts = [os.path.splitext(os.path.basename(os.path.normpath(checkpoint)))[0]]
+        folder = os.path.dirname(os.path.abspath(checkpoint))
+        while os.path.basename(folder) and os.path.basename(folder) not in ("checkpoints", "."):
+            parts.insert(0, os.path.basename(folder))
+            if not _RUN_SUBFOLDER.fullmatch(parts[0]):
+                break
+            folder = os.path.dirname(folder)
+        raw = "-".join(parts)
     else:
         raw = os.path.basename(os.path.normpath(str(model))) or str(model)
     tag = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-.")

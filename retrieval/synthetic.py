@@ -73,6 +73,24 @@ def _synthetic_item(rng: random.Random, image_size: int) -> tuple[Image.Image, l
     return image, captions
 
 
+def split_sizes(num_images: int) -> dict[str, int]:
+    """Images per split for `num_images` (the seed changes which images, never how many)."""
+    names = [str(i) for i in range(num_images)]
+    return {split: len(files) for split, files in seeded_split(names, 0, SYNTHETIC_SPLITS).items()}
+
+
+def check_num_images(num_images: int, flag: str = "--synthetic_images") -> None:
+    """UserError unless every split gets an image: a split without one would fail only when it is read,
+    after the model has loaded and the earlier splits are written."""
+    sizes = split_sizes(num_images)
+    if min(sizes.values()) > 0:
+        return
+    enough = next(n for n in range(num_images + 1, num_images + 100) if min(split_sizes(n).values()) > 0)
+    shares = "/".join(f"{round(100 * share)}" for _, share in SYNTHETIC_SPLITS)
+    raise UserError(f"{flag} {num_images}: too few images for the {'/'.join(sizes)} splits ({shares} %: "
+                    f"{'/'.join(str(n) for n in sizes.values())} images); give at least {enough}")
+
+
 def make_synthetic(data_dir: str, num_images: int = SYNTHETIC_IMAGES, seed: int = 0, image_size: int = 96) -> str:
     """Render the synthetic dataset into data_dir (images/, captions.jsonl, splits.json).
 
@@ -81,6 +99,7 @@ def make_synthetic(data_dir: str, num_images: int = SYNTHETIC_IMAGES, seed: int 
     """
     if os.path.exists(os.path.join(data_dir, "captions.jsonl")):
         return data_dir
+    check_num_images(num_images)
     parent = os.path.dirname(os.path.abspath(data_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".synthetic.", dir=parent)
@@ -126,5 +145,8 @@ def load_synthetic(data_dir: str, split: str) -> DatasetSplit:
             row = json.loads(line)
             pairs.append((row["image"], row["caption"]))
     files, captions, text_to_image, _ = group_captions(meta["splits"][split], pairs)
+    if not files:   # a folder generated before check_num_images refused tiny sizes
+        raise UserError(f"{data_dir}: split '{split}' of synthetic is empty ({meta['num_images']} images are too "
+                        "few); generate it again with more --synthetic_images")
     return DatasetSplit("synthetic", split, os.path.join(data_dir, "images"), files, captions, text_to_image,
                         info={"split_source": f"seeded (seed={meta['seed']})", "seed": meta["seed"]})

@@ -18,6 +18,7 @@ import torch
 
 from retrieval import data
 from retrieval.data import DatasetSplit
+from retrieval.errors import UserError
 from retrieval.features import FeatureCache
 
 
@@ -102,9 +103,26 @@ class TrainSettings:
         dual_encoder.MODEL_KEYS from it): record() with that embedding_dim."""
         return {**self.record(), "embedding_dim": embedding_dim}
 
+    def require_data(self) -> None:
+        """UserError unless --data_dir holds the data set. The trainer never downloads or generates one
+        (data.load_split would generate a missing synthetic set, with other settings than prepare_data.py
+        was given), so the message names the prepare_data.py command that does."""
+        marker = os.path.join(self.data_dir, "captions.jsonl") if self.dataset == "synthetic" else self.data_dir
+        if os.path.exists(marker):
+            return
+        prepare = f"python prepare_data.py --dataset {self.dataset} --data_dir {self.data_dir}"
+        if self.dataset == "synthetic":
+            raise UserError(f"{self.data_dir}: no synthetic dataset here; generate it first: {prepare} "
+                            "--fetch_only data")
+        if self.dataset in ("flickr8k", "coco"):
+            raise UserError(f"{self.data_dir}: dataset folder not found; fetch it first ({prepare} --download "
+                            "--fetch_only data) or give --data_dir the folder that holds it")
+        raise UserError(f"{self.data_dir}: dataset folder not found; give --data_dir the folder that holds it "
+                        "(layouts: docs/datasets.md)")
+
     def load_split(self, split: str) -> DatasetSplit:
-        """One split of the training data set (the folder must exist: the trainer never generates data)."""
-        data.require_folder(self.dataset, self.data_dir)
+        """One split of the training data set (require_data: the trainer never generates data)."""
+        self.require_data()
         return data.load_split(self.dataset, self.data_dir, split, self.seed)
 
     def feature_cache(self, device: torch.device) -> FeatureCache:

@@ -24,7 +24,7 @@ from retrieval import checkpoint, env
 from retrieval.batches import captions_by_image, plan_epoch
 from retrieval.data import DatasetSplit
 from retrieval.distributed import barrier
-from retrieval.dual_encoder import DualEncoder, build_model, set_frozen
+from retrieval.dual_encoder import MODEL_KEYS, DualEncoder, build_model, set_frozen
 from retrieval.encoders import autocast_dtype
 from retrieval.errors import UserError
 from retrieval.features import FeatureCache, image_tower_features, split_views, text_tower_features
@@ -197,6 +197,44 @@ def set_up(run: Run, splits: dict[str, DatasetSplit], device: torch.device, worl
 # load and silently continue under another objective (or fail on the optimizer's groups), so restore refuses it.
 LOSS_FLAGS = ("matryoshka_dims", "matryoshka_weights", "quantization_aware", "train_image_blocks",
               "train_text_layers")
+# And the flags that shape the model (its towers, heads, inputs) or what of it trains: another value fails
+# in load_state_dict or the optimizer's groups, or trains another model on these weights. embedding_dim is
+# the run's folder (d<dim>), so it cannot differ; temperature is only the initial value of a learned one.
+RESUME_FLAGS = (*(key for key in MODEL_KEYS if key not in ("embedding_dim", "temperature", *LOSS_FLAGS)),
+                "freeze_image", "freeze_text", *LOSS_FLAGS)
+
+
+def changed_flags(trained: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """'--flag <trained>, not <given>' for every RESUME_FLAGS flag whose values differ (compared as
+    recorded: lists, as argparse gives them). A flag the checkpoint predates is not compared."""
+    changed = []
+    for flag in RESUME_FLAGS:
+        if flag in trained and (trained[flag] or None) != (given[flag] or None):
+            changed.append(f"--{flag} {trained[flag] or '(not set)'}, not {given[flag] or '(not set)'}")
+    return changed
+
+
+def refuse_changed_flags(run: Run, trained: dict[str, Any]) -> None:
+    """--resume: one UserError naming every flag whose value differs from the one last.pt was trained with."""
+    changed = changed_flags(trained, run.settings.record())
+    if changed:
+        raise UserError(f"--resume: {run.last_path} was trained with {'; '.join(changed)}; give the same "
+                        f"value{'s' if len(changed) > 1 else ''} or --overwrite")
+
+
+def check_runs(settings: TrainSettings, rank: int) -> None:
+    """Every refusal of the runs this command trains (each dim, each --head_ensemble member), before the
+    first write: an existing run without --resume / --overwrite (new_run), a --resume with changed flags.
+    A --resume of a dim (or member) with no last.pt yet says that it starts fresh."""
+    for dim in settings.embedding_dim:
+        for member in range(settings.head_ensemble) if settings.head_ensemble > 1 else [None]:
+            run = new_run(settings, dim, member)
+            if not settings.resume or settings.overwrite:
+                continue
+            if os.path.exists(run.last_path):
+                refuse_changed_flags(run, checkpoint.load_checkpoint(run.last_path)["args"])
+            elif rank == 0:
+                print(f"note: --resume: {run.last_path} does not exist; {run.label} starts fresh", flush=True)
 
 
 def restore(run: Run, rank: int) -> None:
@@ -204,13 +242,7 @@ def restore(run: Run, rank: int) -> None:
     if not (run.settings.resume and os.path.exists(run.last_path)):
         return
     saved = checkpoint.load_checkpoint(run.last_path)
-    # Compared as recorded (lists, as argparse gives them), the way the checkpoint holds them.
-    given_args = run.settings.record()
-    for flag in LOSS_FLAGS:
-        trained, given = saved["args"].get(flag) or None, given_args[flag] or None
-        if trained != given:
-            raise UserError(f"--resume: {run.last_path} was trained with --{flag} {trained or '(not set)'}, "
-                            f"not {given or '(not set)'}; give the same value or --overwrite")
+    refuse_changed_flags(run, saved["args"])
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
