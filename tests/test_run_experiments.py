@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 
 import run_experiments
 from retrieval import indexes
-from retrieval.io import Embeddings, l2_normalize, make_attrs, write_embeddings
+from retrieval.io import Embeddings, l2_normalize, make_attrs, ranks_path, write_embeddings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -993,3 +994,33 @@ def test_full_ranking_memory_is_bounded_by_the_chunk_not_the_gallery():
     for rows in (1, 5000, 10 ** 6, 10 ** 8):
         chunk = score_chunk(rows)
         assert chunk >= 1 and (chunk == 1 or chunk * rows <= 1 << 26)
+
+
+# ----------------------------------------------------------------------------- issue 28: content identity, checks
+
+def folder_bytes(folder):
+    """{relative path: bytes} of every file under `folder` (what a refused sweep must leave as it was)."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+SMALL_SWEEP = ["--precisions", "int8", "--candidate_sizes", "10", "--recall_k", "1", "5", "--min_time", "0",
+               "--latency_queries", "2", "--num_workers", "1"]
+
+
+def test_overlap_of_the_baseline_with_itself_is_100_when_k_exceeds_the_gallery(tmp_path):
+    data = random_file(tmp_path / "two.npz", num_images=2, dim=8)  # 2 images, 10 captions
+    out = str(tmp_path / "result")
+    run_experiments.main(["--data_path", data, "--output_dir", out, "--precisions", "fp16", "--candidate_sizes",
+                          "--recall_k", "1", "5", "--min_time", "0", "--latency_queries", "2", "--num_workers", "1"])
+    (exact,) = [r for r in load_runs(out) if r["config"]["exact"]]
+    assert exact["metrics"]["t2i_overlap@5"] == 100.0 and exact["metrics"]["i2t_overlap@5"] == 100.0
+    assert exact["metrics"]["t2i_overlap@1"] == 100.0
+    reference = np.array([[1, 0], [0, 1]])
+    assert indexes.overlap_at_k(reference, reference, 5) == 100.0
+    assert indexes.overlap_at_k(np.array([[1, 0], [0, 0]]), reference, 5) == 75.0
