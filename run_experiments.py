@@ -146,16 +146,22 @@ def dry_run(configs, todo, names, runs_dir, shard):
     return [os.path.join(runs_dir, names[i] + ".json") for i, _ in todo]
 
 
-def existing_runs(todo, names, runs_dir, fits):
+def existing_runs(todo, names, runs_dir, loaded):
     """Grid positions of the shard's run files already written (skipped by this sweep), each checked, before
-    anything is written, to have been fitted on this sweep's fit set (sweep.check_same_fit)."""
-    done = set()
+    anything is written, to have been computed from this sweep's inputs (sweep.check_same_inputs); a note
+    counts those from before fingerprints, whose content cannot be checked."""
+    done, unchecked = set(), 0
     for i, entry in todo:
         path = os.path.join(runs_dir, names[i] + ".json")
         record = sweep.existing_result(path)
         if record is not None:
-            sweep.check_same_fit(path, record, fits[entry.file_index])
+            fit = loaded.fits[entry.file_index]
+            sweep.check_same_inputs(path, record, fit, inputs.inputs_record(fit, entry.config))
             done.add(i)
+            unchecked += not isinstance(record.get("inputs"), dict)
+    if unchecked:
+        print(f"note: {unchecked} run files under {runs_dir} predate content fingerprints: counted as done "
+              "without checking the content of their input files (pass --overwrite to recompute them)")
     return done
 
 
@@ -173,25 +179,26 @@ def main(argv=None):
         names = {i: run_name(entry.config, loaded.files[entry.file_index][1].attrs) for i, entry in todo}
         if args.dry_run:
             return dry_run(configs, todo, names, runs_dir, shard)
+        done = set() if args.overwrite else existing_runs(todo, names, runs_dir, loaded)  # refuses before writing
         os.makedirs(runs_dir, exist_ok=True)
         sweep.remove_stale_temp_files(runs_dir)
         env = runs.environment_record(threads)
         written, groups = [], sweep.Groups(settings, loaded, pool, device)
-        done = set() if args.overwrite else existing_runs(todo, names, runs_dir, loaded.fits)
         progress = tqdm(todo, desc="configs", unit="cfg")
         for i, entry in progress:
             path = os.path.join(runs_dir, names[i] + ".json")
             if i in done:
                 continue
             config, emb = entry.config, loaded.files[entry.file_index][1]
+            used = inputs.inputs_record(loaded.fits[entry.file_index], config)
             if entry.skip:
-                record = runs.skipped_record(config, entry.skip, emb, env)
+                record = runs.skipped_record(config, entry.skip, emb, used, env)
                 runs.write_run(path, record)
             else:
                 start = time.perf_counter()
                 group = groups.of(entry)
                 evaluated = sweep.evaluate_config(settings, group, config)
-                record = runs.result_record(config, evaluated, emb, loaded.fits[entry.file_index].record(), env,
+                record = runs.result_record(config, evaluated, emb, used, loaded.fits[entry.file_index].record(), env,
                                             vars(args), time.perf_counter() - start, os.path.basename(ranks_path(path)))
                 # The rank file's caption -> image map is the queries' own (a --max_queries sample's images are
                 # 0..n-1).

@@ -1013,6 +1013,65 @@ SMALL_SWEEP = ["--precisions", "int8", "--candidate_sizes", "10", "--recall_k", 
                "--latency_queries", "2", "--num_workers", "1"]
 
 
+def test_changed_data_file_is_refused_before_writing_and_overwrite_recomputes(tmp_path, capsys):
+    data = random_file(tmp_path / "P.h5", num_images=20, dim=16)
+    out = str(tmp_path / "result")
+    common = ["--data_path", data, "--output_dir", out] + SMALL_SWEEP
+    first = run_experiments.main(common + ["--embedding_dims", "8"])
+    before = folder_bytes(out)
+    old = json.load(open(first[0]))["inputs"]["data"]["sha256"]
+    random_file(tmp_path / "P.h5", num_images=20, dim=16, seed=5)  # other vectors, the same attributes
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        run_experiments.main(common + ["--embedding_dims", "8", "4"])
+    message = str(refused.value)
+    match = re.fullmatch(rf"error: {re.escape(out)}/runs/\S+\.json: was computed from data file {re.escape(data)} "
+                         r"sha256 ([0-9a-f]{12})\.\.\., now ([0-9a-f]{12})\.\.\.; pass --overwrite to recompute or "
+                         r"use another --output_dir", message)
+    assert match and match.group(1) == old[:12], message
+    assert folder_bytes(out) == before  # nothing written, nothing replaced
+    redone = run_experiments.main(common + ["--embedding_dims", "8", "4", "--overwrite"])
+    assert len(redone) == 9 and set(first) < set(redone)  # the run names did not change
+    shas = {json.load(open(p))["inputs"]["data"]["sha256"] for p in redone}
+    assert len(shas) == 1 and shas.pop()[:12] == match.group(2) != old[:12]
+
+
+@pytest.mark.parametrize("role", ["fit file", "distractor file"])
+def test_changed_fit_or_distractor_file_is_refused_naming_it(tmp_path, role):
+    data = random_file(tmp_path / "toy_test.npz", num_images=20, dim=16)
+    other = random_file(tmp_path / "other.npz", num_images=30, dim=16, seed=1)
+    out = str(tmp_path / "result")
+    flags = ["--fit_path", other] if role == "fit file" else ["--gallery_sizes", "30", "--distractors", other]
+    common = ["--data_path", data, "--output_dir", out] + SMALL_SWEEP + flags
+    run_experiments.main(common)
+    before = folder_bytes(out)
+    random_file(tmp_path / "other.npz", num_images=30, dim=16, seed=2)
+    with pytest.raises(SystemExit, match=rf"^error: .*\.json: was computed from {role} {re.escape(other)} sha256 "
+                                         r"[0-9a-f]{12}\.\.\., now [0-9a-f]{12}\.\.\.; pass --overwrite"):
+        run_experiments.main(common)
+    assert folder_bytes(out) == before
+
+
+def test_run_files_before_fingerprints_count_as_done_with_one_note(tmp_path, capsys):
+    data = random_file(tmp_path / "toy.npz", num_images=20, dim=16)
+    out = str(tmp_path / "result")
+    common = ["--data_path", data, "--output_dir", out] + SMALL_SWEEP
+    written = run_experiments.main(common)
+    for path in written:  # as schema 1 wrote them: no "inputs"
+        record = json.load(open(path))
+        del record["inputs"]
+        record["schema_version"] = 1
+        with open(path, "w") as f:
+            json.dump(record, f)
+    before = folder_bytes(out)
+    capsys.readouterr()
+    assert run_experiments.main(common) == []
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: 3 run files under {out}/runs predate content fingerprints: counted as done without "
+                     "checking the content of their input files (pass --overwrite to recompute them)"]
+    assert folder_bytes(out) == before
+
+
 def test_overlap_of_the_baseline_with_itself_is_100_when_k_exceeds_the_gallery(tmp_path):
     data = random_file(tmp_path / "two.npz", num_images=2, dim=8)  # 2 images, 10 captions
     out = str(tmp_path / "result")
