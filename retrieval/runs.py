@@ -352,6 +352,8 @@ def run_row(run: dict) -> dict:
     for name in ("dataset", "split", "model"):
         row[name] = str(attrs.get(name, "unknown"))
     row["group"] = _slug(f"{row['dataset']}_{row['split']}_{row['model']}")
+    row["title"] = f"{row['dataset']} / {row['split']} / {row['model']}"
+    row["data_sha256"] = data_fingerprint(run)
     skipped = run.get("skipped")
     row["status"] = "skipped" if skipped else "ok"
     row["skipped_reason"] = str(skipped) if skipped else ""
@@ -377,6 +379,30 @@ def run_row(run: dict) -> dict:
         if isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
             row[same_dim_name(key)] = value
     return row
+
+
+def name_groups(rows: list[dict]) -> list[dict]:
+    """The rows with their groups keyed by the evaluated file's content too: runs of files whose dataset / split /
+    model attributes are equal but whose fingerprints differ are never compared with each other. Such a group's
+    name and title get the fingerprint's first 8 digits and the file name; a group whose files are all one
+    content (or carry no fingerprint, files before schema 2) keeps its plain name."""
+    contents = {}
+    for row in rows:
+        contents.setdefault(row["group"], set()).add(row["data_sha256"])
+    out = []
+    for row in rows:
+        if len(contents[row["group"]]) > 1:
+            sha = (row["data_sha256"] or "")[:8]
+            name = os.path.basename(str(row.get("data_path") or "")) or "unknown file"
+            row = dict(row, group=f"{row['group']}_{sha or 'no-fingerprint'}",
+                       title=f"{row['title']} ({name}, {f'sha256 {sha}' if sha else 'no fingerprint'})")
+        out.append(row)
+    return out
+
+
+def unfingerprinted(runs: list[dict]) -> int:
+    """How many runs carry no fingerprint of their data file (written before schema 2)."""
+    return sum(data_fingerprint(run) is None for run in runs)
 
 
 def distractor_source(entry: dict | None) -> tuple[str | None, bool | None]:
