@@ -20,7 +20,7 @@ from retrieval import analysis, bootstrap, findings, operating_points, report
 from retrieval.bootstrap import Settings
 from retrieval.errors import cli
 from retrieval.io import atomic_path, require_output_file, require_writable, write_json
-from retrieval.runs import AnalysisError, load_runs, split_invalid
+from retrieval.runs import AnalysisError, load_runs, split_invalid, unfingerprinted
 
 
 def parse_args(argv=None):
@@ -112,8 +112,11 @@ def main(argv=None):
         with open(tmp, "w") as f:
             f.write(report.report_markdown(summary, frame, plots, out_dir))
 
+    if unfingerprinted(runs):
+        print(f"note: {unfingerprinted(runs)} of {len(runs)} run files predate content fingerprints (written before "
+              "run schema 2): grouped by dataset/split/model alone, as before")
     for group in summary["groups"]:
-        print(f"{group['dataset']}/{group['split']}/{group['model']}: {group['runs_completed']} runs, "
+        print(f"{group['title']}: {group['runs_completed']} runs, "
               f"{group['runs_skipped']} skipped")
         for sentence in findings.summary_sentences(group, summary):
             print(f"  - {sentence}")

@@ -20,8 +20,17 @@ from retrieval import indexes, inputs, metrics, runs, sweep, timing
 from retrieval.env import pick_device, seed_everything
 from retrieval.errors import HelpFormatter, cli
 from retrieval.grid import build_grid, run_name, shard_block
-from retrieval.io import ranks_path
+from retrieval.io import ranks_path, require_writable
 from retrieval.sweep_settings import SweepSettings
+
+# List flags whose repeated values would only compute (and overwrite) the same run files again; the paths
+# among them compare as absolute paths ('./P.h5' is 'P.h5').
+LIST_FLAGS = ("data_path", "fit_path", "embedding_dims", "dim_method", "precisions", "candidate_sizes", "recall_k",
+              "directions", "index", "gallery_sizes", "pq_subdim", "nlist", "nprobe", "hnsw_m", "ef_search")
+PATH_FLAGS = ("data_path", "fit_path")
+# Timing / run flags and the least value each takes (a count of 0 would time or sample nothing).
+MINIMUMS = {"latency_queries": 1, "min_passes": 1, "warmup": 0, "min_time": 0, "threads": 0, "latency_threads": 0,
+            "num_workers": 0}
 
 
 def parse_args(argv=None):
@@ -116,15 +125,35 @@ def parse_args(argv=None):
         parser.error("--max_time must be positive")
     if args.batch_size <= 0:
         parser.error("--batch_size must be positive")
+    for name, least in MINIMUMS.items():
+        if getattr(args, name) < least:
+            parser.error(f"--{name} must be at least {least}, got {getattr(args, name)}")
     try:
         shard = tuple(int(v) for v in args.shard.split("/"))
         assert len(shard) == 2 and 0 <= shard[0] < shard[1]
     except (ValueError, AssertionError):
         parser.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
+    note = collapse_repeats(args)
+    if note:
+        print(note)
     # The settings' fields are named after their flags.
     fields = dataclasses.fields(SweepSettings)
     settings = SweepSettings(**{f.name: getattr(args, f.name) for f in fields})
     return args, settings, shard
+
+
+def collapse_repeats(args):
+    """Drop the repeated values of the LIST_FLAGS from `args` (the first of each kept, in order); returns the one
+    note line saying what was dropped, or None."""
+    said = []
+    for name in LIST_FLAGS:
+        values = getattr(args, name)
+        keys = [os.path.abspath(v) if name in PATH_FLAGS else v for v in values]
+        kept = [v for i, v in enumerate(values) if keys[i] not in keys[:i]]
+        if len(kept) < len(values):
+            setattr(args, name, kept)
+            said.append(f"--{name} {' '.join(map(str, values))} -> {' '.join(map(str, kept))}")
+    return "note: repeated values collapsed, each configuration runs once: " + "; ".join(said) if said else None
 
 
 def summary_line(name, config, record):
@@ -146,16 +175,22 @@ def dry_run(configs, todo, names, runs_dir, shard):
     return [os.path.join(runs_dir, names[i] + ".json") for i, _ in todo]
 
 
-def existing_runs(todo, names, runs_dir, fits):
+def existing_runs(todo, names, runs_dir, loaded):
     """Grid positions of the shard's run files already written (skipped by this sweep), each checked, before
-    anything is written, to have been fitted on this sweep's fit set (sweep.check_same_fit)."""
-    done = set()
+    anything is written, to have been computed from this sweep's inputs (sweep.check_same_inputs); a note
+    counts those from before fingerprints, whose content cannot be checked."""
+    done, unchecked = set(), 0
     for i, entry in todo:
         path = os.path.join(runs_dir, names[i] + ".json")
         record = sweep.existing_result(path)
         if record is not None:
-            sweep.check_same_fit(path, record, fits[entry.file_index])
+            fit = loaded.fits[entry.file_index]
+            sweep.check_same_inputs(path, record, fit, inputs.inputs_record(fit, entry.config))
             done.add(i)
+            unchecked += not isinstance(record.get("inputs"), dict)
+    if unchecked:
+        print(f"note: {unchecked} run files under {runs_dir} predate content fingerprints: counted as done "
+              "without checking the content of their input files (pass --overwrite to recompute them)")
     return done
 
 
@@ -165,33 +200,37 @@ def main(argv=None):
     seed_everything(settings.seed)
     device = pick_device(args.device)
     threads = timing.set_threads(settings.threads)
+    runs_dir = os.path.join(args.output_dir, "runs")
+    if not args.dry_run:  # before any file is read: a folder that cannot take results fails in seconds
+        require_writable(args.output_dir, "--output_dir")
+        require_writable(runs_dir, "--output_dir")
     with concurrent.futures.ThreadPoolExecutor(max(1, args.num_workers)) as pool:
         loaded = inputs.load_inputs(settings, args.data_path, args.fit_path, pool)
         configs = build_grid(settings, loaded.files, loaded.fits)
         todo = shard_block(list(enumerate(configs)), *shard)
-        runs_dir = os.path.join(args.output_dir, "runs")
         names = {i: run_name(entry.config, loaded.files[entry.file_index][1].attrs) for i, entry in todo}
         if args.dry_run:
             return dry_run(configs, todo, names, runs_dir, shard)
+        done = set() if args.overwrite else existing_runs(todo, names, runs_dir, loaded)  # refuses before writing
         os.makedirs(runs_dir, exist_ok=True)
         sweep.remove_stale_temp_files(runs_dir)
         env = runs.environment_record(threads)
         written, groups = [], sweep.Groups(settings, loaded, pool, device)
-        done = set() if args.overwrite else existing_runs(todo, names, runs_dir, loaded.fits)
         progress = tqdm(todo, desc="configs", unit="cfg")
         for i, entry in progress:
             path = os.path.join(runs_dir, names[i] + ".json")
             if i in done:
                 continue
             config, emb = entry.config, loaded.files[entry.file_index][1]
+            used = inputs.inputs_record(loaded.fits[entry.file_index], config)
             if entry.skip:
-                record = runs.skipped_record(config, entry.skip, emb, env)
+                record = runs.skipped_record(config, entry.skip, emb, used, env)
                 runs.write_run(path, record)
             else:
                 start = time.perf_counter()
                 group = groups.of(entry)
                 evaluated = sweep.evaluate_config(settings, group, config)
-                record = runs.result_record(config, evaluated, emb, loaded.fits[entry.file_index].record(), env,
+                record = runs.result_record(config, evaluated, emb, used, loaded.fits[entry.file_index].record(), env,
                                             vars(args), time.perf_counter() - start, os.path.basename(ranks_path(path)))
                 # The rank file's caption -> image map is the queries' own (a --max_queries sample's images are
                 # 0..n-1).

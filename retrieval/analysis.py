@@ -3,8 +3,8 @@ analyze_results.py's summary, plots and REPORT.md: tables, Pareto frontiers, mem
 the comparisons the findings quote. This module only computes; findings.py turns the stored tables
 into sentences, report.py into the markdown document, plots.py into pictures.
 
-Runs are grouped by (dataset, split, model) of the embeddings file they were measured on, and every
-comparison happens inside one group: numbers from different datasets or encoders are never mixed.
+Runs are grouped by (dataset, split, model) and content (runs.name_groups) of the file they were
+measured on; every comparison happens inside one group: numbers from different datasets or encoders are never mixed.
 Inside a group the headline analysis uses the real gallery (the smallest gallery size, see
 main_runs); larger galleries (distractors added by `--gallery_sizes`) only feed the scaling tables.
 
@@ -20,8 +20,8 @@ import pandas as pd
 
 from retrieval import bootstrap
 from retrieval.metrics import DIRECTIONS
-from retrieval.runs import CODEC_KEYS, KNOB_KEYS, OOD_KEYS, data_attrs, family_label, index_label, precision_rank, \
-    run_id, run_row
+from retrieval.runs import CODEC_KEYS, KNOB_KEYS, OOD_KEYS, data_attrs, family_label, index_label, name_groups, \
+    precision_rank, run_id, run_row
 
 # Read from every run's "env" (environment_summary).
 ENV_KEYS = ("hostname", "cpu", "cpu_count", "threads", "gpu", "git_commit", "python", "numpy", "faiss", "torch")
@@ -46,7 +46,7 @@ def speed_column(frame, name, direction):
 
 def runs_frame(runs):
     """DataFrame with one row per run, in a stable order (group, gallery, dim, precision, candidates, knobs)."""
-    frame = pd.DataFrame([run_row(run) for run in runs])
+    frame = pd.DataFrame(name_groups([run_row(run) for run in runs]))
     frame["_cand_order"] = frame.apply(
         lambda r: -1 if r["exact"] else (0 if not r["rerank"] else int(r["candidate_size"])), axis=1)
     frame["_precision_order"] = frame["precision"].map(precision_rank)
@@ -370,7 +370,7 @@ def analyse_group(frame, runs, primary_metric=None, paired=no_pairs):
     exact = main[main["exact"]]
     intervals = [c for m in metrics for c in interval_columns(m)[:2]]
     return {
-        "group": frame["group"].iloc[0],
+        "group": frame["group"].iloc[0], "title": frame["title"].iloc[0],
         "dataset": frame["dataset"].iloc[0], "split": frame["split"].iloc[0], "model": frame["model"].iloc[0],
         "source": source_summary(runs),
         "environment": environment_summary(runs),

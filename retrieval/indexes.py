@@ -728,10 +728,11 @@ def exact_top_k(index, queries, gallery, k):
 
 
 def overlap_at_k(found, reference, k):
-    """Mean fraction (%) of the reference top-k found among the first k of `found`."""
+    """Mean fraction (%) of the reference top-k found among the first k of `found`; a gallery smaller than k
+    lists fewer (reference has min(k, gallery) columns), and all of them found is 100."""
     found, reference = found[:, :k], reference[:, :k]
     hits = (found[:, :, None] == reference[:, None, :]) & (reference[:, None, :] >= 0)
-    return float(100.0 * hits.any(axis=1).sum(axis=1).mean() / k)
+    return float(100.0 * hits.any(axis=1).sum(axis=1).mean() / reference.shape[1])
 
 
 # ----------------------------------------------------------------------------- memory

@@ -1,6 +1,7 @@
 """What a sweep reads besides its settings: the evaluated hand-off files, the fit set each is fitted on,
-the distractor rows that pad a gallery (from files, or Gaussian ones fitted to the fit set), and the query
-sample of a file (--max_queries: whole images with every caption of each).
+the distractor rows that pad a gallery (from files, or Gaussian ones fitted to the fit set), the content
+fingerprint of every file read (what a run file records as its "inputs"), and the query sample of a file
+(--max_queries: whole images with every caption of each).
 
 Faults the user can fix raise retrieval.errors.UserError("<file or flag>: <fault>").
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import os
 from typing import NamedTuple
 
@@ -22,19 +24,23 @@ GAUSSIAN = "gaussian"
 SPLIT_PREFIX = "split:"
 # The gallery a direction searches, as (modality in a fit set / distractor record, Embeddings field).
 GALLERY_ROWS = {"t2i": ("images", "image_embeddings"), "i2t": ("texts", "text_embeddings")}
+# fingerprint()'s cache, in memory for this process: (absolute path, size, mtime_ns) -> sha256.
+_FINGERPRINTS: dict[tuple, str] = {}
 
 
 @dataclasses.dataclass(frozen=True)
 class FitSet:
     """The vectors an evaluated file's quantizers / PCA / Gaussian distractors are fitted on, and where they
     came from. distractor_paths / distractor_rows: only with distractor files read (the files, in order, and
-    the rows they hold for every gallery that runs); None otherwise."""
+    the rows they hold for every gallery that runs); None otherwise. fingerprints: {normalised path: sha256}
+    of each file the evaluated file's runs may depend on (itself, the fit file, the distractor files)."""
     source: str  # "--fit_path" or "gallery (no --fit_path)"
     path: str
     images: np.ndarray
     texts: np.ndarray
     distractor_paths: list[str] | None = None
     distractor_rows: int | None = None
+    fingerprints: dict[str, str] | None = None
 
     @property
     def size(self) -> int:
@@ -57,24 +63,65 @@ class Inputs(NamedTuple):
 
 def load_inputs(settings: SweepSettings, data_paths: list[str], fit_paths: list[str],
                 pool: concurrent.futures.Executor) -> Inputs:
-    """Every file a sweep reads, each read once (in parallel on `pool`). Raises UserError."""
-    files = list(zip(data_paths, pool.map(read_embeddings, data_paths)))
-    fit_files = list(zip(fit_paths, pool.map(read_embeddings, fit_paths)))
+    """Every file a sweep reads, each read and fingerprinted once (in parallel on `pool`). Raises UserError."""
+    prints = {}
+    files = read_all(data_paths, pool, prints)
+    fit_files = read_all(fit_paths, pool, prints)
     paths = {path: distractor_paths(settings, path) for path in data_paths}  # checks the flag before any reading
     # Distractor files are read (once each) only when some gallery size could need them.
     wanted = list(dict.fromkeys(p for ps in paths.values() for p in ps)) if settings.gallery_sizes else []
-    loaded = dict(zip(wanted, pool.map(read_embeddings, wanted)))
-    fits = fit_sets(settings, files, fit_files, loaded)
+    loaded = dict(read_all(wanted, pool, prints))
+    fits = fit_sets(settings, files, fit_files, loaded, prints)
     most = max(settings.gallery_sizes, default=0)
     distractors = [distractor_rows(settings, [loaded[p] for p in paths[path]], most - emb.image_embeddings.shape[0])
                    if loaded else None for path, emb in files]
     return Inputs(files, fits, distractors)
 
 
+def read_all(paths: list[str], pool: concurrent.futures.Executor, prints: dict[str, str]
+             ) -> list[tuple[str, Embeddings]]:
+    """[(path, Embeddings)] of `paths`, read in parallel; each file's fingerprint is added to `prints`."""
+    read = list(zip(paths, pool.map(read_embeddings, paths)))
+    prints.update(zip((os.path.normpath(p) for p in paths), pool.map(lambda pair: fingerprint(*pair), read)))
+    return read
+
+
+def fingerprint(path: str, emb: Embeddings) -> str:
+    """sha256 of the arrays every number of a sweep depends on (both vector sets and the caption -> image map,
+    each with its dtype and shape), as loaded. Cached by (path, size, mtime_ns), so a file read twice in one
+    process (evaluated and fitted on, say) is hashed once; the arrays, not the file's bytes, so rewriting the
+    same vectors with other attributes or HDF5 layout keeps the fingerprint."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        for array in (emb.image_embeddings, emb.text_embeddings, emb.text_to_image):
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype.str}{array.shape};".encode())
+            digest.update(array)
+        _FINGERPRINTS[key] = digest.hexdigest()
+    return _FINGERPRINTS[key]
+
+
+def inputs_record(fit: FitSet, config: dict) -> dict:
+    """A run file's "inputs": the path and fingerprint of every file its numbers depend on: the evaluated file
+    (config's data_path), its fit set's file, and the distractor files padding its gallery ([] for Gaussian
+    ones or none)."""
+    distractors = config.get("distractors") or {}
+    files = [] if distractors.get("synthetic", True) else distractors["source"]
+
+    def named(path):
+        path = os.path.normpath(path)
+        return {"path": path, "sha256": fit.fingerprints[path]}
+
+    return {"data": named(config["data_path"]), "fit": named(fit.path), "distractors": [named(p) for p in files]}
+
+
 def fit_sets(settings: SweepSettings, files: list[tuple[str, Embeddings]], fit_files: list[tuple[str, Embeddings]],
-             loaded: dict[str, Embeddings]) -> list[FitSet]:
+             loaded: dict[str, Embeddings], prints: dict[str, str]) -> list[FitSet]:
     """Per evaluated file: the FitSet of the --fit_path file with its native dim (else the file itself);
-    loaded: the distractor files read ({path: Embeddings}), whose rows each file may use are counted."""
+    loaded: the distractor files read ({path: Embeddings}), whose rows each file may use are counted; prints:
+    every file's fingerprint (read_all)."""
     fits = []
     for path, emb in files:
         match = [(p, e) for p, e in fit_files if e.dim == emb.dim]
@@ -86,8 +133,10 @@ def fit_sets(settings: SweepSettings, files: list[tuple[str, Embeddings]], fit_f
         if loaded:
             found = distractor_paths(settings, path)
             rows = available_rows(settings, path, emb, found, loaded)
+        used = [os.path.normpath(p) for p in [path, fit_path] + (found or [])]
         fits.append(FitSet("--fit_path" if match else "gallery (no --fit_path)", os.path.normpath(fit_path),
-                           fit_emb.image_embeddings, fit_emb.text_embeddings, found, rows))
+                           fit_emb.image_embeddings, fit_emb.text_embeddings, found, rows,
+                           {p: prints[p] for p in used}))
     return fits
 
 

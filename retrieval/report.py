@@ -62,7 +62,8 @@ def report_markdown(summary: Summary, frame: pd.DataFrame, plots: Mapping[str, S
     lines += _invalid_runs(invalid)
     for group in summary["groups"]:
         main = main_runs(frame[frame["group"] == group["group"]], group["main_gallery_size"])
-        lines += [f"## {group['dataset']} / {group['split']} / {group['model']}", "", "### Summary", ""]
+        title = group.get("title") or f"{group['dataset']} / {group['split']} / {group['model']}"
+        lines += [f"## {title}", "", "### Summary", ""]
         lines += [f"- {s}" for s in summary_sentences(group, summary)] + [""] + _default_points_table(group)
         lines += ["### Source", ""] + _source_table(group)
         lines += ["### Findings in detail", ""] + [f"- {s}" for s in findings(group)] + [""]

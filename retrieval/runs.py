@@ -3,8 +3,9 @@ analyze_results.py reads a folder of them (the reader: loading, upgrading old fi
 one flat row per run, and the labels every table, plot and report line names a configuration by).
 
 A run file is a JSON object: schema_version, config, metrics, speed, memory, env, data (the embeddings file's
-attributes), fit, args, ranks_file, created, elapsed_s; a skipped configuration's holds schema_version,
-config, skipped (the reason), data and env. Files written before schema_version existed are version 0;
+attributes), inputs (path and sha256 of every file its numbers depend on: data, fit, distractors), fit, args,
+ranks_file, created, elapsed_s; a skipped configuration's holds schema_version, config, skipped (the reason),
+data, inputs and env. Files written before schema_version existed are version 0;
 upgrade() turns any older file into the current shape, so the reader below knows one shape only.
 """
 from __future__ import annotations
@@ -27,9 +28,10 @@ from retrieval.inputs import GAUSSIAN
 from retrieval.io import Embeddings, ranks_path, write_json, write_ranks
 from retrieval.metrics import DIRECTIONS
 
+# 2: "inputs" (content fingerprints of the data, fit and distractor files; None in older files).
 # 1: schema_version written; memory.total_bytes_per_vector in every measured run; config.distractors.source a
 # list of files (or "gaussian") with "synthetic" beside it. 0: files without schema_version.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Read from the run's "config".
 CONFIG_KEYS = ("dim", "native_dim", "dim_method", "precision", "candidate_size", "index", "gallery_size",
@@ -78,10 +80,11 @@ class Evaluation:
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
     """One run file's content: a measured configuration (skipped None) or a skipped one (then only config,
-    skipped, data and env are written)."""
+    skipped, data, inputs and env are written). inputs: inputs.inputs_record's."""
     config: dict
     data: dict
     env: dict
+    inputs: dict | None = None
     skipped: str | None = None
     metrics: dict | None = None
     speed: dict | None = None
@@ -95,10 +98,11 @@ class RunRecord:
     def to_json(self) -> dict:
         """The JSON object of the run file, its sections in the order they have always been written."""
         if self.skipped is not None:
-            body = {"config": self.config, "skipped": self.skipped, "data": self.data, "env": self.env}
+            body = {"config": self.config, "skipped": self.skipped, "data": self.data, "inputs": self.inputs,
+                    "env": self.env}
         else:
             body = {"config": self.config, "metrics": self.metrics, "speed": self.speed, "memory": self.memory,
-                    "env": self.env, "data": self.data, "fit": self.fit, "args": self.args,
+                    "env": self.env, "data": self.data, "inputs": self.inputs, "fit": self.fit, "args": self.args,
                     "ranks_file": self.ranks_file, "created": self.created, "elapsed_s": self.elapsed_s}
         return {"schema_version": SCHEMA_VERSION, **body}
 
@@ -121,15 +125,15 @@ def attrs_record(attrs: dict) -> dict:
     return out
 
 
-def skipped_record(config: dict, reason: str, emb: Embeddings, env: dict) -> RunRecord:
-    return RunRecord(config, attrs_record(emb.attrs), env, skipped=reason)
+def skipped_record(config: dict, reason: str, emb: Embeddings, inputs: dict, env: dict) -> RunRecord:
+    return RunRecord(config, attrs_record(emb.attrs), env, inputs, skipped=reason)
 
 
-def result_record(config: dict, evaluated: Evaluation, emb: Embeddings, fit: dict, env: dict, arguments: dict,
-                  elapsed_s: float, ranks_file: str) -> RunRecord:
-    """The record of an evaluated configuration; fit: the FitSet's record(); ranks_file: the name of its rank
-    file (written next to it by write_run)."""
-    return RunRecord(config, attrs_record(emb.attrs), env, metrics=evaluated.metrics, speed=evaluated.speed,
+def result_record(config: dict, evaluated: Evaluation, emb: Embeddings, inputs: dict, fit: dict, env: dict,
+                  arguments: dict, elapsed_s: float, ranks_file: str) -> RunRecord:
+    """The record of an evaluated configuration; inputs: inputs.inputs_record's; fit: the FitSet's record();
+    ranks_file: the name of its rank file (written next to it by write_run)."""
+    return RunRecord(config, attrs_record(emb.attrs), env, inputs, metrics=evaluated.metrics, speed=evaluated.speed,
                      memory=evaluated.memory, fit=fit, args=arguments, ranks_file=ranks_file,
                      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      elapsed_s=elapsed_s)
@@ -150,14 +154,18 @@ def upgrade(record: dict) -> dict:
     """A run file's record (of any schema_version up to SCHEMA_VERSION) in the current shape; the one place
     that knows what older files lack. Version 0 -> 1: a measured run's memory.total_bytes_per_vector (the index
     bytes plus, re-ranked, the fp32 vectors at its dim that stage 2 reads) when it has none, and a distractor
-    file named alone as config.distractors.source becomes a list of one, with "synthetic" said."""
+    file named alone as config.distractors.source becomes a list of one, with "synthetic" said. 1 -> 2:
+    "inputs" None (no fingerprints: unfingerprinted() counts such runs)."""
     out = dict(record)
-    if out.get("schema_version", 0) < 1:
+    version = out.get("schema_version", 0)
+    if version < 1:
         config = out["config"]
         if isinstance(config.get("distractors"), dict):
             out["config"] = dict(config, distractors=_distractors_v1(config["distractors"]))
         if isinstance(out.get("memory"), dict) and not out.get("skipped"):
             out["memory"] = _memory_v1(out["memory"], out["config"])
+    if version < 2:
+        out["inputs"] = None
     out["schema_version"] = SCHEMA_VERSION
     return out
 
@@ -182,6 +190,14 @@ def data_attrs(run: dict) -> dict:
     """The embeddings file's attributes (dataset, split, model, ...) stored under the run's "data"."""
     data = run.get("data")
     return data if isinstance(data, dict) and ("dataset" in data or "model" in data) else {}
+
+
+def data_fingerprint(run: dict) -> str | None:
+    """The sha256 of the evaluated file's arrays recorded under the run's "inputs" (None before schema 2)."""
+    inputs = run.get("inputs")
+    data = inputs.get("data") if isinstance(inputs, dict) else None
+    sha = data.get("sha256") if isinstance(data, dict) else None
+    return sha if isinstance(sha, str) and sha else None
 
 
 def run_id(run: dict) -> str:
@@ -336,6 +352,8 @@ def run_row(run: dict) -> dict:
     for name in ("dataset", "split", "model"):
         row[name] = str(attrs.get(name, "unknown"))
     row["group"] = _slug(f"{row['dataset']}_{row['split']}_{row['model']}")
+    row["title"] = f"{row['dataset']} / {row['split']} / {row['model']}"
+    row["data_sha256"] = data_fingerprint(run)
     skipped = run.get("skipped")
     row["status"] = "skipped" if skipped else "ok"
     row["skipped_reason"] = str(skipped) if skipped else ""
@@ -361,6 +379,30 @@ def run_row(run: dict) -> dict:
         if isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
             row[same_dim_name(key)] = value
     return row
+
+
+def name_groups(rows: list[dict]) -> list[dict]:
+    """The rows with their groups keyed by the evaluated file's content too: runs of files whose dataset / split /
+    model attributes are equal but whose fingerprints differ are never compared with each other. Such a group's
+    name and title get the fingerprint's first 8 digits and the file name; a group whose files are all one
+    content (or carry no fingerprint, files before schema 2) keeps its plain name."""
+    contents = {}
+    for row in rows:
+        contents.setdefault(row["group"], set()).add(row["data_sha256"])
+    out = []
+    for row in rows:
+        if len(contents[row["group"]]) > 1:
+            sha = (row["data_sha256"] or "")[:8]
+            name = os.path.basename(str(row.get("data_path") or "")) or "unknown file"
+            row = dict(row, group=f"{row['group']}_{sha or 'no-fingerprint'}",
+                       title=f"{row['title']} ({name}, {f'sha256 {sha}' if sha else 'no fingerprint'})")
+        out.append(row)
+    return out
+
+
+def unfingerprinted(runs: list[dict]) -> int:
+    """How many runs carry no fingerprint of their data file (written before schema 2)."""
+    return sum(data_fingerprint(run) is None for run in runs)
 
 
 def distractor_source(entry: dict | None) -> tuple[str | None, bool | None]:

@@ -222,14 +222,35 @@ def remove_stale_temp_files(runs_dir: str, older_than_s: float = 60) -> None:
     io.remove_stale_temps(runs_dir, [".*.tmp.json", ".*.tmp.npz"], older_than_s)
 
 
-def check_same_fit(path: str, record: dict, fit: FitSet) -> None:
-    """A run file found where this sweep would write must have been fitted on the same vectors: the fit set
-    is not part of a configuration's name (the data file is), so another --fit_path into the same folder would
-    otherwise count the other fit's runs as done. Raises UserError; skipped records carry no fit."""
+def check_same_inputs(path: str, record: dict, fit: FitSet, inputs: dict) -> None:
+    """A run file found where this sweep would write counts as done only when it was computed from the same
+    inputs: a configuration's name hashes the data file's path, not its content, and names neither the fit set
+    nor the distractor files' content, so a changed file (or another --fit_path) into the same folder would
+    otherwise count the other inputs' runs as done. inputs: inputs.inputs_record's for this sweep. Raises
+    UserError. Files before schema 2 carry no fingerprints: only their fit path is compared."""
     done = record.get("fit") or {}
     if done.get("path") and os.path.normpath(done["path"]) != os.path.normpath(fit.path):
         raise UserError(f"{path}: fitted on {done['path']}, this sweep fits on {fit.path}; "
                         "use another --output_dir, or --overwrite to redo it")
+    recorded = record.get("inputs")
+    if not isinstance(recorded, dict):
+        return
+    roles = [("data file", "data"), ("fit file", "fit")]
+    pairs = [(role, recorded.get(key) or {}, inputs[key]) for role, key in roles]
+    then = recorded.get("distractors") or []
+    pairs += [("distractor file", then[i] if i < len(then) else {}, now) for i, now in enumerate(inputs["distractors"])]
+    for role, old, new in pairs:
+        if (old.get("path"), old.get("sha256")) != (new["path"], new["sha256"]):
+            raise UserError(f"{path}: {changed(role, old, new)}; pass --overwrite to recompute or use another "
+                            "--output_dir")
+
+
+def changed(role: str, old: dict, new: dict) -> str:
+    """'was computed from data file P.h5 sha256 1a2b3c4d5e6f..., now 9f8e...' (the path too when it differs)."""
+    now = f"{new['sha256'][:12]}..."
+    if old.get("path") != new["path"]:
+        now = f"{new['path']} sha256 {now}"
+    return f"was computed from {role} {old.get('path')} sha256 {str(old.get('sha256'))[:12]}..., now {now}"
 
 
 def existing_result(path: str) -> dict | None:

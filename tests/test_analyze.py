@@ -534,3 +534,54 @@ def test_a_full_disk_under_the_summary_is_one_line_and_keeps_the_earlier_report(
                                   "is left unchanged")
         assert sorted(os.listdir(out_dir)) == sorted([*before, "filler"])   # no temp file left
         assert {name: open(os.path.join(out_dir, name), "rb").read() for name in before} == before
+
+
+# ----------------------------------------------------------------------------- issue 28: groups by content
+
+def test_two_files_with_equal_attributes_are_two_groups_each_with_its_own_baseline(tmp_path, capsys):
+    import run_experiments
+    from retrieval.io import Embeddings, l2_normalize, make_attrs, write_embeddings
+    folder = str(tmp_path / "result")
+    paths = []
+    for name, noise in (("A.h5", 0.3), ("B.h5", 1.5)):  # the same dataset / split / model attributes
+        rng = np.random.default_rng(len(paths))
+        images = l2_normalize(rng.normal(size=(30, 8)))
+        text_to_image = np.repeat(np.arange(30), 5)
+        texts = l2_normalize(images[text_to_image] + noise * rng.normal(size=(150, 8)))
+        emb = Embeddings(images, texts, text_to_image, [f"{i}.jpg" for i in range(30)],
+                         [f"c{i}" for i in range(150)], make_attrs("toy", "test", "random", 8))
+        paths.append(write_embeddings(str(tmp_path / name), emb))
+    run_experiments.main(["--data_path", *paths, "--output_dir", folder, "--precisions", "int8",
+                          "--candidate_sizes", "10", "--recall_k", "1", "5", "--min_time", "0",
+                          "--latency_queries", "2", "--num_workers", "1"])
+    capsys.readouterr()
+    summary = analyse(folder, "--no_plots", "--bootstrap", "0")
+    groups = summary["groups"]
+    assert len(groups) == 2 and len({g["group"] for g in groups}) == 2 and len({g["title"] for g in groups}) == 2
+    for group, path in zip(sorted(groups, key=lambda g: g["title"]), paths):
+        assert group["title"].startswith(f"toy / test / random ({os.path.basename(path)}, sha256 ")
+        assert group["source"]["data_paths"] == [os.path.normpath(path)]
+        (baseline,) = group["baseline"]
+        assert baseline["data_path"] == os.path.normpath(path)
+        labels = [r["label"] for r in group["retention"]]
+        assert len(labels) == len(set(labels)) == 3
+    rows = {r["run_id"]: r for r in summary["rows"]}
+    for row in rows.values():  # retention against the baseline of the same file, never the other's
+        assert rows[row["baseline_run"]]["data_path"] == row["data_path"]
+    report_text = open(os.path.join(folder, "REPORT.md")).read()
+    headings = [line for line in report_text.splitlines() if line.startswith("## toy / test / random")]
+    assert sorted(headings) == sorted(f"## {g['title']}" for g in groups)
+    assert "predate content fingerprints" not in capsys.readouterr().out
+
+
+def test_run_files_without_fingerprints_group_as_before_with_one_note(tmp_path, capsys):
+    folder = hand_made(str(tmp_path))  # version 0 files: no "inputs"
+    write_run(folder, "A2", "fp32", 8, exact=True, t2i=(40, 70), i2t=(50, 80), bytes_per_vector=32, qps=900, p50=1.1,
+              gallery_size=1000)
+    summary = analyse(folder, "--no_plots")
+    (group,) = summary["groups"]
+    assert group["group"] == "toyset_test_toy-model" and group["title"] == "toyset / test / toy-model"
+    assert group["runs_total"] == 7
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: 7 of 7 run files predate content fingerprints (written before run schema 2): grouped "
+                     "by dataset/split/model alone, as before"]

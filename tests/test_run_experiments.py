@@ -3,6 +3,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 import run_experiments
 from retrieval import indexes
-from retrieval.io import Embeddings, l2_normalize, make_attrs, write_embeddings
+from retrieval.io import Embeddings, l2_normalize, make_attrs, ranks_path, write_embeddings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -1176,3 +1177,191 @@ def test_full_ranking_memory_is_bounded_by_the_chunk_not_the_gallery():
     for rows in (1, 5000, 10 ** 6, 10 ** 8):
         chunk = score_chunk(rows)
         assert chunk >= 1 and (chunk == 1 or chunk * rows <= 1 << 26)
+
+
+# ----------------------------------------------------------------------------- issue 28: content identity, checks
+
+def folder_bytes(folder):
+    """{relative path: bytes} of every file under `folder` (what a refused sweep must leave as it was)."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+SMALL_SWEEP = ["--precisions", "int8", "--candidate_sizes", "10", "--recall_k", "1", "5", "--min_time", "0",
+               "--latency_queries", "2", "--num_workers", "1"]
+
+
+def test_changed_data_file_is_refused_before_writing_and_overwrite_recomputes(tmp_path, capsys):
+    data = random_file(tmp_path / "P.h5", num_images=20, dim=16)
+    out = str(tmp_path / "result")
+    common = ["--data_path", data, "--output_dir", out] + SMALL_SWEEP
+    first = run_experiments.main(common + ["--embedding_dims", "8"])
+    before = folder_bytes(out)
+    old = json.load(open(first[0]))["inputs"]["data"]["sha256"]
+    random_file(tmp_path / "P.h5", num_images=20, dim=16, seed=5)  # other vectors, the same attributes
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        run_experiments.main(common + ["--embedding_dims", "8", "4"])
+    message = str(refused.value)
+    match = re.fullmatch(rf"error: {re.escape(out)}/runs/\S+\.json: was computed from data file {re.escape(data)} "
+                         r"sha256 ([0-9a-f]{12})\.\.\., now ([0-9a-f]{12})\.\.\.; pass --overwrite to recompute or "
+                         r"use another --output_dir", message)
+    assert match and match.group(1) == old[:12], message
+    assert folder_bytes(out) == before  # nothing written, nothing replaced
+    redone = run_experiments.main(common + ["--embedding_dims", "8", "4", "--overwrite"])
+    assert len(redone) == 9 and set(first) < set(redone)  # the run names did not change
+    shas = {json.load(open(p))["inputs"]["data"]["sha256"] for p in redone}
+    assert len(shas) == 1 and shas.pop()[:12] == match.group(2) != old[:12]
+
+
+@pytest.mark.parametrize("role", ["fit file", "distractor file"])
+def test_changed_fit_or_distractor_file_is_refused_naming_it(tmp_path, role):
+    data = random_file(tmp_path / "toy_test.npz", num_images=20, dim=16)
+    other = random_file(tmp_path / "other.npz", num_images=30, dim=16, seed=1)
+    out = str(tmp_path / "result")
+    flags = ["--fit_path", other] if role == "fit file" else ["--gallery_sizes", "30", "--distractors", other]
+    common = ["--data_path", data, "--output_dir", out] + SMALL_SWEEP + flags
+    run_experiments.main(common)
+    before = folder_bytes(out)
+    random_file(tmp_path / "other.npz", num_images=30, dim=16, seed=2)
+    with pytest.raises(SystemExit, match=rf"^error: .*\.json: was computed from {role} {re.escape(other)} sha256 "
+                                         r"[0-9a-f]{12}\.\.\., now [0-9a-f]{12}\.\.\.; pass --overwrite"):
+        run_experiments.main(common)
+    assert folder_bytes(out) == before
+
+
+def test_run_files_before_fingerprints_count_as_done_with_one_note(tmp_path, capsys):
+    data = random_file(tmp_path / "toy.npz", num_images=20, dim=16)
+    out = str(tmp_path / "result")
+    common = ["--data_path", data, "--output_dir", out] + SMALL_SWEEP
+    written = run_experiments.main(common)
+    for path in written:  # as schema 1 wrote them: no "inputs"
+        record = json.load(open(path))
+        del record["inputs"]
+        record["schema_version"] = 1
+        with open(path, "w") as f:
+            json.dump(record, f)
+    before = folder_bytes(out)
+    capsys.readouterr()
+    assert run_experiments.main(common) == []
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: 3 run files under {out}/runs predate content fingerprints: counted as done without "
+                     "checking the content of their input files (pass --overwrite to recompute them)"]
+    assert folder_bytes(out) == before
+
+
+def test_repeated_grid_values_and_data_path_are_collapsed_with_one_note(tmp_path, capsys):
+    data = random_file(tmp_path / "P.h5", num_images=20, dim=16)
+    out = str(tmp_path / "result")
+    again = os.path.join(str(tmp_path), ".", "P.h5")
+    written = run_experiments.main(["--data_path", data, again, "--output_dir", out,
+                                    "--embedding_dims", "8", "8", "--precisions", "int8", "int8",
+                                    "--candidate_sizes", "10", "10"] + SMALL_SWEEP[4:])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("note:")] == [
+        f"note: repeated values collapsed, each configuration runs once: --data_path {data} {again} -> {data}; "
+        "--embedding_dims 8 8 -> 8; --precisions int8 int8 -> int8; --candidate_sizes 10 10 -> 10"]
+    assert lines[-1] == f"6 written, 0 already done, under {os.path.join(out, 'runs')}"
+    assert len(written) == len(set(written)) == len(glob.glob(os.path.join(out, "runs", "*.json"))) == 6
+
+
+def test_overlap_of_the_baseline_with_itself_is_100_when_k_exceeds_the_gallery(tmp_path):
+    data = random_file(tmp_path / "two.npz", num_images=2, dim=8)  # 2 images, 10 captions
+    out = str(tmp_path / "result")
+    run_experiments.main(["--data_path", data, "--output_dir", out, "--precisions", "fp16", "--candidate_sizes",
+                          "--recall_k", "1", "5", "--min_time", "0", "--latency_queries", "2", "--num_workers", "1"])
+    (exact,) = [r for r in load_runs(out) if r["config"]["exact"]]
+    assert exact["metrics"]["t2i_overlap@5"] == 100.0 and exact["metrics"]["i2t_overlap@5"] == 100.0
+    assert exact["metrics"]["t2i_overlap@1"] == 100.0
+    reference = np.array([[1, 0], [0, 1]])
+    assert indexes.overlap_at_k(reference, reference, 5) == 100.0
+    assert indexes.overlap_at_k(np.array([[1, 0], [0, 0]]), reference, 5) == 75.0
+
+
+def test_output_dir_that_is_a_file_fails_before_any_vector_is_loaded(tmp_path, monkeypatch):
+    from retrieval import inputs
+
+    def never(*args, **kwargs):
+        pytest.fail("vectors loaded although --output_dir cannot take results")
+    monkeypatch.setattr(inputs, "load_inputs", never)
+    data = random_file(tmp_path / "toy.npz", num_images=20, dim=16)
+    (tmp_path / "file").write_text("a regular file, so this fails even for root")
+    before = folder_bytes(tmp_path)
+    for out in (tmp_path / "file", tmp_path / "file" / "out"):
+        with pytest.raises(SystemExit) as refused:
+            run_experiments.main(["--data_path", data, "--output_dir", str(out)] + SMALL_SWEEP)
+        assert str(refused.value) == (f"error: {out}: not writable ({tmp_path / 'file'} is not a folder); "
+                                      "choose another output folder with --output_dir")
+    assert folder_bytes(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_read_only_output_dir_fails_before_any_vector_is_loaded(tmp_path, monkeypatch):
+    from retrieval import inputs
+    monkeypatch.setattr(inputs, "load_inputs", lambda *a, **k: pytest.fail("vectors loaded"))
+    data = random_file(tmp_path / "toy.npz", num_images=20, dim=16)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(SystemExit, match=rf"^error: {locked}: not writable \(Permission denied\); choose "
+                                             r"another output folder with --output_dir$"):
+            run_experiments.main(["--data_path", data, "--output_dir", str(locked)] + SMALL_SWEEP)
+    finally:
+        locked.chmod(0o755)
+    assert os.listdir(locked) == []
+
+
+@pytest.mark.parametrize("flag, value, least", [("--latency_queries", "0", 1), ("--min_passes", "0", 1),
+                                               ("--warmup", "-1", 0), ("--threads", "-1", 0),
+                                               ("--num_workers", "-3", 0)])
+def test_numeric_timing_flags_are_refused_at_parse_time(tmp_path, capsys, flag, value, least):
+    with pytest.raises(SystemExit) as refused:
+        run_experiments.main(["--data_path", str(tmp_path / "never_read.h5"), "--output_dir", str(tmp_path / "r"),
+                              flag, value])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f": error: {flag} must be at least {least}, got {value}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_sigint_mid_sweep_exits_130_keeps_complete_runs_and_the_rerun_resumes(tmp_path):
+    # Needs the KeyboardInterrupt handling of retrieval/errors.py cli (exit 130 and the one line), which another
+    # branch of issue 28 adds: without it this test fails (a traceback, and the status of a death by SIGINT).
+    data = random_file(tmp_path / "toy.npz", num_images=60, dim=32)
+    out = str(tmp_path / "result")
+    args = ["--data_path", data, "--output_dir", out, "--embedding_dims", "32", "16", "8", "--precisions",
+            "fp16", "int8", "int4", "binary", "--candidate_sizes", "10", "50", "--recall_k", "1", "5",
+            "--min_time", "0.05", "--latency_queries", "20", "--num_workers", "1", "--threads", "1"]
+    expected = run_experiments.main(args + ["--dry_run"])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    command = [sys.executable, os.path.join(ROOT, "run_experiments.py")] + args
+    # SIGINT as a terminal's Ctrl-C delivers it (a background job of a shell may inherit it ignored).
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    runs_dir = os.path.join(out, "runs")
+    deadline = time.time() + 120
+    while time.time() < deadline and len(glob.glob(os.path.join(runs_dir, "*.json"))) < 3:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    kept = sorted(glob.glob(os.path.join(runs_dir, "*.json")))
+    assert 3 <= len(kept) < len(expected), "the interrupt should land mid-sweep"
+    assert process.returncode == 130
+    assert stderr.replace("\r", "\n").strip().splitlines()[-1].endswith(
+        "interrupted; completed runs kept; run the same command to resume"), stderr
+    assert "Traceback" not in stderr
+    assert not [n for n in os.listdir(runs_dir) if n.startswith(".")], "temp files left behind"
+    complete = {p: open(p, "rb").read() for p in kept}
+    for path in kept:  # every run file kept is whole, with its rank file
+        assert "skipped" in json.load(open(path)) or os.path.exists(ranks_path(path)), path
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    assert rerun.stdout.splitlines()[-1] == \
+        f"{len(expected) - len(kept)} written, {len(kept)} already done, under {runs_dir}"
+    assert sorted(glob.glob(os.path.join(runs_dir, "*.json"))) == sorted(expected)
+    assert {p: open(p, "rb").read() for p in kept} == complete
