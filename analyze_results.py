@@ -12,19 +12,19 @@ Examples:
     python analyze_results.py --require "t2i_retention_R@1>=99" --require "t2i_latency_p99_ms<=2" \
         --objective min:bytes_per_vector
 """
-import argparse
 import os
 import sys
 
 from retrieval import analysis, bootstrap, findings, operating_points, report
 from retrieval.bootstrap import Settings
-from retrieval.errors import cli
+from retrieval.errors import Parser, cli
+from retrieval.flags import positive_int
 from retrieval.io import atomic_path, require_output_file, require_writable, write_json
 from retrieval.runs import AnalysisError, load_runs, split_invalid, unfingerprinted
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--results_dir", default="./result",
                         help="folder given to run_experiments.py --output_dir (holds runs/*.json)")
     parser.add_argument("--output_path", default=None,
@@ -33,7 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--plots_dir", default=None, help="folder for the PNG plots (default <results_dir>/plots)")
     parser.add_argument("--metric", default="RSUM",
                         help="metric that picks the best configuration per memory budget (e.g. RSUM, t2i_R@1)")
-    parser.add_argument("--recall_k", type=int, default=None,
+    parser.add_argument("--recall_k", type=positive_int, default=None,
                         help="K of the R@K shown in the plots (default: the smallest K in the runs)")
     parser.add_argument("--no_plots", action="store_true", help="write the summary and report without plots")
     parser.add_argument("--bootstrap", type=int, default=1000,

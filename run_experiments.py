@@ -8,7 +8,6 @@ Example:
       --embedding_dims 256 512 1024 --precisions fp16 int8 int4 --candidate_sizes 32 100 1000 \
       --recall_k 1 5 10 --batch_size 128 --num_workers 4
 """
-import argparse
 import concurrent.futures
 import dataclasses
 import os
@@ -18,7 +17,8 @@ from tqdm import tqdm
 
 from retrieval import indexes, inputs, metrics, runs, sweep, timing
 from retrieval.env import pick_device, seed_everything
-from retrieval.errors import HelpFormatter, cli
+from retrieval.errors import HelpFormatter, Parser, cli
+from retrieval.flags import non_negative_float, non_negative_int, positive_float, positive_int
 from retrieval.grid import build_grid, run_name, shard_block
 from retrieval.io import ranks_path, require_writable
 from retrieval.sweep_settings import SweepSettings
@@ -29,15 +29,10 @@ LIST_FLAGS = ("data_path", "fit_path", "embedding_dims", "dim_method", "precisio
               "directions", "index", "gallery_sizes", "pq_subdim", "nlist", "nprobe", "hnsw_m", "ef_search")
 PATH_FLAGS = ("data_path", "fit_path")
 # Timing / run flags and the least value each takes (a count of 0 would time or sample nothing).
-MINIMUMS = {"latency_queries": 1, "min_passes": 1, "warmup": 0, "min_time": 0, "threads": 0, "latency_threads": 0,
-            "num_workers": 0}
-
-
 def parse_args(argv=None):
     """(args, settings, (shard, shards)): the namespace as parsed (recorded in every run file as is),
     the sweep settings built from it, and the --shard block to run."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = Parser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--data_path", nargs="+", required=True,
                       help="hand-off file(s) to evaluate (.h5/.npz); several files with different native dims are each used for their own grid")
@@ -45,7 +40,7 @@ def parse_args(argv=None):
                       help="hand-off file(s) (normally the train split) to train quantizers/PCA on; the one with the data file's native dim is used. Default: the evaluated file itself")
     data.add_argument("--output_dir", default="./result", help="results go to OUTPUT_DIR/runs/")
     grid = parser.add_argument_group("grid")
-    grid.add_argument("--embedding_dims", type=int, nargs="*", default=[],
+    grid.add_argument("--embedding_dims", type=positive_int, nargs="*", default=[],
                       help="target dims; the native dim is always run; dims above native are skipped (never padded)")
     grid.add_argument("--dim_method", nargs="+", default=["pca"], choices=indexes.DIM_METHODS,
                       help="how to reduce below the native dim (PCA is fitted on the fit set); several: each "
@@ -53,56 +48,56 @@ def parse_args(argv=None):
     grid.add_argument("--precisions", nargs="+", default=list(indexes.DEFAULT_PRECISIONS), choices=indexes.PRECISIONS,
                       help="stage-1 precisions (fp32 exact flat search always runs as the baseline; default all but "
                            "rq, whose training is slow at many codebooks: ask for it)")
-    grid.add_argument("--candidate_sizes", type=int, nargs="*", default=[32, 100, 1000],
+    grid.add_argument("--candidate_sizes", type=positive_int, nargs="*", default=[32, 100, 1000],
                       help="stage-1 candidate counts C re-ranked with fp32; each precision also runs without re-ranking (C = max K)")
-    grid.add_argument("--recall_k", type=int, nargs="+", default=[1, 5, 10], help="K values for R@K and overlap@K")
+    grid.add_argument("--recall_k", type=positive_int, nargs="+", default=[1, 5, 10], help="K values for R@K and overlap@K")
     grid.add_argument("--directions", nargs="+", default=list(metrics.DIRECTIONS), choices=metrics.DIRECTIONS,
                       help="t2i: captions query images; i2t: images query captions")
     grid.add_argument("--index", nargs="+", default=["flat"], choices=indexes.INDEX_TYPES,
                       help="stage-1 index structure(s)")
-    grid.add_argument("--gallery_sizes", type=int, nargs="*", default=[],
+    grid.add_argument("--gallery_sizes", type=positive_int, nargs="*", default=[],
                       help="pad the image gallery to these sizes with distractors (same number of extra captions for i2t); default: the real gallery")
     grid.add_argument("--distractors", nargs="+", default=["gaussian"],
                       help="'gaussian' (synthetic: fitted to the fit set per modality), or hand-off FILEs and "
                            "split:NAME (the evaluated file's _NAME sibling, e.g. split:train) whose rows are "
                            "used in the order given (images pad text->image, captions image->text)")
-    grid.add_argument("--max_queries", type=int, default=0, metavar="N",
+    grid.add_argument("--max_queries", type=non_negative_int, default=0, metavar="N",
                       help="at most N query images (and all their captions) per file, drawn with --seed; the gallery "
                            "keeps every item (0 = every image and caption is a query)")
-    grid.add_argument("--max_code_bytes", type=int, default=0, metavar="B",
+    grid.add_argument("--max_code_bytes", type=non_negative_int, default=0, metavar="B",
                       help="leave out of the grid every code above B bytes a vector (the fp32 baseline stays; "
                            "0 = no cap): a budget sweep without the codes no budget takes")
     knobs = parser.add_argument_group("index settings")
     knobs.add_argument("--sq_ranges", default="per_dim", choices=("per_dim", "uniform"),
                        help="int8/int4 scalar quantizer ranges: one [min,max] per dimension, or one for all")
-    knobs.add_argument("--pq_subdim", type=int, nargs="+", default=[8],
+    knobs.add_argument("--pq_subdim", type=positive_int, nargs="+", default=[8],
                        help="pq/opq/rq: dims per codebook (M = dim / pq_subdim codebooks of 8 bits = M bytes a vector; "
                             "pq/opq split the dims into M blocks, rq's codebooks each span them all), one "
                             "configuration per value")
     # Several values of a knob: each is its own configuration (a recall-vs-speed curve per index). The
     # index is built once per build-time value (--nlist, --hnsw_m) and searched at every search-time value.
-    knobs.add_argument("--nlist", type=int, nargs="+", default=[0],
+    knobs.add_argument("--nlist", type=non_negative_int, nargs="+", default=[0],
                        help="IVF lists, one index per value (0 = about 4*sqrt(gallery size))")
-    knobs.add_argument("--nprobe", type=int, nargs="+", default=[16], help="IVF lists visited per query")
-    knobs.add_argument("--hnsw_m", type=int, nargs="+", default=[32], help="HNSW links per node, one index per value")
-    knobs.add_argument("--ef_search", type=int, nargs="+", default=[64],
+    knobs.add_argument("--nprobe", type=positive_int, nargs="+", default=[16], help="IVF lists visited per query")
+    knobs.add_argument("--hnsw_m", type=positive_int, nargs="+", default=[32], help="HNSW links per node, one index per value")
+    knobs.add_argument("--ef_search", type=positive_int, nargs="+", default=[64],
                        help="HNSW search beam (raised to k when smaller)")
     speed = parser.add_argument_group("timing")
-    speed.add_argument("--batch_size", type=int, default=128, help="queries per FAISS search call when timing throughput")
-    speed.add_argument("--min_time", type=float, default=0.3,
+    speed.add_argument("--batch_size", type=positive_int, default=128, help="queries per FAISS search call when timing throughput")
+    speed.add_argument("--min_time", type=non_negative_float, default=0.3,
                        help="repeat whole timed passes of a stage until this many seconds (and --min_passes)")
-    speed.add_argument("--min_passes", type=int, default=3,
+    speed.add_argument("--min_passes", type=positive_int, default=3,
                        help="at least this many timed passes per stage: their spread is recorded (noise of the machine)")
-    speed.add_argument("--max_time", type=float, default=10.0,
+    speed.add_argument("--max_time", type=positive_float, default=10.0,
                        help="stop repeating a stage's passes once this many seconds are spent, even below --min_passes "
                             "(a large gallery: then one pass, its spread over blocks of batches)")
-    speed.add_argument("--warmup", type=int, default=1, help="untimed warm-up batches before each timed section")
-    speed.add_argument("--latency_queries", type=int, default=100, help="sampled single queries for latency percentiles")
-    speed.add_argument("--latency_threads", type=int, default=1,
+    speed.add_argument("--warmup", type=non_negative_int, default=1, help="untimed warm-up batches before each timed section")
+    speed.add_argument("--latency_queries", type=positive_int, default=100, help="sampled single queries for latency percentiles")
+    speed.add_argument("--latency_threads", type=non_negative_int, default=1,
                        help="FAISS threads for single-query latency (0 = same as --threads)")
-    speed.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads (0 = FAISS default: all cores)")
+    speed.add_argument("--threads", type=non_negative_int, default=0, help="FAISS OpenMP threads (0 = FAISS default: all cores)")
     run = parser.add_argument_group("run")
-    run.add_argument("--num_workers", type=int, default=4,
+    run.add_argument("--num_workers", type=non_negative_int, default=4,
                      help="threads for loading files and untimed metric computation (never during timing)")
     run.add_argument("--shard", default="0/1", help="I/N: run block I (0-based) of N contiguous blocks of the grid")
     run.add_argument("--dry_run", action="store_true", help="list the grid (and what is done) and exit")
@@ -111,23 +106,6 @@ def parse_args(argv=None):
                      help="seeds PCA/random projection, distractors, the --max_queries sample, latency sample")
     run.add_argument("--device", default="", help="'' = auto (cuda -> mps -> cpu); FAISS GPU indexes need faiss-gpu, else CPU")
     args = parser.parse_args(argv)
-    for name in ("recall_k", "candidate_sizes", "embedding_dims", "gallery_sizes", "nprobe", "hnsw_m", "ef_search",
-                 "pq_subdim"):
-        if any(v <= 0 for v in getattr(args, name)):
-            parser.error(f"--{name} values must be positive")
-    if any(v < 0 for v in args.nlist):
-        parser.error("--nlist values must be positive (or 0 = about 4*sqrt(gallery size))")
-    if args.max_queries < 0:
-        parser.error("--max_queries must be positive (or 0 = every image)")
-    if args.max_code_bytes < 0:
-        parser.error("--max_code_bytes must be positive (or 0 = no cap)")
-    if args.max_time <= 0:
-        parser.error("--max_time must be positive")
-    if args.batch_size <= 0:
-        parser.error("--batch_size must be positive")
-    for name, least in MINIMUMS.items():
-        if getattr(args, name) < least:
-            parser.error(f"--{name} must be at least {least}, got {getattr(args, name)}")
     try:
         shard = tuple(int(v) for v in args.shard.split("/"))
         assert len(shard) == 2 and 0 <= shard[0] < shard[1]
