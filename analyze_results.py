@@ -19,6 +19,7 @@ import sys
 from retrieval import analysis, findings, operating_points, report
 from retrieval.bootstrap import Settings
 from retrieval.errors import cli
+from retrieval.frame import metric_columns, runs_frame
 from retrieval.io import atomic_path, write_json
 from retrieval.runs import AnalysisError, load_runs, split_invalid
 
@@ -71,8 +72,8 @@ def main(argv=None):
     for bad in invalid:
         print(f"warning: {os.path.join(args.results_dir, bad['file'])}: {bad['reason']}; left out of the analysis",
               file=sys.stderr)
-    frame = analysis.runs_frame(runs)
-    known = analysis.metric_columns(frame)
+    frame = runs_frame(runs)
+    known = metric_columns(frame)
     if known and args.metric not in known:
         raise AnalysisError(f"--metric {args.metric}: not a metric of these runs (have: {', '.join(known)})")
     settings = Settings(args.bootstrap, args.confidence, args.seed)

@@ -168,7 +168,7 @@ def test_every_metric_equals_brute_force(tmp_path):
 
 
 def test_pq_subdim_values_are_codes_of_their_own_and_match_brute_force(tmp_path):
-    from retrieval import analysis
+    from retrieval.frame import completed, runs_frame
     from retrieval.runs import load_runs as load_run_files
     data = random_file(tmp_path / "toy.npz", num_images=300, dim=16, noise=0.5)
     out = str(tmp_path / "result")
@@ -190,7 +190,7 @@ def test_pq_subdim_values_are_codes_of_their_own_and_match_brute_force(tmp_path)
     r1 = {r["config"]["index_params"]["pq_m"]: r["metrics"]["t2i_R@1"] for r in done
           if r["config"]["index"] == "flat" and not r["config"]["rerank"]}
     assert r1[8] > r1[2]  # 2 dims per 8-bit code keep far more than 8 dims per code
-    frame = analysis.completed(analysis.runs_frame(load_run_files(out)))
+    frame = completed(runs_frame(load_run_files(out)))
     labels = frame[frame["precision"] == "pq"]["label"]
     assert labels.is_unique and "pq8x8 16d C=20 [hnsw M=8 ef_search=64]" in set(labels), sorted(labels)
     # The report and its plots take the codes apart too (the re-ranking plot draws a line per code).
@@ -201,7 +201,7 @@ def test_pq_subdim_values_are_codes_of_their_own_and_match_brute_force(tmp_path)
 
 
 def test_rq_codes_match_brute_force_and_max_code_bytes_leaves_the_rest_to_a_later_sweep(tmp_path):
-    from retrieval import analysis
+    from retrieval.frame import completed, runs_frame
     from retrieval.runs import load_runs as load_run_files
     data = random_file(tmp_path / "toy.npz", num_images=300, dim=16, noise=0.5)
     out = str(tmp_path / "result")
@@ -224,7 +224,7 @@ def test_rq_codes_match_brute_force_and_max_code_bytes_leaves_the_rest_to_a_late
         assert result["memory"]["bytes_per_vector"] == result["config"]["index_params"]["pq_m"] <= 4
         if result["config"]["index"] == "flat":
             assert_metrics_match(result, reference_metrics(data, result["config"]))
-    frame = analysis.completed(analysis.runs_frame(load_run_files(out)))
+    frame = completed(runs_frame(load_run_files(out)))
     assert "rq4x8 16d no rerank" in set(frame["label"]), sorted(frame["label"])
     # Without the cap the same folder runs what the cap left out (nothing was recorded for it) and keeps the rest.
     before = {os.path.basename(p): os.path.getmtime(p) for p in glob.glob(os.path.join(out, "runs", "*.json"))}
