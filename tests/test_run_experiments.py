@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import run_experiments
-from retrieval import indexes
+from retrieval import indexes, precisions, reduction
 from retrieval.io import Embeddings, l2_normalize, make_attrs, write_embeddings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,16 +98,18 @@ def reference_metrics(path, config, fit_path=None):
     from retrieval.io import read_embeddings
     emb = read_embeddings(path)
     fit = read_embeddings(fit_path) if fit_path else emb
-    projection = indexes.fit_reduction(np.concatenate([fit.image_embeddings, fit.text_embeddings]), config["dim"],
+    projection = reduction.fit_reduction(np.concatenate([fit.image_embeddings, fit.text_embeddings]), config["dim"],
                                        config["dim_method"]) if config["dim"] < emb.dim else None
-    images, texts = indexes.reduce(emb.image_embeddings, projection), indexes.reduce(emb.text_embeddings, projection)
-    fit_images, fit_texts = indexes.reduce(fit.image_embeddings, projection), indexes.reduce(fit.text_embeddings, projection)
+    images = reduction.reduce(emb.image_embeddings, projection)
+    texts = reduction.reduce(emb.text_embeddings, projection)
+    fit_images = reduction.reduce(fit.image_embeddings, projection)
+    fit_texts = reduction.reduce(fit.text_embeddings, projection)
     k_values = config["k_values"]
     out = {}
     for direction, queries, gallery, fit_vectors in (("t2i", texts, images, fit_images), ("i2t", images, texts, fit_texts)):
         precision = config["precision"]
         if precision == "binary":
-            stage1_queries, stage1_gallery = indexes.binary_signs(queries), indexes.binary_signs(gallery)
+            stage1_queries, stage1_gallery = reduction.binary_signs(queries), reduction.binary_signs(gallery)
         elif precision == "fp32":
             stage1_queries, stage1_gallery = queries, gallery
         else:  # the FAISS codec decodes; the ranking itself is recomputed here
@@ -490,7 +492,7 @@ def test_query_transform_is_its_own_timed_stage_and_search_excludes_binarising(t
     from retrieval import timing
     data = random_file(tmp_path / "toy.npz", num_images=40, dim=16)
     calls = {"sign_bits": 0}
-    real_sign_bits, real_time_batches = indexes.sign_bits, timing.time_batches
+    real_sign_bits, real_time_batches = reduction.sign_bits, timing.time_batches
     stages = []
 
     def counting_sign_bits(*args, **kwargs):
@@ -687,7 +689,7 @@ def sample_of(text_to_image, n, seed):
 def stage1_vectors(precision, queries, gallery):
     """The vectors stage 1 scores with (as reference_metrics: FAISS decodes, numpy ranks)."""
     if precision == "binary":
-        return indexes.binary_signs(queries), indexes.binary_signs(gallery)
+        return reduction.binary_signs(queries), reduction.binary_signs(gallery)
     if precision == "fp32":
         return queries, gallery
     index, _ = indexes.build_index(precision, gallery, gallery)
@@ -860,7 +862,7 @@ def count_calls(monkeypatch, name, calls, key):
 
 
 def structure(index):
-    name = type(indexes.core_index(index)).__name__
+    name = type(precisions.core_index(index)).__name__
     return "ivf" if "IVF" in name else "hnsw" if "HNSW" in name else "flat"
 
 
