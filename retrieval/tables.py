@@ -160,7 +160,8 @@ def _cleaned(rows):
     return [{k: clean(v) for k, v in row.items()} for row in rows]
 
 
-def memory_frontier_table(main: pd.DataFrame, front: pd.DataFrame, metric: str, cost: str = "bytes_per_vector") -> list[dict]:
+def memory_frontier_table(main: pd.DataFrame, front: pd.DataFrame, metric: str,
+                          cost: str = "bytes_per_vector") -> list[dict]:
     """The compressed runs on the memory frontier of `metric` (memory = `cost`), each beside its fp32 exact
     baseline: what that step down in bytes keeps of the metric, with the paired interval of the difference,
     and what it does to the speed of the metric's direction.
