@@ -387,6 +387,7 @@ def set_search_params(index: FaissIndex, index_type: str, params: dict, k: int) 
         index.hnsw.efSearch = int(max(params.get("ef_search", 64), k))
 
 
+# ----------------------------------------------------------------------------- one built index
 
 def build_knobs(precision: str, index_type: str, index_params: dict, dim: int) -> tuple:
     """The build-time knobs of a configuration's index_params, as sorted (name, value) pairs: IVF lists, HNSW

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import run_experiments
-from retrieval import indexes, precisions, reduction
+from retrieval import indexes, precisions, reduction, two_stage
 from retrieval.io import Embeddings, l2_normalize, make_attrs, write_embeddings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -505,7 +505,7 @@ def test_query_transform_is_its_own_timed_stage_and_search_excludes_binarising(t
         stages.append((step.__name__, calls["sign_bits"] - before))
         return result
 
-    monkeypatch.setattr(indexes, "sign_bits", counting_sign_bits)
+    monkeypatch.setattr(two_stage, "sign_bits", counting_sign_bits)
     monkeypatch.setattr(timing, "time_batches", recording_time_batches)
     out = str(tmp_path / "result")
     written = run_experiments.main(["--data_path", data, "--output_dir", out, "--embedding_dims", "8",
@@ -851,14 +851,14 @@ def test_bootstrap_and_report_on_a_sampled_sweep(tmp_path):
 
 # ----------------------------------------------------------------------------- shared quantizers, decodes, chunks
 
-def count_calls(monkeypatch, name, calls, key):
-    """Wrap indexes.<name> so that every call appends key(*args) to calls."""
-    real = getattr(indexes, name)
+def count_calls(monkeypatch, module, name, calls, key):
+    """Wrap <module>.<name> so that every call appends key(*args) to calls."""
+    real = getattr(module, name)
 
     def counted(*args, **kwargs):
         calls.append(key(*args, **kwargs))
         return real(*args, **kwargs)
-    monkeypatch.setattr(indexes, name, counted)
+    monkeypatch.setattr(module, name, counted)
 
 
 def structure(index):
@@ -873,8 +873,8 @@ def test_shared_coarse_quantizers_and_decodes_give_the_metrics_of_unshared_build
               "--nlist", "4", "8", "--nprobe", "2", "--hnsw_m", "8", "--candidate_sizes", "10", "--recall_k", "1", "5",
               "--min_time", "0", "--latency_queries", "2", "--num_workers", "2"]
     coarse, decodes = [], []
-    count_calls(monkeypatch, "train_coarse", coarse, lambda fit_codes, nlist: (fit_codes.dtype.name, nlist))
-    count_calls(monkeypatch, "decoded_gallery", decodes,
+    count_calls(monkeypatch, indexes, "train_coarse", coarse, lambda fit_codes, nlist: (fit_codes.dtype.name, nlist))
+    count_calls(monkeypatch, two_stage, "decoded_gallery", decodes,
                 lambda index, precision, gallery: (precision, structure(index)))
     shared = run_experiments.main(common + ["--output_dir", str(tmp_path / "shared")])
     # Per direction and nlist: one k-means for fp32, fp16 and int8, and binary's own on its bits.
@@ -886,9 +886,9 @@ def test_shared_coarse_quantizers_and_decodes_give_the_metrics_of_unshared_build
     # The same sweep with every build training its own coarse quantizer and decoding its own gallery.
     unshared_coarse, unshared_decodes = [], []
     monkeypatch.setattr(indexes, "shares_coarse", lambda precision, index_type: False)
-    monkeypatch.setattr(indexes, "decode_key", lambda precision, index_type, knobs=(): (precision, index_type) + knobs)
-    count_calls(monkeypatch, "train_coarse", unshared_coarse, lambda fit_codes, nlist: nlist)
-    count_calls(monkeypatch, "decoded_gallery", unshared_decodes, lambda index, precision, gallery: precision)
+    monkeypatch.setattr(two_stage, "decode_key", lambda precision, index_type, knobs=(): (precision, index_type) + knobs)
+    count_calls(monkeypatch, indexes, "train_coarse", unshared_coarse, lambda fit_codes, nlist: nlist)
+    count_calls(monkeypatch, two_stage, "decoded_gallery", unshared_decodes, lambda index, precision, gallery: precision)
     unshared = run_experiments.main(common + ["--output_dir", str(tmp_path / "unshared")])
     assert len(unshared_coarse) == 2 * 2 * 4 and len(unshared_decodes) == 2 * 16
     assert [os.path.basename(p) for p in shared] == [os.path.basename(p) for p in unshared]
@@ -919,7 +919,7 @@ def test_ivf_on_a_padded_gallery_trains_on_the_fit_set_and_a_seeded_sample_of_di
     from retrieval import inputs, io
     data = random_file(tmp_path / "toy.npz", num_images=20, dim=16)
     fits = []
-    count_calls(monkeypatch, "train_coarse", fits, lambda fit_codes, nlist: (fit_codes.copy(), nlist))
+    count_calls(monkeypatch, indexes, "train_coarse", fits, lambda fit_codes, nlist: (fit_codes.copy(), nlist))
     common = ["--data_path", data, "--precisions", "fp32", "int8", "--index", "ivf", "--nprobe", "4",
               "--candidate_sizes", "--recall_k", "1", "5", "--min_time", "0", "--latency_queries", "2",
               "--directions", "t2i", "--gallery_sizes", "2000"]
