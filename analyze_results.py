@@ -19,6 +19,7 @@ from retrieval import analysis, bootstrap, findings, operating_points, report
 from retrieval.bootstrap import Settings
 from retrieval.errors import Parser, cli
 from retrieval.flags import positive_int
+from retrieval.frame import metric_columns, runs_frame
 from retrieval.io import atomic_path, require_output_file, require_writable, write_json
 from retrieval.runs import AnalysisError, load_runs, split_invalid, unfingerprinted
 
@@ -82,8 +83,8 @@ def main(argv=None):
     for bad in invalid:
         print(f"warning: {os.path.join(args.results_dir, bad['file'])}: {bad['reason']}; left out of the analysis",
               file=sys.stderr)
-    frame = analysis.runs_frame(runs)
-    known = analysis.metric_columns(frame)
+    frame = runs_frame(runs)
+    known = metric_columns(frame)
     if known and args.metric not in known:
         raise AnalysisError(f"--metric {args.metric}: not a metric of these runs (have: {', '.join(known)})")
     settings = Settings(args.bootstrap, args.confidence, args.seed)

@@ -15,7 +15,7 @@ import time
 
 from tqdm import tqdm
 
-from retrieval import indexes, inputs, metrics, runs, sweep, timing
+from retrieval import inputs, metrics, precisions, reduction, runs, sweep, timing
 from retrieval.env import pick_device, seed_everything
 from retrieval.errors import HelpFormatter, Parser, cli
 from retrieval.flags import non_negative_float, non_negative_int, positive_float, positive_int
@@ -42,10 +42,11 @@ def parse_args(argv=None):
     grid = parser.add_argument_group("grid")
     grid.add_argument("--embedding_dims", type=positive_int, nargs="*", default=[],
                       help="target dims; the native dim is always run; dims above native are skipped (never padded)")
-    grid.add_argument("--dim_method", nargs="+", default=["pca"], choices=indexes.DIM_METHODS,
+    grid.add_argument("--dim_method", nargs="+", default=["pca"], choices=reduction.DIM_METHODS,
                       help="how to reduce below the native dim (PCA is fitted on the fit set); several: each "
                            "is its own configuration at every reduced dim (truncate suits Matryoshka models)")
-    grid.add_argument("--precisions", nargs="+", default=list(indexes.DEFAULT_PRECISIONS), choices=indexes.PRECISIONS,
+    grid.add_argument("--precisions", nargs="+", default=list(precisions.DEFAULT_PRECISIONS),
+                      choices=precisions.PRECISIONS,
                       help="stage-1 precisions (fp32 exact flat search always runs as the baseline; default all but "
                            "rq, whose training is slow at many codebooks: ask for it)")
     grid.add_argument("--candidate_sizes", type=positive_int, nargs="*", default=[32, 100, 1000],
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     grid.add_argument("--recall_k", type=positive_int, nargs="+", default=[1, 5, 10], help="K values for R@K and overlap@K")
     grid.add_argument("--directions", nargs="+", default=list(metrics.DIRECTIONS), choices=metrics.DIRECTIONS,
                       help="t2i: captions query images; i2t: images query captions")
-    grid.add_argument("--index", nargs="+", default=["flat"], choices=indexes.INDEX_TYPES,
+    grid.add_argument("--index", nargs="+", default=["flat"], choices=precisions.INDEX_TYPES,
                       help="stage-1 index structure(s)")
     grid.add_argument("--gallery_sizes", type=positive_int, nargs="*", default=[],
                       help="pad the image gallery to these sizes with distractors (same number of extra captions for i2t); default: the real gallery")

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import analyze_results  # noqa: E402
-from retrieval import indexes, io, metrics  # noqa: E402
+from retrieval import io, metrics, precisions  # noqa: E402
 
 DIMS = (128, 256, 512)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "binary", "pq", "opq", "itq")
@@ -93,7 +93,7 @@ def build(folder, n_images=1000, captions_per_image=5, seed=0):
                   "rerank": bool(candidates), "exact": is_exact, "k_values": list(K_VALUES), "index": index,
                   "index_params": params, "gallery_size": n_images, "directions": ["t2i", "i2t"],
                   "data_path": "coco_data/flickr8k/synthetic_test.h5"}
-        index_bytes = float(indexes.code_bytes(precision, dim, {}))  # pq / opq at the default 8 dims a code
+        index_bytes = float(precisions.code_bytes(precision, dim, {}))  # pq / opq at the default 8 dims a code
         qps = 20000.0 / (index_bytes / 128) / (1 + (candidates or 0) / 300) * (knob and 64 / knob or 1)
         speed = {f"{d}_{key}": value for d in ("t2i", "i2t") for key, value in
                  (("qps", qps), ("latency_p50_ms", 1e3 / qps), ("latency_p99_ms", 3e3 / qps))}

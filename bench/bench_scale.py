@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import run_experiments  # noqa: E402  (the sweep under test)
-from retrieval import indexes, timing  # noqa: E402
+from retrieval import precisions, reduction, timing  # noqa: E402
 from retrieval.env import environment  # noqa: E402
 from retrieval.io import Embeddings, atomic_path, read_embeddings, read_json, write_embeddings, write_json  # noqa: E402
 
@@ -102,11 +102,11 @@ def bandwidth_record(before, after):
 
 def projected_inputs(data_path, fit_path, dim, folder, seed):
     """(data, fit) hand-off files at `dim`: PCA fitted on the fit file's images and captions, as the sweep's
-    own --dim_method pca does (indexes.fit_reduction / reduce), written once under folder."""
+    own --dim_method pca does (reduction.fit_reduction / reduce), written once under folder."""
     fit = read_embeddings(fit_path or data_path)
     if fit.dim == dim:
         return data_path, fit_path
-    projection = indexes.fit_reduction(np.concatenate([fit.image_embeddings, fit.text_embeddings]), dim, "pca", seed)
+    projection = reduction.fit_reduction(np.concatenate([fit.image_embeddings, fit.text_embeddings]), dim, "pca", seed)
     out = []
     for path in (data_path, fit_path or data_path):
         stem, split = os.path.basename(path).rsplit(".", 1)[0].rsplit("_", 1)
@@ -114,8 +114,8 @@ def projected_inputs(data_path, fit_path, dim, folder, seed):
         if not os.path.exists(target):
             emb = read_embeddings(path)
             attrs = dict(emb.attrs, dim=dim, note=f"bench_scale: PCA to {dim} fitted on {fit_path or data_path}")
-            write_embeddings(target, Embeddings(indexes.reduce(emb.image_embeddings, projection),
-                                                indexes.reduce(emb.text_embeddings, projection), emb.text_to_image,
+            write_embeddings(target, Embeddings(reduction.reduce(emb.image_embeddings, projection),
+                                                reduction.reduce(emb.text_embeddings, projection), emb.text_to_image,
                                                 emb.image_ids, emb.captions, attrs))
         out.append(target)
     return out[0], out[1]
@@ -238,7 +238,7 @@ def main(argv=None):
     p.add_argument("--gallery_sizes", type=int, nargs="+", default=[10000, 100000, 1000000])
     p.add_argument("--distractors", nargs="+", default=["gaussian"], help="as run_experiments.py --distractors")
     p.add_argument("--dim", type=int, default=256, help="embedding dim of every configuration (PCA from the file)")
-    p.add_argument("--precisions", nargs="+", default=DEFAULT_PRECISIONS, choices=indexes.PRECISIONS)
+    p.add_argument("--precisions", nargs="+", default=DEFAULT_PRECISIONS, choices=precisions.PRECISIONS)
     p.add_argument("--index", nargs="+", default=["flat", "ivf", "hnsw"], choices=("flat", "ivf", "hnsw"))
     p.add_argument("--nprobe", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--ef_search", type=int, nargs="+", default=[16, 64, 256])

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import run_experiments  # noqa: E402  (the harness under test is the sweep's own)
-from retrieval import indexes, sweep, timing  # noqa: E402
+from retrieval import precisions, sweep, timing  # noqa: E402
 from retrieval.grid import build_grid  # noqa: E402
 from retrieval.group import Group  # noqa: E402
 from retrieval.inputs import load_inputs  # noqa: E402
@@ -147,7 +147,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data_path", default="", help="hand-off file (default: real Flickr8k test export, else synthetic)")
     parser.add_argument("--threads", type=int, default=2, help="FAISS threads for both benchmarks")
-    parser.add_argument("--precisions", nargs="+", default=list(indexes.DEFAULT_PRECISIONS), choices=indexes.PRECISIONS,
+    parser.add_argument("--precisions", nargs="+", default=list(precisions.DEFAULT_PRECISIONS),
+                        choices=precisions.PRECISIONS,
                         help="precisions whose harness speed is compared with a bare FAISS loop")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per precision (median quoted)")
     parser.add_argument("--skip_grid", action="store_true", help="only the overhead benchmark")

@@ -29,9 +29,11 @@ sys.path.insert(0, ROOT)
 import analyze_results  # noqa: E402
 import run_experiments  # noqa: E402
 import train_dual_encoder  # noqa: E402  (bench scripts drive the real CLI)
-from retrieval import analysis, env, io  # noqa: E402
+from retrieval import env, io  # noqa: E402
+from retrieval.frame import completed, runs_frame  # noqa: E402
 from retrieval.runs import load_runs  # noqa: E402
 from retrieval.recipes import RECIPES  # noqa: E402
+from retrieval.tables import budget_table  # noqa: E402
 from retrieval.towers import IMAGE_ENCODERS  # noqa: E402
 
 
@@ -74,12 +76,12 @@ def frontier(dev_path, test_path, folder, method, fit_path=None):
         sweep(dims, FRONTIER_PRECISIONS, codes)
     sweep(FRONTIER_RQ_DIMS, ["rq"], FRONTIER_PQ_SUBDIMS, "--max_code_bytes", str(FRONTIER_RQ_MAX_BYTES))
     analyze_results.main(["--results_dir", folder, "--metric", "t2i_R@1", "--no_plots"])
-    frame = analysis.completed(analysis.runs_frame(load_runs(folder)))
+    frame = completed(runs_frame(load_runs(folder)))
     dev, test = frame[frame["split"] == "dev"], frame[frame["split"] == "test"].set_index("label")
     rows = {budget: {"bytes_per_vector": budget} for budget in FRONTIER_BUDGETS}
     for direction in ("t2i", "i2t"):
         metric = f"{direction}_R@1"
-        for best in analysis.budget_table(dev, metric):  # per power-of-two budget, the best on dev
+        for best in budget_table(dev, metric):  # per power-of-two budget, the best on dev
             budget = best["budget_bytes_per_vector"]
             if budget in rows:
                 rows[budget][direction] = {"label": best["label"], "dev_R@1": best["value"],

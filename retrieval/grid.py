@@ -12,7 +12,7 @@ import json
 import os
 from typing import Iterator, NamedTuple
 
-from retrieval import indexes
+from retrieval import indexes, precisions
 from retrieval.inputs import FitSet, distractor_record, sample_queries
 from retrieval.io import Embeddings
 from retrieval.sweep_settings import SweepSettings
@@ -124,14 +124,14 @@ def group_configs(settings: SweepSettings, common: dict, fit_count: int) -> Iter
                 continue  # identical to the baseline: fp32 re-ranking of an exact fp32 list
             said_unsupported = False
             for knobs in settings.index_settings(index_type, precision):
-                if settings.max_code_bytes and indexes.code_bytes(precision, dim, knobs) > settings.max_code_bytes:
+                if settings.max_code_bytes and precisions.code_bytes(precision, dim, knobs) > settings.max_code_bytes:
                     # Left out, not recorded as skipped: a skipped record counts as done, and a later sweep
                     # without the cap must run the configuration.
                     continue
                 extra = (common["distractors"] or {}).get("count", 0)
                 params = dict(knobs, fit_size=fit_count + indexes.ivf_sample_size(index_type, gallery_size, extra,
                                                                                    knobs))
-                unsupported = indexes.unsupported(precision, dim, index_type, params)
+                unsupported = precisions.unsupported(precision, dim, index_type, params)
                 if unsupported and said_unsupported:
                     continue  # one skipped record says it (the configs of an unbuildable index would be equal)
                 said_unsupported = said_unsupported or bool(unsupported)
@@ -161,7 +161,7 @@ def gallery_skip_reason(gallery_size: int, real_gallery: int, fit: FitSet) -> st
 
 def pq_fit_reason(precision: str, fit_count: int) -> str | None:
     # k-means of 256 centroids per sub-quantizer needs at least 256 training points.
-    if precision in indexes.PQ_CODES and fit_count < 256:
+    if precision in precisions.PQ_CODES and fit_count < 256:
         return f"{precision} with 8-bit codes needs >= 256 fit vectors, fit set has {fit_count}"
     return None
 

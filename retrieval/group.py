@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from retrieval import indexes, metrics, timing
+from retrieval import indexes, metrics, reduction, timing, two_stage
 from retrieval.inputs import GALLERY_ROWS, FitSet, padded_gallery, sample_queries, top1_cosines
 from retrieval.io import Embeddings
 from retrieval.sweep_settings import SweepSettings
@@ -59,9 +59,9 @@ class Group:
         self.dim, self.k_values = config["dim"], config["k_values"]
         self.extra = (config["distractors"] or {}).get("count", 0)
         self.real_images = emb.image_embeddings.shape[0]
-        self.projection = indexes.fit_reduction(np.concatenate([fit.images, fit.texts]), self.dim,
+        self.projection = reduction.fit_reduction(np.concatenate([fit.images, fit.texts]), self.dim,
                                                 config["dim_method"], settings.seed)
-        self.reduce = functools.partial(indexes.reduce, projection=self.projection)
+        self.reduce = functools.partial(reduction.reduce, projection=self.projection)
         # Queries are real items only (with --max_queries a sample of whole images, the same for every
         # configuration of the file); galleries keep every real row and may carry distractors after them.
         self.query_sample = sample_queries(emb.text_to_image, settings.max_queries, settings.seed)
@@ -70,7 +70,7 @@ class Group:
         self.indexes = {}  # (precision, index type, build knobs) -> {direction: IndexEntry}; the latest only
         self.coarse = {}  # (direction, nlist) -> the indexes.Coarse every float IVF index of the group gets
         self.ivf_fit = {}  # (direction, distractor rows) -> fit set + that sample of distractors (fit_vectors)
-        self.ranks = {}  # (direction,) + indexes.decode_key -> full ranks under that decode's compressed scores
+        self.ranks = {}  # (direction,) + two_stage.decode_key -> full ranks under that decode's compressed scores
         self._baseline = None
 
     def _direction(self, direction: str, emb: Embeddings, fit: FitSet, gallery: np.ndarray) -> DirectionData:
@@ -112,7 +112,7 @@ class Group:
             out = Baseline({}, {})
             exact = self.built("fp32", "flat", {})  # its full_ranks are the exact protocol ranks
             for direction, data in self.directions.items():
-                out.top[direction] = indexes.exact_top_k(exact[direction].built.index, data.queries, data.gallery,
+                out.top[direction] = two_stage.exact_top_k(exact[direction].built.index, data.queries, data.gallery,
                                                          min(max_k, data.gallery.shape[0]))
                 summary = metrics.summarize(exact[direction].full_ranks, self.k_values)
                 out.metrics.update({f"{direction}_{k}": v for k, v in summary.items()})
@@ -135,7 +135,7 @@ class Group:
             params = dict(self.settings.index_settings("flat")[0], **dict(knobs))
             built = {d: self._build(d, precision, index_type, params) for d in self.directions}
             # Full ranking under the compressed scores: untimed, in parallel, finished before any timing.
-            decode = indexes.decode_key(precision, index_type, knobs)
+            decode = two_stage.decode_key(precision, index_type, knobs)
             jobs = {d: self.pool.submit(self.shared_full_ranks, d, precision, built[d].index, decode)
                     for d in self.directions}
             self.indexes[key] = {d: IndexEntry(built[d], job.result()) for d, job in jobs.items()}
@@ -179,12 +179,12 @@ class Group:
 
     def shared_full_ranks(self, direction: str, precision: str, index, decode: tuple) -> np.ndarray:
         """The full ranking of a direction under the compressed scores of `index`, computed once per decode
-        (indexes.decode_key: fp32 IVF / HNSW reuse the exact baseline's ranks, an HNSW index its flat twin's).
+        (two_stage.decode_key: fp32 IVF / HNSW reuse the exact baseline's ranks, an HNSW index its flat twin's).
         The decoded gallery exists only while its ranking is computed."""
         key = (direction,) + decode
         if key not in self.ranks:  # each direction is one job: no two threads fill the same key
             data = self.directions[direction]
-            queries = indexes.compressed_queries(precision, data.queries, index)
+            queries = two_stage.compressed_queries(precision, data.queries, index)
             self.ranks[key] = self.full_ranks(direction, queries,
-                                              indexes.decoded_gallery(index, precision, data.gallery))
+                                              two_stage.decoded_gallery(index, precision, data.gallery))
         return self.ranks[key]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from retrieval.analysis import main_runs, speed_column
+from retrieval.frame import main_runs, speed_column
 from retrieval.runs import AnalysisError
 
 # The memory a configuration needs to answer queries as measured: the index, plus the fp32 vectors a

@@ -20,10 +20,11 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from retrieval.analysis import completed, main_runs, pareto_frontier, recall_columns, speed_column  # noqa: E402
+from retrieval.frame import completed, main_runs, recall_columns, speed_column  # noqa: E402
 from retrieval.io import atomic_path  # noqa: E402
 from retrieval.metrics import DIRECTION_NAMES  # noqa: E402
 from retrieval.runs import SEARCH_KNOB, codec_label, family_label, index_label, precision_order  # noqa: E402
+from retrieval.tables import pareto_frontier  # noqa: E402
 
 
 def palette(precisions: Iterable[str]) -> dict[str, tuple[float, float, float]]:

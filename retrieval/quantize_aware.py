@@ -5,7 +5,7 @@ exactly the vectors the sweep's index compares for that precision (retrieval/ind
 backward passes the gradient through as if nothing had been rounded (straight-through estimator,
 Bengio et al. 2013): rounding has a zero gradient almost everywhere, which would teach nothing.
 
-    binary  sign(x R_d) / sqrt(d): indexes.binary_signs (R_d = indexes.binary_rotation(d)) at unit
+    binary  sign(x R_d) / sqrt(d): reduction.binary_signs (R_d = reduction.binary_rotation(d)) at unit
             length. The straight-through acts on the rotated vector x R_d, which is differentiable;
             R_d is orthogonal, so inner products (all InfoNCE sees) are those of the index, and the
             gradient reaches x rotated back by R_d^T.
@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from retrieval.indexes import binary_rotation
+from retrieval.reduction import binary_rotation
 
 # FAISS QT_4bit: 16 levels; a value at fraction u of its range gets code floor(15 u) and decodes to
 # the middle of that cell, (code + 0.5) / 15 of the range (faiss ScalarQuantizer Codec4bit).
@@ -32,7 +32,7 @@ def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _rotation(dim, device):
-    """indexes.binary_rotation(dim) as a tensor on `device`, built once per dim and device."""
+    """reduction.binary_rotation(dim) as a tensor on `device`, built once per dim and device."""
     return torch.from_numpy(binary_rotation(dim)).to(device)
 
 

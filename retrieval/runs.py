@@ -23,7 +23,7 @@ import numpy as np
 from retrieval import timing
 from retrieval.env import environment
 from retrieval.errors import UserError
-from retrieval.indexes import PRECISIONS
+from retrieval.precisions import PRECISIONS
 from retrieval.inputs import GAUSSIAN
 from retrieval.io import Embeddings, ranks_path, write_json, write_ranks
 from retrieval.metrics import DIRECTIONS
@@ -325,7 +325,7 @@ def index_label(row, search_knob: bool = True) -> str:
 
 
 def precision_rank(precision) -> tuple[int, str]:
-    """Sort key: the known precisions in retrieval.indexes order (a product code named with its
+    """Sort key: the known precisions in retrieval.precisions order (a product code named with its
     sub-quantizers, 'pq8x8', beside its precision), then any other name alphabetically."""
     code = re.fullmatch(r"([a-z]+)(\d+)x8", str(precision))
     if code and code.group(1) in PRECISIONS:

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from retrieval import indexes, io, metrics, timing
+from retrieval import indexes, io, metrics, timing, two_stage
 from retrieval.errors import UserError
 from retrieval.grid import GridEntry, group_key
 from retrieval.group import Baseline, Group, IndexEntry
@@ -82,8 +82,8 @@ def timed_search(settings: SweepSettings, group: Group, direction: str, entry: I
         stage1[i] = searcher.search(codes[i], k_search)
 
     def second_step(i):
-        final[i] = indexes.rerank(query_batches[i], data.gallery, stage1[i][1]) if rerank \
-            else indexes.sort_candidates(*stage1[i])
+        final[i] = two_stage.rerank(query_batches[i], data.gallery, stage1[i][1]) if rerank \
+            else two_stage.sort_candidates(*stage1[i])
 
     stages = {}
     with timing.pinned_threads(settings.threads, dim):
@@ -96,7 +96,7 @@ def timed_search(settings: SweepSettings, group: Group, direction: str, entry: I
         """One native query through every stage (what a deployed system does per request)."""
         query = group.reduce(native)
         scores, ids = searcher(query, k_search)
-        return indexes.rerank(query, data.gallery, ids) if rerank else indexes.sort_candidates(scores, ids)
+        return two_stage.rerank(query, data.gallery, ids) if rerank else two_stage.sort_candidates(scores, ids)
 
     latency = timing.latency_ms(single, data.native_queries, settings.latency_queries, settings.seed,
                                 settings.latency_threads, dim)
@@ -198,7 +198,7 @@ def direction_metrics(group: Group, config: dict, baseline: Baseline, entry: Ind
         reference = baseline.metrics[f"{direction}_{key}"]
         out[f"retention_{key}"] = 100.0 * summary[key] / reference if reference else None
     for k in k_values:
-        out[f"overlap@{k}"] = indexes.overlap_at_k(final, baseline.top[direction], k)
+        out[f"overlap@{k}"] = two_stage.overlap_at_k(final, baseline.top[direction], k)
     return {f"{direction}_{k}": v for k, v in out.items()}, listed
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from retrieval import indexes
+from retrieval import precisions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +16,7 @@ class SweepSettings:
     """
     # grid
     embedding_dims: tuple[int, ...]
-    dim_method: tuple[str, ...]  # one or more of indexes.DIM_METHODS, each its own configuration below the native dim
+    dim_method: tuple[str, ...]  # one or more of reduction.DIM_METHODS, each its own configuration below the native dim
     precisions: tuple[str, ...]
     candidate_sizes: tuple[int, ...]
     recall_k: tuple[int, ...]
@@ -68,5 +68,5 @@ class SweepSettings:
             knobs = [dict(base, hnsw_m=b, ef_search=s) for b in values["hnsw_m"] for s in values["ef_search"]]
         else:
             knobs = [base]
-        subdims = values["pq_subdim"] if precision in indexes.PQ_CODES else values["pq_subdim"][:1]
+        subdims = values["pq_subdim"] if precision in precisions.PQ_CODES else values["pq_subdim"][:1]
         return [dict(k, pq_subdim=sub) for sub in subdims for k in knobs]

@@ -12,7 +12,7 @@ from PIL import Image
 
 import train_dual_encoder
 from retrieval import checkpoint as ckpt
-from retrieval import indexes, io
+from retrieval import io, reduction
 from retrieval import dual_encoder as de
 from retrieval import quantize_aware as qa
 from retrieval.synthetic import load_synthetic
@@ -41,7 +41,7 @@ def faiss_int4(vectors):
 def sweep_quantized(vectors, precision):
     """What the sweep's index of `precision` compares for these unit vectors, renormalised (numpy)."""
     if precision == "binary":
-        return indexes.binary_signs(vectors) / vectors.shape[1] ** 0.5
+        return reduction.binary_signs(vectors) / vectors.shape[1] ** 0.5
     return io.l2_normalize(faiss_int4(vectors))
 
 
@@ -86,12 +86,12 @@ def test_binary_forward_is_the_sweeps_signs_and_the_gradient_passes_straight_thr
     x = unit(64, dim, 4).requires_grad_(True)
     q = qa.binary(x)
     # x R + (signs - x R) rounds within a float32 step of the signs
-    np.testing.assert_allclose(q.detach().numpy(), indexes.binary_signs(x.detach().numpy()) / dim ** 0.5, atol=1e-6)
+    np.testing.assert_allclose(q.detach().numpy(), reduction.binary_signs(x.detach().numpy()) / dim ** 0.5, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(q.detach().numpy(), axis=1), 1.0, atol=1e-6)
     upstream = torch.randn(64, dim, generator=torch.Generator().manual_seed(5))
     (q * upstream).sum().backward()
     # The identity on the rotated vector x R (what the signs are taken of), so x gets it rotated back.
-    rotation = torch.from_numpy(indexes.binary_rotation(dim))
+    rotation = torch.from_numpy(reduction.binary_rotation(dim))
     torch.testing.assert_close(x.grad, upstream @ rotation.t())
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import run_experiments
-from retrieval import indexes
+from retrieval import indexes, precisions, reduction, two_stage
 from retrieval.io import Embeddings, l2_normalize, make_attrs, ranks_path, write_embeddings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,16 +101,18 @@ def reference_metrics(path, config, fit_path=None):
     from retrieval.io import read_embeddings
     emb = read_embeddings(path)
     fit = read_embeddings(fit_path) if fit_path else emb
-    projection = indexes.fit_reduction(np.concatenate([fit.image_embeddings, fit.text_embeddings]), config["dim"],
+    projection = reduction.fit_reduction(np.concatenate([fit.image_embeddings, fit.text_embeddings]), config["dim"],
                                        config["dim_method"]) if config["dim"] < emb.dim else None
-    images, texts = indexes.reduce(emb.image_embeddings, projection), indexes.reduce(emb.text_embeddings, projection)
-    fit_images, fit_texts = indexes.reduce(fit.image_embeddings, projection), indexes.reduce(fit.text_embeddings, projection)
+    images = reduction.reduce(emb.image_embeddings, projection)
+    texts = reduction.reduce(emb.text_embeddings, projection)
+    fit_images = reduction.reduce(fit.image_embeddings, projection)
+    fit_texts = reduction.reduce(fit.text_embeddings, projection)
     k_values = config["k_values"]
     out = {}
     for direction, queries, gallery, fit_vectors in (("t2i", texts, images, fit_images), ("i2t", images, texts, fit_texts)):
         precision = config["precision"]
         if precision == "binary":
-            stage1_queries, stage1_gallery = indexes.binary_signs(queries), indexes.binary_signs(gallery)
+            stage1_queries, stage1_gallery = reduction.binary_signs(queries), reduction.binary_signs(gallery)
         elif precision == "fp32":
             stage1_queries, stage1_gallery = queries, gallery
         else:  # the FAISS codec decodes; the ranking itself is recomputed here
@@ -172,7 +174,7 @@ def test_every_metric_equals_brute_force(tmp_path):
 
 @pytest.mark.slow
 def test_pq_subdim_values_are_codes_of_their_own_and_match_brute_force(tmp_path):
-    from retrieval import analysis
+    from retrieval.frame import completed, runs_frame
     from retrieval.runs import load_runs as load_run_files
     data = random_file(tmp_path / "toy.npz", num_images=300, dim=16, noise=0.5)
     out = str(tmp_path / "result")
@@ -194,7 +196,7 @@ def test_pq_subdim_values_are_codes_of_their_own_and_match_brute_force(tmp_path)
     r1 = {r["config"]["index_params"]["pq_m"]: r["metrics"]["t2i_R@1"] for r in done
           if r["config"]["index"] == "flat" and not r["config"]["rerank"]}
     assert r1[8] > r1[2]  # 2 dims per 8-bit code keep far more than 8 dims per code
-    frame = analysis.completed(analysis.runs_frame(load_run_files(out)))
+    frame = completed(runs_frame(load_run_files(out)))
     labels = frame[frame["precision"] == "pq"]["label"]
     assert labels.is_unique and "pq8x8 16d C=20 [hnsw M=8 ef_search=64]" in set(labels), sorted(labels)
     # The report and its plots take the codes apart too (the re-ranking plot draws a line per code).
@@ -231,14 +233,14 @@ def capped_sweep(tmp_path_factory):
 
 @pytest.mark.slow
 def test_rq_codes_match_brute_force(capped_sweep):
-    from retrieval import analysis
+    from retrieval.frame import completed, runs_frame
     from retrieval.runs import load_runs as load_run_files
     data, out, runs = capped_sweep.data, capped_sweep.out, capped_sweep.runs
     done = [r for r in runs if "skipped" not in r and r["config"]["precision"] != "fp32"]
     for result in done:
         if result["config"]["index"] == "flat":
             assert_metrics_match(result, reference_metrics(data, result["config"]))
-    frame = analysis.completed(analysis.runs_frame(load_run_files(out)))
+    frame = completed(runs_frame(load_run_files(out)))
     assert "rq4x8 16d no rerank" in set(frame["label"]), sorted(frame["label"])
 
 
@@ -665,7 +667,7 @@ def test_query_transform_is_its_own_timed_stage_and_search_excludes_binarising(t
     from retrieval import timing
     data = random_file(tmp_path / "toy.npz", num_images=40, dim=16)
     calls = {"sign_bits": 0}
-    real_sign_bits, real_time_batches = indexes.sign_bits, timing.time_batches
+    real_sign_bits, real_time_batches = reduction.sign_bits, timing.time_batches
     stages = []
 
     def counting_sign_bits(*args, **kwargs):
@@ -678,7 +680,7 @@ def test_query_transform_is_its_own_timed_stage_and_search_excludes_binarising(t
         stages.append((step.__name__, calls["sign_bits"] - before))
         return result
 
-    monkeypatch.setattr(indexes, "sign_bits", counting_sign_bits)
+    monkeypatch.setattr(two_stage, "sign_bits", counting_sign_bits)
     monkeypatch.setattr(timing, "time_batches", recording_time_batches)
     out = str(tmp_path / "result")
     written = run_experiments.main(["--data_path", data, "--output_dir", out, "--embedding_dims", "8",
@@ -862,7 +864,7 @@ def sample_of(text_to_image, n, seed):
 def stage1_vectors(precision, queries, gallery):
     """The vectors stage 1 scores with (as reference_metrics: FAISS decodes, numpy ranks)."""
     if precision == "binary":
-        return indexes.binary_signs(queries), indexes.binary_signs(gallery)
+        return reduction.binary_signs(queries), reduction.binary_signs(gallery)
     if precision == "fp32":
         return queries, gallery
     index, _ = indexes.build_index(precision, gallery, gallery)
@@ -1033,18 +1035,18 @@ def test_bootstrap_and_report_on_a_sampled_sweep(tmp_path):
 
 # ----------------------------------------------------------------------------- shared quantizers, decodes, chunks
 
-def count_calls(monkeypatch, name, calls, key):
-    """Wrap indexes.<name> so that every call appends key(*args) to calls."""
-    real = getattr(indexes, name)
+def count_calls(monkeypatch, module, name, calls, key):
+    """Wrap <module>.<name> so that every call appends key(*args) to calls."""
+    real = getattr(module, name)
 
     def counted(*args, **kwargs):
         calls.append(key(*args, **kwargs))
         return real(*args, **kwargs)
-    monkeypatch.setattr(indexes, name, counted)
+    monkeypatch.setattr(module, name, counted)
 
 
 def structure(index):
-    name = type(indexes.core_index(index)).__name__
+    name = type(precisions.core_index(index)).__name__
     return "ivf" if "IVF" in name else "hnsw" if "HNSW" in name else "flat"
 
 
@@ -1055,8 +1057,8 @@ def test_shared_coarse_quantizers_and_decodes_give_the_metrics_of_unshared_build
               "--nlist", "4", "8", "--nprobe", "2", "--hnsw_m", "8", "--candidate_sizes", "10", "--recall_k", "1", "5",
               "--min_time", "0", "--latency_queries", "2", "--num_workers", "2"]
     coarse, decodes = [], []
-    count_calls(monkeypatch, "train_coarse", coarse, lambda fit_codes, nlist: (fit_codes.dtype.name, nlist))
-    count_calls(monkeypatch, "decoded_gallery", decodes,
+    count_calls(monkeypatch, indexes, "train_coarse", coarse, lambda fit_codes, nlist: (fit_codes.dtype.name, nlist))
+    count_calls(monkeypatch, two_stage, "decoded_gallery", decodes,
                 lambda index, precision, gallery: (precision, structure(index)))
     shared = run_experiments.main(common + ["--output_dir", str(tmp_path / "shared")])
     # Per direction and nlist: one k-means for fp32, fp16 and int8, and binary's own on its bits.
@@ -1068,9 +1070,9 @@ def test_shared_coarse_quantizers_and_decodes_give_the_metrics_of_unshared_build
     # The same sweep with every build training its own coarse quantizer and decoding its own gallery.
     unshared_coarse, unshared_decodes = [], []
     monkeypatch.setattr(indexes, "shares_coarse", lambda precision, index_type: False)
-    monkeypatch.setattr(indexes, "decode_key", lambda precision, index_type, knobs=(): (precision, index_type) + knobs)
-    count_calls(monkeypatch, "train_coarse", unshared_coarse, lambda fit_codes, nlist: nlist)
-    count_calls(monkeypatch, "decoded_gallery", unshared_decodes, lambda index, precision, gallery: precision)
+    monkeypatch.setattr(two_stage, "decode_key", lambda precision, index_type, knobs=(): (precision, index_type) + knobs)
+    count_calls(monkeypatch, indexes, "train_coarse", unshared_coarse, lambda fit_codes, nlist: nlist)
+    count_calls(monkeypatch, two_stage, "decoded_gallery", unshared_decodes, lambda index, precision, gallery: precision)
     unshared = run_experiments.main(common + ["--output_dir", str(tmp_path / "unshared")])
     assert len(unshared_coarse) == 2 * 2 * 4 and len(unshared_decodes) == 2 * 16
     assert [os.path.basename(p) for p in shared] == [os.path.basename(p) for p in unshared]
@@ -1101,7 +1103,7 @@ def test_ivf_on_a_padded_gallery_trains_on_the_fit_set_and_a_seeded_sample_of_di
     from retrieval import inputs, io
     data = random_file(tmp_path / "toy.npz", num_images=20, dim=16)
     fits = []
-    count_calls(monkeypatch, "train_coarse", fits, lambda fit_codes, nlist: (fit_codes.copy(), nlist))
+    count_calls(monkeypatch, indexes, "train_coarse", fits, lambda fit_codes, nlist: (fit_codes.copy(), nlist))
     common = ["--data_path", data, "--precisions", "fp32", "int8", "--index", "ivf", "--nprobe", "4",
               "--candidate_sizes", "--recall_k", "1", "5", "--min_time", "0", "--latency_queries", "2",
               "--directions", "t2i", "--gallery_sizes", "2000"]
@@ -1279,8 +1281,8 @@ def test_overlap_of_the_baseline_with_itself_is_100_when_k_exceeds_the_gallery(t
     assert exact["metrics"]["t2i_overlap@5"] == 100.0 and exact["metrics"]["i2t_overlap@5"] == 100.0
     assert exact["metrics"]["t2i_overlap@1"] == 100.0
     reference = np.array([[1, 0], [0, 1]])
-    assert indexes.overlap_at_k(reference, reference, 5) == 100.0
-    assert indexes.overlap_at_k(np.array([[1, 0], [0, 0]]), reference, 5) == 75.0
+    assert two_stage.overlap_at_k(reference, reference, 5) == 100.0
+    assert two_stage.overlap_at_k(np.array([[1, 0], [0, 0]]), reference, 5) == 75.0
 
 
 def test_output_dir_that_is_a_file_fails_before_any_vector_is_loaded(tmp_path, monkeypatch):
