@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from retrieval import data, env, io, metrics, synthetic
+from retrieval import data, env, handoff, io, metrics, synthetic
 from retrieval.download import download_dataset
 from retrieval.encoders import embed_split
 from retrieval.errors import HelpFormatter, Parser, cli
@@ -140,7 +140,7 @@ def write_split(args, encoder, split_data, path, environment):
                      embed_seconds=round(time.time() - started, 2), environment=environment, args=vars(args))
     if args.checkpoint:
         emb.attrs["model_tag"] = encoder.name
-    io.write_embeddings(path, emb)
+    handoff.write_embeddings(path, emb)
     print(f"{split}: {len(emb.image_ids)} images, {len(emb.captions)} captions, "
           f"{len(emb.attrs['skipped'])} skipped ({emb.attrs['num_unreadable_images']} unreadable images) "
           f"-> {path}", flush=True)

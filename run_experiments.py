@@ -1,6 +1,6 @@
 """Sweep embedding dim x precision x candidate size over FAISS indexes; measure quality, speed, memory.
 
-Reads:  hand-off files (--data_path, --fit_path, --distractors FILE...), .h5 or .npz (retrieval/io.py).
+Reads:  hand-off files (--data_path, --fit_path, --distractors FILE...), .h5 or .npz (retrieval/handoff.py).
 Writes: <output_dir>/runs/<slug>-<hash8>.json, one per configuration (skipped ones included).
 
 Example:

@@ -45,7 +45,8 @@ from PIL import Image
 from retrieval import env
 from retrieval.errors import Parser, UserError, cli
 from retrieval.flags import positive_int
-from retrieval.io import atomic_path, l2_normalize, read_embeddings, read_json, require_writable, write_json
+from retrieval.io import atomic_path, read_json, require_writable, write_json
+from retrieval.handoff import l2_normalize, read_embeddings
 from retrieval.models import load_encoder
 
 DEFAULT_DATA_DIR = "coco_data"

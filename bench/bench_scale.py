@@ -36,7 +36,8 @@ sys.path.insert(0, ROOT)
 import run_experiments  # noqa: E402  (the sweep under test)
 from retrieval import precisions, reduction, timing  # noqa: E402
 from retrieval.env import environment  # noqa: E402
-from retrieval.io import Embeddings, atomic_path, read_embeddings, read_json, write_embeddings, write_json  # noqa: E402
+from retrieval.io import atomic_path, read_json, write_json  # noqa: E402
+from retrieval.handoff import Embeddings, read_embeddings, write_embeddings  # noqa: E402
 
 DEFAULT_PRECISIONS = ["fp32", "fp16", "int8", "int4", "binary", "pq", "opq", "itq"]
 

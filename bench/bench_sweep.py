@@ -28,7 +28,8 @@ from retrieval.grid import build_grid  # noqa: E402
 from retrieval.group import Group  # noqa: E402
 from retrieval.inputs import load_inputs  # noqa: E402
 from retrieval.env import environment, pick_device  # noqa: E402
-from retrieval.io import Embeddings, l2_normalize, make_attrs, read_embeddings, write_embeddings, write_json  # noqa: E402
+from retrieval.io import write_json  # noqa: E402
+from retrieval.handoff import Embeddings, l2_normalize, make_attrs, read_embeddings, write_embeddings  # noqa: E402
 
 SEED_GRID = ["--embedding_dims", "256", "512", "1024", "--precisions", "fp16", "int8", "int4",
              "--candidate_sizes", "32", "100", "1000", "--recall_k", "1", "5", "10", "--batch_size", "128",

@@ -1,7 +1,7 @@
 """Two or more models' exports of one split, compared: recall with 95% bootstrap intervals over images, and each
 model's paired difference from the first (the same resamples for all), so a gain can be read against the noise.
 
-Reads:  hand-off files of the same split (retrieval/io.py), e.g. the _test.h5 exports of bench_train.py runs
+Reads:  hand-off files of the same split (retrieval/handoff.py), e.g. the _test.h5 exports of bench_train.py runs
 Writes: stdout (a markdown table: R@1/5/10 per direction and RSUM, each with its interval, and the paired
         difference from the first file)
 
@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 from retrieval import bootstrap, metrics  # noqa: E402
 from retrieval.errors import UserError  # noqa: E402
-from retrieval.io import read_embeddings  # noqa: E402
+from retrieval.handoff import read_embeddings  # noqa: E402
 
 K_VALUES = (1, 5, 10)
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from retrieval import io, metrics
+from retrieval import handoff, metrics
 from retrieval.data import DatasetSplit
 from retrieval.dual_encoder import encoder_from_model
 from retrieval.encoders import embed_split
@@ -55,7 +55,7 @@ def dev_results(embedded: DevEmbeddings, nested: list[int] | None) -> dict[str, 
 def prefix(vectors: np.ndarray, dim: int) -> np.ndarray:
     """The first `dim` dims of unit vectors (numpy), renormalised, as the sweep truncates; the full width
     as it is (as dual_encoder.prefix, so the full dim's nested metrics are the plain dev metrics)."""
-    return vectors if dim == vectors.shape[1] else io.l2_normalize(vectors[:, :dim])
+    return vectors if dim == vectors.shape[1] else handoff.l2_normalize(vectors[:, :dim])
 
 
 def selection_rsum(results: dict[str, Any]) -> float:

@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from retrieval import io
+from retrieval import handoff
 from retrieval.dataset_split import DatasetSplit
 from retrieval.errors import UserError
 
@@ -182,8 +182,8 @@ def embed_texts(encoder: Encoder, captions: Sequence[str], batch_size: int = 128
 
 def embed_split(encoder: Encoder, split: DatasetSplit, batch_size: int = 32, num_workers: int = 2,
                 progress: bool = True, text_batch_size: int | None = None,
-                embedded: tuple[np.ndarray, np.ndarray] | None = None) -> io.Embeddings:
-    """Embed a DatasetSplit into an io.Embeddings (validated by the writer later).
+                embedded: tuple[np.ndarray, np.ndarray] | None = None) -> handoff.Embeddings:
+    """Embed a DatasetSplit into an handoff.Embeddings (validated by the writer later).
 
     Unreadable or corrupt images are skipped, counted and listed in attrs["skipped"]; their captions
     are dropped and text_to_image is re-indexed to the kept images. Raises UserError when no image
@@ -219,8 +219,8 @@ def embed_split(encoder: Encoder, split: DatasetSplit, batch_size: int = 32, num
     extra["image_root"] = split.image_root
     if encoder.checkpoint:
         extra["checkpoint"] = encoder.checkpoint
-    attrs = io.make_attrs(split.dataset, split.split, encoder.name, image_vectors.shape[1], skipped=skipped,
+    attrs = handoff.make_attrs(split.dataset, split.split, encoder.name, image_vectors.shape[1], skipped=skipped,
                           **extra)
     attrs["num_unreadable_images"] = len(errors)
-    return io.Embeddings(image_vectors, text_vectors, text_to_image,
+    return handoff.Embeddings(image_vectors, text_vectors, text_to_image,
                          [split.image_files[row] for row in kept_rows], captions, attrs)

@@ -6,13 +6,13 @@ import platform
 import random
 import re
 import socket
+import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from retrieval.errors import UserError
-from retrieval.io import code_version
 
 if TYPE_CHECKING:  # torch is imported only where a device is needed: env must import without it
     import torch
@@ -133,3 +133,16 @@ def environment(threads: int | None = None) -> dict[str, Any]:
         env["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
         env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return env
+
+
+def code_version() -> str:
+    """Short git commit of this checkout (with '+dirty'), or 'unknown' outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"

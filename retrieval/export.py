@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from retrieval import checkpoint, io, metrics
+from retrieval import checkpoint, handoff, io, metrics
 from retrieval.data import DatasetSplit
 from retrieval.dev_evaluation import dev_embeddings, dev_results, selection_rsum
 from retrieval.dual_encoder import DualEncoder, join_members
@@ -102,7 +102,7 @@ def export(settings: TrainSettings, checkpoint_path: str, splits: dict[str, Data
                                         settings.train_text_layers)
         emb = embed_split(encoder, split, settings.batch_size_eval, settings.num_workers, embedded=embedded)
         emb.attrs.update(seed=settings.seed, trained_epochs=saved["epoch"], **trained_for(model, saved))
-        io.write_embeddings(path, emb)
+        handoff.write_embeddings(path, emb)
         result = metrics.evaluate(emb.image_embeddings, emb.text_embeddings, emb.text_to_image)
         print(f"[d{dim}] {split_name}: {metrics.format_metrics(result)} -> {path}", flush=True)
         written.append((path, result))

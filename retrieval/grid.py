@@ -14,7 +14,7 @@ from typing import Iterator, NamedTuple
 
 from retrieval import indexes, precisions
 from retrieval.inputs import FitSet, distractor_record, sample_queries
-from retrieval.io import Embeddings
+from retrieval.handoff import Embeddings
 from retrieval.sweep_settings import SweepSettings
 
 

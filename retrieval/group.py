@@ -14,7 +14,7 @@ import numpy as np
 
 from retrieval import indexes, metrics, reduction, timing, two_stage
 from retrieval.inputs import GALLERY_ROWS, FitSet, padded_gallery, sample_queries, top1_cosines
-from retrieval.io import Embeddings
+from retrieval.handoff import Embeddings
 from retrieval.sweep_settings import SweepSettings
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from retrieval import metrics
 from retrieval.errors import UserError
-from retrieval.io import Embeddings, l2_normalize, read_embeddings
+from retrieval.handoff import Embeddings, l2_normalize, read_embeddings
 from retrieval.sweep_settings import SweepSettings
 
 GAUSSIAN = "gaussian"

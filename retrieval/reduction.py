@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.io import l2_normalize
+from retrieval.handoff import l2_normalize
 
 DIM_METHODS = ("pca", "truncate", "random")
 

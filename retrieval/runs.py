@@ -25,7 +25,8 @@ from retrieval.env import environment
 from retrieval.errors import UserError
 from retrieval.precisions import PRECISIONS
 from retrieval.inputs import GAUSSIAN
-from retrieval.io import Embeddings, ranks_path, write_json, write_ranks
+from retrieval.io import ranks_path, write_json, write_ranks
+from retrieval.handoff import Embeddings
 from retrieval.metrics import DIRECTIONS
 
 # 2: "inputs" (content fingerprints of the data, fit and distractor files; None in older files).

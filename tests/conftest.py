@@ -80,7 +80,7 @@ def synthetic_dir(tmp_path_factory):
 @pytest.fixture
 def random_split():
     """Random L2-normalised embeddings for 40 images x 5 captions (captions near their image)."""
-    from retrieval.io import l2_normalize
+    from retrieval.handoff import l2_normalize
     rng = np.random.default_rng(0)
     images = l2_normalize(rng.normal(size=(40, 16)))
     text_to_image = np.repeat(np.arange(40), 5)

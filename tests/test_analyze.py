@@ -540,7 +540,7 @@ def test_a_full_disk_under_the_summary_is_one_line_and_keeps_the_earlier_report(
 
 def test_two_files_with_equal_attributes_are_two_groups_each_with_its_own_baseline(tmp_path, capsys):
     import run_experiments
-    from retrieval.io import Embeddings, l2_normalize, make_attrs, write_embeddings
+    from retrieval.handoff import Embeddings, l2_normalize, make_attrs, write_embeddings
     folder = str(tmp_path / "result")
     paths = []
     for name, noise in (("A.h5", 0.3), ("B.h5", 1.5)):  # the same dataset / split / model attributes

@@ -13,7 +13,7 @@ import analyze_results
 from ranked_runs import captions_of, synthetic_ranks, write_ranked_run
 from retrieval import bootstrap, findings
 from retrieval import metrics as protocol
-from retrieval.io import Embeddings, l2_normalize, make_attrs, read_embeddings, write_embeddings
+from retrieval.handoff import Embeddings, l2_normalize, make_attrs, read_embeddings, write_embeddings
 from test_analyze import hand_made
 
 METRICS = ("t2i_R@1", "t2i_R@5", "t2i_MRR", "i2t_R@1", "i2t_R@5", "i2t_MRR", "RSUM")

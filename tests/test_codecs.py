@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from retrieval import indexes, precisions, reduction, two_stage
-from retrieval.io import l2_normalize
+from retrieval.handoff import l2_normalize
 
 D, SUBDIM = 32, 4
 PARAMS = {"nlist": 8, "nprobe": 8, "hnsw_m": 8, "ef_search": 64, "pq_subdim": SUBDIM}

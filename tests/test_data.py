@@ -9,7 +9,7 @@ from PIL import Image
 
 import prepare_data
 from conftest import as_script
-from retrieval import data, dataset_files, dataset_split, io, synthetic
+from retrieval import data, dataset_files, dataset_split, handoff, synthetic
 
 
 def write_images(folder, names):
@@ -234,7 +234,7 @@ def test_csv_image_names_cannot_leave_the_image_folder(tmp_path, tiny_clip_dir, 
                                  "--captions", str(tmp_path / "caps.csv"), "--model", tiny_clip_dir,
                                  "--output_dir", str(tmp_path / "out"), "--output_format", "npz",
                                  "--splits", "all", "--num_workers", "0", "--no_eval"])
-    emb = io.read_embeddings(written["all"])
+    emb = handoff.read_embeddings(written["all"])
     assert emb.image_ids == ["a.png", "b.png", "link.jpg"] and len(emb.captions) == 3
     assert sum("outside the image folder" in s for s in emb.attrs["skipped"]) == 3
 
@@ -406,6 +406,6 @@ def test_repeated_image_caption_rows_are_dropped_with_a_count(tmp_path, tiny_cli
                                  "--captions", str(tmp_path / "caps.csv"), "--model", tiny_clip_dir,
                                  "--output_dir", str(tmp_path / "out"), "--output_format", "npz",
                                  "--splits", "all", "--num_workers", "0", "--no_eval"])
-    emb = io.read_embeddings(written["all"])
+    emb = handoff.read_embeddings(written["all"])
     assert emb.captions == ["alpha", "alpha two", "beta"]
     assert sum("same image and caption" in s for s in emb.attrs["skipped"]) == 3

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from retrieval import indexes, precisions, reduction, timing, two_stage
-from retrieval.io import l2_normalize
+from retrieval.handoff import l2_normalize
 
 
 @pytest.fixture

@@ -10,21 +10,21 @@ import pytest
 
 import run_experiments
 from conftest import as_script, fill_up, mounted_tmpfs
-from retrieval import io
+from retrieval import handoff, io
 from retrieval.errors import UserError
 
 
 def make(random_split, **attrs):
     images, texts, text_to_image = random_split
-    return io.Embeddings(images.copy(), texts.copy(), text_to_image.copy(), [f"img{i}.jpg" for i in range(40)],
-                         [f"caption {i}" for i in range(200)], io.make_attrs("unit", "test", "none", 16, **attrs))
+    return handoff.Embeddings(images.copy(), texts.copy(), text_to_image.copy(), [f"img{i}.jpg" for i in range(40)],
+                         [f"caption {i}" for i in range(200)], handoff.make_attrs("unit", "test", "none", 16, **attrs))
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".npz"])
 def test_round_trip(tmp_path, random_split, suffix):
     emb = make(random_split, skipped=["bad.jpg: cannot identify image"], image_root="imgs")
-    path = io.write_embeddings(tmp_path / f"e{suffix}", emb)
-    back = io.read_embeddings(path)
+    path = handoff.write_embeddings(tmp_path / f"e{suffix}", emb)
+    back = handoff.read_embeddings(path)
     assert np.array_equal(back.image_embeddings, emb.image_embeddings)
     assert np.array_equal(back.text_embeddings, emb.text_embeddings)
     assert np.array_equal(back.text_to_image, emb.text_to_image)
@@ -46,7 +46,7 @@ def test_validation_names_file_and_fault(tmp_path, random_split, fault, message)
     emb = make(random_split)
     fault(emb)
     with pytest.raises(io.HandoffError, match=message) as err:
-        io.write_embeddings(tmp_path / "bad.h5", emb)
+        handoff.write_embeddings(tmp_path / "bad.h5", emb)
     assert "bad.h5" in str(err.value)
     assert not (tmp_path / "bad.h5").exists()
 
@@ -55,10 +55,10 @@ def test_corrupt_file_and_missing_key(tmp_path):
     bad = tmp_path / "corrupt.h5"
     bad.write_bytes(b"not an hdf5 file")
     with pytest.raises(io.HandoffError, match="corrupt.h5: cannot read"):
-        io.read_embeddings(bad)
+        handoff.read_embeddings(bad)
     np.savez(tmp_path / "partial.npz", image_embeddings=np.eye(2, dtype=np.float32))
     with pytest.raises(io.HandoffError, match="missing dataset 'text_embeddings'"):
-        io.read_embeddings(tmp_path / "partial.npz")
+        handoff.read_embeddings(tmp_path / "partial.npz")
 
 
 def test_legacy_npz_without_attrs_or_index(tmp_path):
@@ -66,7 +66,7 @@ def test_legacy_npz_without_attrs_or_index(tmp_path):
     images = rng.normal(size=(10, 8)).astype(np.float16)  # not normalised, half precision
     texts = rng.normal(size=(50, 8)).astype(np.float16)
     np.savez(tmp_path / "coco_embeddings.npz", image_embeddings=images, text_embeddings=texts)
-    emb = io.read_embeddings(tmp_path / "coco_embeddings.npz")
+    emb = handoff.read_embeddings(tmp_path / "coco_embeddings.npz")
     assert emb.text_to_image.tolist() == np.repeat(np.arange(10), 5).tolist()
     assert emb.image_embeddings.dtype == np.float32
     assert np.allclose(np.linalg.norm(emb.text_embeddings, axis=1), 1, atol=1e-5)
@@ -154,7 +154,7 @@ MALFORMED = {
 
 def malformed_file(tmp_path, random_split, case):
     suffix, change, message = MALFORMED[case]
-    path = io.write_embeddings(tmp_path / f"bad{suffix}", make(random_split))
+    path = handoff.write_embeddings(tmp_path / f"bad{suffix}", make(random_split))
     if suffix == ".npz":
         tamper_npz(path, **change)
     else:
@@ -167,7 +167,7 @@ def malformed_file(tmp_path, random_split, case):
 def test_malformed_structure_is_one_error_naming_the_file(tmp_path, random_split, case):
     path, message = malformed_file(tmp_path, random_split, case)
     with pytest.raises(io.HandoffError) as err:
-        io.read_embeddings(path)
+        handoff.read_embeddings(path)
     assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
 
 
@@ -191,10 +191,10 @@ def test_write_removes_stale_temps_of_that_output_only(tmp_path, random_split):
         temp.write_bytes(b"half-written")
     for temp in (stale, other, longer):
         os.utime(temp, (hour_ago, hour_ago))
-    io.write_embeddings(target, make(random_split))
+    handoff.write_embeddings(target, make(random_split))
     assert not stale.exists()
     assert fresh.exists() and other.exists() and longer.exists()
-    assert io.read_embeddings(target).dim == 16
+    assert handoff.read_embeddings(target).dim == 16
 
 
 def test_temp_glob_matches_atomic_path_names(tmp_path):
@@ -296,7 +296,7 @@ def full_disk_writers(random_split):
     return {
         "summary.json": lambda path: io.write_json(path, {"rows": list(range(500))}),
         "run.ranks.npz": lambda path: io.write_ranks(path, {"t2i": np.arange(1.0, 201.0)}, emb.text_to_image),
-        "emb_test.npz": lambda path: io.write_embeddings(path, emb),
+        "emb_test.npz": lambda path: handoff.write_embeddings(path, emb),
         "log.jsonl": lambda path: io.append_jsonl(path, {"epoch": 2, "loss": 0.25, "pad": "x" * 200}),
     }
 
@@ -307,8 +307,10 @@ def test_disk_full_in_a_writer_is_one_error_and_keeps_the_earlier_file(tmp_path,
     earlier = b'{"epoch": 1, "loss": 0.5}\n'
     target.write_bytes(earlier)
     real_open = open
-    monkeypatch.setattr(io, "open", lambda file, mode="r", *a, **k: DiskFullAfter(real_open(file, mode, *a, **k), 10)
-                        if set(mode) & set("wa") else real_open(file, mode, *a, **k), raising=False)
+    for writers in (io, handoff):   # the module-level open of every writer
+        monkeypatch.setattr(writers, "open", lambda file, mode="r", *a, **k: DiskFullAfter(
+            real_open(file, mode, *a, **k), 10) if set(mode) & set("wa") else real_open(file, mode, *a, **k),
+            raising=False)
     with pytest.raises(SystemExit) as err:
         as_script(full_disk_writers(random_split)[name], str(target))
     assert str(err.value) == (f"error: {target}: cannot write (No space left on device); an earlier file there is "
@@ -319,11 +321,11 @@ def test_disk_full_in_a_writer_is_one_error_and_keeps_the_earlier_file(tmp_path,
 def test_disk_full_on_a_real_full_file_system_keeps_the_earlier_file(tmp_path, random_split):
     with mounted_tmpfs(tmp_path / "small", "256k") as folder:
         target = os.path.join(folder, "emb_test.h5")
-        io.write_embeddings(target, make(random_split, seed=1))
+        handoff.write_embeddings(target, make(random_split, seed=1))
         earlier = open(target, "rb").read()
         fill_up(folder)
         with pytest.raises(io.UserError) as err:
-            io.write_embeddings(target, make(random_split, seed=2))
+            handoff.write_embeddings(target, make(random_split, seed=2))
         assert str(err.value) == (f"{target}: cannot write (No space left on device); an earlier file there is "
                                   "left unchanged")
         assert open(target, "rb").read() == earlier and sorted(os.listdir(folder)) == ["emb_test.h5", "filler"]
@@ -333,7 +335,7 @@ def test_disk_full_on_a_real_full_file_system_keeps_the_earlier_file(tmp_path, r
 def test_a_dim_attribute_contradicting_the_arrays_is_an_error(tmp_path, random_split, suffix):
     emb = make(random_split)
     emb.attrs["dim"] = 32   # the arrays are 16-d
-    path = io.write_embeddings(tmp_path / f"emb_test{suffix}", emb)
+    path = handoff.write_embeddings(tmp_path / f"emb_test{suffix}", emb)
     with pytest.raises(SystemExit) as err:
         run_experiments.main(["--data_path", path, "--output_dir", str(tmp_path / "result")])
     assert str(err.value) == f"error: {path}: attribute 'dim' is 32 but the embeddings are 16-d"
@@ -342,10 +344,10 @@ def test_a_dim_attribute_contradicting_the_arrays_is_an_error(tmp_path, random_s
 
 @pytest.mark.parametrize("written, renamed", [(".h5", ".npz"), (".npz", ".h5")])
 def test_content_not_suffix_decides_how_a_file_is_read(tmp_path, random_split, written, renamed):
-    path = io.write_embeddings(tmp_path / f"emb{written}", make(random_split))
+    path = handoff.write_embeddings(tmp_path / f"emb{written}", make(random_split))
     moved = str(tmp_path / f"emb{renamed}")
     os.rename(path, moved)
-    emb = io.read_embeddings(moved)
+    emb = handoff.read_embeddings(moved)
     assert np.array_equal(emb.image_embeddings, random_split[0].astype(np.float32)) and emb.dim == 16
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 import train_dual_encoder
 from retrieval import checkpoint as ckpt
-from retrieval import io, reduction
+from retrieval import handoff, reduction
 from retrieval import dual_encoder as de
 from retrieval import quantize_aware as qa
 from retrieval.synthetic import load_synthetic
@@ -42,7 +42,7 @@ def sweep_quantized(vectors, precision):
     """What the sweep's index of `precision` compares for these unit vectors, renormalised (numpy)."""
     if precision == "binary":
         return reduction.binary_signs(vectors) / vectors.shape[1] ** 0.5
-    return io.l2_normalize(faiss_int4(vectors))
+    return handoff.l2_normalize(faiss_int4(vectors))
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -70,8 +70,8 @@ def test_quantization_aware_loss_adds_the_loss_of_the_sweeps_vectors(precision):
     float_loss = de.nested_loss(images, texts, text_to_image, scale, dims, weights)
     # Independently: each modality's prefix through the sweep's own quantizer (numpy / FAISS).
     quantized = [de.contrastive_loss(
-        torch.from_numpy(sweep_quantized(io.l2_normalize(images[:, :d].numpy()), precision)),
-        torch.from_numpy(sweep_quantized(io.l2_normalize(texts[:, :d].numpy()), precision)),
+        torch.from_numpy(sweep_quantized(handoff.l2_normalize(images[:, :d].numpy()), precision)),
+        torch.from_numpy(sweep_quantized(handoff.l2_normalize(texts[:, :d].numpy()), precision)),
         text_to_image, scale) for d in dims]
     expected = 0.5 * (float_loss + (quantized[0] + 3 * quantized[1]) / 4)
     got = de.nested_loss(images, texts, text_to_image, scale, dims, weights, precision)
@@ -149,7 +149,7 @@ def test_nested_head_ensemble_members_train_nested_and_the_joined_export_stays_n
     split = load_synthetic(synthetic_dir, "test")
     parts = [embed_split(ckpt.encoder_from_checkpoint(p, device="cpu"), split, batch_size=16, num_workers=0,
                          progress=False) for p in member_paths]
-    exported = io.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
+    exported = handoff.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
     assert exported.attrs["nested_dims"] == [8, 16] and "trained_quantization" not in exported.attrs
     for field in ("image_embeddings", "text_embeddings"):
         first, second = (getattr(p, field) for p in parts)
@@ -169,7 +169,7 @@ def test_nested_export_truncated_is_the_model_at_that_dim(synthetic_dir, tiny_be
     results = train_dual_encoder.main(base_args(synthetic_dir, tiny_bert_dir, tmp_path, "--max_steps", "2",
                                                 "--matryoshka_dims", "4", "8", "--quantization_aware", "binary")
                                       + ["--export_dir", str(export_dir), "--export_splits", "test"])
-    exported = io.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))      # validates the attrs too
+    exported = handoff.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))      # validates the attrs too
     assert exported.attrs["nested_dims"] == [4, 8, 16] and exported.attrs["trained_quantization"] == "binary"
     model, _ = ckpt.build_from_checkpoint(results[16]["best"])
     transform = ckpt.encoder_from_checkpoint(results[16]["best"], device="cpu").image_transform
@@ -180,9 +180,9 @@ def test_nested_export_truncated_is_the_model_at_that_dim(synthetic_dir, tiny_be
         images = model.embed_images(pixels)
         texts = model.embed_texts(tokens["input_ids"], tokens["attention_mask"])
     for dim in (4, 8, 16):
-        np.testing.assert_allclose(io.l2_normalize(exported.image_embeddings[:, :dim]),
+        np.testing.assert_allclose(handoff.l2_normalize(exported.image_embeddings[:, :dim]),
                                    F.normalize(images[:, :dim], dim=-1).numpy(), atol=1e-5)
-        np.testing.assert_allclose(io.l2_normalize(exported.text_embeddings[:, :dim]),
+        np.testing.assert_allclose(handoff.l2_normalize(exported.text_embeddings[:, :dim]),
                                    F.normalize(texts[:, :dim], dim=-1).numpy(), atol=1e-5)
 
 

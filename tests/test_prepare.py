@@ -9,7 +9,7 @@ from PIL import Image
 import prepare_data
 import train_dual_encoder
 from conftest import as_script
-from retrieval import data, hf_models, io, models
+from retrieval import data, handoff, hf_models, models
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +30,7 @@ def test_synthetic_to_file_matches_direct_clip(tmp_path, tiny_clip_dir):
     # outputs go to coco_data/<dataset>/ (of the working folder), never into the data folder unless asked
     assert written == {s: os.path.join("coco_data", "synthetic", f"{tag}_{s}.h5") for s in ("dev", "test")}
     assert not list(data_dir.glob("*.h5"))
-    emb = io.read_embeddings(written["test"])  # validates shapes, norms, index range
+    emb = handoff.read_embeddings(written["test"])  # validates shapes, norms, index range
     split = data.load_split("synthetic", str(data_dir), "test")
     assert emb.image_ids == split.image_files and emb.captions == split.captions
     assert np.array_equal(emb.text_to_image, split.text_to_image)
@@ -74,7 +74,7 @@ def test_corrupt_images_skipped_listed_and_reindexed(tmp_path, tiny_clip_dir, ca
     written = run("--dataset", "csv", "--images", str(images), "--captions", str(tmp_path / "caps.csv"),
                   "--model", tiny_clip_dir, "--output_dir", str(out), "--num_workers", "2",
                   "--output_format", "npz")
-    emb = io.read_embeddings(written["all"])
+    emb = handoff.read_embeddings(written["all"])
     assert written["all"].endswith("_all.npz")
     assert emb.image_ids == names and len(emb.captions) == 12
     for caption, image in zip(emb.captions, emb.text_to_image):

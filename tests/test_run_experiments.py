@@ -15,7 +15,8 @@ import pytest
 
 import run_experiments
 from retrieval import indexes, precisions, reduction, two_stage
-from retrieval.io import Embeddings, l2_normalize, make_attrs, ranks_path, write_embeddings
+from retrieval.io import ranks_path
+from retrieval.handoff import Embeddings, l2_normalize, make_attrs, write_embeddings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,7 +99,7 @@ def reference_direction(queries, gallery, stage1_queries, stage1_gallery, releva
 
 def reference_metrics(path, config, fit_path=None):
     """Recompute a result file's metrics from the hand-off file with numpy only (plus FAISS decoding)."""
-    from retrieval.io import read_embeddings
+    from retrieval.handoff import read_embeddings
     emb = read_embeddings(path)
     fit = read_embeddings(fit_path) if fit_path else emb
     projection = reduction.fit_reduction(np.concatenate([fit.image_embeddings, fit.text_embeddings]), config["dim"],
@@ -579,7 +580,7 @@ def copy_of_ranked_sweep(ranked_sweep, tmp_path):
 
 def test_rank_files_reproduce_every_run(ranked_sweep):
     from retrieval import io, metrics
-    from retrieval.io import read_embeddings
+    from retrieval.handoff import read_embeddings
     data, written = ranked_sweep.data, ranked_sweep.written
     text_to_image = read_embeddings(data).text_to_image
     completed = 0
@@ -728,7 +729,7 @@ def test_distractor_files_pad_in_the_order_given_and_split_names_the_sibling(tmp
     import concurrent.futures
     from retrieval import inputs
     from retrieval.errors import UserError
-    from retrieval.io import read_embeddings
+    from retrieval.handoff import read_embeddings
     data = random_file(tmp_path / "toy_test.npz", num_images=20, dim=16)
     train = random_file(tmp_path / "toy_train.npz", num_images=7, dim=16, seed=3, split="train")
     extra = random_file(tmp_path / "extra.npz", num_images=6, dim=16, seed=4)
@@ -782,7 +783,7 @@ def test_bad_distractors_are_one_error_line_naming_the_file(tmp_path, distractor
 
 def test_ood_gap_equals_numpy_on_the_padded_image_gallery(tmp_path):
     from retrieval import inputs
-    from retrieval.io import read_embeddings
+    from retrieval.handoff import read_embeddings
     data = random_file(tmp_path / "toy_test.npz", num_images=20, dim=16)
     extra = random_file(tmp_path / "extra.npz", num_images=30, dim=16, seed=5)
     out = str(tmp_path / "result")
@@ -911,9 +912,9 @@ def test_query_sample_keeps_whole_images_and_follows_the_seed():
 
 
 def test_sampled_run_metrics_equal_the_sampled_queries_against_the_whole_gallery(tmp_path):
-    from retrieval import io, metrics
+    from retrieval import handoff, io, metrics
     data = random_file(tmp_path / "toy.npz", num_images=40, dim=16)
-    emb = io.read_embeddings(data)
+    emb = handoff.read_embeddings(data)
     out = str(tmp_path / "result")
     written = run_experiments.main(["--data_path", data, "--output_dir", out, "--precisions", "fp16", "binary",
                                     "--candidate_sizes", "10", "--recall_k", "1", "5", "--min_time", "0",
@@ -952,7 +953,7 @@ def runs_by_config(output_dir):
 def test_sampled_sweep_has_the_full_sweeps_ranks_of_its_queries_on_the_same_gallery(tmp_path):
     # PCA, two codecs, re-ranking and Gaussian distractors: the gallery (and every index over it) is the
     # full sweep's, so every query's rank is the one it has in the full sweep.
-    from retrieval import io, metrics
+    from retrieval import handoff, io, metrics
     data = random_file(tmp_path / "toy.npz", num_images=40, dim=16)
     common = ["--data_path", data, "--embedding_dims", "8", "--precisions", "int8", "binary", "--candidate_sizes",
               "10", "--gallery_sizes", "60", "--recall_k", "1", "5", "--min_time", "0", "--latency_queries", "2",
@@ -961,7 +962,7 @@ def test_sampled_sweep_has_the_full_sweeps_ranks_of_its_queries_on_the_same_gall
     run_experiments.main(common + ["--output_dir", str(tmp_path / "sampled"), "--max_queries", "12"])
     full, sampled = runs_by_config(str(tmp_path / "full")), runs_by_config(str(tmp_path / "sampled"))
     assert set(sampled) == set(full) and len(sampled) == 2 * (1 + 2 * 2)
-    images, captions = sample_of(io.read_embeddings(data).text_to_image, 12, 0)
+    images, captions = sample_of(handoff.read_embeddings(data).text_to_image, 12, 0)
     for config, path in sampled.items():
         ranks, reference = io.read_ranks(io.ranks_path(path)), io.read_ranks(io.ranks_path(full[config]))
         np.testing.assert_array_equal(ranks["t2i"], reference["t2i"][captions])
@@ -1100,7 +1101,7 @@ def test_shared_coarse_quantizers_and_decodes_give_the_metrics_of_unshared_build
 
 
 def test_ivf_on_a_padded_gallery_trains_on_the_fit_set_and_a_seeded_sample_of_distractors(tmp_path, monkeypatch):
-    from retrieval import inputs, io
+    from retrieval import handoff, inputs, io
     data = random_file(tmp_path / "toy.npz", num_images=20, dim=16)
     fits = []
     count_calls(monkeypatch, indexes, "train_coarse", fits, lambda fit_codes, nlist: (fit_codes.copy(), nlist))
@@ -1113,7 +1114,7 @@ def test_ivf_on_a_padded_gallery_trains_on_the_fit_set_and_a_seeded_sample_of_di
     # 1,980 distractors (fewer than 39 x 179) the training set is 2,000 vectors: 2000 // 39 = 51 lists.
     assert {r["config"]["index_params"]["nlist"] for r in runs if r["config"]["index"] == "ivf"} == {51}
     (fit_codes, nlist), = fits  # one k-means serves fp32 and int8
-    emb = io.read_embeddings(data)
+    emb = handoff.read_embeddings(data)
     fit = inputs.FitSet("test", data, emb.image_embeddings, emb.text_embeddings)
     gallery = inputs.padded_gallery(emb, fit, 1980, None, 0, ["t2i"])["t2i"]
     assert nlist == 51 and fit_codes.shape == (2000, 16)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import search
-from retrieval.io import Embeddings, l2_normalize, make_attrs, write_embeddings, write_json
+from retrieval.io import write_json
+from retrieval.handoff import Embeddings, l2_normalize, make_attrs, write_embeddings
 
 QUERY = "a small red circle left of a large blue square"
 PLANTED_IMAGE = 5

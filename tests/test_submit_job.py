@@ -443,7 +443,7 @@ fi
 
 def random_handoff_file(path):
     import numpy as np
-    from retrieval.io import Embeddings, l2_normalize, make_attrs, write_embeddings
+    from retrieval.handoff import Embeddings, l2_normalize, make_attrs, write_embeddings
     rng = np.random.default_rng(0)
     images = l2_normalize(rng.normal(size=(30, 16)))
     text_to_image = np.repeat(np.arange(30), 5)

@@ -13,7 +13,7 @@ from PIL import Image
 import train_dual_encoder
 from conftest import as_script
 from retrieval import checkpoint as ckpt
-from retrieval import distributed, encoders, io, metrics, optimization, towers, training
+from retrieval import distributed, encoders, handoff, metrics, optimization, towers, training
 from retrieval.encoders import embed_split
 from retrieval.errors import UserError
 from retrieval.recipes import RECIPES
@@ -263,7 +263,7 @@ def test_checkpoint_to_embeddings_file(exported_run):
     export_dir, results = exported_run.export_dir, exported_run.results
     assert set(results) == {16, 8}
     for dim in (16, 8):
-        emb = io.read_embeddings(str(export_dir / f"dual-tiny-d{dim}_test.h5"))   # validates the schema
+        emb = handoff.read_embeddings(str(export_dir / f"dual-tiny-d{dim}_test.h5"))   # validates the schema
         assert emb.dim == dim and emb.attrs["split"] == "test" and emb.attrs["model"] == f"dual-tiny-d{dim}"
         assert (export_dir / f"dual-tiny-d{dim}_dev.h5").exists()
 
@@ -273,7 +273,7 @@ def test_the_exported_file_is_what_encoder_from_checkpoint_embeds(exported_run):
     export_dir, results = exported_run.export_dir, exported_run.results
     # The file agrees with what prepare_data.py --checkpoint would compute through encoder_from_checkpoint.
     encoder = ckpt.encoder_from_checkpoint(results[16]["best"], device="cpu")
-    emb = io.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
+    emb = handoff.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
     from PIL import Image
     pixels = torch.stack([encoder.image_transform(Image.open(os.path.join(emb.attrs["image_root"], name))
                                                   .convert("RGB")) for name in emb.image_ids[:4]])
@@ -285,7 +285,7 @@ def test_the_exported_file_is_what_encoder_from_checkpoint_embeds(exported_run):
 @pytest.mark.slow
 def test_eval_only_reproduces_the_exported_files_recall(exported_run, synthetic_dir):
     export_dir, results = exported_run.export_dir, exported_run.results
-    emb = io.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
+    emb = handoff.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
     # --eval_only on the same checkpoint and device (the export ran on --device cpu; on a GPU, autocast
     # would change the near-tied scores of this random tiny model) reproduces the file's recall.
     result = train_dual_encoder.main(["--eval_only", "--checkpoint", results[16]["best"], "--dataset", "synthetic",
@@ -307,7 +307,7 @@ def test_frozen_towers_export_from_cached_features_equals_re_embedding(synthetic
     cached = sorted(os.listdir(tmp_path / "feature_cache"))
     assert sum("-test-image-" in name for name in cached) == 1      # test features once for both dims
     for dim in (16, 8):
-        exported = io.read_embeddings(str(export_dir / f"dual-tiny-d{dim}_test.h5"))
+        exported = handoff.read_embeddings(str(export_dir / f"dual-tiny-d{dim}_test.h5"))
         again = embed_split(ckpt.encoder_from_checkpoint(results[dim]["best"], device="cpu"),
                                    load_synthetic(synthetic_dir, "test"), batch_size=5, num_workers=0, progress=False)
         assert exported.image_ids == again.image_ids and exported.captions == again.captions
@@ -329,7 +329,7 @@ def test_image_size_is_trained_stored_and_rebuilt(synthetic_dir, tiny_bert_dir, 
     split = load_synthetic(synthetic_dir, "test")
     with Image.open(os.path.join(split.image_root, split.image_files[0])) as image:
         assert tuple(encoder.image_transform(image.convert("RGB")).shape) == (3, 64, 64)
-    exported = io.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
+    exported = handoff.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
     again = embed_split(encoder, split, batch_size=5, num_workers=0, progress=False)
     np.testing.assert_allclose(exported.image_embeddings, again.image_embeddings, atol=1e-5)
     # the cached training features were made at 64 px too: [views, images, features] of the train split
@@ -363,7 +363,7 @@ def test_frozen_towers_export_the_train_split_from_the_training_cache(synthetic_
     torch.testing.assert_close(cut, tower, rtol=0, atol=1e-5)
     assert cache.image_from_wider(model, split, 2, 0, 1) is None     # 1 cached view holds no mirror
     assert cache.image_from_wider(model, split, 1, 0, 4) is None     # no 4-view cache of train
-    exported = io.read_embeddings(str(export_dir / "dual-tiny-d16_train.h5"))
+    exported = handoff.read_embeddings(str(export_dir / "dual-tiny-d16_train.h5"))
     old_images, old_texts = project_features(model, tower, fresh.text(model, split), torch.device("cpu"))
     np.testing.assert_allclose(exported.image_embeddings, old_images, atol=1e-5)
     np.testing.assert_allclose(exported.text_embeddings, old_texts, atol=1e-5)
@@ -406,7 +406,7 @@ def test_cuda_training_with_autocast_exports_what_eval_only_measures(synthetic_d
     export_dir = tmp_path / "export"
     results = train_dual_encoder.main(args[:args.index("--export_dir")] + args[args.index("--export_dir") + 2:]
                                       + ["--export_dir", str(export_dir), "--amp", "bf16"])
-    emb = io.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
+    emb = handoff.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
     result = train_dual_encoder.main(["--eval_only", "--checkpoint", results[16]["best"], "--dataset", "synthetic",
                                       "--data_dir", synthetic_dir, "--split", "test", "--num_workers", "0",
                                       "--batch_size_eval", "32", "--device", "cuda"])
@@ -543,7 +543,7 @@ def test_head_ensemble_joins_members_trained_as_separate_runs(synthetic_dir, tin
                                np.concatenate([e.text_embeddings for e in embedded[:2]], 1) / 2 ** 0.5, atol=1e-5)
     np.testing.assert_allclose(embedded[2].image_embeddings,
                                np.concatenate([e.image_embeddings for e in embedded[:2]], 1) / 2 ** 0.5, atol=1e-5)
-    exported = io.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
+    exported = handoff.read_embeddings(str(export_dir / "dual-tiny-d16_test.h5"))
     assert exported.dim == 16 and exported.attrs["model"] == "dual-tiny-d16"
     np.testing.assert_allclose(exported.image_embeddings, embedded[2].image_embeddings, atol=1e-5)
     np.testing.assert_allclose(exported.text_embeddings, embedded[2].text_embeddings, atol=1e-5)
@@ -654,7 +654,7 @@ def check_cached_logged_and_exported(tmp_path, run, part, best, export_dir, synt
     assert any(f"-train-{part}-" in n for n in cached) and any(f"-test-{part}-" in n for n in cached)
     log = [json.loads(line) for line in open(tmp_path / run / "log.jsonl")]
     assert log[-1]["mode"] == f"features+{part}"
-    exported = io.read_embeddings(str(export_dir / f"dual-{run}-d16_test.h5"))
+    exported = handoff.read_embeddings(str(export_dir / f"dual-{run}-d16_test.h5"))
     again = embed_split(ckpt.encoder_from_checkpoint(best, device="cpu"), load_synthetic(synthetic_dir, "test"),
                         batch_size=5, num_workers=0, progress=False)
     np.testing.assert_allclose(exported.image_embeddings, again.image_embeddings, atol=1e-5)

@@ -15,7 +15,7 @@ import prepare_data
 import search
 import train_dual_encoder
 from retrieval import checkpoint as ckpt
-from retrieval import io
+from retrieval import handoff
 from retrieval.errors import INTERRUPTED_STATUS
 from retrieval.synthetic import make_synthetic
 from test_train import base_args, make_tiny_bert
@@ -72,7 +72,7 @@ def test_two_runs_with_one_dim_give_two_exports_with_their_own_vectors(model_dir
                                            "--no_eval"])["test"]
     assert "skip test" not in capsys.readouterr().out
     assert written == {name: str(out / f"{name}-d16-best_test.h5") for name in ("r1", "r2")}
-    r1, r2 = (io.read_embeddings(written[name]) for name in ("r1", "r2"))
+    r1, r2 = (handoff.read_embeddings(written[name]) for name in ("r1", "r2"))
     assert r1.attrs["model_tag"] == "dual-r1-d16" and r2.attrs["model_tag"] == "dual-r2-d16"
     assert not np.allclose(r1.image_embeddings, r2.image_embeddings)
 
