@@ -98,3 +98,27 @@ def test_help_shows_real_defaults_only(script, capsys):
     assert "(default: )" not in text and "(default: None)" not in text and "(default: False)" not in text
     if script in ("prepare_data", "train_dual_encoder", "run_experiments"):
         assert re.search(r"--seed SEED\s.*\(default: 0\)", text, re.S)
+
+
+def readme_code_map():
+    """{module: part} from README.md's Code map table, and the parts in their order there."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    table = text[text.index("| part | module | holds |"):]
+    table = table[:table.index("\n\n")]
+    parts, order = {}, []
+    for line in table.splitlines()[2:]:
+        part, modules = [cell.strip() for cell in line.strip("|").split("|")][:2]
+        if part:
+            order.append(part)
+        parts.update({name: order[-1] for name in re.findall(r"`(\w+)\.py`", modules)})
+    return parts, order
+
+
+def test_the_readme_code_map_names_every_module_and_each_part_imports_only_parts_above_it():
+    parts, order = readme_code_map()
+    modules = package_modules()
+    assert sorted(parts) == modules, "README Code map and retrieval/ disagree"
+    upward = [f"{m} ({parts[m]}) imports {d} ({parts[d]})" for m in modules
+              for d in imported_modules(os.path.join(PACKAGE, f"{m}.py"), modules) - {m}
+              if order.index(parts[d]) > order.index(parts[m])]
+    assert upward == []
