@@ -441,13 +441,19 @@ def test_another_fit_set_into_the_same_folder_is_refused_before_anything_is_writ
     assert not os.path.exists(full[0]) and stamps == {p: os.path.getmtime(p) for p in full[1:]}
 
 
-@pytest.mark.slow
-def test_sigkill_mid_sweep_then_rerun_completes(tmp_path):
+def interrupted_sweep(tmp_path):
+    """(data file, output folder, arguments) of a sweep long enough to be stopped part way (60 images, 24
+    configurations of a few hundred ms each)."""
     data = random_file(tmp_path / "toy.npz", num_images=60, dim=32)
     out = str(tmp_path / "result")
-    args = ["--data_path", data, "--output_dir", out, "--embedding_dims", "32", "16", "8", "--precisions",
-            "fp16", "int8", "int4", "binary", "--candidate_sizes", "10", "50", "--recall_k", "1", "5",
-            "--min_time", "0.05", "--latency_queries", "20", "--num_workers", "1", "--threads", "1"]
+    return data, out, ["--data_path", data, "--output_dir", out, "--embedding_dims", "32", "16", "8", "--precisions",
+                       "fp16", "int8", "int4", "binary", "--candidate_sizes", "10", "50", "--recall_k", "1", "5",
+                       "--min_time", "0.05", "--latency_queries", "20", "--num_workers", "1", "--threads", "1"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_sweep_then_rerun_completes(tmp_path):
+    data, out, args = interrupted_sweep(tmp_path)
     expected = run_experiments.main(args + ["--dry_run"])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "run_experiments.py")] + args, cwd=ROOT, env=env,
@@ -1303,21 +1309,14 @@ def test_output_dir_that_is_a_file_fails_before_any_vector_is_loaded(tmp_path, m
     assert folder_bytes(tmp_path) == before
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-def test_read_only_output_dir_fails_before_any_vector_is_loaded(tmp_path, monkeypatch):
+def test_read_only_output_dir_fails_before_any_vector_is_loaded(tmp_path, monkeypatch, read_only_folder):
     from retrieval import inputs
     monkeypatch.setattr(inputs, "load_inputs", lambda *a, **k: pytest.fail("vectors loaded"))
     data = random_file(tmp_path / "toy.npz", num_images=20, dim=16)
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        with pytest.raises(SystemExit, match=rf"^error: {locked}: not writable \(Permission denied\); choose "
-                                             r"another output folder with --output_dir$"):
-            run_experiments.main(["--data_path", data, "--output_dir", str(locked)] + SMALL_SWEEP)
-    finally:
-        locked.chmod(0o755)
-    assert os.listdir(locked) == []
+    with pytest.raises(SystemExit, match=rf"^error: {read_only_folder}: not writable \((Permission denied|Read-only "
+                                         r"file system)\); choose another output folder with --output_dir$"):
+        run_experiments.main(["--data_path", data, "--output_dir", read_only_folder] + SMALL_SWEEP)
+    assert os.listdir(read_only_folder) == []
 
 
 @pytest.mark.parametrize("flag, value, least", [("--latency_queries", "0", 1), ("--min_passes", "0", 1),
@@ -1335,11 +1334,7 @@ def test_numeric_timing_flags_are_refused_at_parse_time(tmp_path, capsys, flag, 
 def test_sigint_mid_sweep_exits_130_keeps_complete_runs_and_the_rerun_resumes(tmp_path):
     # Needs the KeyboardInterrupt handling of retrieval/errors.py cli (exit 130 and the one line), which another
     # branch of issue 28 adds: without it this test fails (a traceback, and the status of a death by SIGINT).
-    data = random_file(tmp_path / "toy.npz", num_images=60, dim=32)
-    out = str(tmp_path / "result")
-    args = ["--data_path", data, "--output_dir", out, "--embedding_dims", "32", "16", "8", "--precisions",
-            "fp16", "int8", "int4", "binary", "--candidate_sizes", "10", "50", "--recall_k", "1", "5",
-            "--min_time", "0.05", "--latency_queries", "20", "--num_workers", "1", "--threads", "1"]
+    data, out, args = interrupted_sweep(tmp_path)
     expected = run_experiments.main(args + ["--dry_run"])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     command = [sys.executable, os.path.join(ROOT, "run_experiments.py")] + args
