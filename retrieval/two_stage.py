@@ -66,7 +66,27 @@ def make_searcher(index: FaissIndex, precision: str, rotation: np.ndarray | None
                 queries = transform.apply(queries)
             return queries
         return Searcher(encode, core.search, core)
+    if precision == "rq":
+        return Searcher(None, functools.partial(protocol_ties_search, index), index)
     return Searcher(None, index.search, index)
+
+
+# Items tied with the k-th candidate that a search may leave out in favour of a higher gallery index.
+TIE_MARGIN = 16
+
+
+def protocol_ties_search(index: FaissIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """index.search(queries, k) whose k candidates break ties by the lower gallery index, as the protocol does.
+
+    Why: FAISS's residual-quantizer search keeps the higher id of two equal scores at the k-th place (two items
+    with the same code score exactly alike; measured with faiss 1.15), so its C candidates could differ from
+    the protocol's at the boundary. It searches TIE_MARGIN more, orders by (-score, id) and keeps k: exact
+    unless more than TIE_MARGIN items tie across the boundary."""
+    wider = min(k + TIE_MARGIN, index.ntotal)
+    scores, ids = index.search(queries, wider)
+    order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -np.where(ids < 0, -np.inf, scores)),
+                       axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 def device_searcher(index: FaissIndex, precision: str, device: torch.device) -> Searcher:

@@ -411,3 +411,20 @@ def test_default_lists_leave_residual_codecs_something_to_learn():
     _, flat_ids = flat.search(queries, 10)
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ivf_ids, flat_ids)]) > 0.9
     assert np.mean(ivf_ids[:, 0] == np.arange(50)) > 0.9      # the noisy copies find their item
+
+
+def test_rq_candidates_break_ties_by_the_lower_gallery_index():
+    # Duplicated gallery rows get one code, so they score exactly alike; the C candidates must be the
+    # protocol's: (-score, id) order, whichever of two tied items FAISS's own search keeps at the boundary.
+    rng = np.random.default_rng(0)
+    base = l2_normalize(rng.normal(size=(300, 8)).astype(np.float32))
+    gallery = np.concatenate([base, base[::-1]])          # every row twice, the copy at a higher index
+    queries = l2_normalize(rng.normal(size=(50, 8)).astype(np.float32))
+    index, _ = indexes.build_index("rq", gallery, gallery, params={"pq_subdim": 4})
+    searcher = two_stage.make_searcher(index, "rq")
+    decoded = index.reconstruct_n(0, index.ntotal)
+    for k in (1, 5, 20, 31):
+        _, ids = searcher(queries, k)
+        scores = queries @ decoded.T
+        want = np.stack([np.lexsort((np.arange(len(gallery)), -row))[:k] for row in scores])
+        np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(want, axis=1))
