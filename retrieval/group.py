@@ -13,8 +13,9 @@ from typing import Callable
 import numpy as np
 
 from retrieval import indexes, metrics, reduction, timing, two_stage
-from retrieval.inputs import GALLERY_ROWS, FitSet, padded_gallery, sample_queries, top1_cosines
 from retrieval.handoff import Embeddings
+from retrieval.inputs import GALLERY_ROWS, FitSet, padded_gallery, sample_queries, top1_cosines
+from retrieval.precisions import FaissIndex
 from retrieval.sweep_settings import SweepSettings
 
 
@@ -177,7 +178,7 @@ class Group:
             self.coarse[key] = indexes.train_coarse(np.ascontiguousarray(fit, dtype=np.float32), key[1])
         return self.coarse[key], reused
 
-    def shared_full_ranks(self, direction: str, precision: str, index, decode: tuple) -> np.ndarray:
+    def shared_full_ranks(self, direction: str, precision: str, index: FaissIndex, decode: tuple) -> np.ndarray:
         """The full ranking of a direction under the compressed scores of `index`, computed once per decode
         (two_stage.decode_key: fp32 IVF / HNSW reuse the exact baseline's ranks, an HNSW index its flat twin's).
         The decoded gallery exists only while its ranking is computed."""

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import pandas as pd
 
 from retrieval.frame import main_runs, records
-from retrieval.metrics import DIRECTION_NAMES, DIRECTIONS
+from retrieval.metrics import DIRECTIONS
 from retrieval.findings import (Group, Row, Summary, distractor_label, findings, fmt, fmt_bytes, fmt_cell,
                                 metric_words, summary_sentences)
 

@@ -17,17 +17,19 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 from retrieval import timing
 from retrieval.env import environment
 from retrieval.errors import UserError
-from retrieval.precisions import PRECISIONS
+from retrieval.handoff import Embeddings
 from retrieval.inputs import GAUSSIAN
 from retrieval.io import ranks_path, write_json, write_ranks
-from retrieval.handoff import Embeddings
 from retrieval.metrics import DIRECTIONS
+from retrieval.precisions import PRECISIONS
 
 # 2: "inputs" (content fingerprints of the data, fit and distractor files; None in older files).
 # 1: schema_version written; memory.total_bytes_per_vector in every measured run; config.distractors.source a
@@ -281,7 +283,7 @@ def split_invalid(runs: list[dict], results_dir: str) -> tuple[list[dict], list[
 
 # ----------------------------------------------------------------------------- labels
 
-def candidate_label(row) -> str:
+def candidate_label(row: Mapping[str, Any]) -> str:
     """'exact', 'no rerank' or 'C=<size>': how the final ranking was produced."""
     if row["exact"]:
         return "exact"
@@ -290,13 +292,13 @@ def candidate_label(row) -> str:
     return f"C={int(row['candidate_size'])}"
 
 
-def config_label(row) -> str:
+def config_label(row: Mapping[str, Any]) -> str:
     """Short human name of a configuration, e.g. 'int8 256d C=100' or 'int8 256d C=100 [ivf nlist=128 nprobe=16]'
     (index and its knobs shown when not flat, so runs at different knob values get different names)."""
     return f"{family_label(row)} {row['candidate']}" + index_label(row)
 
 
-def codec_label(row) -> str:
+def codec_label(row: Mapping[str, Any]) -> str:
     """The precision, a product or residual code with its codebooks as FAISS names them ('pq8x8', 'rq8x8': 8 of
     8 bits), since --pq_subdim can put several codes of one precision and dim in a sweep."""
     precision = str(row["precision"])
@@ -304,7 +306,7 @@ def codec_label(row) -> str:
     return precision if pq_m is None or math.isnan(pq_m) else f"{precision}{int(pq_m)}x8"
 
 
-def family_label(row) -> str:
+def family_label(row: Mapping[str, Any]) -> str:
     """'int8 256d (pca)': codec and dim, the part of a label that neither candidates nor index change."""
     precision = codec_label(row)
     label = f"{precision} {int(row['dim'])}d" if row.get("dim") is not None else precision
@@ -314,7 +316,7 @@ def family_label(row) -> str:
     return label
 
 
-def index_label(row, search_knob: bool = True) -> str:
+def index_label(row: Mapping[str, Any], search_knob: bool = True) -> str:
     """' [ivf nlist=128 nprobe=16]' for a non-flat index ('' for flat); search_knob=False leaves nprobe /
     ef_search out (the name of a knob curve, which runs through them)."""
     index = row.get("index")
@@ -325,7 +327,7 @@ def index_label(row, search_knob: bool = True) -> str:
     return f" [{' '.join([str(index)] + shown)}]"
 
 
-def precision_rank(precision) -> tuple[int, str]:
+def precision_rank(precision: str | None) -> tuple[int, str]:
     """Sort key: the known precisions in retrieval.precisions order (a product code named with its
     sub-quantizers, 'pq8x8', beside its precision), then any other name alphabetically."""
     code = re.fullmatch(r"([a-z]+)(\d+)x8", str(precision))
@@ -334,7 +336,7 @@ def precision_rank(precision) -> tuple[int, str]:
     return (PRECISIONS.index(precision), "") if precision in PRECISIONS else (len(PRECISIONS), str(precision))
 
 
-def precision_order(values) -> list:
+def precision_order(values: Iterable[str]) -> list[str]:
     return sorted(dict.fromkeys(values), key=precision_rank)
 
 
