@@ -84,8 +84,7 @@ def protocol_ties_search(index: FaissIndex, queries: np.ndarray, k: int) -> tupl
     unless more than TIE_MARGIN items tie across the boundary."""
     wider = min(k + TIE_MARGIN, index.ntotal)
     scores, ids = index.search(queries, wider)
-    order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -np.where(ids < 0, -np.inf, scores)),
-                       axis=1)[:, :k]
+    order = protocol_order(scores, ids)[:, :k]
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
@@ -156,10 +155,13 @@ def sort_candidates(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
     Empty slots (id -1, which FAISS pads with) go last.
     """
+    return np.take_along_axis(ids, protocol_order(scores, ids), axis=1)
+
+
+def protocol_order(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Per row, the positions of (scores, ids) in (-score, id) order, empty slots (id -1) last."""
     scores = np.where(ids < 0, -np.inf, scores)
-    big = np.iinfo(np.int64).max
-    order = np.lexsort((np.where(ids < 0, big, ids), -scores), axis=1)
-    return np.take_along_axis(ids, order, axis=1)
+    return np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -scores), axis=1)
 
 
 def rerank(queries: np.ndarray, gallery: np.ndarray, candidates: np.ndarray) -> np.ndarray:
