@@ -85,15 +85,19 @@ def parse_args(argv=None):
                        help="HNSW search beam (raised to k when smaller)")
     speed = parser.add_argument_group("timing")
     speed.add_argument("--batch_size", type=positive_int, default=128, help="queries per FAISS search call when timing throughput")
+    speed.add_argument("--rounds", type=positive_int, default=10,
+                       help="timed rounds per direction: each times every stage of the configuration and the "
+                            "reference (fp32 exact at the native dim) once, in alternating order; speeds are the "
+                            "median over rounds with a 95%% interval, speed-ups paired per round")
     speed.add_argument("--min_time", type=non_negative_float, default=0.3,
-                       help="repeat whole timed passes of a stage until this many seconds (and --min_passes)")
-    speed.add_argument("--min_passes", type=positive_int, default=3,
-                       help="at least this many timed passes per stage: their spread is recorded (noise of the machine)")
+                       help="more rounds until a direction's rounds took this many seconds (and --rounds)")
     speed.add_argument("--max_time", type=positive_float, default=10.0,
-                       help="stop repeating a stage's passes once this many seconds are spent, even below --min_passes "
-                            "(a large gallery: then one pass, its spread over blocks of batches)")
+                       help="stop a direction's rounds, and its single-query latency sample, once this many seconds "
+                            "are spent (a large gallery: one pass cut into --rounds blocks)")
     speed.add_argument("--warmup", type=non_negative_int, default=1, help="untimed warm-up batches before each timed section")
-    speed.add_argument("--latency_queries", type=positive_int, default=100, help="sampled single queries for latency percentiles")
+    speed.add_argument("--latency_queries", type=positive_int, default=1000,
+                       help="sampled single queries for latency percentiles, each timed next to the reference's; "
+                            "p95 needs 200, p99 1000 (fewer: null, not estimable)")
     speed.add_argument("--latency_threads", type=non_negative_int, default=1,
                        help="FAISS threads for single-query latency (0 = same as --threads)")
     speed.add_argument("--threads", type=non_negative_int, default=0, help="FAISS OpenMP threads (0 = FAISS default: all cores)")

@@ -32,6 +32,26 @@ class DirectionData:
 
 
 @dataclasses.dataclass(frozen=True)
+class Reference:
+    """What every configuration's speed is paired with (timing.time_rounds): fp32 exact search at the native dim
+    of one direction's native queries (the report's "fp32 exact"), on the group's device, its top max(K) sorted
+    as the protocol orders them. Built once per group, so a configuration and the reference are timed in the
+    same rounds whatever the configuration's dim."""
+    searcher: two_stage.Searcher
+    batches: list  # the native query batches (DirectionData.native_batches)
+    k: int
+    dim: int
+
+    def batch(self, i: int) -> np.ndarray:
+        with timing.blas_switch(self.dim):
+            return two_stage.sort_candidates(*self.searcher(self.batches[i], self.k))
+
+    def single(self, query: np.ndarray) -> np.ndarray:
+        with timing.blas_switch(self.dim):
+            return two_stage.sort_candidates(*self.searcher(query, self.k))
+
+
+@dataclasses.dataclass(frozen=True)
 class IndexEntry:
     """One direction's built index and the full ranking of its queries under its compressed scores."""
     built: indexes.BuiltIndex
@@ -68,6 +88,7 @@ class Group:
         self.query_sample = sample_queries(emb.text_to_image, settings.max_queries, settings.seed)
         galleries = padded_gallery(emb, fit, self.extra, distractors, settings.seed, settings.directions)
         self.directions = {d: self._direction(d, emb, fit, galleries[d]) for d in settings.directions}
+        self.references = {d: self._reference(galleries[d], self.directions[d]) for d in settings.directions}
         self.indexes = {}  # (precision, index type, build knobs) -> {direction: IndexEntry}; the latest only
         self.coarse = {}  # (direction, nlist) -> the indexes.Coarse every float IVF index of the group gets
         self.ivf_fit = {}  # (direction, distractor rows) -> fit set + that sample of distractors (fit_vectors)
@@ -82,6 +103,12 @@ class Group:
                              self.reduce(gallery), gallery.shape[0] - self.extra,
                              timing.batches(native, self.settings.batch_size),
                              timing.batches(queries, self.settings.batch_size))
+
+    def _reference(self, native_gallery: np.ndarray, data: DirectionData) -> Reference:
+        index = indexes.flat_fp32(native_gallery)
+        k = min(max(self.k_values), native_gallery.shape[0])
+        return Reference(two_stage.device_searcher(index, "fp32", self.device), data.native_batches, k,
+                         native_gallery.shape[1])
 
     def query_transform(self, encode: Callable | None) -> Callable | None:
         """What a native query goes through before the index sees it (projection, then the codec's
@@ -135,11 +162,10 @@ class Group:
             self.indexes.clear()
             params = dict(self.settings.index_settings("flat")[0], **dict(knobs))
             built = {d: self._build(d, precision, index_type, params) for d in self.directions}
-            # Full ranking under the compressed scores: untimed, in parallel, finished before any timing.
+            # Full ranking under the compressed scores: untimed, finished before any timing.
             decode = two_stage.decode_key(precision, index_type, knobs)
-            jobs = {d: self.pool.submit(self.shared_full_ranks, d, precision, built[d].index, decode)
-                    for d in self.directions}
-            self.indexes[key] = {d: IndexEntry(built[d], job.result()) for d, job in jobs.items()}
+            ranks = self.shared_full_ranks(precision, {d: built[d].index for d in self.directions}, decode)
+            self.indexes[key] = {d: IndexEntry(built[d], ranks[d]) for d in self.directions}
         return self.indexes[key]
 
     def _build(self, direction: str, precision: str, index_type: str, params: dict) -> indexes.BuiltIndex:
@@ -178,14 +204,26 @@ class Group:
             self.coarse[key] = indexes.train_coarse(np.ascontiguousarray(fit, dtype=np.float32), key[1])
         return self.coarse[key], reused
 
-    def shared_full_ranks(self, direction: str, precision: str, index: FaissIndex, decode: tuple) -> np.ndarray:
-        """The full ranking of a direction under the compressed scores of `index`, computed once per decode
-        (two_stage.decode_key: fp32 IVF / HNSW reuse the exact baseline's ranks, an HNSW index its flat twin's).
-        The decoded gallery exists only while its ranking is computed."""
-        key = (direction,) + decode
-        if key not in self.ranks:  # each direction is one job: no two threads fill the same key
+    def shared_full_ranks(self, precision: str, built: dict[str, FaissIndex], decode: tuple) -> dict[str, np.ndarray]:
+        """The full ranking of each direction under the compressed scores of its index (`built`: direction ->
+        index), computed once per decode (two_stage.decode_key: fp32 IVF / HNSW reuse the exact baseline's ranks,
+        an HNSW index its flat twin's). The decoded gallery exists only while its ranking is computed.
+
+        FAISS work (decoding, encoding the queries) runs here, on the calling (main) thread; only the numpy
+        ranking goes to the pool. Why: an OpenMP region entered from a pool thread leaves that thread an OpenMP
+        team of its own for as long as the pool lives, and once the process holds more OpenMP threads than
+        cores, libgomp stops spin-waiting between parallel regions: every later FAISS search pays a wake-up
+        per call (measured on 2 cores: binary flat search of the Flickr8k test captions 455k -> 149k
+        queries/s after one reconstruct_n in a pool thread; tests/test_run_experiments.py checks the rule)."""
+        jobs = {}
+        for direction, index in built.items():
+            key = (direction,) + decode
+            if key in self.ranks:
+                continue
             data = self.directions[direction]
             queries = two_stage.compressed_queries(precision, data.queries, index)
-            self.ranks[key] = self.full_ranks(direction, queries,
-                                              two_stage.decoded_gallery(index, precision, data.gallery))
-        return self.ranks[key]
+            gallery = two_stage.decoded_gallery(index, precision, data.gallery)
+            jobs[key] = self.pool.submit(self.full_ranks, direction, queries, gallery)
+        for key, job in jobs.items():  # each key is one job: no two threads fill the same one
+            self.ranks[key] = job.result()
+        return {direction: self.ranks[(direction,) + decode] for direction in built}

@@ -164,6 +164,13 @@ def make_index(precision: str, dim: int, index_type: str = "flat", params: dict 
     return index
 
 
+def flat_fp32(gallery: np.ndarray) -> FaissIndex:
+    """fp32 exact search over `gallery` (inner product): the reference every configuration's speed is paired with."""
+    index = make_index("fp32", gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery, dtype=np.float32))
+    return index
+
+
 def no_polysemous(index: FaissIndex) -> FaissIndex:
     """An IVF-PQ index from index_factory without its polysemous training. The factory turns it on: a simulated
     annealing that relabels each sub-space's centroids so that Hamming distances between codes track real

@@ -31,10 +31,14 @@ from retrieval.io import ranks_path, write_json, write_ranks
 from retrieval.metrics import DIRECTIONS
 from retrieval.precisions import PRECISIONS
 
+# 3: speed timed in rounds paired with fp32 exact at the native dim: per direction medians with 95% intervals
+# (qps_ci_low / _ci_high, latency_p50_ms_ci_low, ...), speedup and latency_speedup with intervals, p95 / p99
+# null when the sample cannot estimate them (latency_note), speed.conditions (load, CPU pressure, threads timed).
+# Older files read with those columns null.
 # 2: "inputs" (content fingerprints of the data, fit and distractor files; None in older files).
 # 1: schema_version written; memory.total_bytes_per_vector in every measured run; config.distractors.source a
 # list of files (or "gaussian") with "synthetic" beside it. 0: files without schema_version.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Read from the run's "config".
 CONFIG_KEYS = ("dim", "native_dim", "dim_method", "precision", "candidate_size", "index", "gallery_size",
@@ -49,12 +53,16 @@ KNOB_NAMES = {"hnsw_m": "M"}  # how a label shows a knob (HNSW's M is what FAISS
 # Written once per run under "memory".
 MEMORY_KEYS = ("bytes_per_vector", "total_bytes_per_vector", "compression_ratio", "peak_rss_bytes")
 # Written once per direction ("t2i_qps", "i2t_index_bytes", ...), and the section that holds them.
-DIRECTIONAL_KEYS = {"qps": "speed", "latency_p50_ms": "speed", "latency_p95_ms": "speed",
-                    "latency_p99_ms": "speed", "build_s": "speed", "index_bytes": "memory"}
+SPEED_ESTIMATES = ("qps", "speedup", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_speedup")
+DIRECTIONAL_KEYS = {**{f"{name}{part}": "speed" for name in SPEED_ESTIMATES for part in ("", "_ci_low", "_ci_high")},
+                    "reference_qps": "speed", "rounds": "speed", "latency_queries": "speed", "build_s": "speed",
+                    "index_bytes": "memory"}
 # The plain memory/speed columns in summary.csv order (the per-direction ones follow them).
-COST_COLUMNS = ("bytes_per_vector", "total_bytes_per_vector", "index_bytes", "compression_ratio", "peak_rss_bytes",
-                "qps", "latency_p50_ms",
-                "latency_p95_ms", "latency_p99_ms", "build_s")
+COST_COLUMNS = ("bytes_per_vector", "total_bytes_per_vector", "index_bytes", "compression_ratio", "peak_rss_bytes") \
+    + tuple(k for k in DIRECTIONAL_KEYS if k != "index_bytes")
+# The machine while a run was timed (speed.conditions, timing.conditions), one column each.
+CONDITION_KEYS = ("load_before", "load_after", "cpu_pressure_pct", "other_runnable_before", "cores", "threads_asked",
+                  "threads_timed")
 # The out-of-distribution numbers the sweep stores under metrics.ood of an fp32 exact run on a padded gallery
 # (mean top-1 cosine to the image gallery of the text queries and of the real images; gap = image - text).
 OOD_KEYS = ("text_top1_cosine", "image_top1_cosine", "gap")
@@ -158,7 +166,8 @@ def upgrade(record: dict) -> dict:
     that knows what older files lack. Version 0 -> 1: a measured run's memory.total_bytes_per_vector (the index
     bytes plus, re-ranked, the fp32 vectors at its dim that stage 2 reads) when it has none, and a distractor
     file named alone as config.distractors.source becomes a list of one, with "synthetic" said. 1 -> 2:
-    "inputs" None (no fingerprints: unfingerprinted() counts such runs)."""
+    "inputs" None (no fingerprints: unfingerprinted() counts such runs). 2 -> 3: nothing is added: speed
+    intervals and conditions read as null (the report says which runs have none)."""
     out = dict(record)
     version = out.get("schema_version", 0)
     if version < 1:
@@ -378,6 +387,8 @@ def run_row(run: dict) -> dict:
         # run_experiments.py times each direction separately; the plain column is the first direction
         # timed (text→image when both were), so runs of either direction have one column to compare.
         row[name] = next((row[f"{d}_{name}"] for d in DIRECTIONS if row[f"{d}_{name}"] is not None), None)
+    conditions = (run.get("speed") or {}).get("conditions")
+    row.update({key: _number((conditions if isinstance(conditions, dict) else {}).get(key)) for key in CONDITION_KEYS})
     for key, value in (run.get("metrics") or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
             row[same_dim_name(key)] = value

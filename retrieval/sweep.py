@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from retrieval import indexes, io, metrics, timing, two_stage
+from retrieval import indexes, io, metrics, speed_stats, timing, two_stage
 from retrieval.errors import UserError
 from retrieval.grid import GridEntry, group_key
 from retrieval.group import Baseline, Group, IndexEntry
@@ -56,27 +56,22 @@ class Groups:
 # ----------------------------------------------------------------------------- one configuration
 
 def timed_search(settings: SweepSettings, group: Group, direction: str, entry: IndexEntry, k_search: int,
-                 rerank: bool) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Time the stages of one direction's search separately, then one query end to end.
+                 rerank: bool, threads: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Time the stages of one direction's search in rounds paired with the reference, then single queries.
 
     Stages: `transform` (the query's side of the codec: PCA / random projection to the dim and, for
     binary codes, rotation + sign bits; timed from the native query, absent when there is nothing to
     do), `search` (the FAISS index alone, on the codes indexes.build encoded), and `rerank` (fp32
-    re-scoring of the C candidates) or `sort` (ordering the list by the compressed scores). End-to-end
-    `qps` adds the stages' times per query; latency times single queries through all of them. Returns
-    (speed, stage-1 lists, final lists).
+    re-scoring of the C candidates) or `sort` (ordering the list by the compressed scores). Every round
+    times each stage and the group's Reference (fp32 exact at the native dim) over the same queries
+    (timing.time_rounds); end-to-end queries/s adds a round's stage times per query. Latency times single
+    queries through all stages, each next to the reference's (timing.paired_latency). Returns (speed,
+    stage-1 lists, final lists).
     """
     data, searcher, codes = group.directions[direction], entry.built.searcher, entry.built.codes
-    query_batches, native_batches = data.query_batches, data.native_batches
+    reference, query_batches, native_batches = group.references[direction], data.query_batches, data.native_batches
     stage1, final = [None] * len(codes), [None] * len(codes)
-    timed = functools.partial(timing.time_batches, batch_sizes=[len(b) for b in query_batches],
-                              min_time=settings.min_time, warmup=settings.warmup, min_passes=settings.min_passes,
-                              max_time=settings.max_time)
-    dim = data.queries.shape[1]
     transform = group.query_transform(searcher.encode)
-
-    def transform_step(i):
-        transform(native_batches[i])
 
     def search_step(i):
         stage1[i] = searcher.search(codes[i], k_search)
@@ -85,12 +80,12 @@ def timed_search(settings: SweepSettings, group: Group, direction: str, entry: I
         final[i] = two_stage.rerank(query_batches[i], data.gallery, stage1[i][1]) if rerank \
             else two_stage.sort_candidates(*stage1[i])
 
-    stages = {}
-    with timing.pinned_threads(settings.threads, dim):
-        if transform is not None:
-            stages["transform"] = timed(transform_step)
-        stages["search"] = timed(search_step)
-        stages["rerank" if rerank else "sort"] = timed(second_step)
+    stages = {} if transform is None else {"transform": lambda i: transform(native_batches[i])}
+    stages.update({"search": search_step, "rerank" if rerank else "sort": second_step})
+    dim = data.queries.shape[1]
+    with timing.pinned_threads(threads, dim):
+        rounds = timing.time_rounds(stages, reference.batch, [len(b) for b in query_batches], settings.rounds,
+                                    settings.min_time, settings.max_time, settings.warmup)
 
     def single(native):
         """One native query through every stage (what a deployed system does per request)."""
@@ -98,21 +93,60 @@ def timed_search(settings: SweepSettings, group: Group, direction: str, entry: I
         scores, ids = searcher(query, k_search)
         return two_stage.rerank(query, data.gallery, ids) if rerank else two_stage.sort_candidates(scores, ids)
 
-    latency = timing.latency_ms(single, data.native_queries, settings.latency_queries, settings.seed,
-                                settings.latency_threads, dim)
-    return stage_speed(stages, latency, k_search), np.concatenate([ids for _, ids in stage1]), np.concatenate(final)
+    with timing.pinned_threads(settings.latency_threads, dim):
+        seconds, reference_seconds = timing.paired_latency(
+            single, reference.single, data.native_queries, data.native_queries, settings.latency_queries,
+            settings.seed, settings.max_time)
+    speed = dict(round_speed(rounds), **latency_speed(seconds, reference_seconds, settings.latency_queries))
+    speed.update(k_searched=k_search)
+    return speed, np.concatenate([ids for _, ids in stage1]), np.concatenate(final)
 
 
-def stage_speed(stages: dict, latency: dict, k_search: int) -> dict:
-    """The speed record of one direction: queries/s per stage and their spread, end-to-end qps, latency."""
-    speed = {f"{name}_qps": stage["qps"] for name, stage in stages.items()}
-    speed.update({f"{name}_qps_spread_pct": stage["spread_pct"] for name, stage in stages.items()})
-    speed.update({f"{name}_spread_over": stage["spread_over"] for name, stage in stages.items()})
+def estimate_fields(name: str, estimate: speed_stats.Estimate | None) -> dict:
+    """{name: value, name_ci_low: ..., name_ci_high: ...} (all None when there is no estimate)."""
+    value, low, high = (None, None, None) if estimate is None else (estimate.value, estimate.low, estimate.high)
+    return {name: value, f"{name}_ci_low": low, f"{name}_ci_high": high}
+
+
+def round_speed(rounds: timing.Rounds) -> dict:
+    """One direction's batch speeds from its rounds: per stage the median queries/s and the rounds' spread;
+    end to end and for the reference the median with its 95% interval; the speed-up over the reference
+    (the median of per-round ratios, paired) with its interval; and the rounds' raw queries/s."""
+    speed = {}
+    for name in rounds.stage_seconds:
+        qps = rounds.qps(name)
+        speed[f"{name}_qps"] = float(np.median(qps))
+        speed[f"{name}_qps_spread_pct"] = float(100.0 * (qps.max() - qps.min()) / np.median(qps))
     speed["transform_qps"] = speed.get("transform_qps")
-    speed["qps"] = 1.0 / sum(1.0 / stage["qps"] for stage in stages.values())
-    speed.update(timed_passes=stages["search"]["passes"], timed_queries=stages["search"]["queries_per_pass"],
-                 k_searched=k_search)
-    speed.update(latency)
+    end_to_end, reference = rounds.end_to_end_qps(), rounds.reference_qps()
+    speed.update(estimate_fields("qps", speed_stats.median(end_to_end)))
+    speed.update(estimate_fields("reference_qps", speed_stats.median(reference)))
+    speed.update(estimate_fields("speedup", speed_stats.paired_ratio(end_to_end, reference)))
+    speed.update(rounds=len(rounds.queries), rounds_over=rounds.over,
+                 rounds_interval_coverage=speed_stats.coverage(len(rounds.queries)),
+                 timed_queries=int(sum(rounds.queries) if rounds.over == "blocks" else rounds.queries[0]), round_qps=[float(v) for v in end_to_end],
+                 reference_round_qps=[float(v) for v in reference])
+    return speed
+
+
+def latency_speed(seconds: np.ndarray, reference_seconds: np.ndarray, asked: int) -> dict:
+    """Single-query latency percentiles (ms) with their 95% intervals, None where the sample cannot estimate
+    one (speed_stats.estimable; a note says so), the reference's p50, and the latency speed-up: the median over
+    queries of reference time / this configuration's time, each pair timed back to back."""
+    ms, reference_ms = 1000.0 * seconds, 1000.0 * reference_seconds
+    speed, missing = {}, []
+    for q in (50, 95, 99):
+        estimate = speed_stats.quantile(ms, q / 100.0)
+        speed.update(estimate_fields(f"latency_p{q}_ms", estimate))
+        if estimate is None:
+            missing.append(f"p{q} (needs {speed_stats.min_samples(q / 100.0)})")
+    reference_p50 = speed_stats.quantile(reference_ms, 0.5)
+    speed["reference_latency_p50_ms"] = None if reference_p50 is None else reference_p50.value
+    speed.update(estimate_fields("latency_speedup", speed_stats.paired_ratio(reference_ms, ms)
+                                 if ms.size >= 1 else None))
+    speed["latency_queries"] = int(ms.size)
+    cut = f" (--max_time stopped the sample at {ms.size} of {asked})" if ms.size < asked else ""
+    speed["latency_note"] = (f"not estimable from {ms.size} queries{cut}: " + ", ".join(missing)) if missing else None
     return speed
 
 
@@ -138,8 +172,10 @@ def evaluate_config(settings: SweepSettings, group: Group, config: dict) -> Eval
     ood = group.ood_gap() if baseline_run else None  # once per group: on its fp32 exact run only
     if ood is not None:
         result_metrics["ood"] = ood
-    speed.update({"threads": settings.threads or timing.set_threads(0), "batch_size": settings.batch_size,
-                  "min_time_s": settings.min_time, "min_passes": settings.min_passes, "max_time_s": settings.max_time,
+    speed.update({"batch_size": settings.batch_size,
+                  "min_time_s": settings.min_time, "rounds_asked": settings.rounds, "max_time_s": settings.max_time,
+                  "speed_interval_level": speed_stats.LEVEL,
+                  "reference": f"fp32 exact flat at the native dim ({config['native_dim']}-d)",
                   "faiss_blas_threshold": timing.blas_threshold(config["dim"]),
                   "faiss_default_blas_threshold": timing.FAISS_DEFAULT_BLAS_THRESHOLD,
                   "blas_threads": timing.BLAS_THREADS, "warmup_batches": settings.warmup,
@@ -156,19 +192,25 @@ def time_directions(settings: SweepSettings, group: Group, config: dict,
     """
     max_k, exact_full = max(config["k_values"]), config["candidate_size"] is None
     speed, memory, lists = {}, {}, {}
+    asked, others = settings.threads or timing.set_threads(0), timing.other_runnable()
+    threads = timing.timing_threads(asked, others, timing.cpu_threads_available())
+    before = timing.machine_state()
     for direction, data in group.directions.items():
         entry = built[direction]
         k_search = min(max_k if exact_full else config["candidate_size"], data.gallery.shape[0])
         # Search-time knobs (nprobe, efSearch) are the configuration's, set on the object searched (a GPU copy
         # on a GPU); one built index serves every value.
         indexes.set_search_params(entry.built.searcher.index, config["index"], config["index_params"], k_search)
-        dir_speed, stage1, final = timed_search(settings, group, direction, entry, k_search, config["rerank"])
+        dir_speed, stage1, final = timed_search(settings, group, direction, entry, k_search, config["rerank"], threads)
         dir_speed.update({k: entry.built.timing[k] for k in ("train_s", "add_s", "build_s")})
         # IVF only (None otherwise): its coarse k-means' seconds, and whether it ran for an earlier index.
         dir_speed.update({k: entry.built.timing.get(k) for k in ("coarse_train_s", "coarse_shared")})
         speed.update({f"{direction}_{k}": v for k, v in dir_speed.items()})
         memory[f"{direction}_index_bytes"] = entry.built.bytes
         lists[direction] = SearchLists(stage1, final, k_search)
+    speed["conditions"] = dict(timing.conditions(before, timing.machine_state()), other_runnable_before=others,
+                               threads_asked=asked, threads_timed=threads)
+    speed["threads"] = threads
     return speed, memory, lists
 
 

@@ -37,7 +37,7 @@ class SweepSettings:
     batch_size: int
     min_time: float
     warmup: int
-    min_passes: int
+    rounds: int
     max_time: float
     latency_queries: int
     latency_threads: int

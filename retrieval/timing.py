@@ -23,6 +23,7 @@ and single queries keep the per-query kernel (faster for one query: 17.8 vs 38.8
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import resource
 import sys
@@ -93,72 +94,202 @@ def batches(queries: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(queries[s:s + batch_size]) for s in range(0, queries.shape[0], batch_size)]
 
 
-def time_batches(step: Callable[[int], Any], batch_sizes: Sequence[int], min_time: float = 0.1, warmup: int = 1,
-                 min_passes: int = 1, max_time: float | None = None) -> dict[str, Any]:
-    """Call step(i) for every batch i (batch_sizes: the queries of each), in whole passes, until at least
-    `min_passes` passes and `min_time` seconds, or, once `max_time` seconds are spent, after the pass that
-    crossed it.
+REFERENCE = "reference"  # the name of the reference's seconds in Rounds (fp32 exact at the native dim)
 
-    The first `warmup` batches run once untimed (page faults, thread pool start-up, lazy tables).
-    Whole passes only, so every query counts the same number of times; step can keep its last
-    result, so the timed pass also yields the lists that are evaluated (no second search). Returns
-    the overall queries/s and the spread of the passes' queries/s (a shared machine's noise shows
-    there: the spread says how far one number can be trusted). When `max_time` stopped the timing after
-    one pass (a large gallery), the spread is that of `min_passes` contiguous blocks of its batches.
-    """
-    sizes = np.asarray(batch_sizes, dtype=np.float64)
-    num_batches, num_queries = sizes.size, int(sizes.sum())
-    for i in range(min(warmup, num_batches)):
-        step(i)
-    clock, passes, total = time.perf_counter, [], 0.0
-    while len(passes) < max(1, min_passes) or total < min_time:
-        if max_time is not None and passes and total >= max_time:
-            break
-        seconds = np.empty(num_batches)
-        for i in range(num_batches):
-            start = clock()
+
+@dataclasses.dataclass(frozen=True)
+class Rounds:
+    """What time_rounds measured: per round the queries timed, each stage's seconds and the reference's.
+    over: "passes" (every round a whole pass over the queries) or "blocks" (one pass cut into rounds: a gallery
+    so large that whole passes would not fit --max_time)."""
+    queries: tuple[int, ...]
+    stage_seconds: dict[str, tuple[float, ...]]
+    reference_seconds: tuple[float, ...]
+    over: str
+
+    def qps(self, stage: str) -> np.ndarray:
+        return np.asarray(self.queries) / np.maximum(self.stage_seconds[stage], 1e-12)
+
+    def end_to_end_qps(self) -> np.ndarray:
+        """Per round: queries / the stages' seconds added (what a query pays going through all of them)."""
+        return np.asarray(self.queries) / np.maximum(np.sum(list(self.stage_seconds.values()), axis=0), 1e-12)
+
+    def reference_qps(self) -> np.ndarray:
+        return np.asarray(self.queries) / np.maximum(self.reference_seconds, 1e-12)
+
+
+def time_rounds(stages: dict[str, Callable[[int], Any]], reference: Callable[[int], Any], batch_sizes: Sequence[int],
+                rounds: int = 10, min_time: float = 0.3, max_time: float | None = None, warmup: int = 1) -> Rounds:
+    """Time the stages of one search (step(i) runs batch i; called in the dict's order, each after the one
+    before) and the reference in interleaved rounds: every round times each stage and the reference once over
+    the same batches, the reference first in even rounds and last in odd ones, so load that comes and goes hits
+    both alike and the per-round ratio (speed_stats.paired_ratio) cancels it.
+
+    At least `rounds` rounds and `min_time` seconds (all of them together), stopping at `max_time`; when whole
+    passes would not fit `max_time` (estimated from one batch), one pass is cut into `rounds` blocks instead.
+    The first `warmup` batches of each run once untimed first (page faults, thread start-up, lazy tables).
+    Every batch runs at least once through every stage, so a step can keep its last result (the lists that
+    are evaluated: no second search)."""
+    sizes = np.asarray(batch_sizes, dtype=np.int64)
+    steps = dict(stages, **{REFERENCE: reference})
+    for step in steps.values():
+        for i in range(min(warmup, sizes.size)):
             step(i)
-            seconds[i] = clock() - start
-        passes.append(seconds)
-        total += float(seconds.sum())
-    if len(passes) > 1 or num_batches < 2:
-        spread_over, rates = "passes", np.array([num_queries / max(p.sum(), 1e-12) for p in passes])
-    else:
-        spread_over, blocks = "blocks", np.array_split(np.arange(num_batches), min(max(2, min_passes), num_batches))
-        rates = np.array([sizes[b].sum() / max(passes[0][b].sum(), 1e-12) for b in blocks])
-    return {"qps": len(passes) * num_queries / max(total, 1e-12), "seconds": total,
-            "passes": len(passes), "queries_per_pass": num_queries, "spread_over": spread_over,
-            "qps_min": float(rates.min()), "qps_max": float(rates.max()),
-            "spread_pct": float(100.0 * (rates.max() - rates.min()) / np.median(rates))}
+    blocks, over = plan_blocks(steps, sizes.size, rounds, max_time)
+    seconds, queries, total = {name: [] for name in steps}, [], 0.0
+    while True:
+        block = blocks[len(queries) % len(blocks)]
+        names = list(stages)
+        order = [REFERENCE] + names if len(queries) % 2 == 0 else names + [REFERENCE]
+        for name in order:
+            seconds[name].append(_time_block(steps[name], block))
+        total += sum(seconds[name][-1] for name in order)
+        queries.append(int(sizes[block].sum()))
+        if over == "blocks":
+            if len(queries) == len(blocks):
+                break
+        elif (len(queries) >= rounds and total >= min_time) or (max_time is not None and total >= max_time
+                                                                and len(queries) >= 2):
+            break
+    reference_seconds = tuple(seconds.pop(REFERENCE))
+    return Rounds(tuple(queries), {k: tuple(v) for k, v in seconds.items()}, reference_seconds, over)
 
 
-def latency_ms(step: Callable[[np.ndarray], Any], queries: np.ndarray, sample: int = 100, seed: int = 0,
-               threads: int = 1, dim: int | None = None) -> dict[str, float | int]:
-    """Single-query latency percentiles (ms) over a seeded sample of queries (one warm-up call).
-
-    Runs with `threads` FAISS threads (0 = unchanged), then restores the previous count. One thread
-    by default: a single query cannot use more, and OpenMP start-up/barriers on a busy machine
-    otherwise dominate (measured here: 0.06 ms with 1 thread vs 11 ms with 2 for one SQ8 query).
-    """
-    with pinned_threads(threads, dim):
-        return _latency(step, queries, sample, seed)
+def _time_block(step: Callable[[int], Any], block: np.ndarray) -> float:
+    clock = time.perf_counter
+    start = clock()
+    for i in block:
+        step(i)
+    return clock() - start
 
 
-def _latency(step: Callable[[np.ndarray], Any], queries: np.ndarray, sample: int, seed: int
-             ) -> dict[str, float | int]:
+def plan_blocks(steps: dict[str, Callable[[int], Any]], num_batches: int, rounds: int,
+                max_time: float | None) -> tuple[list[np.ndarray], str]:
+    """([every batch], "passes") when `rounds` whole passes of all steps fit `max_time` (estimated by timing
+    batch 0 of each once), else (one pass cut into min(rounds, batches) blocks, "blocks")."""
+    every = np.arange(num_batches)
+    if max_time is None or num_batches < 2:
+        return [every], "passes"
+    estimate = sum(_time_block(step, every[:1]) for step in steps.values()) * num_batches
+    if estimate * rounds <= max_time:
+        return [every], "passes"
+    return np.array_split(every, min(rounds, num_batches)), "blocks"
+
+
+def paired_latency(step: Callable[[np.ndarray], Any], reference: Callable[[np.ndarray], Any], queries: np.ndarray,
+                   reference_queries: np.ndarray, sample: int, seed: int, max_time: float | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Single-query seconds of `step` and of `reference` over the same seeded sample of queries (row r of
+    `queries` and of `reference_queries` are one query, as each side takes it), alternating which goes first,
+    so both see the same moments of load; one warm-up call each. Stops early once `max_time` seconds are spent
+    (a large gallery), so fewer queries than `sample` may come back. Run it inside pinned_threads."""
     rng = np.random.default_rng(seed)
     rows = rng.choice(queries.shape[0], size=min(sample, queries.shape[0]), replace=False)
-    singles = [np.ascontiguousarray(queries[r:r + 1]) for r in rows]
-    step(singles[0])
-    times = np.empty(len(singles))
-    clock = time.perf_counter
-    for i, query in enumerate(singles):
-        start = clock()
-        step(query)
-        times[i] = clock() - start
-    p50, p95, p99 = np.percentile(times * 1000.0, [50, 95, 99])
-    return {"latency_p50_ms": float(p50), "latency_p95_ms": float(p95), "latency_p99_ms": float(p99),
-            "latency_queries": len(singles)}
+    step(np.ascontiguousarray(queries[rows[0]:rows[0] + 1]))
+    reference(np.ascontiguousarray(reference_queries[rows[0]:rows[0] + 1]))
+    times, clock, spent = np.empty((rows.size, 2)), time.perf_counter, 0.0
+    for n, r in enumerate(rows):
+        pair = [(0, step, queries), (1, reference, reference_queries)]
+        for column, call, source in (pair if n % 2 == 0 else pair[::-1]):
+            query = np.ascontiguousarray(source[r:r + 1])
+            start = clock()
+            call(query)
+            times[n, column] = clock() - start
+        spent += times[n].sum()
+        if max_time is not None and spent >= max_time:
+            return times[:n + 1, 0], times[:n + 1, 1]
+    return times[:, 0], times[:, 1]
+
+
+@contextlib.contextmanager
+def blas_switch(dim: int) -> Iterator[None]:
+    """FAISS's BLAS switch at BLAS_MIN_QUERIES queries of `dim` dims inside the block (the reference searches
+    at the native dim between a configuration's steps at its own), restored after."""
+    threshold = int(faiss.cvar.distance_compute_blas_threshold)
+    faiss.cvar.distance_compute_blas_threshold = blas_threshold(dim)
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = threshold
+
+
+def other_runnable(samples: int = 20, settle_s: float = 0.02, gap_s: float = 0.002) -> float | None:
+    """How many tasks of other processes wait for or hold a CPU right now: the median over `samples` readings of
+    the kernel's runnable count (/proc/loadavg's fourth field) less this process's own running threads
+    (/proc/self/task/*/stat state R: the reading thread, BLAS threads still spinning after their last job),
+    taken after `settle_s` idle. None where the OS has no /proc."""
+    time.sleep(settle_s)
+    counts = []
+    for _ in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                runnable = int(f.read().split()[3].split("/")[0])
+            counts.append(max(0, runnable - _own_running()))
+        except (OSError, ValueError, IndexError):
+            return None
+        time.sleep(gap_s)
+    return float(np.median(counts))
+
+
+def _own_running() -> int:
+    running = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                running += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue  # a thread that ended between the listing and the read
+    return running
+
+
+def timing_threads(asked: int, others: float | None, cores: int | None) -> int:
+    """FAISS threads to time with: `asked`, or as many as there are free cores (at least 1) when other tasks
+    hold the rest. Why: a multi-threaded FAISS batch search whose threads wait for a core at every barrier
+    collapses, and unevenly (measured on 2 cores with about two other tasks running, 2 threads: binary flat 0.29x
+    and int8 2.25x the speed of fp32 exact; 1 thread: 3.83x and 0.72x, the directions an idle machine gives),
+    so speeds taken with more threads than free cores rank configurations wrongly; one thread per free core
+    keeps them in order. Unknown load (None) keeps `asked`."""
+    if others is None or not cores:
+        return asked
+    return max(1, min(asked, int(cores - others + 0.5)))
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineState:
+    """A moment's clocks: wall and process CPU seconds, the 1-minute load average, and the kernel's total
+    microseconds in which some task waited for a CPU (/proc/pressure/cpu; None where the OS has no PSI)."""
+    wall: float
+    cpu: float
+    load: float | None
+    pressure_us: int | None
+
+
+def machine_state() -> MachineState:
+    times = os.times()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return MachineState(time.perf_counter(), times.user + times.system, load, _cpu_pressure_us())
+
+
+def _cpu_pressure_us() -> int | None:
+    try:
+        with open("/proc/pressure/cpu") as f:
+            some = f.readline().split()
+        return int(dict(part.split("=") for part in some[1:])["total"])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def conditions(before: MachineState, after: MachineState) -> dict[str, float | int | None]:
+    """The machine's state while a run was timed: load average before and after, the share of that time in
+    which some task waited for a CPU (cpu_pressure_pct; None without PSI), the cores the process used on
+    average (process CPU seconds per wall second) and the cores it may use."""
+    wall = max(after.wall - before.wall, 1e-9)
+    pressure = None if before.pressure_us is None or after.pressure_us is None else \
+        100.0 * (after.pressure_us - before.pressure_us) / (wall * 1e6)
+    return {"load_before": before.load, "load_after": after.load,
+            "cpu_pressure_pct": None if pressure is None else min(100.0, max(0.0, pressure)),
+            "process_cores_used": (after.cpu - before.cpu) / wall, "cores": cpu_threads_available(),
+            "timed_s": wall}
 
 
 def peak_rss_bytes() -> int:

@@ -114,32 +114,6 @@ def test_overlap_at_k():
     assert two_stage.overlap_at_k(found, reference, 3) == pytest.approx(100 * (2 / 3 + 0) / 2)
 
 
-def test_time_batches_runs_whole_passes_and_warmup():
-    calls = []
-    result = timing.time_batches(calls.append, [10] * 4, min_time=0.0, warmup=2)
-    assert calls == [0, 1, 0, 1, 2, 3]
-    assert result["passes"] == 1 and result["queries_per_pass"] == 40 and result["qps"] > 0
-    latency = timing.latency_ms(lambda q: q.sum(), np.ones((50, 4)), sample=30)
-    assert latency["latency_queries"] == 30
-    assert latency["latency_p50_ms"] <= latency["latency_p95_ms"] <= latency["latency_p99_ms"]
-
-
-def test_time_batches_stops_after_one_long_pass_and_spreads_over_blocks():
-    calls = []
-
-    def slow_step(i):
-        calls.append(i)
-        time.sleep(0.002 * (1 + i % 2))
-
-    result = timing.time_batches(slow_step, [100] * 6, min_time=10.0, warmup=0, min_passes=3, max_time=0.001)
-    assert calls == list(range(6)) and result["passes"] == 1 and result["spread_over"] == "blocks"
-    assert result["qps_min"] <= result["qps"] <= result["qps_max"] and result["spread_pct"] >= 0
-    # Without max_time the same stage repeats whole passes until min_passes, and spreads over them.
-    calls.clear()
-    result = timing.time_batches(slow_step, [100] * 6, min_time=0.0, warmup=0, min_passes=3)
-    assert calls == list(range(6)) * 3 and result["passes"] == 3 and result["spread_over"] == "passes"
-
-
 def test_pinned_threads_keeps_faiss_threads_and_restores_the_blas_switch():
     import faiss
     from threadpoolctl import threadpool_info
