@@ -1,4 +1,5 @@
-"""Benchmark run_experiments.py: harness overhead vs a bare FAISS loop, and the seed grid's wall time.
+"""Benchmark run_experiments.py: the timing harness's search speed against a bare FAISS loop in a clean process
+(bench/bare_search.py), and the seed grid's wall time.
 
 Reads:  --data_path (a hand-off file; default: the first of coco_data/flickr8k/*test*.h5,
         checkpoints/**/*test*.h5, else a synthetic stand-in of the Flickr8k test shape it writes).
@@ -11,6 +12,7 @@ Example:
 import argparse
 import concurrent.futures
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -69,63 +71,62 @@ def find_real_file():
     return None
 
 
-def bare_loop(search, batches, k, min_time):
-    """queries/s of `for batch: search(batch, k)` (what FAISS alone does, with the codec's own encoding
-    where it has one), whole passes."""
-    search(batches[0], k)
-    passes, elapsed = 0, 0.0
-    while passes == 0 or elapsed < min_time:
-        start = time.perf_counter()
-        for batch in batches:
-            search(batch, k)
-        elapsed += time.perf_counter() - start
-        passes += 1
-    return passes * sum(len(b) for b in batches) / elapsed
-
-
-def harness_group(data_path, threads, precisions, min_time):
-    """The sweep's own Group on the file (t2i, native dim, flat) and its settings."""
-    argv = ["--data_path", data_path, "--threads", str(threads), "--min_time", str(min_time), "--directions", "t2i",
-            "--precisions", *precisions, "--candidate_sizes", "--recall_k", "1", "5", "10"]
+def harness_group(data_path, threads, precisions, gallery_size, fit_path):
+    """The sweep's own Group on the file (both directions, native dim, flat) and its settings."""
+    argv = ["--data_path", data_path, "--threads", str(threads), "--precisions", *precisions, "--candidate_sizes",
+            "--recall_k", "1", "5", "10"] + (["--gallery_sizes", str(gallery_size)] if gallery_size else []) + (["--fit_path", fit_path] if fit_path else [])
     _, settings, _ = run_experiments.parse_args(argv)
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    files, fits, _ = load_inputs(settings, [data_path], [], pool)
+    pool = concurrent.futures.ThreadPoolExecutor(4)  # as run_experiments.py: untimed work goes to a pool
+    files, fits, distractors = load_inputs(settings, [data_path], [fit_path] if fit_path else [], pool)
     grid = build_grid(settings, files, fits)
-    group = Group(settings, files[0][1], fits[0], grid[0].config, None, pool, pick_device("cpu"))
+    entry = next(e for e in grid if e.config["gallery_size"] == gallery_size or gallery_size == 0)
+    group = Group(settings, files[0][1], fits[0], entry.config, distractors[0], pool, pick_device("cpu"))
     return settings, group
 
 
-def bench_overhead(data_path, threads, precisions, k=10, repeats=5, min_time=0.5):
-    """Per precision (flat index, t2i, native dim): the harness's search_qps (the index alone; for codecs
-    with a query-side stage, transform + search end to end) vs a bare FAISS loop on the same index and
-    the same query batches, interleaved `repeats` times so a drifting machine load hits both alike."""
-    settings, group = harness_group(data_path, threads, precisions, min_time)
-    batches = group.directions["t2i"].query_batches
+def bare_process(index, codes, k, threads, blas_threshold, passes, scratch):
+    """queries/s per pass of `index.search(batch, k)` over `codes` in a fresh Python process (bare_search.py)."""
+    import faiss
+    binary = isinstance(index, faiss.IndexBinary)
+    index_path, queries_path = os.path.join(scratch, "index.bin"), os.path.join(scratch, "queries.npz")
+    (faiss.write_index_binary if binary else faiss.write_index)(index, index_path)
+    np.savez(queries_path, **{f"batch_{i}": c for i, c in enumerate(codes)})
+    command = [sys.executable, os.path.join(ROOT, "bench", "bare_search.py"), "--index", index_path, "--queries",
+               queries_path, "--k", str(k), "--threads", str(threads), "--blas_threshold", str(blas_threshold),
+               "--passes", str(passes)] + (["--binary"] if binary else [])
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["qps"]
+
+
+def bench_overhead(data_path, threads, precisions, repeats=5, k=10, gallery_size=0, fit_path="", passes=10):
+    """Per precision and direction (flat index, native dim): the harness's search-stage queries/s (the median of
+    its rounds, as run_experiments.py times it, after the group's untimed work in its thread pool) vs the same
+    index bytes searched with the same query batches by a bare loop in a fresh process, the two interleaved
+    `repeats` times (the order alternating) so a drifting machine load hits both alike."""
+    import tempfile
+    settings, group = harness_group(data_path, threads, precisions, gallery_size, fit_path)
     results = {}
-    for precision in precisions:
-        entry = group.built(precision, "flat", {})["t2i"]
-        searcher = entry.built.searcher
-        # The bare loop encodes each batch itself (binary / itq: rotation + sign bits; opq: the OPQ rotation).
-        bare_search = (lambda b, n: searcher.index.search(searcher.encode(b), n)) if searcher.encode \
-            else searcher.index.search
-        bare, harness, faiss_default = [], [], []
-        dim = batches[0].shape[1]
-        for _ in range(repeats):
-            # The same settings as the harness: FAISS threads, numpy's BLAS on 1, FAISS's BLAS switch at 20 queries.
-            with timing.pinned_threads(threads, dim):
-                bare.append(bare_loop(bare_search, batches, k, min_time))
-            # And with FAISS's own switch (what a plain FAISS user gets): only flat float search differs.
-            with timing.pinned_threads(threads):
-                faiss_default.append(bare_loop(bare_search, batches, k, min_time))
-            speed, _, _ = sweep.timed_search(settings, group, "t2i", entry, k, rerank=False)
-            # With a query-side stage, the bare loop encodes too: compare it with transform + search.
-            harness.append(1 / (1 / speed["transform_qps"] + 1 / speed["search_qps"]) if searcher.encode
-                           else speed["search_qps"])
-        results[precision] = {"bare_qps": float(np.median(bare)), "harness_qps": float(np.median(harness)),
-                              "ratio": float(np.median(harness) / np.median(bare)),
-                              "compared": "transform + search" if searcher.encode else "search",
-                              "bare_runs": bare, "harness_runs": harness,
-                              "bare_faiss_default_switch_qps": float(np.median(faiss_default))}
+    with tempfile.TemporaryDirectory() as scratch:
+        for precision in precisions:
+            built = group.built(precision, "flat", {})
+            for direction, entry in built.items():
+                dim = group.directions[direction].queries.shape[1]
+                bare, harness = [], []
+                for r in range(repeats):
+                    def run_bare():
+                        bare.extend(bare_process(entry.built.searcher.index, entry.built.codes, k, threads,
+                                                 timing.blas_threshold(dim), passes, scratch))
+
+                    def run_harness():
+                        speed, _, _ = sweep.timed_search(settings, group, direction, entry, k, False, threads)
+                        harness.append(speed["search_qps"])
+                    for run in ((run_bare, run_harness) if r % 2 == 0 else (run_harness, run_bare)):
+                        run()
+                ratio = float(np.median(harness) / np.median(bare))
+                results[f"{precision} {direction}"] = {
+                    "precision": precision, "direction": direction, "bare_qps": float(np.median(bare)),
+                    "harness_qps": float(np.median(harness)), "ratio": ratio, "bare_runs": bare,
+                    "harness_runs": harness, "gallery": int(group.directions[direction].gallery.shape[0])}
     return results
 
 
@@ -147,11 +148,14 @@ TARGETS = {"fp32": 0.97, "int8": 0.97}   # the rest: 0.9
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data_path", default="", help="hand-off file (default: real Flickr8k test export, else synthetic)")
+    parser.add_argument("--fit_path", default="", help="fit file for the codecs (default: the data file)")
     parser.add_argument("--threads", type=int, default=2, help="FAISS threads for both benchmarks")
     parser.add_argument("--precisions", nargs="+", default=list(precisions.DEFAULT_PRECISIONS),
                         choices=precisions.PRECISIONS,
-                        help="precisions whose harness speed is compared with a bare FAISS loop")
+                        help="precisions whose harness speed is compared with a bare FAISS process")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per precision (median quoted)")
+    parser.add_argument("--gallery_size", type=int, default=0,
+                        help="pad the gallery with Gaussian distractors to this many items (0 = the file's own)")
     parser.add_argument("--skip_grid", action="store_true", help="only the overhead benchmark")
     parser.add_argument("--output", default=os.path.join(ROOT, "result", "bench", "bench_sweep.json"),
                         help="where the JSON record goes")
@@ -163,18 +167,21 @@ def main(argv=None):
             synthetic_handoff(data_path)
     emb = read_embeddings(data_path)
     print(f"data: {data_path} ({emb.image_embeddings.shape[0]} images x {emb.text_embeddings.shape[0]} captions, "
-          f"D={emb.dim}, model={emb.attrs.get('model')})")
+          f"D={emb.dim}, model={emb.attrs.get('model')}), gallery {args.gallery_size or 'as the file'}")
     load_before = os.getloadavg()
     print(f"cpu: {timing.cpu_threads_available()} cores available, faiss threads {args.threads}, "
           f"blas threads while timing {timing.BLAS_THREADS}, load average {load_before[0]:.2f}")
-    overhead = bench_overhead(data_path, args.threads, args.precisions, repeats=args.repeats)
-    for precision, row in overhead.items():
-        target = TARGETS.get(precision, 0.9)
-        print(f"{precision:>6} ({row['compared']}): bare FAISS loop {row['bare_qps']:,.0f} qps, harness "
-              f"{row['harness_qps']:,.0f} qps, ratio {row['ratio']:.3f} (target >= {target}); bare loop with "
-              f"FAISS's own BLAS switch {row['bare_faiss_default_switch_qps']:,.0f} qps")
+    overhead = bench_overhead(data_path, args.threads, args.precisions, repeats=args.repeats,
+                              gallery_size=args.gallery_size, fit_path=args.fit_path)
+    print("| precision | direction | bare FAISS process, queries/s | harness search stage, queries/s | ratio | target |")
+    print("|---|---|---|---|---|---|")
+    for row in overhead.values():
+        target = TARGETS.get(row["precision"], 0.9)
+        print(f"| {row['precision']} | {row['direction']} | {row['bare_qps']:,.0f} | {row['harness_qps']:,.0f} | "
+              f"{row['ratio']:.3f} | >= {target} |")
     record = {"data_path": data_path, "threads": args.threads, "blas_threads": timing.BLAS_THREADS,
-              "overhead": overhead, "load_average_before": load_before, "environment": environment()}
+              "gallery_size": args.gallery_size, "overhead": overhead, "load_average_before": load_before,
+              "environment": environment()}
     if not args.skip_grid:
         elapsed, count, command = bench_seed_grid(data_path, args.threads)
         print(f"seed grid: {count} result files in {elapsed:.1f} s")
