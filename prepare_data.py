@@ -17,7 +17,7 @@ import time
 import torch
 
 from retrieval import data, env, handoff, io, metrics, synthetic
-from retrieval.download import download_dataset
+from retrieval import download
 from retrieval.encoders import embed_split
 from retrieval.errors import HelpFormatter, Parser, cli
 from retrieval.flags import at_least, non_negative_int, positive_int
@@ -38,9 +38,14 @@ def parse_args(argv=None):
     source.add_argument("--images", default="", help="--dataset csv: folder of your images")
     source.add_argument("--captions", default="",
                         help="--dataset csv: CSV (header image,caption[,split]) or JSONL file of captions")
+    source.add_argument("--karpathy_file", default="",
+                        help="a Karpathy split file (dataset_coco.json, dataset_flickr30k.json, dataset_flickr8k.json) "
+                             "to read the splits from (default: found in --data_dir or its karpathy/; Flickr8k uses "
+                             "it only without its official split files or when given)")
     source.add_argument("--splits", nargs="+", default=None,
-                        help="splits to embed (default: flickr8k/csv/synthetic train dev test; coco train val, "
-                             "or train restval val test with a Karpathy dataset_coco.json)")
+                        help="splits to embed (default: flickr8k/csv/synthetic train dev test; flickr30k train val "
+                             "test; coco train val, or train restval val test with a Karpathy dataset_coco.json; "
+                             "flickr8k through a Karpathy file train val test)")
     source.add_argument("--download", action="store_true",
                         help="fetch the official archives into --data_dir first (already present = skipped); "
                              "without it nothing touches the network for data")
@@ -97,8 +102,8 @@ def output_path(args, split):
 
 def fetch_data(args):
     """The dataset on disk: downloaded (--download), generated (synthetic), or checked to be there."""
-    if args.download and args.dataset in ("flickr8k", "coco"):
-        download_dataset(args.dataset, args.data_dir, splits=args.splits)
+    if args.download and args.dataset in download.ARCHIVES:
+        download.download_dataset(args.dataset, args.data_dir, splits=args.splits)
     elif args.download:
         print(f"--download: nothing to fetch for --dataset {args.dataset}")
     if args.dataset == "synthetic":
@@ -119,7 +124,8 @@ def fetch_only(args):
 def todo_splits(args):
     """(split, output path) of every split still to write; existing files are skipped unless --overwrite."""
     todo = []
-    for split in args.splits or data.default_splits(args.dataset, args.data_dir, args.captions):
+    for split in args.splits or data.default_splits(args.dataset, args.data_dir, args.captions,
+                                                           args.karpathy_file or None):
         path = output_path(args, split)
         if os.path.exists(path) and not args.overwrite:
             print(f"skip {split}: {path} exists (use --overwrite to redo)")
@@ -168,7 +174,7 @@ def main(argv=None):
         return {}
     # Read every split before loading the model: bad input fails in seconds, not after an hour.
     loaded = [(data.load_split(args.dataset, args.data_dir, split, args.seed, args.images or None,
-                               args.captions or None), path) for split, path in todo]
+                               args.captions or None, args.karpathy_file or None), path) for split, path in todo]
     env.seed_everything(args.seed)
     encoder = load_encoder(args.model, args.checkpoint or None, args.device)
     environment = env.environment()
