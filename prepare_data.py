@@ -107,6 +107,8 @@ def parse_args(argv=None):
         p.error("--dataset csv needs --images DIR and --captions FILE")
     if args.dataset != "csv" and (args.images or args.captions):
         p.error("--images/--captions are only for --dataset csv")
+    if args.karpathy_file and args.dataset not in ("coco", "flickr30k", "flickr8k"):
+        p.error("--karpathy_file is only for --dataset coco, flickr30k or flickr8k")
     if args.dataset == "synthetic":   # before anything is loaded or written
         synthetic.check_num_images(args.synthetic_images)
     args.data_dir = args.data_dir or os.path.join(DEFAULT_DATA_ROOT, args.dataset)

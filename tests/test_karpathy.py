@@ -152,3 +152,10 @@ def test_describe_protocol_names_the_split_counts_and_metrics(tmp_path):
     legacy = {"dataset": "coco", "split": "test", "split_source": "Karpathy dataset_coco.json 'test'"}
     assert protocol_names.describe_protocol(legacy) == "COCO 5K test (Karpathy), t2i / i2t R@1/5/10"
     assert protocol_names.split_name("csv", "all", "all images") == "own data all (all images)"
+
+
+def test_karpathy_file_flag_only_for_datasets_with_one(capsys):
+    import prepare_data
+    with pytest.raises(SystemExit):
+        prepare_data.main(["--dataset", "synthetic", "--karpathy_file", "dataset_coco.json"])
+    assert "--karpathy_file is only for --dataset coco, flickr30k or flickr8k" in capsys.readouterr().err

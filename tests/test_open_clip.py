@@ -136,3 +136,23 @@ def test_open_clip_end_to_end_prepare_sweep_search(tiny_open_clip, tmp_path, mon
     scores = emb.image_embeddings @ torch.nn.functional.normalize(query, dim=-1).numpy()[0]
     assert [r["image_index"] for r in record["results"]] == np.argsort(-scores, kind="stable")[:3].tolist()
     assert os.path.isfile(record["picture"])
+
+
+def test_cached_tag_weights_load_from_the_file_without_network(monkeypatch, tmp_path):
+    """A tag whose weights are in the Hugging Face cache resolves to that file (open_clip then asks no network),
+    keeping the tag's preprocessing and QuickGELU; the cache is asked for the safetensors twin first."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cached = str(tmp_path / "open_clip_model.safetensors")
+    asked = []
+
+    def fake_cache(repo, names):
+        asked.append((repo, names))
+        return cached
+    monkeypatch.setattr(open_clip_models, "_hub_file", fake_cache)
+    spec = open_clip_models.resolve("open_clip:ViT-B-32/openai")
+    assert asked == [("timm/vit_base_patch32_clip_224.openai", ["open_clip_model.safetensors",
+                                                                "open_clip_pytorch_model.bin"])]
+    options = dict(spec.options)
+    assert spec.model_name == "ViT-B-32" and spec.pretrained == cached and options["force_quick_gelu"] is True
+    assert options["image_resize_mode"] == "shortest" and len(options["image_mean"]) == 3
+    assert dict(open_clip_models.resolve("open_clip:ViT-B-16-SigLIP/webli").options)["image_resize_mode"] == "squash"
