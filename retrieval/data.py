@@ -4,9 +4,12 @@ point every script calls; each returns a DatasetSplit (retrieval/dataset_split.p
 `load_split(dataset, data_dir, split, ...)`:
 
     flickr8k   official layout (Flicker8k_Dataset/, Flickr8k_text/Flickr8k.token.txt + split files)
-               or the Kaggle layout (Images/ + captions.txt, a CSV with header image,caption)
+               or the Kaggle layout (Images/ + captions.txt, a CSV with header image,caption); without
+               the official split files (or with --karpathy_file) through dataset_flickr8k.json
+    flickr30k  flickr30k-images/ + Karpathy's dataset_flickr30k.json (train / val / test)
     coco       annotations/captions_{train,val}2017.json + train2017/ val2017/; with a Karpathy
-               dataset_coco.json the splits are train / restval / val / test (load_karpathy)
+               dataset_coco.json the splits are train / restval / val / test
+    (the Karpathy files have one reader: retrieval/karpathy.py)
     csv        the user's own --images DIR --captions FILE (CSV or JSONL with image, caption and an
                optional split column)
     synthetic  the generated shapes dataset (retrieval/synthetic.py)
@@ -20,27 +23,40 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from retrieval import synthetic
-from retrieval.dataset_files import (contained_name, fail, first_existing, keep_inside, list_images,
+from retrieval import karpathy, protocol_names, synthetic
+from retrieval.dataset_files import (fail, first_existing, keep_inside, list_images,
                                      read_caption_table, read_flickr8k_tokens, read_json, read_text,
-                                     summarise_orphans, summarise_outside, warn_once)
+                                     summarise_orphans, warn_once)
 from retrieval.dataset_split import DatasetSplit, build_split, seeded_split
 from retrieval.errors import UserError
 
-DATASETS = ("flickr8k", "coco", "csv", "synthetic")
+DATASETS = ("flickr8k", "flickr30k", "coco", "csv", "synthetic")
 
 
 FLICKR8K_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
                         "test": "Flickr_8k.testImages.txt"}
 FLICKR8K_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images")
 COCO_SPLITS = ("train", "val")
-KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
 
 # ----------------------------------------------------------------------------- Flickr8k
 
-def load_flickr8k(data_dir: str, split: str, seed: int = 0) -> DatasetSplit:
-    """Flickr8k in the official layout or the Kaggle layout (see the module docstring)."""
+def flickr8k_karpathy_file(data_dir: str | None, karpathy_file: str | None = None) -> str | None:
+    """The Karpathy file Flickr8k is read through: the one given, else dataset_flickr8k.json in the folder when
+    the official split files are not there (they win: they are the splits the corpus was published with)."""
+    if karpathy_file or not data_dir:
+        return karpathy_file or None
+    text_dirs = [os.path.join(data_dir, "Flickr8k_text"), data_dir]
+    official = all(first_existing(os.path.join(d, f) for d in text_dirs) for f in FLICKR8K_SPLIT_FILES.values())
+    return None if official else karpathy.find_file("flickr8k", data_dir)
+
+
+def load_flickr8k(data_dir: str, split: str, seed: int = 0, karpathy_file: str | None = None) -> DatasetSplit:
+    """Flickr8k in the official layout or the Kaggle layout (see the module docstring), or through its
+    Karpathy file (flickr8k_karpathy_file)."""
+    karpathy_file = flickr8k_karpathy_file(data_dir, karpathy_file)
+    if karpathy_file:
+        return karpathy.load("flickr8k", data_dir, karpathy_file, split)
     text_dirs = [os.path.join(data_dir, "Flickr8k_text"), data_dir]
     token_file = first_existing(os.path.join(d, "Flickr8k.token.txt") for d in text_dirs)
     kaggle_file = first_existing([os.path.join(data_dir, "captions.txt")])
@@ -87,19 +103,24 @@ def _flickr8k_split(data_dir: str, text_dirs: list[str], split: str, seed: int,
         "split_source": f"seeded (seed={seed}, 75/12.5/12.5 %; no official split files found)", "seed": seed}
 
 
+# ----------------------------------------------------------------------------- Flickr30k
+
+def load_flickr30k(data_dir: str, split: str, karpathy_file: str | None = None) -> DatasetSplit:
+    """Flickr30k: flickr30k-images/ + Karpathy's dataset_flickr30k.json (its only published split)."""
+    karpathy_file = karpathy_file or karpathy.find_file("flickr30k", data_dir)
+    if not karpathy_file:
+        fail(data_dir, "no dataset_flickr30k.json (Karpathy split) found in the folder or its karpathy/; "
+                       "get it with --download or pass --karpathy_file")
+    return karpathy.load("flickr30k", data_dir, karpathy_file, split)
+
+
 # ----------------------------------------------------------------------------- COCO
 
-def find_karpathy_file(data_dir: str) -> str | None:
-    """The Karpathy dataset_coco.json inside data_dir (or its karpathy/, caption_datasets/, annotations/)."""
-    return first_existing(os.path.join(data_dir, d, "dataset_coco.json")
-                          for d in ("", "karpathy", "caption_datasets", "annotations"))
-
-
-def load_coco(data_dir: str, split: str, seed: int = 0) -> DatasetSplit:
-    """COCO 2017 captions; the Karpathy split when dataset_coco.json is present."""
-    karpathy = find_karpathy_file(data_dir)
-    if karpathy:
-        return load_karpathy(data_dir, karpathy, split)
+def load_coco(data_dir: str, split: str, karpathy_file: str | None = None) -> DatasetSplit:
+    """COCO 2017 captions; the Karpathy split when dataset_coco.json is present (or given)."""
+    karpathy_file = karpathy_file or karpathy.find_file("coco", data_dir)
+    if karpathy_file:
+        return karpathy.load("coco", data_dir, karpathy_file, split)
     if split not in COCO_SPLITS:
         fail(data_dir, f"no split '{split}' in COCO without a Karpathy dataset_coco.json (have "
                        f"{', '.join(COCO_SPLITS)}; --download fetches the Karpathy file)")
@@ -139,70 +160,6 @@ def _coco_pairs(annotation_file: str, annotations: list[dict[str, Any]], file_of
     if skipped:
         warn_once(f"{annotation_file}: {len(skipped)} unusable annotations skipped")
     return pairs, skipped
-
-
-# ----------------------------------------------------------------------------- the Karpathy split file
-
-def load_karpathy(data_dir: str, karpathy_file: str, split: str) -> DatasetSplit:
-    """Karpathy split: images found as <filepath>/<filename> (2014 layout) or by id in train2017/val2017."""
-    if split not in KARPATHY_SPLITS:
-        fail(karpathy_file, f"no split '{split}' in the Karpathy split (have {', '.join(KARPATHY_SPLITS)})")
-    data = read_json(karpathy_file)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        fail(karpathy_file, "not a Karpathy split file (needs an 'images' list)")
-    listings: dict[str, set[str]] = {}
-    split_images, pairs, skipped, on_disk, outside = [], [], [], set(), []
-    for entry in data["images"]:
-        if entry.get("split") != split:
-            continue
-        candidates = _karpathy_candidates(data_dir, entry)
-        if candidates is None:
-            outside.append((_karpathy_declared(entry), f"cocoid {entry.get('cocoid')}"))
-            continue
-        # a candidate counts when its folder lists it (a folder listing per folder, not a stat per image)
-        name = next((c for c in candidates if os.path.basename(c) in _listing(data_dir, os.path.dirname(c), listings)),
-                    None)
-        if name is None:
-            wanted = f"{entry.get('filepath', '')}/{entry.get('filename', '')}".strip("/")
-            skipped.append(f"image '{wanted}' (cocoid {entry.get('cocoid')}): not found under {data_dir}")
-            continue
-        on_disk.add(name)
-        split_images.append(name)
-        pairs.extend((name, s.get("raw", "").strip()) for s in entry.get("sentences", []) if s.get("raw", "").strip())
-    if skipped:
-        warn_once(f"{karpathy_file}: {len(skipped)} images of split '{split}' not found on disk; skipped "
-                  f"(get COCO 2017 train+val with --download)")
-    skipped = summarise_outside(karpathy_file, data_dir, outside) + skipped
-    info = {"layout": "coco+karpathy", "caption_file": os.path.relpath(karpathy_file, data_dir),
-            "split_source": f"Karpathy {os.path.basename(karpathy_file)} '{split}'"}
-    return build_split("coco", split, data_dir, split_images, pairs, skipped, info, on_disk)
-
-
-def _karpathy_declared(entry: dict[str, Any]) -> str:
-    """The entry's own <filepath>/<filename>."""
-    return "/".join(str(part) for part in (entry.get("filepath"), entry.get("filename")) if part)
-
-
-def _karpathy_candidates(data_dir: str, entry: dict[str, Any]) -> list[str] | None:
-    """Where an entry's image may sit, relative to data_dir: its declared path, then the 2017 files of its
-    cocoid; None when the declared path leaves data_dir."""
-    candidates = []
-    if entry.get("filename"):
-        safe = contained_name(data_dir, _karpathy_declared(entry))
-        if safe is None:
-            return None
-        candidates.append(safe)
-    if "cocoid" in entry:
-        candidates += [f"{folder}/{int(entry['cocoid']):012d}.jpg" for folder in ("train2017", "val2017")]
-    return candidates
-
-
-def _listing(data_dir: str, folder: str, listings: dict[str, set[str]]) -> set[str]:
-    """The names in data_dir/folder (empty when it is no folder), listed once per folder into `listings`."""
-    if folder not in listings:
-        path = os.path.join(data_dir, folder)
-        listings[folder] = set(os.listdir(path)) if os.path.isdir(path) else set()
-    return listings[folder]
 
 
 # ----------------------------------------------------------------------------- the user's own files
@@ -250,10 +207,14 @@ def _csv_split(captions: str, split: str, seed: int, split_of: dict[str, str], o
 
 # ----------------------------------------------------------------------------- the entry point
 
-def default_splits(dataset: str, data_dir: str | None = None, captions: str | None = None) -> list[str]:
+def default_splits(dataset: str, data_dir: str | None = None, captions: str | None = None,
+                   karpathy_file: str | None = None) -> list[str]:
     """The splits prepare_data.py writes when --splits is not given."""
     if dataset == "coco":
-        return list(KARPATHY_SPLITS) if data_dir and find_karpathy_file(data_dir) else list(COCO_SPLITS)
+        found = karpathy_file or karpathy.find_file("coco", data_dir)
+        return list(karpathy.SPLITS["coco"]) if found else list(COCO_SPLITS)
+    if dataset == "flickr30k" or (dataset == "flickr8k" and flickr8k_karpathy_file(data_dir, karpathy_file)):
+        return list(karpathy.SPLITS[dataset])
     if dataset == "csv" and captions and os.path.isfile(captions):
         rows, _ = read_caption_table(captions)
         found = sorted({row["split"] for row, _ in rows if row.get("split")})
@@ -265,14 +226,24 @@ def default_splits(dataset: str, data_dir: str | None = None, captions: str | No
 def require_folder(dataset: str, data_dir: str | None) -> None:
     """UserError unless the dataset's folder exists (naming --download where it can fetch the dataset)."""
     if not data_dir or not os.path.isdir(data_dir):
-        hint = f" (use --download to fetch {dataset}, or pass --data_dir)" if dataset in ("flickr8k", "coco") \
+        hint = f" (use --download to fetch {dataset}, or pass --data_dir)" if dataset in ("flickr8k", "flickr30k", "coco") \
             else " (pass --data_dir)"
         fail(data_dir, f"dataset folder not found{hint}")
 
 
 def load_split(dataset: str, data_dir: str | None, split: str, seed: int = 0, images: str | None = None,
-               captions: str | None = None) -> DatasetSplit:
-    """One split of a dataset as a DatasetSplit (the single entry point for every script)."""
+               captions: str | None = None, karpathy_file: str | None = None) -> DatasetSplit:
+    """One split of a dataset as a DatasetSplit (the single entry point for every script); its info names
+    the split in the field's terms (`split_name`, retrieval/protocol_names.py)."""
+    loaded = _load(dataset, data_dir, split, seed, images, captions, karpathy_file)
+    loaded.info.setdefault("split_name", protocol_names.split_name(dataset, split, loaded.info.get("split_source", "")))
+    return loaded
+
+
+def _load(dataset: str, data_dir: str | None, split: str, seed: int, images: str | None, captions: str | None,
+          karpathy_file: str | None) -> DatasetSplit:
+    if karpathy_file and not os.path.isfile(karpathy_file):
+        fail(karpathy_file, "Karpathy split file not found (--karpathy_file)")
     if dataset == "synthetic":
         if not os.path.exists(os.path.join(data_dir, "captions.jsonl")):
             synthetic.make_synthetic(data_dir, seed=seed)
@@ -281,7 +252,9 @@ def load_split(dataset: str, data_dir: str | None, split: str, seed: int = 0, im
         return load_csv(images, captions, split, seed)
     require_folder(dataset, data_dir)
     if dataset == "flickr8k":
-        return load_flickr8k(data_dir, split, seed)
+        return load_flickr8k(data_dir, split, seed, karpathy_file)
+    if dataset == "flickr30k":
+        return load_flickr30k(data_dir, split, karpathy_file)
     if dataset == "coco":
-        return load_coco(data_dir, split, seed)
+        return load_coco(data_dir, split, karpathy_file)
     raise UserError(f"--dataset {dataset}: unknown (choose from {', '.join(DATASETS)})")

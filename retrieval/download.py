@@ -8,8 +8,8 @@ complete or does not exist. A target folder that already exists is skipped. The 
 after a successful extraction (the folder is what marks it done).
 
 Known checksums: COCO 2017 sizes (all three) and SHA-256 (val2017, annotations) as published by
-other projects that pinned them; for Flickr8k and the Karpathy split no checksum is published, so
-only the server's Content-Length is checked.
+other projects that pinned them; for Flickr8k, Flickr30k's image mirror and the Karpathy split files no
+checksum is published, so only the server's Content-Length is checked.
 
 The source can be redirected with the environment variable RETRIEVAL_DOWNLOAD_BASE_URL (or the
 `base_url` argument): every archive is then fetched as <base_url>/<archive name> — for a mirror,
@@ -58,6 +58,16 @@ ARCHIVES = {
         Archive("Flickr8k_text.zip",
                 "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip",
                 "Flickr8k_text"),
+    ),
+    # Flickr30k's images are given out through a request form (shannon.cs.illinois.edu/DenotationGraph), with no
+    # stable public URL; the zip on the Hugging Face dataset nlphuji/flickr30k is the copy retrieval
+    # projects fetch. Karpathy's file is the same caption_datasets.zip as COCO's.
+    "flickr30k": (
+        Archive("caption_datasets.zip", "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",
+                "karpathy"),
+        Archive("flickr30k-images.zip",
+                "https://huggingface.co/datasets/nlphuji/flickr30k/resolve/main/flickr30k-images.zip",
+                "flickr30k-images"),
     ),
     "coco": (
         Archive("annotations_trainval2017.zip",

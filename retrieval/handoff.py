@@ -95,6 +95,16 @@ def validate_embeddings(emb: Embeddings, path: str = "<memory>") -> Embeddings:
     return emb
 
 
+def counts(emb: Embeddings) -> dict[str, Any]:
+    """The gallery's sizes every file records (a report names its protocol from them): images, captions, and
+    captions per image, an integer when every image has the same count (5 in the Karpathy files), else the
+    mean to 2 places."""
+    per_image = np.bincount(emb.text_to_image, minlength=len(emb.image_ids))
+    same = per_image.size and per_image.min() == per_image.max()
+    return {"num_images": len(emb.image_ids), "num_captions": len(emb.captions),
+            "captions_per_image": int(per_image[0]) if same else round(float(per_image.mean()), 2)}
+
+
 def make_attrs(dataset: str, split: str, model: str, dim: int, skipped: Iterable[str] = (),
                **extra: Any) -> dict[str, Any]:
     """The standard attribute block; `extra` adds JSON-able keys (image_root, seed, ...)."""
@@ -120,6 +130,7 @@ def write_embeddings(path: str | os.PathLike, emb: Embeddings) -> str:
     attrs = dict(emb.attrs)
     attrs.setdefault("dim", emb.dim)
     attrs.setdefault("normalised", True)
+    attrs.update(counts(emb))
     # Every hand-off writer comes through here: the one place that sweeps up a killed write's temp file.
     remove_stale_temps(os.path.dirname(os.path.abspath(path)), [temp_glob(path)], STALE_TEMP_AGE_S)
     with atomic_path(path) as tmp:
@@ -174,6 +185,9 @@ ATTR_TYPES = {
     "checkpoint": ((str, type(None)), "text"),
     "normalised": ((bool,), "true or false"),
     "skipped": ((list,), "a list"),
+    "split_name": ((str,), "text"),                      # e.g. "Flickr30k 1K test (Karpathy)"
+    "num_images": ((int,), "an integer"),
+    "num_captions": ((int,), "an integer"),
     "nested_dims": ((list,), "a list of dims"),          # train_dual_encoder.py --matryoshka_dims
     "trained_quantization": ((str,), "text"),            # train_dual_encoder.py --quantization_aware
 }

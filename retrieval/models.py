@@ -1,6 +1,6 @@
-"""The one entry point that gives an Encoder for either a CLIP-family model from Hugging Face
-(retrieval/hf_models.py) or a trained dual-encoder checkpoint (retrieval/checkpoint.py), and the
-file-name tag of either.
+"""The one entry point that gives an Encoder for a CLIP-family model from Hugging Face
+(retrieval/hf_models.py), an open_clip model (`open_clip:...`, retrieval/open_clip_models.py) or a trained
+dual-encoder checkpoint (retrieval/checkpoint.py), and the file-name tag of each.
 
 The Encoder record, the autocast policy and the embedding loop are in retrieval/encoders.py.
 """
@@ -14,6 +14,8 @@ import torch
 from retrieval.checkpoint import encoder_from_checkpoint
 from retrieval.encoders import Encoder
 from retrieval.hf_models import DEFAULT_MODEL, load_hf_encoder
+from retrieval.open_clip_models import is_open_clip, load_open_clip_encoder
+from retrieval.open_clip_models import tag as open_clip_tag
 
 
 # Folders train_dual_encoder.py puts inside a run folder (<run>/d<dim>/[member<k>/]best.pt): they name the
@@ -37,6 +39,8 @@ def model_tag(model: str = DEFAULT_MODEL, checkpoint: str | None = None) -> str:
                 break
             folder = os.path.dirname(folder)
         raw = "-".join(parts)
+    elif is_open_clip(model):
+        return open_clip_tag(str(model))
     else:
         raw = os.path.basename(os.path.normpath(str(model))) or str(model)
     tag = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-.")
@@ -50,4 +54,6 @@ def load_encoder(model: str | None = DEFAULT_MODEL, checkpoint: str | None = Non
     downloadable."""
     if checkpoint:
         return encoder_from_checkpoint(checkpoint, device)
+    if is_open_clip(model):
+        return load_open_clip_encoder(str(model), device)
     return load_hf_encoder(model, device)

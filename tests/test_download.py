@@ -191,3 +191,33 @@ def test_archive_choice_and_base_url(monkeypatch):
     assert download.source_url(archive) == "http://mirror.example/data/Flickr8k_Dataset.zip"
     monkeypatch.delenv(download.BASE_URL_ENV)
     assert download.source_url(archive) == archive.url
+
+
+def test_flickr30k_download_gives_a_folder_the_reader_loads(server, tmp_path, monkeypatch):
+    """--dataset flickr30k --download: Karpathy's caption_datasets.zip -> karpathy/, the image zip ->
+    flickr30k-images/ (from a loopback mirror), and the Karpathy test split loads from what was unpacked."""
+    import json
+
+    from PIL import Image
+
+    import prepare_data
+    from retrieval import data
+    root, base_url, _ = server
+    images = {}
+    for i in range(3):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(buffer, "JPEG")
+        images[f"flickr30k-images/{i}.jpg"] = buffer.getvalue()
+    make_zip(root / "flickr30k-images.zip", images)
+    entries = [{"filename": f"{i}.jpg", "imgid": i, "split": "test",
+                "sentences": [{"raw": f"photo {i} caption {k}", "tokens": []} for k in range(5)]} for i in range(3)]
+    make_zip(root / "caption_datasets.zip", {"dataset_flickr30k.json": json.dumps({"images": entries}),
+                                             "dataset_coco.json": "{}"})
+    monkeypatch.setenv(download.BASE_URL_ENV, base_url)
+    monkeypatch.chdir(tmp_path)
+    data_dir = tmp_path / "f30k"
+    prepare_data.main(["--dataset", "flickr30k", "--download", "--data_dir", str(data_dir), "--fetch_only", "data"])
+    assert sorted(os.listdir(data_dir)) == ["flickr30k-images", "karpathy"]
+    test = data.load_split("flickr30k", str(data_dir), "test")
+    assert test.image_files == ["0.jpg", "1.jpg", "2.jpg"] and len(test.captions) == 15
+    assert [a.target for a in download.archives_for("flickr30k")] == ["karpathy", "flickr30k-images"]
