@@ -234,7 +234,11 @@ def require_folder(dataset: str, data_dir: str | None) -> None:
 def load_split(dataset: str, data_dir: str | None, split: str, seed: int = 0, images: str | None = None,
                captions: str | None = None, karpathy_file: str | None = None) -> DatasetSplit:
     """One split of a dataset as a DatasetSplit (the single entry point for every script); its info names
-    the split in the field's terms (`split_name`, retrieval/protocol_names.py)."""
+    the split in the field's terms (`split_name`, retrieval/protocol_names.py). "dev" (the split the trainer
+    selects on) is the dataset's "val" where it has no "dev" (Karpathy files, COCO)."""
+    if split == "dev" and dataset != "csv":
+        splits = default_splits(dataset, data_dir, captions, karpathy_file)
+        split = "val" if "dev" not in splits and "val" in splits else split
     loaded = _load(dataset, data_dir, split, seed, images, captions, karpathy_file)
     loaded.info.setdefault("split_name", protocol_names.split_name(dataset, split, loaded.info.get("split_source", "")))
     return loaded

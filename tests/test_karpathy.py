@@ -64,6 +64,9 @@ def test_flickr30k_layout_every_split_counts_and_skips(tmp_path, capsys):
     assert test.info["split_source"] == "Karpathy dataset_flickr30k.json 'test'"
     assert test.info["split_name"] == "Flickr30k 1K test (Karpathy)"
     assert splits["val"].info["split_name"] == "Flickr30k val (Karpathy)"
+    # The trainer selects on "dev": on a Karpathy file that is its val split.
+    dev = data.load_split("flickr30k", str(tmp_path), "dev")
+    assert dev.image_files == splits["val"].image_files and dev.info["split_name"] == "Flickr30k val (Karpathy)"
     err = capsys.readouterr().err
     assert err.count("1 images of split 'test' not found") == 1 and err.count("1 image names leave") == 1
 
