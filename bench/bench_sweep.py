@@ -156,6 +156,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per precision (median quoted)")
     parser.add_argument("--gallery_size", type=int, default=0,
                         help="pad the gallery with Gaussian distractors to this many items (0 = the file's own)")
+    parser.add_argument("--bare_passes", type=int, default=10, help="timed passes of each bare FAISS process")
     parser.add_argument("--skip_grid", action="store_true", help="only the overhead benchmark")
     parser.add_argument("--output", default=os.path.join(ROOT, "result", "bench", "bench_sweep.json"),
                         help="where the JSON record goes")
@@ -172,7 +173,7 @@ def main(argv=None):
     print(f"cpu: {timing.cpu_threads_available()} cores available, faiss threads {args.threads}, "
           f"blas threads while timing {timing.BLAS_THREADS}, load average {load_before[0]:.2f}")
     overhead = bench_overhead(data_path, args.threads, args.precisions, repeats=args.repeats,
-                              gallery_size=args.gallery_size, fit_path=args.fit_path)
+                              gallery_size=args.gallery_size, fit_path=args.fit_path, passes=args.bare_passes)
     print("| precision | direction | bare FAISS process, queries/s | harness search stage, queries/s | ratio | target |")
     print("|---|---|---|---|---|---|")
     for row in overhead.values():
