@@ -320,3 +320,72 @@ def _with_rsum(samples: np.ndarray, targets: list[tuple[str, str, str]]
     if not extra:
         return samples, targets
     return np.concatenate([samples, np.stack(extra, axis=1)], axis=1), targets + names
+
+
+# ----------------------------------------------------------------------------- resampled values, joint intervals
+
+class Pairing:
+    """The ranked runs of a results folder with the resampler that draws their splits: paired intervals
+    (called as paired(a, b, metric), as tables.py does), and the resampled values themselves, for statistics
+    that combine several runs (a decomposition's parts, an optimism across splits, a family's joint
+    intervals). Every run of one split is resampled with the same draws, so any difference of their
+    resampled values is paired. A Pairing without runs (no intervals) answers None everywhere."""
+
+    def __init__(self, ranked: Mapping[str, RunRanks] | None = None, resampler: Resampler | None = None) -> None:
+        self.ranked = dict(ranked or {})
+        self.resampler = resampler
+
+    def __call__(self, a: str, b: str, metric: str) -> tuple[float, float] | None:
+        samples = self.linear([(a, metric, 1.0), (b, metric, -1.0)])
+        return None if samples is None else self.interval(samples)
+
+    @property
+    def confidence(self) -> float | None:
+        return self.resampler.settings.confidence if self.resampler else None
+
+    def linear(self, terms: Iterable[tuple[str, str, float]]) -> np.ndarray | None:
+        """[B] resampled values of sum(weight x metric(run)) over terms (run_id, metric, weight), or None when a
+        run has no usable ranks, lacks the metric, or the runs were measured on different splits. Terms of
+        one direction share a denominator, so they are summed per image first (one product per direction)."""
+        terms = list(terms)
+        if self.resampler is None or not terms or any(run not in self.ranked for run, _, _ in terms):
+            return None
+        runs = [self.ranked[run] for run, _, _ in terms]
+        if any(r.split != runs[0].split for r in runs) or any(m not in r.columns for r, (_, m, _) in zip(runs, terms)):
+            return None
+        per_direction: dict[int, np.ndarray] = {}
+        for run, (_, metric, weight) in zip(runs, terms):
+            i = run.columns.index(metric)
+            d = int(run.direction[i])
+            per_direction[d] = per_direction.get(d, 0.0) + weight * run.numerators[:, i]
+        total = np.zeros(self.resampler.settings.resamples)
+        for d, numerator in per_direction.items():
+            total += self.resampler.resampled(runs[0].split, np.asarray(numerator, dtype=np.float64), d)
+        return total
+
+    def interval(self, samples: np.ndarray) -> tuple[float, float]:
+        """The percentile interval of one statistic's resampled values [B]."""
+        low, high = self.resampler.bounds(np.asarray(samples)[:, None])
+        return float(low[0]), float(high[0])
+
+    def split_of(self, run: str) -> tuple[int, bytes] | None:
+        return self.ranked[run].split if run in self.ranked else None
+
+
+def simultaneous(samples: np.ndarray, estimates: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Joint intervals for a family of J statistics from their resampled values samples [B, J] (the same
+    resamples for all) and their estimates [J]: the max-statistic method. Each resample's largest studentised
+    deviation max_j |samples_bj - estimate_j| / se_j is the statistic whose `confidence` quantile c bounds
+    every member at once, so estimate_j +- c se_j covers all J true values together with that probability
+    (as far as the bootstrap imitates sampling). se_j is the spread of member j's resamples; a member with
+    none (the same on every image) gets the interval [estimate, estimate] and takes no part in the maximum.
+    Returns (low [J], high [J], c)."""
+    samples, estimates = np.asarray(samples, dtype=np.float64), np.asarray(estimates, dtype=np.float64)
+    se = samples.std(axis=0, ddof=1) if len(samples) > 1 else np.zeros(samples.shape[1])
+    varies = se > 1e-12 * np.maximum(1.0, np.abs(estimates))
+    if not varies.any():
+        return estimates.copy(), estimates.copy(), 0.0
+    deviation = np.abs(samples[:, varies] - estimates[varies]) / se[varies]
+    critical = float(np.quantile(deviation.max(axis=1), confidence))
+    half = np.where(varies, critical * se, 0.0)
+    return estimates - half, estimates + half, critical
