@@ -15,11 +15,15 @@ def check_lines(group: Group) -> list[str]:
     if not checks:
         return []
     lines = ["### Check these", ""]
+    if any(c["check"] == "above_fp32" for c in checks):
+        lines += ["Above fp32: a lossy code cannot know more than the vectors it encodes, so each of these is luck of "
+                  "this split, ties, or a baseline to re-check.", ""]
     for c in (c for c in checks if c["check"] == "above_fp32"):
+        joint = "" if c.get("sim_low") is None else \
+            f"; joint {c['sim_low']:+.2f} to {c['sim_high']:+.2f}, {'above' if c['sim_low'] > 0 else 'not above'} jointly"
         lines.append(f"- {c['label']} scores above fp32 exact in {metric_words(c['metric'])}: {fmt(c['value'])} vs "
-                     f"{fmt(c['baseline_value'])} ({c['delta']:+.2f} points, {c['interval']} interval "
-                     f"{c['ci_low']:+.2f} to {c['ci_high']:+.2f}). A lossy code cannot know more than the vectors it "
-                     "encodes: luck of this split, ties, or a baseline to re-check.")
+                     f"{fmt(c['baseline_value'])} ({c['delta']:+.2f} points, marginal 95% interval "
+                     f"{c['ci_low']:+.2f} to {c['ci_high']:+.2f}{joint}).")
     for c in (c for c in checks if c["check"] == "slower_baseline"):
         lines.append(f"- {c['baseline_label']} answers {fmt(c['baseline_qps'], 0)} text→image queries/s, slower than "
                      f"{c['label']} ({fmt(c['qps'], 0)}), which does strictly more work (the same exact search over the "

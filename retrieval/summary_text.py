@@ -13,6 +13,7 @@ from retrieval.metrics import DIRECTION_NAMES, DIRECTIONS
 # The default table's columns: (role in default_operating_points, header).
 ROLES = (("smallest", "smallest index"), ("smallest_total", "smallest index + re-rank vectors"),
          ("fastest", "fastest (ties: speeds not told apart)"))
+SHOWN_NAMES = 6   # one-sided configurations named in the Summary; the summary JSON lists them all
 
 
 def summary_lines(group: Group, summary: Summary) -> list[str]:
@@ -74,8 +75,10 @@ def _choice(group: Group) -> list[str]:
            f"{group['split']} one (points)."]
     for side, where in (("only_in_selection", f"only on {selection['split']}"),
                         ("only_in_evaluation", f"only on {group['split']}")):
-        if selection.get(side):
-            out.append(f"Measured {where} (never chosen or reported): {', '.join(selection[side])}.")
+        names = selection.get(side) or []
+        if names:
+            more = f" and {len(names) - SHOWN_NAMES} more (summary: selection.{side})" if len(names) > SHOWN_NAMES else ""
+            out.append(f"Measured {where} (never chosen or reported): {', '.join(names[:SHOWN_NAMES])}{more}.")
     return out
 
 
@@ -177,9 +180,10 @@ def decisive(group: Group) -> list[str]:
         head = entry["directions"][0]
         parts = "; ".join(f"{_segment_words(s)} {_signed(s['value'], s['ci_low'], s['ci_high'])}"
                           for s in head["segments"])
+        marginal = "marginal intervals; " if head["total_ci_low"] is not None else ""
         out.append(f"Where the loss of {entry['label']} comes from ({metric_words(head['metric'])}, total "
                    f"{_signed(head['total'], head['total_ci_low'], head['total_ci_high'])}): {parts} "
-                   "(marginal intervals; the full table is under \"Where the loss comes from\").")
+                   f"({marginal}the full table is under \"Where the loss comes from\").")
     out += _asymmetry(group)
     return out
 
