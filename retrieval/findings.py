@@ -248,8 +248,8 @@ def _gain_phrase(row: Row, group: Group, name: str) -> str:
     digits = _decimals(row["best_value"], row["plain_value"], gain, *((low, high) if interval else ()))
     before, after = fmt(row["plain_value"], digits), fmt(row["best_value"], digits)
     if gain == 0:
-        return f"leaves {name} at {before}" + (f" ({level} interval of the change {low:+.{digits}f} to "
-                                                f"{high:+.{digits}f})" if interval else "")
+        return f"leaves {name} at {before}" + (f" (interval of the change {low:+.{digits}f} to "
+                                                f"{high:+.{digits}f}, {level})" if interval else "")
     if not interval:
         return f"{'raises' if gain > 0 else 'lowers'} {name} from {before} to {after} ({gain:+.{digits}f} points)"
     verdict = _verdict(gain, low, high, level, "no re-ranking", group["head_metric"], digits)
@@ -302,9 +302,10 @@ def _budget_sentences(group: Group, said: int) -> list[str]:
         previous = budget["run_id"]
         value = _value_with_interval(budget["value"], budget.get("value_ci_low"), budget.get("value_ci_high"),
                                      _level(group))
+        chosen = f", chosen on {group['selection']['split']}" if "selected_value" in budget else ""
         out.append(f"Within {fmt_bytes(budget['budget_bytes_per_vector'])} bytes/vector of index the best "
                    f"{metric_words(group['primary_metric'])} is {value} ({budget['label']}, "
-                   f"{fmt_bytes(budget['bytes_per_vector'])} bytes/vector).")
+                   f"{fmt_bytes(budget['bytes_per_vector'])} bytes/vector{chosen}).")
         if said + len(out) > 60:
             break  # the budget table in the report lists the rest
     return out

@@ -135,7 +135,9 @@ def _pareto_tables(group: Group) -> list[str]:
         if head and group["pareto"][cost][head]:
             front = group["pareto"][cost][head]
             column = front[0]["cost_column"]
-            lines += [f"### Pareto frontier: {metric_words(head)} vs {title}", "",
+            chosen = (group.get("selection") or {}).get("selected_on") and group["selection"]["split"]
+            lines += [f"### Pareto frontier: {metric_words(head)} vs {title}"
+                      + (f" (chosen on {chosen}, {group['split']}'s values)" if chosen else ""), "",
                       markdown_table(front, ["label", column, head, "run_id"],
                                      ["config", f"{title} [{column}]", metric_words(head), "run"]), ""]
     return lines

@@ -1,6 +1,7 @@
 """--select_on: answers chosen on one split and reported with another's numbers, and the optimism that shows
 the winner's curse (retrieval/selection.py)."""
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -104,6 +105,12 @@ def test_select_on_dev_reports_test_runs_names_one_sided_configurations_and_refu
     assert "Answers chosen on dev (3 configurations paired)" in report
     assert "Measured only on dev (never chosen or reported): pq 8d no rerank." in report
     assert "This split (dev) chooses the answers of" in report
+    for section in report.split("\n## ")[1:]:   # no sentence of a group's section says the same twice
+        sentences = [x.strip() for line in section.splitlines() if line.startswith("- ")
+                     for x in re.split(r"(?<=[.;])\s+(?=[A-Z])", line[2:])]
+        assert len(sentences) == len(set(sentences))
+        summary_lines = section.split("### Summary")[1].split("###")[0].strip().splitlines()
+        assert len([line for line in summary_lines if line.strip()]) <= 10
     with pytest.raises(SystemExit) as error:
         analyze_results.main(["--results_dir", folder, "--output_path", out, "--no_plots", "--select_on", "val"])
     assert "--select_on val: no group of split 'val' in these runs (splits: dev, test)" in str(error.value)
