@@ -334,6 +334,7 @@ class Pairing:
     def __init__(self, ranked: Mapping[str, RunRanks] | None = None, resampler: Resampler | None = None) -> None:
         self.ranked = dict(ranked or {})
         self.resampler = resampler
+        self._cache: dict[tuple[str, str], np.ndarray] = {}   # (run, metric) -> [B], up to SAMPLE_BYTES in all
 
     def __call__(self, a: str, b: str, metric: str) -> tuple[float, float] | None:
         samples = self.linear([(a, metric, 1.0), (b, metric, -1.0)])
@@ -345,23 +346,31 @@ class Pairing:
 
     def linear(self, terms: Iterable[tuple[str, str, float]]) -> np.ndarray | None:
         """[B] resampled values of sum(weight x metric(run)) over terms (run_id, metric, weight), or None when a
-        run has no usable ranks, lacks the metric, or the runs were measured on different splits. Terms of
-        one direction share a denominator, so they are summed per image first (one product per direction)."""
+        run has no usable ranks, lacks the metric, or the runs were measured on different splits."""
         terms = list(terms)
         if self.resampler is None or not terms or any(run not in self.ranked for run, _, _ in terms):
             return None
         runs = [self.ranked[run] for run, _, _ in terms]
         if any(r.split != runs[0].split for r in runs) or any(m not in r.columns for r, (_, m, _) in zip(runs, terms)):
             return None
-        per_direction: dict[int, np.ndarray] = {}
-        for run, (_, metric, weight) in zip(runs, terms):
-            i = run.columns.index(metric)
-            d = int(run.direction[i])
-            per_direction[d] = per_direction.get(d, 0.0) + weight * run.numerators[:, i]
         total = np.zeros(self.resampler.settings.resamples)
-        for d, numerator in per_direction.items():
-            total += self.resampler.resampled(runs[0].split, np.asarray(numerator, dtype=np.float64), d)
+        for run, metric, weight in terms:
+            total += weight * self._values(run, metric)
         return total
+
+    def _values(self, run: str, metric: str) -> np.ndarray:
+        """[B] resampled values of one run's metric, kept while the kept ones stay under SAMPLE_BYTES: a
+        decomposition and a family read each run many times (differences of kept values are paired, as every
+        value of a split is drawn with the same W)."""
+        key = (run, metric)
+        if key in self._cache:
+            return self._cache[key]
+        ranks = self.ranked[run]
+        i = ranks.columns.index(metric)
+        values = self.resampler.resampled(ranks.split, ranks.numerators[:, i], int(ranks.direction[i]))
+        if (len(self._cache) + 1) * values.nbytes <= SAMPLE_BYTES:
+            self._cache[key] = values
+        return values
 
     def interval(self, samples: np.ndarray) -> tuple[float, float]:
         """The percentile interval of one statistic's resampled values [B]."""
