@@ -11,7 +11,7 @@ from retrieval.findings import Group, Row, Summary, _decimals, _level, fmt, fmt_
 from retrieval.metrics import DIRECTION_NAMES, DIRECTIONS
 
 # The default table's columns: (role in default_operating_points, header).
-ROLES = (("smallest", "smallest index"), ("smallest_total", "smallest index + re-rank vectors"),
+ROLES = (("smallest", "smallest index"), ("smallest_total", "smallest total memory (index + any re-rank vectors)"),
          ("fastest", "fastest (ties: speeds not told apart)"))
 SHOWN_NAMES = 6   # one-sided configurations named in the Summary; the summary JSON lists them all
 
@@ -40,10 +40,12 @@ def _baseline(group: Group) -> list[str]:
         gallery = f", {group['main_gallery_size']:,} images" if group["main_gallery_size"] else ""
         metrics = [m for m in _r1(group) if base.get(m) is not None]
         values = "; ".join(f"{metric_words(m)} {_value(base, m, group)}" for m in metrics)
-        speeds = ", ".join(f"{DIRECTION_NAMES[d]} {fmt(base[f'{d}_qps'], 0)}" for d in DIRECTIONS
-                           if base.get(f"{d}_qps") is not None)
+        # The speed phrase as findings.py has always worded it (speed is issue #29's; only its place moved).
+        speeds = [f"{DIRECTION_NAMES[d]} {fmt(base[f'{d}_qps'], 0)} queries/s batch, p50 "
+                  f"{fmt(base[f'{d}_latency_p50_ms'], 3)} ms per single query"
+                  for d in DIRECTIONS if base.get(f"{d}_qps") is not None]
         out.append(f"Baseline: fp32 exact search at {int(base['dim'])}-d{gallery}: {values}"
-                   + (f"; {speeds} queries/s batch" if speeds else "") + ".")
+                   + "".join(f"; {x}" for x in speeds) + ".")
     return out
 
 
@@ -140,7 +142,7 @@ def _cell(pick: Row | None, role: str, row: Row, group: Group) -> str:
         return f"{pick['label']} (chosen on {row.get('selected_on')}) was not measured on {group['split']}"
     size = {"smallest": fmt_bytes(pick["bytes_per_vector"]) + " B",
             "smallest_total": fmt_bytes(pick["total_bytes_per_vector"]) + " B",
-            "fastest": fmt(pick["qps"], 0) + " q/s"}[role]
+            "fastest": fmt(pick["qps"], 0) + " queries/s"}[role]
     text = f"{pick['label']}, {size}: {_difference(pick, group)}"
     if pick.get("optimism") is not None:
         text += f"; optimism {_signed(pick['optimism'], pick.get('optimism_ci_low'), pick.get('optimism_ci_high'))}"
