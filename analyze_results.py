@@ -11,6 +11,10 @@ Examples:
     python analyze_results.py --results_dir ./result --output_path ./result/experiment_summary.json
     python analyze_results.py --require "t2i_retention_R@1>=99" --require "t2i_latency_p99_ms<=2" \
         --objective min:bytes_per_vector
+    python analyze_results.py --results_dir ./result --select_on dev   # choose on dev, report on test
+
+Verdicts (indistinguishable / below / above fp32) use joint intervals over the group (retrieval/family.py);
+REPORT.md also splits every loss into its parts (retrieval/decomposition.py) and lists results to check.
 """
 import os
 import sys
