@@ -152,7 +152,8 @@ def _budget_table(group: Group) -> list[str]:
         metric = metric_words(group["primary_metric"])
         chosen = (group.get("selection") or {}).get("selected_on")
         split = (group.get("selection") or {}).get("split")
-        extra = (["selected_value"], [f"{metric} on {split} (chosen there)"]) if chosen else ([], [])
+        extra = (["selected_value", "optimism"], [f"{metric} on {split} (chosen there)", "optimism (points)"]) \
+            if chosen else ([], [])
         lines += [f"### Best configuration per {what} budget (by {metric}{f', chosen on {split}' if chosen else ''})",
                   "", markdown_table(group[key], [f"budget_{cost}", "label", "value", "value_ci_low", "value_ci_high"]
                                      + extra[0] + [cost, "candidates"],

@@ -145,6 +145,7 @@ class Confirmation:
                        value=None if ev is None else clean(ev[metric]),
                        value_ci_low=None if ev is None else clean(ev.get(f"{metric}_ci_low")),
                        value_ci_high=None if ev is None else clean(ev.get(f"{metric}_ci_high")))
+            new.update({k: v for k, v in self.optimism(row["run_id"], metric).items() if k != "selected_run"})
             out.append(new)
         return out
 
@@ -156,7 +157,9 @@ class Confirmation:
             return []
         rows = memory_frontier_table(self.ev, front, self.head, cost)
         by_id = self.ev.set_index("run_id")
+        chosen_by_ev = {c["run_id"]: r["run_id"] for r, c in zip(self.selection.get(key) or [], chosen) if c is not None}
         for row in rows:   # the evaluation group's joint intervals (family.py), as its own tables have them
+            row.update({k: v for k, v in self.optimism(chosen_by_ev[row["run_id"]], self.head).items()})
             for side in ("low", "high"):
                 row[f"delta_sim_{side}"] = clean(by_id.at[row["run_id"], f"{self.head}_delta_sim_{side}"]) \
                     if f"{self.head}_delta_sim_{side}" in by_id.columns else None
