@@ -75,12 +75,14 @@ def _choice(group: Group) -> list[str]:
     out = [f"Answers chosen on {selection['split']} ({selection['paired']} configurations paired), reported with "
            f"{group['split']}'s numbers; optimism = the {selection['split']} difference to fp32 minus the "
            f"{group['split']} one (points)."]
-    for side, where in (("only_in_selection", f"only on {selection['split']}"),
-                        ("only_in_evaluation", f"only on {group['split']}")):
+    sides = []
+    for side, split in (("only_in_selection", selection["split"]), ("only_in_evaluation", group["split"])):
         names = selection.get(side) or []
         if names:
-            more = f" and {len(names) - SHOWN_NAMES} more (summary: selection.{side})" if len(names) > SHOWN_NAMES else ""
-            out.append(f"Measured {where} (never chosen or reported): {', '.join(names[:SHOWN_NAMES])}{more}.")
+            more = f" and {len(names) - SHOWN_NAMES} more (selection.{side})" if len(names) > SHOWN_NAMES else ""
+            sides.append(f"only on {split}: {', '.join(names[:SHOWN_NAMES])}{more}")
+    if sides:
+        out.append("Measured on one side only, so never chosen or reported: " + "; ".join(sides) + ".")
     return out
 
 

@@ -75,10 +75,11 @@ def write_split(folder, split, names, rng, text_to_image):
 
 def test_select_on_dev_reports_test_runs_names_one_sided_configurations_and_refuses_an_absent_split(tmp_path):
     folder, rng = str(tmp_path), np.random.default_rng(3)
-    text_to_image = captions_of(60)
-    write_split(folder, "dev", [("B", "int8", -0.05, 8), ("C", "int4", -0.3, 4), ("P", "pq", -2.0, 1)], rng,
+    text_to_image = captions_of(100)
+    # B and C as good as fp32 or better in truth (so that they reach 95% and are chosen), P far worse.
+    write_split(folder, "dev", [("B", "int8", 0.2, 8), ("C", "int4", 0.1, 4), ("P", "pq", -2.0, 1)], rng,
                 text_to_image)
-    write_split(folder, "test", [("B", "int8", -0.05, 8), ("C", "int4", -0.3, 4), ("H", "fp16", -0.01, 16)], rng,
+    write_split(folder, "test", [("B", "int8", 0.2, 8), ("C", "int4", 0.1, 4), ("H", "fp16", 0.0, 16)], rng,
                 text_to_image)
     out = os.path.join(folder, "experiment_summary.json")
     summary = analyze_results.main(["--results_dir", folder, "--output_path", out, "--no_plots", "--bootstrap",
@@ -101,9 +102,15 @@ def test_select_on_dev_reports_test_runs_names_one_sided_configurations_and_refu
     point = next(p for p in summary["operating_points"] if p["group"] == test["group"])
     assert point["selected_on"] == "dev" and point["run_id"].startswith("test-")
     assert all(b["run_id"] is None or b["run_id"].startswith("test-") for b in test["budgets"])
+    assert all(b["optimism"] == pytest.approx(b["selected_delta"] - frame.at[b["run_id"], "RSUM_delta"])
+               for b in test["budgets"] if b["run_id"])
+    smallest = test["default_operating_points"][0]["smallest"]   # dev and test resampled independently
+    assert smallest["label"] == "int4 8d no rerank"   # C: the smallest reaching 95% on dev
+    assert smallest["optimism_ci_low"] < smallest["optimism"] < smallest["optimism_ci_high"]
     report = open(os.path.join(folder, "REPORT.md")).read()
     assert "Answers chosen on dev (3 configurations paired)" in report
-    assert "Measured only on dev (never chosen or reported): pq 8d no rerank." in report
+    assert ("Measured on one side only, so never chosen or reported: only on dev: pq 8d no rerank; only on test: "
+            "fp16 8d no rerank.") in report
     assert "This split (dev) chooses the answers of" in report
     for section in report.split("\n## ")[1:]:   # no sentence of a group's section says the same twice
         sentences = [x.strip() for line in section.splitlines() if line.startswith("- ")
