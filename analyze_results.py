@@ -11,11 +11,15 @@ Examples:
     python analyze_results.py --results_dir ./result --output_path ./result/experiment_summary.json
     python analyze_results.py --require "t2i_retention_R@1>=99" --require "t2i_latency_p99_ms<=2" \
         --objective min:bytes_per_vector
+    python analyze_results.py --results_dir ./result --select_on dev   # choose on dev, report on test
+
+Verdicts (indistinguishable / below / above fp32) use joint intervals over the group (retrieval/family.py);
+REPORT.md also splits every loss into its parts (retrieval/decomposition.py) and lists results to check.
 """
 import os
 import sys
 
-from retrieval import analysis, bootstrap, findings, operating_points, report
+from retrieval import analysis, bootstrap, operating_points, report, selection, summary_text
 from retrieval.bootstrap import Settings
 from retrieval.errors import Parser, cli
 from retrieval.flags import positive_int
@@ -44,6 +48,11 @@ def parse_args(argv=None):
     parser.add_argument("--require", action="append", default=[], metavar="EXPR",
                         help="operating point requirement COLUMN>=VALUE or COLUMN<=VALUE over summary.csv columns "
                              "(repeatable), e.g. 't2i_retention_R@1>=99' or 't2i_R@1_delta_ci_low>=-1'")
+    parser.add_argument("--select_on", default=None, metavar="SPLIT",
+                        help="choose every answer (operating points, budgets, frontiers) on the group of this split "
+                             "(e.g. dev) and report it with the values of the same dataset and model's other "
+                             "split(s), with the optimism (selection minus evaluation); default: choose on the "
+                             "split reported")
     parser.add_argument("--objective", default=None, metavar="min|max:COLUMN",
                         help="what the operating point optimises among the runs meeting every --require "
                              f"(default {operating_points.DEFAULT_OBJECTIVE})")
@@ -88,9 +97,10 @@ def main(argv=None):
     if known and args.metric not in known:
         raise AnalysisError(f"--metric {args.metric}: not a metric of these runs (have: {', '.join(known)})")
     settings = Settings(args.bootstrap, args.confidence, args.seed)
-    frame, summary = analysis.analyse(frame, runs, args.metric, args.results_dir, settings, invalid)
+    frame, summary, paired = analysis.analyse(frame, runs, args.metric, args.results_dir, settings, invalid)
     operating_points.check_columns(frame, requirements, objective)
     operating_points.add_to_summary(summary, frame, requirements, objective)
+    selection.confirm(summary, frame, args.select_on, paired, requirements, objective)
     summary["results_dir"] = args.results_dir
     summary["args"] = vars(args)
 
@@ -119,7 +129,7 @@ def main(argv=None):
     for group in summary["groups"]:
         print(f"{group['title']}: {group['runs_completed']} runs, "
               f"{group['runs_skipped']} skipped")
-        for sentence in findings.summary_sentences(group, summary):
+        for sentence in summary_text.summary_sentences(group, summary):
             print(f"  - {sentence}")
     print(f"wrote {output_path}, {csv_path}, {report_path}"
           + (f" and {sum(len(v) for v in plots.values())} plots under {plots_dir}" if plots else ""))

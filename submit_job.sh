@@ -79,6 +79,8 @@ DOWNLOAD=${DOWNLOAD:-0}                    # 1 = fetch the official archives (pr
 SPLITS=${SPLITS:-}                         # splits to embed; empty = prepare_data.py's default for the dataset
 EVAL_SPLIT=${EVAL_SPLIT:-test}             # split the sweep evaluates
 FIT_SPLIT=${FIT_SPLIT-train}               # split the quantizers / PCA are fitted on ('' = the evaluated file)
+SELECT_SPLIT=${SELECT_SPLIT-dev}           # split the answers are chosen on (swept too, analysed with --select_on);
+                                           # '' = choose on EVAL_SPLIT itself
 SYNTHETIC_IMAGES=${SYNTHETIC_IMAGES:-}    # empty = prepare_data.py's default (2,500 images, 1,000 in test)
 MODEL=${MODEL:-}                           # CLIP id or folder; empty = train a dual encoder from offline towers
 DEVICE=${DEVICE:-}
@@ -390,7 +392,7 @@ phase_prepare() {
 
 phase_train() {
     local exports="" done=1 tag run dim f
-    for split in $FIT_SPLIT $EVAL_SPLIT; do [[ " $exports " == *" $split "* ]] || exports="$exports $split"; done
+    for split in $FIT_SPLIT $SELECT_SPLIT $EVAL_SPLIT; do [[ " $exports " == *" $split "* ]] || exports="$exports $split"; done
     # shellcheck disable=SC2086
     trained_exports $exports
     for f in "${EXPORTS[@]}"; do [[ -f "$f" ]] || done=0; done
@@ -403,10 +405,26 @@ phase_train() {
     "$PY" train_dual_encoder.py "${TRAIN_FLAGS[@]}" --resume
 }
 
+# The SELECT_SPLIT hand-off files that exist, in SELECT_FILES (none when DATA_PATH names the files, SELECT_SPLIT is
+# empty or is EVAL_SPLIT): the sweep runs them too, and the analysis chooses its answers on them.
+select_files() {
+    local f
+    SELECT_FILES=()
+    [[ -z "$DATA_PATH" && -n "$SELECT_SPLIT" && "$SELECT_SPLIT" != "$EVAL_SPLIT" ]] || return 0
+    handoff_files "$SELECT_SPLIT"
+    for f in "${HANDOFF[@]}"; do [[ -f "$f" ]] && SELECT_FILES+=("$f"); done
+    [[ ${#SELECT_FILES[@]} -gt 0 ]] || say "SELECT_SPLIT=$SELECT_SPLIT: no hand-off file of that split (${HANDOFF[*]:-none});" \
+        "the answers are chosen on $EVAL_SPLIT, the split they report"
+    return 0
+}
+
 phase_experiments() {
     local shard="0/1" data_paths=() fit_args=() f
     if [[ -n "$DATA_PATH" ]]; then split_paths "$DATA_PATH"; data_paths=("${PATHS[@]}")
-    else handoff_files "$EVAL_SPLIT"; data_paths=("${HANDOFF[@]}"); fi
+    else
+        select_files
+        handoff_files "$EVAL_SPLIT"; data_paths=(${SELECT_FILES[@]+"${SELECT_FILES[@]}"} "${HANDOFF[@]}")
+    fi
     if [[ -n "$FIT_PATH" ]]; then
         split_paths "$FIT_PATH"; fit_args=(--fit_path "${PATHS[@]}")
     elif [[ -n "$FIT_SPLIT" ]]; then
@@ -423,9 +441,12 @@ phase_experiments() {
 }
 
 phase_analyze() {
+    local select_args=()
+    select_files
+    [[ ${#SELECT_FILES[@]} -gt 0 ]] && select_args=(--select_on "$SELECT_SPLIT")
     # shellcheck disable=SC2086
     "$PY" analyze_results.py --results_dir "$RESULT_DIR" --output_path "$RESULT_DIR/experiment_summary.json" \
-        $ANALYZE_ARGS
+        ${select_args[@]+"${select_args[@]}"} $ANALYZE_ARGS
 }
 
 backup_results() {

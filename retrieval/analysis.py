@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from retrieval import bootstrap
+from retrieval import bootstrap, checks, family
+from retrieval.decomposition import decomposition_table, missing_references
 from retrieval.frame import (Paired, add_baseline_ratios, add_intervals, completed, interval_columns, main_runs,
                              metric_columns, no_pairs, recall_columns, records)
 from retrieval.metrics import DIRECTIONS
@@ -91,6 +92,8 @@ def analyse_group(frame: pd.DataFrame, runs: list[dict], primary_metric: str | N
     fronts = pareto_fronts(main, recalls + (["RSUM"] if "RSUM" in metrics else []))
     exact = main[main["exact"]]
     intervals = [c for m in metrics for c in interval_columns(m)[:2]]
+    decomposed = decomposition_table(main, family.claim_metrics({"head_metric": head, "recall_metrics": recalls}),
+                                     paired) if head and not exact.empty else []
     return {
         "group": frame["group"].iloc[0], "title": frame["title"].iloc[0],
         "dataset": frame["dataset"].iloc[0], "split": frame["split"].iloc[0], "model": frame["model"].iloc[0],
@@ -119,6 +122,7 @@ def analyse_group(frame: pd.DataFrame, runs: list[dict], primary_metric: str | N
         "dim_reduction": dim_reduction_table(main, head) if head else [],
         "dim_methods": dim_methods_table(main, head, paired) if head else [],
         "whole_gallery_candidates": whole_gallery_candidates(main),
+        "decomposition": decomposed, "decomposition_missing": missing_references(decomposed),
     }
 
 
@@ -135,20 +139,28 @@ def interval_summary(done: pd.DataFrame) -> dict:
 
 
 def analyse(frame: pd.DataFrame, runs: list[dict], primary_metric: str | None = None, results_dir: str | None = None,
-            settings: bootstrap.Settings | None = None, invalid: Sequence[dict] = ()) -> tuple[pd.DataFrame, dict]:
+            settings: bootstrap.Settings | None = None, invalid: Sequence[dict] = ()
+            ) -> tuple[pd.DataFrame, dict, bootstrap.Pairing]:
     """Summary dict of the whole results folder: rows, groups (one per dataset/split/model).
 
     settings: bootstrap.Settings; with resamples > 0 (and results_dir, where the rank files are) every run
-    gets intervals (add_intervals). invalid: split_invalid's list of the run files left out, listed as they are."""
-    frame = add_baseline_ratios(frame)
+    gets intervals (add_intervals). invalid: split_invalid's list of the run files left out, listed as they are.
+    Returns (frame, summary, paired): paired holds the resamples (selection.py's optimism reads them)."""
+    by_id = {run_id(r): r for r in runs}
+    frame = checks.add_spreads(add_baseline_ratios(frame), by_id)
     paired, on = no_pairs, settings is not None and settings.resamples > 0
     if on:
         frame, paired = add_intervals(frame, runs, results_dir, settings)
-    by_id = {run_id(r): r for r in runs}
     groups = []
-    for name, part in frame.groupby("group", sort=True):
-        groups.append(analyse_group(part, [by_id[i] for i in part["run_id"]], primary_metric, paired))
-        groups[-1]["intervals"]["confidence"] = settings.confidence if on else None
+    for name, part in list(frame.groupby("group", sort=True)):
+        group = analyse_group(part, [by_id[i] for i in part["run_id"]], primary_metric, paired)
+        group["intervals"]["confidence"] = settings.confidence if on else None
+        # The joint intervals need the group's tables (their comparisons are members of the family) and
+        # the checks need the joint intervals: both come after the group's summary.
+        frame = family.add_joint(group, frame, paired)
+        group["checks"] = checks.check_these(main_runs(frame[frame["group"] == name], group["main_gallery_size"]),
+                                             family.claim_metrics(group))
+        groups.append(group)
     return frame, {
         "schema": "experiment_summary/2",
         "runs_total": int(len(frame)),
@@ -158,4 +170,4 @@ def analyse(frame: pd.DataFrame, runs: list[dict], primary_metric: str | None = 
         "intervals": settings.record() if on else {"method": None, "resamples": 0},
         "groups": groups,
         "rows": records(frame),
-    }
+    }, paired

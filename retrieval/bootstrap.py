@@ -320,3 +320,81 @@ def _with_rsum(samples: np.ndarray, targets: list[tuple[str, str, str]]
     if not extra:
         return samples, targets
     return np.concatenate([samples, np.stack(extra, axis=1)], axis=1), targets + names
+
+
+# ----------------------------------------------------------------------------- resampled values, joint intervals
+
+class Pairing:
+    """The ranked runs of a results folder with the resampler that draws their splits: paired intervals
+    (called as paired(a, b, metric), as tables.py does), and the resampled values themselves, for statistics
+    that combine several runs (a decomposition's parts, an optimism across splits, a family's joint
+    intervals). Every run of one split is resampled with the same draws, so any difference of their
+    resampled values is paired. A Pairing without runs (no intervals) answers None everywhere."""
+
+    def __init__(self, ranked: Mapping[str, RunRanks] | None = None, resampler: Resampler | None = None) -> None:
+        self.ranked = dict(ranked or {})
+        self.resampler = resampler
+        self._cache: dict[tuple[str, str], np.ndarray] = {}   # (run, metric) -> [B], up to SAMPLE_BYTES in all
+
+    def __call__(self, a: str, b: str, metric: str) -> tuple[float, float] | None:
+        samples = self.linear([(a, metric, 1.0), (b, metric, -1.0)])
+        return None if samples is None else self.interval(samples)
+
+    @property
+    def confidence(self) -> float | None:
+        return self.resampler.settings.confidence if self.resampler else None
+
+    def linear(self, terms: Iterable[tuple[str, str, float]]) -> np.ndarray | None:
+        """[B] resampled values of sum(weight x metric(run)) over terms (run_id, metric, weight), or None when a
+        run has no usable ranks, lacks the metric, or the runs were measured on different splits."""
+        terms = list(terms)
+        if self.resampler is None or not terms or any(run not in self.ranked for run, _, _ in terms):
+            return None
+        runs = [self.ranked[run] for run, _, _ in terms]
+        if any(r.split != runs[0].split for r in runs) or any(m not in r.columns for r, (_, m, _) in zip(runs, terms)):
+            return None
+        total = np.zeros(self.resampler.settings.resamples)
+        for run, metric, weight in terms:
+            total += weight * self._values(run, metric)
+        return total
+
+    def _values(self, run: str, metric: str) -> np.ndarray:
+        """[B] resampled values of one run's metric, kept while the kept ones stay under SAMPLE_BYTES: a
+        decomposition and a family read each run many times (differences of kept values are paired, as every
+        value of a split is drawn with the same W)."""
+        key = (run, metric)
+        if key in self._cache:
+            return self._cache[key]
+        ranks = self.ranked[run]
+        i = ranks.columns.index(metric)
+        values = self.resampler.resampled(ranks.split, ranks.numerators[:, i], int(ranks.direction[i]))
+        if (len(self._cache) + 1) * values.nbytes <= SAMPLE_BYTES:
+            self._cache[key] = values
+        return values
+
+    def interval(self, samples: np.ndarray) -> tuple[float, float]:
+        """The percentile interval of one statistic's resampled values [B]."""
+        low, high = self.resampler.bounds(np.asarray(samples)[:, None])
+        return float(low[0]), float(high[0])
+
+    def split_of(self, run: str) -> tuple[int, bytes] | None:
+        return self.ranked[run].split if run in self.ranked else None
+
+
+def simultaneous(samples: np.ndarray, estimates: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Joint intervals for a family of J statistics from their resampled values samples [B, J] (the same
+    resamples for all) and their estimates [J]: the max-statistic method. Each resample's largest studentised
+    deviation max_j |samples_bj - estimate_j| / se_j is the statistic whose `confidence` quantile c bounds
+    every member at once, so estimate_j +- c se_j covers all J true values together with that probability
+    (as far as the bootstrap imitates sampling). se_j is the spread of member j's resamples; a member with
+    none (the same on every image) gets the interval [estimate, estimate] and takes no part in the maximum.
+    Returns (low [J], high [J], c)."""
+    samples, estimates = np.asarray(samples, dtype=np.float64), np.asarray(estimates, dtype=np.float64)
+    se = samples.std(axis=0, ddof=1) if len(samples) > 1 else np.zeros(samples.shape[1])
+    varies = se > 1e-12 * np.maximum(1.0, np.abs(estimates))
+    if not varies.any():
+        return estimates.copy(), estimates.copy(), 0.0
+    deviation = np.abs(samples[:, varies] - estimates[varies]) / se[varies]
+    critical = float(np.quantile(deviation.max(axis=1), confidence))
+    half = np.where(varies, critical * se, 0.0)
+    return estimates - half, estimates + half, critical

@@ -108,6 +108,15 @@ def _has_interval(row: Row, prefix: str = "delta") -> bool:
     return row.get(f"{prefix}_ci_low") is not None and row.get(f"{prefix}_ci_high") is not None
 
 
+def _claim(row: Row, prefix: str, group: Group) -> tuple[float, float, str]:
+    """(low, high, level) of the interval a verdict uses: the joint one (family.py) where the row has it,
+    'at 95% jointly', else the marginal one, 'at 95%'. Every verdict says which it is."""
+    low, high = row.get(f"{prefix}_sim_low"), row.get(f"{prefix}_sim_high")
+    if low is not None and high is not None:
+        return low, high, f"{_level(group)} jointly"
+    return row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"], _level(group)
+
+
 def _value_with_interval(value: float | None, low: float | None, high: float | None, level: str | None,
                          digits: int = 1) -> str:
     """'50.0 (95% interval 45.1 to 55.0)', or the value alone without an interval."""
@@ -132,7 +141,8 @@ def findings(group: Group) -> list[str]:
         return ["No completed runs in this group."]
     if group["head_metric"] is None:
         return []
-    out = _baseline_sentences(group) + _frontier_sentences(group) + _reranking_sentences(group)
+    # The baseline is the Summary's first line (summary_text.py), not repeated here.
+    out = _frontier_sentences(group) + _reranking_sentences(group)
     out += _dim_reduction_sentences(group) + _dim_method_sentences(group)
     out += _budget_sentences(group, len(out))
     out += _scaling_sentences(group) + _caveats(group)
@@ -192,12 +202,13 @@ def _quality_phrase(row: Row, group: Group) -> str:
     if not _has_interval(row) or _level(group) is None or row["delta"] is None:
         return (f"{label} keeps {fmt(row['retention'])}% of fp32 {name} "
                 f"({fmt(value)} vs {fmt(base)})")
-    digits = _decimals(value, base, row["delta"], row["delta_ci_low"], row["delta_ci_high"])
-    verdict = _verdict(row["delta"], row["delta_ci_low"], row["delta_ci_high"], _level(group), "fp32", metric, digits)
+    low, high, level = _claim(row, "delta", group)
+    digits = _decimals(value, base, row["delta"], low, high)
+    verdict = _verdict(row["delta"], low, high, level, "fp32", metric, digits)
     pair = f"{fmt(value, digits)} vs {fmt(base, digits)}"
-    if _inside(row["delta_ci_low"], row["delta_ci_high"]):
+    if _inside(low, high):
         return f"{label} shows no measurable loss of fp32 {name} ({pair}; {verdict})"
-    if row["delta_ci_low"] > 0:
+    if low > 0:
         return f"{label} scores above fp32 {name} ({pair}; {verdict})"
     return f"{label} keeps {_percent(row['retention'], value, base)}% of fp32 {name} ({pair}; {verdict})"
 
@@ -231,19 +242,18 @@ def _reranking_sentences(group: Group) -> list[str]:
 
 def _gain_phrase(row: Row, group: Group, name: str) -> str:
     """'raises t2i R@1 from 45.0 to 50.0 (+5.0 points; above no re-ranking at 95%: ...)'."""
-    gain, level = row["gain"], _level(group)
-    interval = _has_interval(row, "gain") and level is not None
-    digits = _decimals(row["best_value"], row["plain_value"], gain,
-                       *((row["gain_ci_low"], row["gain_ci_high"]) if interval else ()))
+    gain = row["gain"]
+    interval = _has_interval(row, "gain") and _level(group) is not None
+    low, high, level = _claim(row, "gain", group) if interval else (None, None, None)
+    digits = _decimals(row["best_value"], row["plain_value"], gain, *((low, high) if interval else ()))
     before, after = fmt(row["plain_value"], digits), fmt(row["best_value"], digits)
     if gain == 0:
-        return f"leaves {name} at {before}" + (f" (interval of the change {row['gain_ci_low']:+.{digits}f} to "
-                                                f"{row['gain_ci_high']:+.{digits}f})" if interval else "")
+        return f"leaves {name} at {before}" + (f" (interval of the change {low:+.{digits}f} to "
+                                                f"{high:+.{digits}f}, {level})" if interval else "")
     if not interval:
         return f"{'raises' if gain > 0 else 'lowers'} {name} from {before} to {after} ({gain:+.{digits}f} points)"
-    verdict = _verdict(gain, row["gain_ci_low"], row["gain_ci_high"], level, "no re-ranking", group["head_metric"],
-                       digits)
-    verb = "changes" if _inside(row["gain_ci_low"], row["gain_ci_high"]) else ("raises" if gain > 0 else "lowers")
+    verdict = _verdict(gain, low, high, level, "no re-ranking", group["head_metric"], digits)
+    verb = "changes" if _inside(low, high) else ("raises" if gain > 0 else "lowers")
     return f"{verb} {name} from {before} to {after} ({verdict})"
 
 
@@ -253,14 +263,15 @@ def _dim_method_sentences(group: Group) -> list[str]:
     name, out, level = metric_words(group["head_metric"]), [], _level(group)
     for row in group.get("dim_methods", []):
         interval = _has_interval(row, "difference") and level is not None
-        bounds = (row["difference_ci_low"], row["difference_ci_high"]) if interval else ()
+        low, high, joint = _claim(row, "difference", group) if interval else (None, None, None)
+        bounds = (low, high) if interval else ()
         digits = _decimals(row["best_value"], row["other_value"], row["difference"], *bounds)
         start = (f"At {int(row['dim'])} dims (fp32, no re-ranking) {row['best_method']} gives {name} "
                  f"{fmt(row['best_value'], digits)} and {row['other_method']} {fmt(row['other_value'], digits)}")
         if not interval:
             out.append(f"{start} ({row['difference']:+.{digits}f}{_unit(group['head_metric'])}).")
             continue
-        verdict = _verdict(row["difference"], *bounds, level, row["other_method"], group["head_metric"], digits)
+        verdict = _verdict(row["difference"], *bounds, joint, row["other_method"], group["head_metric"], digits)
         out.append(f"{start}: {row['best_method']} is {verdict}.")
     return out
 
@@ -273,10 +284,10 @@ def _dim_reduction_sentences(group: Group) -> list[str]:
         if not _has_interval(row) or level is None or row["delta"] is None:
             out.append(f"{start} keeps {fmt(row['retention'])}% of {name} ({fmt(row['value'])}).")
             continue
-        digits = _decimals(None, None, row["delta"], row["delta_ci_low"], row["delta_ci_high"])
-        verdict = _verdict(row["delta"], row["delta_ci_low"], row["delta_ci_high"], level, "fp32",
-                           group["head_metric"], digits)
-        kept = ("shows no measurable loss of" if _inside(row["delta_ci_low"], row["delta_ci_high"])
+        low, high, joint = _claim(row, "delta", group)
+        digits = _decimals(None, None, row["delta"], low, high)
+        verdict = _verdict(row["delta"], low, high, joint, "fp32", group["head_metric"], digits)
+        kept = ("shows no measurable loss of" if _inside(low, high)
                 else f"keeps {_percent(row['retention'], row['value'], row['value'] - row['delta'])}% of")
         out.append(f"{start} {kept} {name} ({fmt(row['value'], digits)}; {verdict}).")
     return out
@@ -291,9 +302,10 @@ def _budget_sentences(group: Group, said: int) -> list[str]:
         previous = budget["run_id"]
         value = _value_with_interval(budget["value"], budget.get("value_ci_low"), budget.get("value_ci_high"),
                                      _level(group))
+        chosen = f", chosen on {group['selection']['split']}" if "selected_value" in budget else ""
         out.append(f"Within {fmt_bytes(budget['budget_bytes_per_vector'])} bytes/vector of index the best "
                    f"{metric_words(group['primary_metric'])} is {value} ({budget['label']}, "
-                   f"{fmt_bytes(budget['bytes_per_vector'])} bytes/vector).")
+                   f"{fmt_bytes(budget['bytes_per_vector'])} bytes/vector{chosen}).")
         if said + len(out) > 60:
             break  # the budget table in the report lists the rest
     return out
@@ -341,116 +353,3 @@ def _caveats(group: Group) -> list[str]:
             out.append(f"Runs disagree on {key} ({', '.join(map(str, group['environment'][key]))}): speed "
                        f"numbers from different settings are not directly comparable.")
     return out
-
-
-# ----------------------------------------------------------------------------- the summary section
-
-def summary_sentences(group: Group, summary: Summary) -> list[str]:
-    """The short answer that opens a group: the baseline with its interval, what the intervals cover, the
-    default operating points (95 / 99 / 99.5% of fp32) and the requested one."""
-    if not group["runs_completed"]:
-        return ["No completed runs in this group."]
-    out = _baseline_sentences(group) + _interval_sentences(group, summary)
-    out += _default_point_sentences(group) + _operating_point_sentences(group, summary)
-    if group["head_metric"] is not None:
-        out.append("Memory: 'index' is the compressed codes (bytes_per_vector); a re-ranked configuration also "
-                   "reads the fp32 vectors at its dim in stage 2, counted in 'total' (total_bytes_per_vector). "
-                   "The first budget table and memory frontier use the index bytes, the second ones the total.")
-    return out
-
-
-def _interval_sentences(group: Group, summary: Summary) -> list[str]:
-    intervals, settings = group.get("intervals") or {}, summary.get("intervals") or {}
-    if not intervals.get("computed"):
-        return ["No intervals (--bootstrap 0): no difference in this report is tested against sampling error."]
-    reasons = "; ".join(f"{note['reason']} ({note['runs']} run{'s' if note['runs'] > 1 else ''})"
-                        for note in intervals["notes"])
-    if not intervals["runs_with_intervals"]:
-        return [f"No intervals for any run: {reasons}. Differences between runs in this report cannot be told "
-                "apart from sampling error."]
-    out = [f"Intervals: {_level(group)} percentile bootstrap over images ({settings['resamples']:,} resamples, "
-           f"seed {settings['seed']}; {settings['unit_detail']}); differences to fp32 are paired on the same "
-           f"resamples. {intervals['runs_with_intervals']:,} of {group['runs_completed']:,} runs have intervals, "
-           f"{intervals['runs_paired']:,} a paired difference."]
-    if reasons:
-        out.append(f"Runs without intervals or without a paired difference: {reasons}.")
-    return out
-
-
-ROLES = (("smallest", "smallest index"), ("smallest_total", "smallest with re-rank vectors"), ("fastest", "fastest"))
-
-
-def _default_point_sentences(group: Group) -> list[str]:
-    """One sentence per retention target (targets with the same answer share one): the runs that answer it,
-    each with its paired difference to fp32."""
-    out, name = [], metric_words(group["head_metric"] or "")
-    baseline_ids = {b["run_id"] for b in group["baseline"]}
-    rows = group.get("default_operating_points") or []
-    for same in _same_answers(rows):
-        row, picks = same[0], {}
-        for key, role in ROLES:
-            if row[key] is not None:
-                picks.setdefault(row[key]["run_id"], (row[key], []))[1].append(role)
-        answers = [f"{' and '.join(roles)}: {pick['label']} ({_pick_facts(pick, roles, row, group, baseline_ids)})"
-                   for pick, roles in picks.values()]
-        targets = _and([f"{r['threshold']:g}%" for r in same])
-        out.append(f"At least {targets} of fp32 {name} ({row['reaching']} configurations reach "
-                   f"{'them' if len(same) > 1 else 'it'}): " + "; ".join(answers) + ".")
-    return out
-
-
-def _same_answers(rows: Sequence[Row]) -> list[list[Row]]:
-    """Consecutive default-table rows with the same runs in every role and the same count, as lists."""
-    out, previous = [], None
-    for row in rows:
-        key = (row["reaching"], *[(row[name] or {}).get("run_id") for name, _ in ROLES])
-        if out and key == previous:
-            out[-1].append(row)
-        else:
-            out.append([row])
-        previous = key
-    return out
-
-
-def _and(items: Sequence[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def _pick_facts(pick: Row, roles: Sequence[str], row: Row, group: Group, baseline_ids: set[str]) -> str:
-    facts = [f"{fmt_bytes(pick['bytes_per_vector'])} bytes/vector index"]
-    if pick["total_bytes_per_vector"] != pick["bytes_per_vector"]:
-        facts.append(f"{fmt_bytes(pick['total_bytes_per_vector'])} in total")
-    if "fastest" in roles:
-        facts.append(f"{fmt(pick['qps'], 0)} queries/s [{row['qps_column']}]")
-    if pick["run_id"] in baseline_ids:
-        return ", ".join(facts + ["the fp32 exact baseline itself"])
-    facts.append(f"{fmt(pick['retention'])}% of fp32")
-    if _has_interval(pick) and pick["delta"] is not None and _level(group):
-        digits = _decimals(None, None, pick["delta"], pick["delta_ci_low"], pick["delta_ci_high"])
-        facts.append(_verdict(pick["delta"], pick["delta_ci_low"], pick["delta_ci_high"], _level(group), "fp32",
-                              row["metric"], digits))
-    return ", ".join(facts)
-
-
-def _operating_point_sentences(group: Group, summary: Summary) -> list[str]:
-    out = []
-    for point in summary.get("operating_points") or []:
-        if point["group"] != group["group"]:
-            continue
-        wanted = " and ".join(point["requirements"]) or "no requirement"
-        if point["run_id"] is None:
-            out.append(f"Operating point ({wanted}, {point['objective']}): no completed run to choose from.")
-        elif point["meets"]:
-            columns = "".join(f", {c} {_number(v)}" for c, v in point["columns"].items())
-            out.append(f"Operating point ({wanted}; {point['objective']}): {point['label']} "
-                       f"({point['objective_column']} {_number(point['value'])}{columns}); "
-                       f"{point['runs_meeting']} configurations meet every requirement.")
-        else:
-            misses = "; ".join(f"{m['requirement']} ({m['column']} {_number(m['value'])}, short by "
-                               f"{_number(m['shortfall'])})" for m in point["missed"])
-            out.append(f"None meets {wanted}. Closest: {point['label']}, which misses {misses}.")
-    return out
-
-
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else fmt_cell(float(value))

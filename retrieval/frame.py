@@ -17,7 +17,8 @@ from retrieval import bootstrap
 from retrieval.metrics import DIRECTIONS
 from retrieval.runs import CODEC_KEYS, KNOB_KEYS, name_groups, precision_rank, run_id, run_row
 
-# paired(run_a, run_b, metric): the bootstrap interval (low, high) of metric(a) - metric(b), or None.
+# paired(run_a, run_b, metric): the bootstrap interval (low, high) of metric(a) - metric(b), or None; the one
+# add_intervals returns is a bootstrap.Pairing, which also gives the resampled values themselves.
 Paired = Callable[[str, str, str], Optional[tuple]]
 # Ratios of a run to its baseline (add_baseline_ratios) besides retention: ratio column -> measured column.
 BASELINE_RATIOS = {"memory_fraction": "bytes_per_vector", "qps_ratio": "qps", "latency_ratio": "latency_p50_ms"}
@@ -158,12 +159,13 @@ def interval_columns(metric: str) -> list[str]:
 
 
 def add_intervals(frame: pd.DataFrame, runs: list[dict], results_dir: str,
-                  settings: bootstrap.Settings) -> tuple[pd.DataFrame, Paired]:
+                  settings: bootstrap.Settings) -> tuple[pd.DataFrame, bootstrap.Pairing]:
     """Bootstrap intervals for every completed run (see retrieval/bootstrap.py): per metric m (R@K, MRR, RSUM)
     m_ci_low / m_ci_high, and the paired difference to the run's baseline (baseline_run, from
     add_baseline_ratios) m_delta, m_delta_ci_low, m_delta_ci_high; ci_note says why a run has none.
 
-    Returns (frame, paired): paired(run_a, run_b, metric) is the (low, high) interval of a - b, or None.
+    Returns (frame, paired): paired(run_a, run_b, metric) is the (low, high) interval of a - b, or None, and
+    paired.linear(...) the resampled values of any sum of runs' metrics (bootstrap.Pairing).
     """
     done = completed(frame)
     wanted = set(done["run_id"])
@@ -184,10 +186,7 @@ def add_intervals(frame: pd.DataFrame, runs: list[dict], results_dir: str,
     columns = [c for m in metrics for c in interval_columns(m)] + ["ci_note"]
     table = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=columns)
     frame = frame.drop(columns=[c for c in columns if c in frame.columns]).join(table)
-
-    def paired(a, b, metric):
-        return resampler.difference(ranked[a], ranked[b], metric) if a in ranked and b in ranked else None
-    return frame, paired
+    return frame, bootstrap.Pairing(ranked, resampler)
 
 
 def _pairing_note(rid, base, ranked):
@@ -207,6 +206,5 @@ def difference(value: object, base: object) -> float | None:
     return None if value is None or base is None or pd.isna(value) or pd.isna(base) else float(value) - float(base)
 
 
-def no_pairs(*_: str) -> None:
-    """paired() when intervals are off: no interval for any difference."""
-    return None
+# paired() when intervals are off: no interval for any difference, no resampled values.
+no_pairs = bootstrap.Pairing()

@@ -178,29 +178,60 @@ def _plain(value: Any) -> float | None:
 
 def default_table(main: pd.DataFrame, head: str | None) -> list[dict[str, Any]]:
     """Per retention threshold of the head metric: the smallest (index bytes; index + re-rank vectors) and
-    the fastest (batch QPS of the head metric's direction) run reaching it, with its paired difference to fp32."""
+    the fastest (batch QPS of the head metric's direction) run reaching it, with its paired difference to fp32;
+    the fastest also with the runs indistinguishable from it in speed (fastest_with_ties)."""
     retention = f"retention_{head}" if head else None
     if retention not in main.columns or not main[retention].notna().any():
         return []
-    qps = speed_column(main, "qps", head.split("_")[0])
+    direction = head.split("_")[0]
+    qps = speed_column(main, "qps", direction)
     rows = []
     for threshold in DEFAULT_THRESHOLDS:
         reach = main[pd.to_numeric(main[retention], errors="coerce") >= threshold]
         row = {"threshold": threshold, "metric": head, "retention_column": retention, "qps_column": qps,
                "reaching": int(len(reach))}
-        for name, column, sense in (("smallest", "bytes_per_vector", "min"),
-                                    ("smallest_total", "total_bytes_per_vector", "min"), ("fastest", qps, "max")):
-            ranked = _ranked(reach.assign(_goal=pd.to_numeric(reach[column], errors="coerce")), sense, head)
+        for name, column in (("smallest", "bytes_per_vector"), ("smallest_total", "total_bytes_per_vector")):
+            ranked = _ranked(reach.assign(_goal=pd.to_numeric(reach[column], errors="coerce")), "min", head)
             ranked = ranked[ranked["_goal"].notna()]
             row[name] = _pick(ranked.iloc[0], head, qps) if len(ranked) else None
+        fastest, ties = fastest_with_ties(reach, direction, head)
+        row["fastest"] = None if fastest is None else _pick(fastest, head, qps)
+        row["fastest_ties"] = [_pick(tie, head, qps) for _, tie in ties.iterrows()]
         rows.append(row)
     return rows
 
 
+def fastest_with_ties(frame_rows: pd.DataFrame, direction: str, head: str | None = None
+                      ) -> tuple[pd.Series | None, pd.DataFrame]:
+    """The fastest row of frame_rows in `direction` and the rows indistinguishable from it in speed.
+
+    Speed is {direction}_speedup (the ratio to fp32 exact, paired per timing round) where the frame has it,
+    else the batch QPS of that direction. With the speedup interval columns ({direction}_speedup_ci_low /
+    _ci_high), the ties are the other rows whose interval overlaps the fastest's; without them (runs that
+    carry no speed interval) there is no telling speeds apart, and the fastest stands alone.
+    Ties on the point value go to the higher head metric, then the run id (as every choice here)."""
+    speedup = f"{direction}_speedup"
+    column = speedup if speedup in frame_rows.columns and frame_rows[speedup].notna().any() \
+        else speed_column(frame_rows, "qps", direction)
+    ranked = _ranked(frame_rows.assign(_goal=pd.to_numeric(frame_rows[column], errors="coerce")), "max", head)
+    ranked = ranked[ranked["_goal"].notna()]
+    if ranked.empty:
+        return None, ranked
+    fastest, others = ranked.iloc[0], ranked.iloc[1:]
+    low, high = f"{speedup}_ci_low", f"{speedup}_ci_high"
+    if column != speedup or low not in ranked.columns or pd.isna(fastest.get(low)):
+        return fastest, others.iloc[0:0]
+    overlaps = (pd.to_numeric(others[high], errors="coerce") >= fastest[low]) & \
+        (pd.to_numeric(others[low], errors="coerce") <= fastest[high])
+    return fastest, others[overlaps.fillna(False).astype(bool)]
+
+
 def _pick(row: pd.Series, head: str, qps: str) -> dict[str, Any]:
-    """What the table says about one chosen run: its value, retention, paired difference, memory and speed."""
+    """What the table says about one chosen run: its value, retention, paired difference (with its marginal and
+    its joint interval, family.py), memory and speed."""
     fields = {"value": head, "retention": f"retention_{head}", "delta": f"{head}_delta",
               "delta_ci_low": f"{head}_delta_ci_low", "delta_ci_high": f"{head}_delta_ci_high",
+              "delta_sim_low": f"{head}_delta_sim_low", "delta_sim_high": f"{head}_delta_sim_high",
               "bytes_per_vector": "bytes_per_vector", "total_bytes_per_vector": "total_bytes_per_vector", "qps": qps}
     return {"run_id": row["run_id"], "label": row["label"],
             **{name: _plain(row.get(column)) for name, column in fields.items()}}

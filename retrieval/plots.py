@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from retrieval.decomposition_plot import loss_plot  # noqa: E402
 from retrieval.frame import completed, main_runs, recall_columns, speed_column  # noqa: E402
 from retrieval.io import atomic_path  # noqa: E402
 from retrieval.metrics import DIRECTION_NAMES  # noqa: E402
@@ -468,6 +469,8 @@ def group_plots(group: Mapping[str, Any], frame: pd.DataFrame, plots_dir: str,
          "candidates.png"),
         ("Retention vs fp32", lambda p: retention_bars(
             main, k, p, f"R@{k} kept vs fp32 exact ({source}{gallery})"), "retention.png"),
+        ("Where the loss comes from", lambda p: loss_plot(
+            group, p, f"Difference to fp32 exact, by part ({source}{gallery})"), "loss_decomposition.png"),
         ("Gallery-size scaling", lambda p: scaling_plot(
             done, k, p, f"Scaling with gallery size ({source})"), "scaling.png"),
         ("Recall vs batch throughput along the index knobs", lambda p: knob_curves(

@@ -15,8 +15,9 @@ import pandas as pd
 
 from retrieval.frame import main_runs, records
 from retrieval.metrics import DIRECTIONS
-from retrieval.findings import (Group, Row, Summary, distractor_label, findings, fmt, fmt_bytes, fmt_cell,
-                                metric_words, summary_sentences)
+from retrieval.findings import Group, Row, Summary, distractor_label, findings, fmt_cell, metric_words
+from retrieval.report_sections import check_lines, decomposition_lines
+from retrieval.summary_text import summary_lines
 
 
 def markdown_table(rows: Iterable[Mapping[str, object]], columns: Sequence[str],
@@ -64,9 +65,10 @@ def report_markdown(summary: Summary, frame: pd.DataFrame, plots: Mapping[str, S
         main = main_runs(frame[frame["group"] == group["group"]], group["main_gallery_size"])
         title = group.get("title") or f"{group['dataset']} / {group['split']} / {group['model']}"
         lines += [f"## {title}", "", "### Summary", ""]
-        lines += [f"- {s}" for s in summary_sentences(group, summary)] + [""] + _default_points_table(group)
+        lines += summary_lines(group, summary) + [""] + check_lines(group)
         lines += ["### Source", ""] + _source_table(group)
         lines += ["### Findings in detail", ""] + [f"- {s}" for s in findings(group)] + [""]
+        lines += decomposition_lines(group)
         lines += _run_table(group, main) + _pareto_tables(group) + _budget_table(group) + _means_tables(group)
         if group["scaling"]:
             cols = [c for c in group["scaling"][0] if c != "distractors_synthetic"]
@@ -124,23 +126,6 @@ def _run_table(group: Group, main: pd.DataFrame) -> list[str]:
             markdown_table(records(ordered), [c for c, _ in columns], [h for _, h in columns]), ""]
 
 
-def _default_points_table(group: Group) -> list[str]:
-    """The default operating points as a table (labels, not run ids: the run table lists those)."""
-    rows = group.get("default_operating_points") or []
-    if not rows:
-        return []
-    def cell(pick, column, show):
-        return "–" if pick is None else f"{pick['label']} ({show(pick[column])})"
-    table = [{"target": f">= {row['threshold']:g}% of fp32 {metric_words(row['metric'])}", "reach": row["reaching"],
-              "small": cell(row["smallest"], "bytes_per_vector", fmt_bytes),
-              "total": cell(row["smallest_total"], "total_bytes_per_vector", fmt_bytes),
-              "fast": cell(row["fastest"], "qps", lambda v: fmt(v, 0))} for row in rows]
-    return [markdown_table(table, ["target", "reach", "small", "total", "fast"],
-                           ["target", "configs reaching it", "smallest index (bytes/vector)",
-                            "smallest index + re-rank vectors (bytes/vector)",
-                            f"fastest ({rows[0]['qps_column']}, queries/s)"]), ""]
-
-
 def _pareto_tables(group: Group) -> list[str]:
     lines = []
     for cost, title in (("bytes_per_vector", "memory (index bytes/vector)"),
@@ -150,7 +135,9 @@ def _pareto_tables(group: Group) -> list[str]:
         if head and group["pareto"][cost][head]:
             front = group["pareto"][cost][head]
             column = front[0]["cost_column"]
-            lines += [f"### Pareto frontier: {metric_words(head)} vs {title}", "",
+            chosen = (group.get("selection") or {}).get("selected_on") and group["selection"]["split"]
+            lines += [f"### Pareto frontier: {metric_words(head)} vs {title}"
+                      + (f" (chosen on {chosen}, {group['split']}'s values)" if chosen else ""), "",
                       markdown_table(front, ["label", column, head, "run_id"],
                                      ["config", f"{title} [{column}]", metric_words(head), "run"]), ""]
     return lines
@@ -163,11 +150,15 @@ def _budget_table(group: Group) -> list[str]:
         if not group.get(key):
             continue
         metric = metric_words(group["primary_metric"])
-        lines += [f"### Best configuration per {what} budget (by {metric})", "",
-                  markdown_table(group[key], [f"budget_{cost}", "label", "value", "value_ci_low", "value_ci_high",
-                                              cost, "candidates"],
-                                 [f"budget ({cost})", "best config", metric, "interval low", "interval high",
-                                  f"its {cost}", "configs within budget"]), ""]
+        chosen = (group.get("selection") or {}).get("selected_on")
+        split = (group.get("selection") or {}).get("split")
+        extra = (["selected_value", "optimism"], [f"{metric} on {split} (chosen there)", "optimism (points)"]) \
+            if chosen else ([], [])
+        lines += [f"### Best configuration per {what} budget (by {metric}{f', chosen on {split}' if chosen else ''})",
+                  "", markdown_table(group[key], [f"budget_{cost}", "label", "value", "value_ci_low", "value_ci_high"]
+                                     + extra[0] + [cost, "candidates"],
+                                     [f"budget ({cost})", "best config", metric, "interval low", "interval high"]
+                                     + extra[1] + [f"its {cost}", "configs within budget"]), ""]
     return lines
 
 

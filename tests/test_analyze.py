@@ -12,7 +12,7 @@ import pytest
 import analyze_results
 from conftest import fill_up, mounted_tmpfs
 from ranked_runs import captions_of, synthetic_ranks, write_ranked_run
-from retrieval import findings, io
+from retrieval import findings, io, summary_text
 
 DATA = {"dataset": "toyset", "split": "test", "model": "toy-model", "dim": 8}
 
@@ -166,7 +166,7 @@ def test_partial_folder_without_baseline(tmp_path):
     (group,) = summary["groups"]
     assert group["runs_completed"] == 1 and group["runs_skipped"] == 1
     assert summary["rows"][0]["retention_t2i_R@1"] is None
-    assert any("No fp32 exact baseline" in s for s in findings.findings(group))
+    assert any("No fp32 exact baseline" in s for s in summary_text.summary_sentences(group, summary))
 
 
 def test_mixed_datasets_are_grouped_not_mixed(tmp_path):
@@ -212,7 +212,8 @@ def test_plots_are_valid_pngs_linked_from_the_report(plotted):
     (group,) = plotted.summary["groups"]
     names = {os.path.basename(p) for p in group["plots"]}
     assert names == {"recall_vs_memory.png", "recall_vs_qps.png", "recall_vs_latency.png",
-                     "heatmap_dim_precision.png", "candidates.png", "retention.png", "scaling.png"}
+                     "heatmap_dim_precision.png", "candidates.png", "retention.png", "scaling.png",
+                     "loss_decomposition.png"}
     for rel in group["plots"]:
         path = os.path.join(folder, rel)
         with open(path, "rb") as f:

@@ -140,7 +140,10 @@ def test_default_table_matches_brute_force(tmp_path):
     assert summary["operating_points"] == []
     report = open(os.path.join(folder, "REPORT.md")).read()
     summary_section = report.split("### Summary")[1].split("### Source")[0]
-    assert "At least 95% of fp32 t2i R@1" in summary_section and "Baseline fp32 exact" in summary_section
+    assert "| >= 95%" in summary_section and "Baseline: fp32 exact" in summary_section
+    # The table row names each role's pick (a label says what the configuration is, never a role's name).
+    row95 = next(line for line in summary_section.splitlines() if line.startswith("| >= 95%"))
+    assert all(table[0][role]["label"] in row95 for role in ("smallest", "smallest_total", "fastest"))
 
 
 def test_memory_columns_and_retention_names(tmp_path):
@@ -185,3 +188,15 @@ def test_knob_values_get_their_own_labels_and_curves(tmp_path):
     names = {os.path.basename(p) for p in summary["groups"][0]["plots"]}
     assert not {"knobs_recall_vs_qps.png", "knobs_recall_vs_latency.png"} & names
     assert not os.path.exists(os.path.join(folder, "plots", summary["groups"][0]["group"], "knobs_recall_vs_qps.png"))
+
+
+def test_fastest_with_ties_uses_speedup_intervals_when_the_runs_carry_them():
+    rows = pd.DataFrame({"run_id": ["a", "b", "c", "d"], "label": list("abcd"), "t2i_R@1": [10.0, 11.0, 12.0, 9.0],
+                         "t2i_qps": [900.0, 1000.0, 400.0, 950.0]})
+    fastest, ties = operating_points.fastest_with_ties(rows, "t2i", "t2i_R@1")
+    assert fastest["run_id"] == "b" and ties.empty        # no speed intervals: speeds cannot be told apart
+    rows = rows.assign(t2i_speedup=[2.1, 2.0, 0.9, 1.5], t2i_speedup_ci_low=[1.9, 1.7, 0.8, 1.2],
+                       t2i_speedup_ci_high=[2.3, 2.2, 1.0, 1.75])
+    fastest, ties = operating_points.fastest_with_ties(rows, "t2i", "t2i_R@1")
+    # The speedup ranks (a first, although b has the higher QPS); b's interval overlaps a's, d's and c's do not.
+    assert fastest["run_id"] == "a" and list(ties["run_id"]) == ["b"]

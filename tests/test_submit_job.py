@@ -50,7 +50,8 @@ def pipeline_env(tiny_clip_dir, **overrides):
                NUM_WORKERS="0", EMBEDDING_DIMS="8", PRECISIONS="int8 binary", CANDIDATE_SIZES="20",
                RECALL_K="1 5", THREADS="1", PREPARE_ARGS="--quiet --batch_size 32",
                EXPERIMENT_ARGS="--min_time 0.01 --latency_queries 5 --num_workers 1",
-               ANALYZE_ARGS="--no_plots", HF_HUB_OFFLINE="1")
+               ANALYZE_ARGS="--no_plots", HF_HUB_OFFLINE="1",
+               SELECT_SPLIT="")   # the test split alone (tests/test_submit_select.py covers SELECT_SPLIT=dev)
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 
