@@ -81,7 +81,10 @@ def harness_group(data_path, threads, precisions, gallery_size, fit_path):
     grid = build_grid(settings, files, fits)
     entry = next(e for e in grid if e.config["gallery_size"] == gallery_size or gallery_size == 0)
     group = Group(settings, files[0][1], fits[0], entry.config, distractors[0], pool, pick_device("cpu"))
-    return settings, group
+    # Each precision's flat index knobs as the grid gives them (a product code's codebook count, ...).
+    params = {e.config["precision"]: e.config["index_params"] for e in grid
+              if e.config["index"] == "flat" and e.config["dim"] == entry.config["dim"]}
+    return settings, group, params
 
 
 def bare_process(index, codes, k, threads, blas_threshold, passes, scratch):
@@ -104,11 +107,11 @@ def bench_overhead(data_path, threads, precisions, repeats=5, k=10, gallery_size
     index bytes searched with the same query batches by a bare loop in a fresh process, the two interleaved
     `repeats` times (the order alternating) so a drifting machine load hits both alike."""
     import tempfile
-    settings, group = harness_group(data_path, threads, precisions, gallery_size, fit_path)
+    settings, group, params = harness_group(data_path, threads, precisions, gallery_size, fit_path)
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for precision in precisions:
-            built = group.built(precision, "flat", {})
+            built = group.built(precision, "flat", params[precision])
             for direction, entry in built.items():
                 dim = group.directions[direction].queries.shape[1]
                 bare, harness = [], []

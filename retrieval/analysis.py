@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from retrieval import bootstrap, checks, family
+from retrieval import bootstrap, checks, family, speed_claims
+from retrieval.protocol_names import describe_protocol
 from retrieval.decomposition import decomposition_table, missing_references
 from retrieval.frame import (Paired, add_baseline_ratios, add_intervals, completed, interval_columns, main_runs,
                              metric_columns, no_pairs, recall_columns, records)
@@ -35,7 +36,8 @@ ENV_KEYS = ("hostname", "cpu", "cpu_count", "threads", "gpu", "git_commit", "pyt
 # What the report quotes about an fp32 exact baseline, besides its quality metrics.
 BASELINE_COLUMNS = ["run_id", "label", "data_path", "bytes_per_vector", "total_bytes_per_vector", "qps",
                     "latency_p50_ms"]
-BASELINE_EXTRA = ["dim"] + [f"{d}_{name}" for d in DIRECTIONS for name in ("qps", "latency_p50_ms")]
+BASELINE_EXTRA = ["dim"] + [f"{d}_{name}{part}" for d in DIRECTIONS for name in ("qps", "latency_p50_ms")
+                             for part in ("", "_ci_low", "_ci_high")]
 
 
 def _distinct(values):
@@ -123,7 +125,18 @@ def analyse_group(frame: pd.DataFrame, runs: list[dict], primary_metric: str | N
         "dim_methods": dim_methods_table(main, head, paired) if head else [],
         "whole_gallery_candidates": whole_gallery_candidates(main),
         "decomposition": decomposed, "decomposition_missing": missing_references(decomposed),
+        "protocol": describe_protocol(data_attrs(runs[0])) if runs and data_attrs(runs[0]) else None,
+        "speed": speed_summary(main),
     }
+
+
+def speed_summary(main: pd.DataFrame) -> dict:
+    """The machine while the group's runs were timed (speed_claims.load_record), the one-line warning when it
+    was loaded, and per direction the latency percentiles some run could not estimate."""
+    rows = records(main)
+    record = speed_claims.load_record(rows)
+    return {"conditions": record, "warning": speed_claims.load_warning(record),
+            "latency_gaps": {d: speed_claims.latency_gaps(rows, d) for d in DIRECTIONS}}
 
 
 def interval_summary(done: pd.DataFrame) -> dict:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from retrieval.metrics import DIRECTION_NAMES, DIRECTIONS
+from retrieval.metrics import DIRECTION_NAMES
+from retrieval.speed_claims import speed_verdict
 
 # The summary, one of its groups and one row of a group's tables: the JSON-ready dicts analysis.analyse
 # stores, read as they are, so a sentence quotes only what experiment_summary.json holds.
@@ -145,29 +146,17 @@ def findings(group: Group) -> list[str]:
     out = _frontier_sentences(group) + _reranking_sentences(group)
     out += _dim_reduction_sentences(group) + _dim_method_sentences(group)
     out += _budget_sentences(group, len(out))
-    out += _scaling_sentences(group) + _caveats(group)
+    out += _scaling_sentences(group) + _latency_tail_sentences(group) + _caveats(group)
     return out
 
 
-def _baseline_sentences(group: Group) -> list[str]:
-    if not group["baseline"]:
-        return ["No fp32 exact baseline in these runs, so retention and speed ratios are not available."]
-    gallery = group["main_gallery_size"]
-    at_gallery = f" (gallery of {gallery:,} items)" if gallery else ""
-    out = []
-    for base in group["baseline"]:
-        metrics = ", ".join(f"{metric_words(m)} {_with_interval(base, m, group)}"
-                            for m in group["recall_metrics"] if base[m] is not None)
-        rsum = f", RSUM {fmt(base['RSUM'])}" if base.get("RSUM") is not None else ""
-        speeds = [f"{DIRECTION_NAMES[d]} {fmt(base[f'{d}_qps'], 0)} queries/s batch, p50 "
-                  f"{fmt(base[f'{d}_latency_p50_ms'], 3)} ms per single query"
-                  for d in DIRECTIONS if base[f"{d}_qps"] is not None]
-        if not speeds and base["qps"] is not None:
-            speeds.append(f"{fmt(base['qps'], 0)} queries/s batch, p50 {fmt(base['latency_p50_ms'], 3)} ms "
-                          "per single query")
-        out.append(f"Baseline fp32 exact search at {int(base['dim'])}-d{at_gallery}: {metrics}{rsum}; "
-                   f"{fmt_bytes(base['bytes_per_vector'])} bytes/vector" + "".join(f"; {x}" for x in speeds) + ".")
-    return out
+def _latency_tail_sentences(group: Group) -> list[str]:
+    """'text→image latency: p99 not estimable from 100 queries (needs 1,000) in 5 run(s) ...' (the estimability
+    rule: at least 10 timed queries beyond a percentile), once per direction with gaps."""
+    gaps = (group.get("speed") or {}).get("latency_gaps") or {}
+    return [f"{DIRECTION_NAMES[d]} latency: {'; '.join(found)}; such percentiles are null in summary.csv "
+            "(run_experiments.py --latency_queries 1000 makes p99 estimable where the queries allow)."
+            for d, found in gaps.items() if found]
 
 
 def _with_interval(row: Row, metric: str, group: Group) -> str:
@@ -214,17 +203,24 @@ def _quality_phrase(row: Row, group: Group) -> str:
 
 
 def _speed_phrase(row: Row) -> str:
-    """'<direction> batch search is 2.30x faster than fp32 exact (…); single-query p50 latency …'."""
+    """'<direction> batch search: 2.30x faster than fp32 exact (95% interval ...; 12,000 vs 5,200 queries/s);
+    single-query p50 latency 0.050 vs 0.090 ms: ...'. The speed-ups are the run's own, paired per timing round
+    (per query for latency) with fp32 exact; runs from before speed intervals fall back to the plain ratio."""
     where = f"{DIRECTION_NAMES[row['speed_direction']]} " if row["speed_direction"] else ""
     parts = []
-    if row["qps_ratio"] is not None:
+    pair = f"{fmt(row['qps'], 0)} vs {fmt(row['baseline_qps'], 0)} queries/s"
+    verdict = speed_verdict(row.get("speedup"), row.get("speedup_ci_low"), row.get("speedup_ci_high"))
+    if verdict:
+        parts.append(f"{where}batch search {verdict}; {pair}")
+    elif row["qps_ratio"] is not None:
         ratio = row["qps_ratio"]
         word = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
-        parts.append(f"{where}batch search is {word} than fp32 exact ({fmt(row['qps'], 0)} vs "
-                     f"{fmt(row['baseline_qps'], 0)} queries/s)")
+        parts.append(f"{where}batch search is {word} than fp32 exact ({pair}, no interval)")
     if row["latency_p50_ms"] is not None and row["baseline_latency_p50_ms"] is not None:
+        latency = speed_verdict(row.get("latency_speedup"), row.get("latency_speedup_ci_low"),
+                                row.get("latency_speedup_ci_high"))
         parts.append(f"single-query p50 latency {fmt(row['latency_p50_ms'], 3)} ms vs "
-                     f"{fmt(row['baseline_latency_p50_ms'], 3)} ms")
+                     f"{fmt(row['baseline_latency_p50_ms'], 3)} ms" + (f" ({latency})" if latency else ""))
     return "; ".join(parts)
 
 

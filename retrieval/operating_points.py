@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from retrieval import speed_claims
 from retrieval.frame import main_runs, speed_column
 from retrieval.runs import AnalysisError
 
@@ -97,7 +98,11 @@ def check_columns(frame: pd.DataFrame, requirements: Sequence[Requirement], obje
     valid = numeric_columns(frame)
     named = [(f"--require {r.text!r}", r.column) for r in requirements]
     named += [(f"--objective {objective}", objective.column)] if objective else []
+    rows = frame.to_dict(orient="records")
     for flag, column in named:
+        unestimable = speed_claims.unestimable_requirement(column, rows) if column not in valid else None
+        if unestimable:
+            raise AnalysisError(f"{flag}: {unestimable}")
         if column not in valid:
             raise AnalysisError(f"{flag}: unknown column {column!r} (valid: {', '.join(valid)})")
 
@@ -232,7 +237,8 @@ def _pick(row: pd.Series, head: str, qps: str) -> dict[str, Any]:
     fields = {"value": head, "retention": f"retention_{head}", "delta": f"{head}_delta",
               "delta_ci_low": f"{head}_delta_ci_low", "delta_ci_high": f"{head}_delta_ci_high",
               "delta_sim_low": f"{head}_delta_sim_low", "delta_sim_high": f"{head}_delta_sim_high",
-              "bytes_per_vector": "bytes_per_vector", "total_bytes_per_vector": "total_bytes_per_vector", "qps": qps}
+              "bytes_per_vector": "bytes_per_vector", "total_bytes_per_vector": "total_bytes_per_vector", "qps": qps,
+              **{f"speedup{part}": f"{head.split('_')[0]}_speedup{part}" for part in ("", "_ci_low", "_ci_high")}}
     return {"run_id": row["run_id"], "label": row["label"],
             **{name: _plain(row.get(column)) for name, column in fields.items()}}
 

@@ -105,8 +105,9 @@ def recall_vs_cost(main: pd.DataFrame, recall_k: int, cost: str, path: str, titl
                                                                     direction)
         points = data.dropna(subset=[col, cost])
         for (precision, dim), part in points.groupby(["precision", "dim"], sort=False):
-            ax.errorbar(part[cost], part[col], yerr=_error(part, col), fmt="none", ecolor=colours[precision],
-                        elinewidth=0.9, alpha=0.7)
+            # Speeds carry their 95% interval over timing rounds (x), recall its bootstrap interval (y).
+            ax.errorbar(part[cost], part[col], yerr=_error(part, col), xerr=_error(part, cost), fmt="none",
+                        ecolor=colours[precision], elinewidth=0.9, alpha=0.7)
             ax.scatter(part[cost], part[col], color=colours[precision], marker=markers.get(dim, "o"),
                        s=46, alpha=0.85, edgecolor="black", linewidth=0.4, zorder=3)
         front = pareto_frontier(points, cost, col, lower_cost_is_better=lower_is_better)

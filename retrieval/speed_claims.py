@@ -1,16 +1,14 @@
 """What the analysis may say about speed, from the intervals the sweep stored (retrieval/speed_stats.py): the
-verdict of a speed-up against fp32 exact, which configurations are indistinguishable from the fastest, whether
-the machine was loaded while timing, and why a latency percentile is missing.
+verdict of a speed-up against fp32 exact, whether the machine was loaded while timing, and why a latency
+percentile is missing (the fastest configuration and its ties: operating_points.fastest_with_ties).
 
 Every run's speed-up is paired with fp32 exact at the native dim timed in the same rounds (timing.time_rounds),
-so speed-ups of different runs compare without the load each met: the fastest configuration is the one with
-the largest speed-up, and another is indistinguishable from it when their 95% speed-up intervals overlap (a
-conservative rule: two marginal intervals that overlap may still differ; ones that do not, do).
+so speed-ups of different runs compare without the load each met.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from retrieval.speed_stats import min_samples
@@ -49,24 +47,6 @@ def speed_verdict(value: float | None, low: float | None, high: float | None, wh
     if low > 1.0:
         return f"{value:.2f}x faster than {what} (95% interval {low:.2f}x-{high:.2f}x)"
     return f"{1 / value:.2f}x slower than {what} (95% interval {1 / high:.2f}x-{1 / low:.2f}x slower)"
-
-
-def overlaps(a: tuple, b: tuple) -> bool:
-    """Whether two (value, low, high) intervals overlap (a missing bound counts as overlapping)."""
-    if None in (a[1], a[2], b[1], b[2]):
-        return True
-    return a[1] <= b[2] and b[1] <= a[2]
-
-
-def fastest_with_ties(rows: Sequence[Row], direction: str) -> tuple[Row | None, list[Row]]:
-    """(the row with the largest paired speed-up in `direction`, the other rows whose speed-up interval
-    overlaps its: indistinguishable from it in speed); (None, []) when no row has a speed-up."""
-    timed = [row for row in rows if speedup_of(row, direction)[0] is not None]
-    if not timed:
-        return None, []
-    fastest = max(timed, key=lambda row: speedup_of(row, direction)[0])
-    best = speedup_of(fastest, direction)
-    return fastest, [row for row in timed if row is not fastest and overlaps(speedup_of(row, direction), best)]
 
 
 def loaded(row: Row) -> bool:
@@ -142,6 +122,6 @@ def unestimable_requirement(column: str, rows: Iterable[Row]) -> str | None:
             if not counts:
                 return None
             need = min_samples(int(name[1:]) / 100)
-            return (f"{column}: {name} is not estimable from {max(counts):,} latency queries (it needs {need:,}: "
+            return (f"{name} is not estimable from {max(counts):,} latency queries (it needs {need:,}: "
                     f"10 beyond it); rerun run_experiments.py with --latency_queries {need} or more")
     return None

@@ -40,13 +40,22 @@ def _baseline(group: Group) -> list[str]:
         gallery = f", {group['main_gallery_size']:,} images" if group["main_gallery_size"] else ""
         metrics = [m for m in _r1(group) if base.get(m) is not None]
         values = "; ".join(f"{metric_words(m)} {_value(base, m, group)}" for m in metrics)
-        # The speed phrase as findings.py has always worded it (speed is issue #29's; only its place moved).
-        speeds = [f"{DIRECTION_NAMES[d]} {fmt(base[f'{d}_qps'], 0)} queries/s batch, p50 "
-                  f"{fmt(base[f'{d}_latency_p50_ms'], 3)} ms per single query"
+        speeds = [f"{DIRECTION_NAMES[d]} {_with_interval(base, f'{d}_qps', 0)} queries/s batch, p50 "
+                  f"{_with_interval(base, f'{d}_latency_p50_ms', 3)} ms per single query"
                   for d in DIRECTIONS if base.get(f"{d}_qps") is not None]
-        out.append(f"Baseline: fp32 exact search at {int(base['dim'])}-d{gallery}: {values}"
+        protocol = f" ({group['protocol']})" if group.get("protocol") else ""
+        out.append(f"Baseline: fp32 exact search at {int(base['dim'])}-d{gallery}{protocol}: {values}"
                    + "".join(f"; {x}" for x in speeds) + ".")
+    if (group.get("speed") or {}).get("warning"):
+        out.append(group["speed"]["warning"])
     return out
+
+
+def _with_interval(row: Row, column: str, digits: int) -> str:
+    """'55,694 [54,980, 56,410]': a stored speed with its 95% interval over timing rounds, when it has one."""
+    low, high = row.get(f"{column}_ci_low"), row.get(f"{column}_ci_high")
+    interval = f" [{fmt(low, digits)}, {fmt(high, digits)}]" if low is not None and high is not None else ""
+    return fmt(row.get(column), digits) + interval
 
 
 def _r1(group: Group) -> list[str]:
@@ -111,7 +120,10 @@ def _table(group: Group) -> list[str]:
         return []
     name = metric_words(rows[0]["metric"])
     qps = rows[0]["qps_column"]
-    header = [f"{name} kept vs fp32"] + [h if role != "fastest" else f"fastest [{qps}] (ties)" for role, h in ROLES]
+    paired = any((row.get("fastest") or {}).get("speedup") is not None for row in rows)
+    fastest = "fastest: speed-up over fp32 exact, paired [95%] (ties: intervals overlap)" if paired \
+        else f"fastest [{qps}] (ties)"
+    header = [f"{name} kept vs fp32"] + [h if role != "fastest" else fastest for role, h in ROLES]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for same in _same_answers(rows):
         row = same[0]
@@ -144,13 +156,22 @@ def _cell(pick: Row | None, role: str, row: Row, group: Group) -> str:
         return f"{pick['label']} (chosen on {row.get('selected_on')}) was not measured on {group['split']}"
     size = {"smallest": fmt_bytes(pick["bytes_per_vector"]) + " B",
             "smallest_total": fmt_bytes(pick["total_bytes_per_vector"]) + " B",
-            "fastest": fmt(pick["qps"], 0) + " queries/s"}[role]
+            "fastest": _speed_cell(pick)}[role]
     text = f"{pick['label']}, {size}: {_difference(pick, group)}"
     if pick.get("optimism") is not None:
         text += f"; optimism {_signed(pick['optimism'], pick.get('optimism_ci_low'), pick.get('optimism_ci_high'))}"
     if role == "fastest" and row.get("fastest_ties"):
         text += "; ties: " + ", ".join(t["label"] for t in row["fastest_ties"])
     return text
+
+
+def _speed_cell(pick: Row) -> str:
+    """'2.60x fp32 exact [2.54, 2.64]' (the paired speed-up and its 95% interval), or queries/s for runs without."""
+    if pick.get("speedup") is None:
+        return fmt(pick["qps"], 0) + " queries/s"
+    low, high = pick.get("speedup_ci_low"), pick.get("speedup_ci_high")
+    interval = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
+    return f"{pick['speedup']:.2f}x fp32 exact{interval}"
 
 
 def _difference(pick: Row, group: Group) -> str:

@@ -196,9 +196,11 @@ def _speed_comparison(row, base, direction):
         return column if pd.notna(row.get(column)) and pd.notna(base.get(column)) else name
     qps, p50 = pick("qps"), pick("latency_p50_ms")
     measured = pd.notna(row.get(qps)) and pd.notna(base.get(qps)) and base[qps] and row[qps]
+    paired = {f"{kind}speedup{part}": clean(row.get(f"{direction}_{kind}speedup{part}"))
+              for kind in ("", "latency_") for part in ("", "_ci_low", "_ci_high")}
     return {"speed_direction": direction if qps != "qps" else None,
             "qps": row.get(qps), "baseline_qps": base.get(qps), "qps_ratio": row[qps] / base[qps] if measured else None,
-            "latency_p50_ms": row.get(p50), "baseline_latency_p50_ms": base.get(p50)}
+            "latency_p50_ms": row.get(p50), "baseline_latency_p50_ms": base.get(p50), **paired}
 
 
 def reranking_table(main: pd.DataFrame, metric: str, paired: Paired = no_pairs) -> list[dict]:

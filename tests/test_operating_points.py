@@ -1,5 +1,6 @@
 """Operating points (--require / --objective), the default 95 / 99 / 99.5% table, memory columns and knob
 labels, each checked against a brute-force pandas computation over summary.csv."""
+import json
 import os
 
 import numpy as np
@@ -200,3 +201,50 @@ def test_fastest_with_ties_uses_speedup_intervals_when_the_runs_carry_them():
     fastest, ties = operating_points.fastest_with_ties(rows, "t2i", "t2i_R@1")
     # The speedup ranks (a first, although b has the higher QPS); b's interval overlaps a's, d's and c's do not.
     assert fastest["run_id"] == "a" and list(ties["run_id"]) == ["b"]
+
+
+def edit_speed(folder, name, **speed):
+    path = os.path.join(folder, "runs", f"{name}.json")
+    run = json.load(open(path))
+    run["speed"].update(speed)
+    json.dump(run, open(path, "w"))
+
+
+def test_a_requirement_on_a_percentile_no_run_could_estimate_is_one_error_naming_latency_queries(tmp_path):
+    folder = hand_made(str(tmp_path))
+    for name in "ABCDE":  # what run_experiments.py writes for p99 from 100 queries
+        edit_speed(folder, name, t2i_latency_p99_ms=None, t2i_latency_queries=100,
+                   t2i_latency_note="not estimable from 100 queries: p99 (needs 1000)")
+    with pytest.raises(SystemExit) as error:
+        analyze_results.main(["--results_dir", folder, "--no_plots", "--require", "t2i_latency_p99_ms<=2"])
+    assert str(error.value) == ("error: --require 't2i_latency_p99_ms<=2': p99 is not estimable from 100 latency "
+                                "queries (it needs 1,000: 10 beyond it); rerun run_experiments.py with "
+                                "--latency_queries 1000 or more")
+    assert not os.path.exists(os.path.join(folder, "experiment_summary.json"))
+    analyze_results.main(["--results_dir", folder, "--no_plots", "--bootstrap", "0"])
+    report = open(os.path.join(folder, "REPORT.md")).read()
+    assert "text→image latency: p99 not estimable from 100 queries (needs 1,000) in 5 run(s)" in report
+
+
+def test_the_report_words_paired_speedups_with_intervals_and_warns_of_load(tmp_path):
+    folder = hand_made(str(tmp_path))
+    busy = {"load_before": 3.6, "load_after": 3.9, "cpu_pressure_pct": 80.0, "cores": 2, "threads_asked": 2,
+            "threads_timed": 1, "other_runnable_before": 2.0}
+    speedups = {"A": (1.0, 0.97, 1.04), "B": (2.1, 1.9, 2.3), "C": (1.02, 0.9, 1.1), "D": (3.0, 2.0, 3.5),
+                "E": (0.8, 0.7, 0.9)}
+    for name, (value, low, high) in speedups.items():
+        edit_speed(folder, name, t2i_speedup=value, t2i_speedup_ci_low=low, t2i_speedup_ci_high=high,
+                   t2i_qps_ci_low=900.0, t2i_qps_ci_high=3100.0, conditions=busy)
+    summary = analyze_results.main(["--results_dir", folder, "--no_plots", "--bootstrap", "0"])
+    report = open(os.path.join(folder, "REPORT.md")).read()
+    assert report.count("Timings taken under load (load average up to 3.9 on 2 cores, CPU pressure up to 80%") == 1
+    group = summary["groups"][0]
+    assert group["speed"]["conditions"]["runs_loaded"] == 5
+    # The fastest cell quotes the paired speed-up and names the runs whose interval overlaps it: at 95%, C (1.02,
+    # 0.90-1.10) with A (0.97-1.04) and E (0.70-0.90) tied; B and D do not reach 95%.
+    at95 = next(row for row in group["default_operating_points"] if row["threshold"] == 95)
+    assert at95["fastest"]["run_id"] == "C" and {t["run_id"] for t in at95["fastest_ties"]} == {"A", "E"}
+    assert "int8 8d C=20, 1.02x fp32 exact [0.90, 1.10]" in report
+    assert "batch search 3.00x faster than fp32 exact (95% interval 2.00x-3.50x)" in report
+    assert "batch search indistinguishable in speed from fp32 exact (1.02x, 95% interval 0.90x-1.10x)" in report
+    assert "text→image 1,000 [900, 3,100] queries/s batch" in report

@@ -167,14 +167,6 @@ def test_speed_verdicts_follow_the_interval():
     assert "no interval" in speed_claims.speed_verdict(2.0, None, None)
 
 
-def test_fastest_lists_those_whose_interval_overlaps_it():
-    rows = [row(5.0, 4.5, 5.5, label="a"), row(4.8, 4.0, 4.6, label="b"), row(3.0, 2.8, 3.2, label="c"),
-            row(None, None, None, label="untimed")]
-    fastest, ties = speed_claims.fastest_with_ties(rows, "t2i")
-    assert fastest["label"] == "a" and [r["label"] for r in ties] == ["b"]
-    assert speed_claims.fastest_with_ties([row(None, None, None)], "t2i") == (None, [])
-
-
 def test_load_warning_counts_loaded_runs():
     quiet = {"threads_asked": 2, "threads_timed": 2, "cpu_pressure_pct": 1.0, "load_before": 0.4, "cores": 2}
     busy = {"threads_asked": 2, "threads_timed": 1, "cpu_pressure_pct": 80.0, "load_before": 3.6, "cores": 2}
@@ -188,7 +180,7 @@ def test_a_requirement_on_an_unestimable_percentile_names_latency_queries():
     rows = [{"t2i_latency_p50_ms": 0.1, "t2i_latency_p95_ms": 0.2, "t2i_latency_p99_ms": None,
              "t2i_latency_queries": 100}]
     fault = speed_claims.unestimable_requirement("t2i_latency_p99_ms", rows)
-    assert fault == ("t2i_latency_p99_ms: p99 is not estimable from 100 latency queries (it needs 1,000: 10 beyond "
+    assert fault == ("p99 is not estimable from 100 latency queries (it needs 1,000: 10 beyond "
                      "it); rerun run_experiments.py with --latency_queries 1000 or more")
     assert speed_claims.unestimable_requirement("t2i_latency_p50_ms", [{"t2i_latency_p50_ms": 0.1}]) is None
     assert speed_claims.latency_gaps(rows, "t2i") == ["p99 not estimable from 100 queries (needs 1,000) in 1 run(s)"]
