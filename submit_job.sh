@@ -70,7 +70,7 @@ fi
 
 # ------------------------------------------------------------------------------------------------ knobs
 # Every knob is an environment variable; docs/cluster.md lists them.
-DATASET=${DATASET:-synthetic}              # synthetic | flickr8k | coco | csv
+DATASET=${DATASET:-synthetic}              # synthetic | flickr8k | flickr30k | coco | csv
 DATA_ROOT=${DATA_ROOT:-coco_data}
 DATA_DIR=${DATA_DIR:-$DATA_ROOT/$DATASET}       # where the dataset is read (and downloaded to with DOWNLOAD=1)
 # Hand-off files get their own folder, so a shared read-only dataset copy works as DATA_DIR.
