@@ -6,8 +6,8 @@
   costs a look, a missed anomaly a wrong conclusion;
 - the fp32 exact baseline slower than a configuration that does strictly more work (stage 1, then fp32
   re-ranking of candidates covering the whole gallery at the native dim): its speed number is suspect;
-- a run whose timed passes spread more than SPREAD_LIMIT_PCT in some stage: its speed is unstable (a loaded
-  machine), so its speed ratios are shaky.
+- a run whose batch speed's 95% interval is wider than SPREAD_LIMIT_PCT of it (older files: whose timed passes
+  spread more than that in some stage): its speed is unstable (a loaded machine), so its speed ratios are shaky.
 
 The spreads are read from each run file's speed section (<d>_<stage>_qps_spread_pct, which runs.run_row does
 not flatten), taking the largest stage of each direction.
@@ -27,11 +27,17 @@ STAGES = ("transform", "search", "rerank")
 
 
 def add_spreads(frame: pd.DataFrame, runs_by_id: Mapping[str, dict]) -> pd.DataFrame:
-    """<d>_speed_spread_pct: the largest spread (%) of any timed stage of direction d, from the run files."""
+    """<d>_speed_spread_pct: how uncertain direction d's batch speed is, in % of it: the width of its 95% interval
+    over timing rounds (run schema 3; one slow round among ten does not move it), or for older run files the
+    largest spread (max - min over passes) of any timed stage."""
     for d in DIRECTIONS:
         values = []
         for rid in frame["run_id"]:
             speed = (runs_by_id.get(rid) or {}).get("speed") or {}
+            qps, low, high = (speed.get(f"{d}_qps{part}") for part in ("", "_ci_low", "_ci_high"))
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (qps, low, high)) and qps > 0:
+                values.append(100.0 * (high - low) / qps)
+                continue
             spreads = [speed.get(f"{d}_{stage}_qps_spread_pct") for stage in STAGES]
             spreads = [float(v) for v in spreads if isinstance(v, (int, float)) and not isinstance(v, bool)]
             values.append(max(spreads) if spreads else None)

@@ -32,8 +32,9 @@ def check_lines(group: Group) -> list[str]:
     if spreads:
         named = "; ".join(f"{c['label']} {c['direction']} {fmt(c['spread_pct'])}%" for c in spreads[:SHOWN_SPREADS])
         more = f"; and {len(spreads) - SHOWN_SPREADS} more" if len(spreads) > SHOWN_SPREADS else ""
-        lines.append(f"- {len(spreads)} timings spread more than {fmt(spreads[0]['limit_pct'], 0)}% across their "
-                     f"timed passes (a loaded machine?), so their speed ratios are shaky: {named}{more}.")
+        lines.append(f"- {len(spreads)} batch speeds are uncertain by more than {fmt(spreads[0]['limit_pct'], 0)}% of "
+                     f"themselves (the width of their 95% interval over timing rounds; older run files: the spread "
+                     f"of their passes), so their speed comparisons are shaky: {named}{more}.")
     return lines + [""]
 
 

@@ -120,6 +120,8 @@ class Confirmation:
         out = {"run_id": ev["run_id"], "label": ev["label"], "missing": False,
                **{name: clean(ev.get(column)) for name, column in fields.items()}}
         out["qps"] = clean(ev.get(pick.get("qps_column") or "qps"))
+        direction = metric.split("_")[0]
+        out.update({f"speedup{part}": clean(ev.get(f"{direction}_speedup{part}")) for part in ("", "_ci_low", "_ci_high")})
         return dict(out, **self.optimism(pick["run_id"], metric))
 
     def default_table(self) -> list[dict[str, Any]]:

@@ -67,6 +67,12 @@ def test_verdicts_use_joint_intervals_and_the_report_checks_a_run_above_fp32_and
     run = json.load(open(path))
     run["speed"].update(t2i_search_qps_spread_pct=35.0, t2i_rerank_qps_spread_pct=5.0)
     json.dump(run, open(path, "w"))
+    # A run of schema 3: the width of its batch speed's interval over rounds counts (50% here), not the spread.
+    for name, (low, high) in (("B2", (800.0, 1300.0)), ("B3", (980.0, 1020.0))):
+        path = os.path.join(folder, "runs", f"{name}.json")
+        run = json.load(open(path))
+        run["speed"].update(t2i_qps_ci_low=low, t2i_qps_ci_high=high, t2i_search_qps_spread_pct=90.0)
+        json.dump(run, open(path, "w"))
     out = os.path.join(folder, "experiment_summary.json")
     summary = analyze_results.main(["--results_dir", folder, "--output_path", out, "--no_plots",
                                     "--bootstrap", "500"])
@@ -77,13 +83,16 @@ def test_verdicts_use_joint_intervals_and_the_report_checks_a_run_above_fp32_and
         assert rows[rid]["t2i_R@1_delta_sim_low"] <= rows[rid]["t2i_R@1_delta_ci_low"]
         assert rows[rid]["t2i_R@1_delta_sim_high"] >= rows[rid]["t2i_R@1_delta_ci_high"]
     assert rows["B0"]["t2i_speed_spread_pct"] == 35.0
+    assert rows["B2"]["t2i_speed_spread_pct"] == pytest.approx(50.0) and rows["B3"]["t2i_speed_spread_pct"] == 4.0
     checks = {(c["check"], c["run_id"], c.get("metric")) for c in group["checks"]}
-    assert {("above_fp32", "Z", "t2i_R@1"), ("above_fp32", "Z", "i2t_R@1"), ("unstable_speed", "B0", None)} <= checks
+    assert {("above_fp32", "Z", "t2i_R@1"), ("above_fp32", "Z", "i2t_R@1"), ("unstable_speed", "B0", None),
+            ("unstable_speed", "B2", None)} <= checks and ("unstable_speed", "B3", None) not in checks
     assert not any(c["run_id"].startswith("B") and c["check"] == "above_fp32" for c in group["checks"])
     report = open(os.path.join(folder, "REPORT.md")).read()
     check_section = report.split("### Check these")[1].split("### Source")[0]
     assert f"pq 8d no rerank scores above fp32 exact in t2i R@1: {rows['Z']['t2i_R@1']:.1f}" in check_section
-    assert "1 timings spread more than 20%" in check_section and "int8 8d no rerank t2i 35.0%" in check_section
+    assert "2 batch speeds are uncertain by more than 20%" in check_section
+    assert "int8 8d no rerank t2i 35.0%" in check_section
     assert "at 95% jointly" in report and "hold jointly at 95% over the group's 14 comparisons" in report
     assert "t2i_R@1_delta_sim_low" in open(os.path.join(folder, "summary.csv")).readline()
 

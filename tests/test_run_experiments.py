@@ -1374,6 +1374,17 @@ def test_sigint_mid_sweep_exits_130_keeps_complete_runs_and_the_rerun_resumes(tm
         f"{len(expected) - len(kept)} written, {len(kept)} already done, under {runs_dir}"
     assert sorted(glob.glob(os.path.join(runs_dir, "*.json"))) == sorted(expected)
     assert {p: open(p, "rb").read() for p in kept} == complete
+    # Resumed runs keep their speed intervals: the analysis reads them as the first sweep stored them.
+    import analyze_results
+    import pandas as pd
+    analyze_results.main(["--results_dir", out, "--no_plots", "--bootstrap", "0"])
+    table = pd.read_csv(os.path.join(out, "summary.csv")).set_index("run_id")
+    for path in kept:
+        speed = json.load(open(path)).get("speed")
+        if speed:
+            row = table.loc[os.path.basename(path)[:-len(".json")]]
+            for key in ("t2i_qps_ci_low", "t2i_qps_ci_high", "t2i_speedup", "t2i_speedup_ci_low"):
+                assert row[key] == pytest.approx(speed[key]), key
 
 
 def test_faiss_work_outside_timing_runs_on_the_main_thread(tmp_path, monkeypatch):
