@@ -165,6 +165,11 @@ def test_speed_verdicts_follow_the_interval():
     assert speed_claims.speed_verdict(0.5, 0.4, 0.625).startswith("2.00x slower than fp32 exact (95% interval 1.60x-2.50x")
     assert speed_claims.speed_verdict(1.02, 0.95, 1.06).startswith("indistinguishable in speed from fp32 exact")
     assert "no interval" in speed_claims.speed_verdict(2.0, None, None)
+    # Clear of 1 but inside the margin two sweeps of one configuration differ by: not a claim either way.
+    assert speed_claims.speed_verdict(1.05, 1.02, 1.08).endswith("within the 10% by which two runs of one "
+                                                                  "configuration differ)")
+    assert speed_claims.speed_verdict(0.93, 0.92, 0.94).startswith("indistinguishable")
+    assert speed_claims.speed_verdict(1.2, 1.11, 1.3).startswith("1.20x faster")
 
 
 def test_load_warning_counts_loaded_runs():
