@@ -120,8 +120,10 @@ def test_resume_with_a_new_dim_says_it_starts_that_dim_fresh(model_dir, syntheti
 
 def interrupt(command, ready, cwd=ROOT, timeout=120):
     """Start `command`, send it SIGINT once ready() is true, return (exit status, stderr)."""
+    # SIGINT as a terminal's Ctrl-C delivers it: a background job of a shell may inherit it ignored.
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "TQDM_DISABLE": "1"})
+                               env={**os.environ, "TQDM_DISABLE": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + timeout
     while not ready():
         assert process.poll() is None and time.time() < deadline, "finished or stuck before the interrupt"
