@@ -1,5 +1,7 @@
-"""How the sweep times a search: pinned thread pools, whole passes over the queries, the spread across
-passes, single-query latency, and the process's memory.
+"""How the sweep times a search: pinned thread pools, interleaved rounds of a configuration's stages and the
+fp32 reference (time_rounds), single queries paired with the reference's (paired_latency), how many FAISS threads
+the free cores allow (other_runnable, timing_threads), the machine's state while timing (conditions), and the
+process's memory. The statistics of the timings are retrieval/speed_stats.py's.
 
 Why pin threads: a timed stage alternates FAISS (OpenMP threads) with numpy work (binarising a query
 batch, re-ranking: OpenBLAS threads). On a small machine the two pools fight for the same cores and
