@@ -11,13 +11,14 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from retrieval.speed_stats import min_samples
+from retrieval.speed_stats import MIN_TAIL, min_samples
 
 Row = Mapping[str, Any]
 # A run counts as timed under load when its timing took fewer FAISS threads than asked (other tasks held
 # cores: timing.timing_threads) or some task waited for a CPU during more than this share of it.
 LOADED_PRESSURE_PCT = 25.0
-LATENCY_PERCENTILES = ("p50", "p95", "p99")
+# Latency percentiles the sweep stores, and the samples each needs (speed_stats.estimable).
+NEEDED = {name: min_samples(int(name[1:]) / 100) for name in ("p50", "p95", "p99")}
 # A speed-up counts as faster (slower) only when its whole interval lies beyond 1 + SPEED_MARGIN (below
 # 1 / (1 + SPEED_MARGIN)). Why: the intervals hold the noise inside one sweep, and a second process lands a few
 # percent away for the same work (two idle runs of the Flickr8k default grid: 3-12%), so a 1.05x whose interval
@@ -31,13 +32,6 @@ def number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
-
-
-def speedup_of(row: Row, direction: str, kind: str = "") -> tuple[float | None, float | None, float | None]:
-    """(speed-up, low, high) of a run's `direction`: batch queries/s (kind "") or single-query latency
-    (kind "latency_") over fp32 exact's, paired."""
-    name = f"{direction}_{kind}speedup"
-    return number(row.get(name)), number(row.get(f"{name}_ci_low")), number(row.get(f"{name}_ci_high"))
 
 
 def speed_verdict(value: float | None, low: float | None, high: float | None, what: str = "fp32 exact") -> str | None:
@@ -105,12 +99,11 @@ def latency_gaps(rows: Iterable[Row], direction: str) -> list[str]:
     """'p99 not estimable from 100 queries (needs 1000)' for each percentile some run has none of, once, naming the
     fewest queries timed."""
     rows, out = list(rows), []
-    for name in LATENCY_PERCENTILES:
+    for name, need in NEEDED.items():
         missing = [row for row in rows if number(row.get(f"{direction}_latency_{name}_ms")) is None
                    and number(row.get(f"{direction}_latency_queries")) is not None]
         if missing:
             fewest = int(min(number(row.get(f"{direction}_latency_queries")) for row in missing))
-            need = min_samples(int(name[1:]) / 100)
             out.append(f"{name} not estimable from {fewest:,} queries (needs {need:,}) in {len(missing)} run(s)")
     return out
 
@@ -118,19 +111,15 @@ def latency_gaps(rows: Iterable[Row], direction: str) -> list[str]:
 def unestimable_requirement(column: str, rows: Iterable[Row]) -> str | None:
     """The one-line fault of a --require on a latency percentile that no run could estimate (all null while
     queries were timed), naming --latency_queries; None when the column has values or is not one of those."""
-    for name in LATENCY_PERCENTILES:
-        if column.endswith(f"latency_{name}_ms") or column.endswith(f"latency_{name}_ms_ci_low") \
-                or column.endswith(f"latency_{name}_ms_ci_high"):
-            direction = column.split("_")[0] if column.startswith(("t2i_", "i2t_")) else None
-            rows = list(rows)
-            if any(number(row.get(column)) is not None for row in rows):
-                return None
-            counts = [number(row.get(f"{direction}_latency_queries" if direction else "latency_queries"))
-                      for row in rows]
-            counts = [int(c) for c in counts if c is not None]
-            if not counts:
-                return None
-            need = min_samples(int(name[1:]) / 100)
-            return (f"{name} is not estimable from {max(counts):,} latency queries (it needs {need:,}: "
-                    f"10 beyond it); rerun run_experiments.py with --latency_queries {need} or more")
-    return None
+    name = next((n for n in NEEDED if column.endswith((f"latency_{n}_ms", f"latency_{n}_ms_ci_low",
+                                                          f"latency_{n}_ms_ci_high"))), None)
+    rows = list(rows)
+    if name is None or any(number(row.get(column)) is not None for row in rows):
+        return None
+    direction = column.split("_")[0] if column.startswith(("t2i_", "i2t_")) else None
+    counts = [number(row.get(f"{direction}_latency_queries" if direction else "latency_queries")) for row in rows]
+    counts = [int(c) for c in counts if c is not None]
+    if not counts:
+        return None
+    return (f"{name} is not estimable from {max(counts):,} latency queries (it needs {NEEDED[name]:,}: "
+            f"{MIN_TAIL} beyond it); rerun run_experiments.py with --latency_queries {NEEDED[name]} or more")

@@ -141,8 +141,7 @@ def latency_speed(seconds: np.ndarray, reference_seconds: np.ndarray, asked: int
             missing.append(f"p{q} (needs {speed_stats.min_samples(q / 100.0)})")
     reference_p50 = speed_stats.quantile(reference_ms, 0.5)
     speed["reference_latency_p50_ms"] = None if reference_p50 is None else reference_p50.value
-    speed.update(estimate_fields("latency_speedup", speed_stats.paired_ratio(reference_ms, ms)
-                                 if ms.size >= 1 else None))
+    speed.update(estimate_fields("latency_speedup", speed_stats.paired_ratio(reference_ms, ms)))
     speed["latency_queries"] = int(ms.size)
     cut = f" (--max_time stopped the sample at {ms.size} of {asked})" if ms.size < asked else ""
     speed["latency_note"] = (f"not estimable from {ms.size} queries{cut}: " + ", ".join(missing)) if missing else None
